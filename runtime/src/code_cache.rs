@@ -1,0 +1,129 @@
+//! On-disk cache of compiled code.
+//!
+//! Compiling a program is the expensive part of starting it (a 99 MB CPython takes ~40 s),
+//! so the compiled artifact is kept on disk, keyed by the blake3 hash of the wasm bytes
+//! and a hash of everything in the engine configuration that affects code generation.
+//! A later start maps the artifact from the file (`deserialize_file`) and compiles nothing.
+//!
+//! Trust: loading an artifact runs its machine code, so the cache directory must be
+//! writable only by the host (it lives in the data directory, which guests never see).
+//! Artifacts are written under a temporary name and renamed into place, so a crash never
+//! leaves a half-written file under a real name; one that fails to load is recompiled.
+
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use wasmtime::component::Component;
+use wasmtime::{Engine, Module};
+
+/// Which of the two kinds of wasm binary the bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgramFormat {
+    /// A core module (wasip1).
+    Module,
+    /// A component (wasip2).
+    Component,
+}
+
+pub(crate) enum Compiled {
+    Module(Module),
+    Component(Component),
+}
+
+pub(crate) struct CodeCache {
+    dir: Option<PathBuf>,
+    /// Hex digest of the engine's compatibility hash.
+    engine_key: String,
+}
+
+/// Feeds `std::hash::Hash` into blake3, so the key is stable across runs and builds.
+struct Blake3Hasher(blake3::Hasher);
+
+impl Hasher for Blake3Hasher {
+    fn finish(&self) -> u64 {
+        u64::from_le_bytes(self.0.finalize().as_bytes()[..8].try_into().unwrap())
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+impl CodeCache {
+    pub(crate) fn new(engine: &Engine, dir: Option<PathBuf>) -> Self {
+        let mut hasher = Blake3Hasher(blake3::Hasher::new());
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let engine_key = hasher.0.finalize().to_hex()[..16].to_string();
+        CodeCache { dir, engine_key }
+    }
+
+    /// A short fingerprint of the engine configuration; images record it.
+    pub(crate) fn engine_key(&self) -> &str {
+        &self.engine_key
+    }
+
+    fn artifact_path(&self, hash: &blake3::Hash, format: ProgramFormat) -> Option<PathBuf> {
+        let ext = match format {
+            ProgramFormat::Module => "cwasm",
+            ProgramFormat::Component => "ccwasm",
+        };
+        self.dir.as_ref().map(|dir| dir.join(format!("{}-{}.{ext}", hash.to_hex(), self.engine_key)))
+    }
+
+    /// Loads the compiled artifact for `bytes`, compiling and storing it on a miss.
+    pub(crate) fn load_or_compile(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+        hash: &blake3::Hash,
+        format: ProgramFormat,
+    ) -> wasmtime::Result<Compiled> {
+        let path = self.artifact_path(hash, format);
+        if let Some(path) = &path
+            && path.exists()
+        {
+            // SAFETY: the artifact was produced by this engine configuration (the key is
+            // in its name) and the cache directory is host-private; see the module docs.
+            let loaded = unsafe {
+                match format {
+                    ProgramFormat::Module => Module::deserialize_file(engine, path).map(Compiled::Module),
+                    ProgramFormat::Component => Component::deserialize_file(engine, path).map(Compiled::Component),
+                }
+            };
+            match loaded {
+                Ok(compiled) => return Ok(compiled),
+                Err(err) => tracing::warn!(path = %path.display(), "discarding unloadable compiled artifact: {err}"),
+            }
+        }
+        let compiled = match format {
+            ProgramFormat::Module => Compiled::Module(Module::new(engine, bytes)?),
+            ProgramFormat::Component => Compiled::Component(Component::new(engine, bytes)?),
+        };
+        if let Some(path) = path {
+            let serialized = match &compiled {
+                Compiled::Module(m) => m.serialize(),
+                Compiled::Component(c) => c.serialize(),
+            };
+            match serialized.map_err(std::io::Error::other).and_then(|s| write_atomically(&path, &s)) {
+                Ok(()) => {}
+                // A cache that cannot be written costs speed, not correctness.
+                Err(err) => tracing::warn!(path = %path.display(), "cannot store compiled artifact: {err}"),
+            }
+        }
+        Ok(compiled)
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory, fsynced and
+/// renamed, so `path` either does not exist or holds all of `bytes`.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        d.sync_all()?;
+    }
+    Ok(())
+}

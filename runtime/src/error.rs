@@ -1,0 +1,34 @@
+//! The runtime's error type: every variant says what was wrong in words a user can act on.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The bytes are not WebAssembly at all.
+    #[error("{what} is not a WebAssembly module or component ({reason})")]
+    NotWasm { what: String, reason: String },
+    /// WebAssembly that fails validation or compilation.
+    #[error("{what} is not a valid WebAssembly program: {reason}")]
+    InvalidProgram { what: String, reason: String },
+    /// Imports the runtime cannot satisfy, or another link-time failure.
+    #[error("{what} cannot be linked: {reason}")]
+    Link { what: String, reason: String },
+    /// A command name that resolves to nothing inside the sandbox.
+    #[error("command not found in the sandbox: `{command}` (searched PATH={path})")]
+    CommandNotFound { command: String, path: String },
+    /// A program path inside the sandbox that does not exist or cannot be read.
+    #[error("cannot read program `{path}` in the sandbox: {source}")]
+    ProgramUnreadable { path: String, source: std::io::Error },
+    /// A directory the caller asked to preopen.
+    #[error("cannot open directory `{}`: {source}", path.display())]
+    Directory { path: PathBuf, source: std::io::Error },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    /// The guest could not be started (WASI context construction and the like).
+    #[error("cannot start the guest: {0}")]
+    Start(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,214 @@
+//! The per-host shared part: one wasmtime engine, its linkers, the program and code caches,
+//! and the epoch ticker that drives preemption, timeouts and kills.
+//!
+//! As in wasmtime's own API, the expensive shareable things live here and are built once;
+//! each process gets a cheap `Store` of its own (see `process`).
+
+use crate::code_cache::{CodeCache, Compiled, ProgramFormat};
+use crate::error::{Error, Result};
+use crate::guest_imports;
+use crate::process::ProcessState;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use wasmtime::component::Linker as ComponentLinker;
+use wasmtime::{Config, Engine, InstancePre, Linker};
+use wasmtime_wasi::p2::bindings::CommandPre;
+
+/// How often the engine's epoch advances: the granularity of preemption (a running guest
+/// yields to other tasks once per tick), of CPU-time accounting and of kill latency.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Settings of a [`Host`].
+#[derive(Debug, Clone, Default)]
+pub struct HostConfig {
+    /// Directory for compiled code; `None` keeps compiled code in memory only.
+    pub code_cache_dir: Option<PathBuf>,
+}
+
+/// One per host process: shares compiled programs between all sandboxes.
+#[derive(Clone)]
+pub struct Host {
+    pub(crate) inner: Arc<HostInner>,
+}
+
+pub(crate) struct HostInner {
+    pub(crate) engine: Engine,
+    core_linker: Linker<ProcessState>,
+    component_linker: ComponentLinker<ProcessState>,
+    code_cache: CodeCache,
+    programs: Mutex<HashMap<blake3::Hash, Arc<Program>>>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for HostInner {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A compiled, linked program ready to be instantiated any number of times.
+pub struct Program {
+    hash: blake3::Hash,
+    size: usize,
+    pub(crate) entry: ProgramEntry,
+}
+
+pub(crate) enum ProgramEntry {
+    Command(InstancePre<ProcessState>),
+    Component(CommandPre<ProcessState>),
+}
+
+impl Program {
+    /// blake3 hash of the wasm bytes.
+    pub fn hash(&self) -> blake3::Hash {
+        self.hash
+    }
+
+    /// Size of the wasm bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn format(&self) -> ProgramFormat {
+        match self.entry {
+            ProgramEntry::Command(_) => ProgramFormat::Module,
+            ProgramEntry::Component(_) => ProgramFormat::Component,
+        }
+    }
+}
+
+/// The engine configuration every Stasis host uses. Snapshots record its fingerprint,
+/// so changing anything here invalidates compiled code and memory images.
+fn engine_config() -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config.wasm_exceptions(true);
+    config
+}
+
+impl Host {
+    pub fn new(config: HostConfig) -> Result<Host> {
+        let engine = Engine::new(&engine_config()).map_err(|e| Error::Start(format!("{e:#}")))?;
+        let mut core_linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut core_linker, |s: &mut ProcessState| &mut s.wasi)
+            .map_err(|e| Error::Start(format!("{e:#}")))?;
+        guest_imports::add_to_linker(&mut core_linker).map_err(|e| Error::Start(format!("{e:#}")))?;
+        let mut component_linker = ComponentLinker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut component_linker).map_err(|e| Error::Start(format!("{e:#}")))?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        spawn_ticker(engine.clone(), ticker_stop.clone());
+        let code_cache = CodeCache::new(&engine, config.code_cache_dir);
+        Ok(Host {
+            inner: Arc::new(HostInner {
+                engine,
+                core_linker,
+                component_linker,
+                code_cache,
+                programs: Mutex::new(HashMap::new()),
+                ticker_stop,
+            }),
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// A fingerprint of the engine configuration (part of every compiled-code key).
+    pub fn engine_fingerprint(&self) -> &str {
+        self.inner.code_cache.engine_key()
+    }
+
+    /// Compiles (or loads from cache) and links a program. `what` names it in errors.
+    ///
+    /// Blocking: compiling a large module takes seconds; async callers should use
+    /// [`Host::load_async`].
+    pub fn load(&self, bytes: &[u8], what: &str) -> Result<Arc<Program>> {
+        let hash = blake3::hash(bytes);
+        if let Some(program) = self.inner.programs.lock().unwrap().get(&hash) {
+            return Ok(program.clone());
+        }
+        let format = detect_format(bytes, what)?;
+        let compiled = self
+            .inner
+            .code_cache
+            .load_or_compile(&self.inner.engine, bytes, &hash, format)
+            .map_err(|e| Error::InvalidProgram { what: what.to_string(), reason: format!("{e:#}") })?;
+        let link_error = |e: wasmtime::Error| Error::Link { what: what.to_string(), reason: format!("{e:#}") };
+        let entry = match compiled {
+            Compiled::Module(module) => {
+                ProgramEntry::Command(self.inner.core_linker.instantiate_pre(&module).map_err(link_error)?)
+            }
+            Compiled::Component(component) => {
+                let pre = self.inner.component_linker.instantiate_pre(&component).map_err(link_error)?;
+                ProgramEntry::Component(CommandPre::new(pre).map_err(link_error)?)
+            }
+        };
+        let program = Arc::new(Program { hash, size: bytes.len(), entry });
+        self.inner.programs.lock().unwrap().insert(hash, program.clone());
+        Ok(program)
+    }
+
+    /// [`Host::load`] on a blocking thread, for async callers.
+    pub async fn load_async(&self, bytes: Arc<[u8]>, what: String) -> Result<Arc<Program>> {
+        let hash = blake3::hash(&bytes);
+        if let Some(program) = self.inner.programs.lock().unwrap().get(&hash) {
+            return Ok(program.clone());
+        }
+        let host = self.clone();
+        tokio::task::spawn_blocking(move || host.load(&bytes, &what))
+            .await
+            .map_err(|e| Error::Start(format!("program loading task failed: {e}")))?
+    }
+}
+
+/// Tells a core module from a component by the header, with a precise error for non-wasm.
+pub fn detect_format(bytes: &[u8], what: &str) -> Result<ProgramFormat> {
+    let not_wasm = |reason: &str| Error::NotWasm { what: what.to_string(), reason: reason.to_string() };
+    if bytes.len() < 8 {
+        return Err(not_wasm(&format!("only {} bytes long, a header is 8", bytes.len())));
+    }
+    if &bytes[..4] != b"\0asm" {
+        return Err(not_wasm("it does not start with the `\\0asm` magic number"));
+    }
+    if wasmparser::Parser::is_component(bytes) {
+        Ok(ProgramFormat::Component)
+    } else if wasmparser::Parser::is_core_wasm(bytes) {
+        Ok(ProgramFormat::Module)
+    } else {
+        Err(not_wasm(&format!("unsupported binary version {:02x?}", &bytes[4..8])))
+    }
+}
+
+fn spawn_ticker(engine: Engine, stop: Arc<AtomicBool>) {
+    std::thread::Builder::new()
+        .name("stasis-epoch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                engine.increment_epoch();
+            }
+        })
+        .expect("spawning the epoch thread");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_detection_names_the_problem() {
+        let err = detect_format(b"hello", "x.wasm").unwrap_err().to_string();
+        assert!(err.contains("only 5 bytes long"), "{err}");
+        let err = detect_format(b"#!/bin/sh\necho hi\n", "x.wasm").unwrap_err().to_string();
+        assert!(err.contains("magic number"), "{err}");
+        let module = wat::parse_str("(module)").unwrap();
+        assert_eq!(detect_format(&module, "m").unwrap(), ProgramFormat::Module);
+        let component = wat::parse_str("(component)").unwrap();
+        assert_eq!(detect_format(&component, "c").unwrap(), ProgramFormat::Component);
+    }
+}

@@ -1,0 +1,37 @@
+//! Stasis runtime: WebAssembly sandboxes you can freeze and thaw.
+//!
+//! A [`Host`] holds the engine and compiled programs (one per host process); a
+//! [`Sandbox`] is a directory tree plus the WASI processes running in it; a [`Process`]
+//! is one running program with captured stdio.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use stasis_runtime::{Command, Host, HostConfig, Sandbox, SandboxConfig};
+//! let host = Host::new(HostConfig::default())?;
+//! let sandbox = Sandbox::create(&host, SandboxConfig {
+//!     root: Some("/srv/sandboxes/demo".into()),
+//!     ..SandboxConfig::default()
+//! })?;
+//! let process = sandbox.spawn(Command::named("micropython").args(["-c", "print(6*7)"])).await?;
+//! let status = process.wait().await;
+//! assert!(status.success());
+//! assert_eq!(process.stdout().contents(), b"42\n");
+//! # Ok(()) }
+//! ```
+
+mod code_cache;
+pub mod error;
+mod guest_imports;
+mod host;
+pub mod limits;
+pub mod process;
+pub mod sandbox;
+pub mod stdio;
+
+pub use code_cache::ProgramFormat;
+pub use error::{Error, Result};
+pub use host::{EPOCH_TICK, Host, HostConfig, Program, detect_format};
+pub use limits::Limits;
+pub use process::{ExitStatus, OutputMode, Process, StdinMode};
+pub use sandbox::{Command, Mount, ProgramRef, Sandbox, SandboxConfig};
+pub use stdio::{OutputBuffer, OutputChunk, StdinPipe};

@@ -1,0 +1,388 @@
+//! One running WASI program: its store, its stdio, how it ends.
+//!
+//! Every process runs as its own tokio task on fresh wasmtime state. The engine's epoch
+//! advances every [`EPOCH_TICK`](crate::host::EPOCH_TICK); at each tick a running guest
+//! yields to the executor (so a busy guest never starves the others), its CPU time is
+//! counted, and kill requests and CPU limits take effect.
+
+use crate::host::{Program, ProgramEntry};
+use crate::limits::{Limits, MemoryLimitExceeded, StoreLimiter};
+use crate::stdio::{OutputBuffer, StdinPipe};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{Notify, watch};
+use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi::I32Exit;
+use wasmtime_wasi::p1::WasiP1Ctx;
+
+/// Store data of a process.
+pub(crate) struct ProcessState {
+    pub(crate) wasi: WasiP1Ctx,
+    limiter: StoreLimiter,
+    kill: Arc<KillSwitch>,
+    cpu_ticks: u64,
+    max_cpu_ticks: Option<u64>,
+}
+
+impl wasmtime_wasi::WasiView for ProcessState {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        self.wasi.ctx()
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// The guest exited (returned from `_start`, or called `proc_exit`).
+    Exited(i32),
+    /// The guest trapped; `backtrace` lists the wasm frames, innermost first.
+    Trapped { trap: String, backtrace: String },
+    /// The guest tried to grow its memory past the limit.
+    MemoryLimit(MemoryLimitExceeded),
+    /// The guest ran past its wall-clock or CPU-time limit.
+    TimedOut { limit: Duration, cpu: bool },
+    /// Killed by the host.
+    Killed,
+    /// The program could not be started (missing entry point, failed instantiation).
+    StartFailed(String),
+}
+
+/// Exit codes a shell sees, following the conventions of the wasmtime CLI and coreutils.
+pub mod exit_codes {
+    /// The guest trapped (128 + SIGABRT, as the wasmtime CLI reports traps).
+    pub const TRAP: i32 = 134;
+    /// Killed by the host, or stopped at its memory limit (128 + SIGKILL, like the OOM killer).
+    pub const KILLED: i32 = 137;
+    /// Ran past `--timeout` (as coreutils `timeout`).
+    pub const TIMEOUT: i32 = 124;
+    /// Stasis itself could not start the program: bad arguments, not wasm, unknown import.
+    pub const STASIS_ERROR: i32 = 125;
+}
+
+impl ExitStatus {
+    /// The process exit code a shell would see.
+    pub fn code(&self) -> i32 {
+        match self {
+            ExitStatus::Exited(code) => *code,
+            ExitStatus::Trapped { .. } => exit_codes::TRAP,
+            ExitStatus::MemoryLimit(_) | ExitStatus::Killed => exit_codes::KILLED,
+            ExitStatus::TimedOut { .. } => exit_codes::TIMEOUT,
+            ExitStatus::StartFailed(_) => exit_codes::STASIS_ERROR,
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        *self == ExitStatus::Exited(0)
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    /// One line, suitable for a terminal.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Exited(code) => write!(f, "exited with code {code}"),
+            ExitStatus::Trapped { trap, .. } => write!(f, "guest trapped: {trap}"),
+            ExitStatus::MemoryLimit(e) => write!(f, "{e}"),
+            ExitStatus::TimedOut { limit, cpu: false } => write!(f, "timed out after {limit:?} of wall-clock time"),
+            ExitStatus::TimedOut { limit, cpu: true } => write!(f, "timed out after {limit:?} of CPU time"),
+            ExitStatus::Killed => write!(f, "killed"),
+            ExitStatus::StartFailed(why) => write!(f, "could not start: {why}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("killed by the host")]
+struct KilledByHost;
+
+#[derive(Debug, thiserror::Error)]
+#[error("CPU time limit exceeded")]
+struct CpuLimitExceeded;
+
+#[derive(Default)]
+struct KillSwitch {
+    killed: AtomicBool,
+    notify: Notify,
+}
+
+impl KillSwitch {
+    fn kill(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.killed.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Where a process's stdin comes from.
+#[derive(Debug, Clone, Default)]
+pub enum StdinMode {
+    /// End of file at the first read.
+    #[default]
+    Closed,
+    /// A [`StdinPipe`] the host writes while the process runs.
+    Pipe,
+    /// These bytes, then end of file.
+    Bytes(Vec<u8>),
+    /// The host process's own stdin (for the CLI).
+    Inherit,
+}
+
+/// Where a process's stdout or stderr goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OutputMode {
+    /// Into an [`OutputBuffer`].
+    #[default]
+    Capture,
+    /// The host process's own stream (for the CLI).
+    Inherit,
+}
+
+/// Everything needed to start a process, after the sandbox resolved it.
+pub(crate) struct Launch {
+    pub(crate) program: Arc<Program>,
+    pub(crate) wasi: wasmtime_wasi::WasiCtxBuilder,
+    pub(crate) limits: Limits,
+    pub(crate) stdin: StdinMode,
+    pub(crate) stdout: OutputMode,
+    pub(crate) stderr: OutputMode,
+    pub(crate) argv: Vec<String>,
+}
+
+/// A handle to a running or finished process. Cloning it is cheap; all clones see the
+/// same process.
+#[derive(Clone)]
+pub struct Process {
+    inner: Arc<ProcessInner>,
+}
+
+struct ProcessInner {
+    pid: u64,
+    argv: Vec<String>,
+    started_at: SystemTime,
+    stdin: Option<StdinPipe>,
+    stdout: OutputBuffer,
+    stderr: OutputBuffer,
+    kill: Arc<KillSwitch>,
+    status: watch::Receiver<Option<ExitStatus>>,
+}
+
+static NEXT_PID: AtomicU64 = AtomicU64::new(1);
+
+impl Process {
+    /// Starts the process on the current tokio runtime.
+    pub(crate) fn start(launch: Launch) -> Process {
+        let Launch { program, mut wasi, limits, stdin, stdout: stdout_mode, stderr: stderr_mode, argv } = launch;
+        let stdout = OutputBuffer::new(limits.output_buffer);
+        let stderr = OutputBuffer::new(limits.output_buffer);
+        let pipe = match stdin {
+            StdinMode::Closed => None,
+            StdinMode::Pipe => Some(StdinPipe::new()),
+            StdinMode::Bytes(bytes) => {
+                let pipe = StdinPipe::new();
+                // A fresh pipe accepts up to its capacity; larger inputs are cut by `write`'s error.
+                let _ = pipe.write(&bytes);
+                pipe.close();
+                wasi.stdin(pipe);
+                None
+            }
+            StdinMode::Inherit => {
+                wasi.inherit_stdin();
+                None
+            }
+        };
+        if let Some(pipe) = &pipe {
+            wasi.stdin(pipe.clone());
+        }
+        match stdout_mode {
+            OutputMode::Capture => wasi.stdout(stdout.clone()),
+            OutputMode::Inherit => wasi.inherit_stdout(),
+        };
+        match stderr_mode {
+            OutputMode::Capture => wasi.stderr(stderr.clone()),
+            OutputMode::Inherit => wasi.inherit_stderr(),
+        };
+
+        let kill = Arc::new(KillSwitch::default());
+        let (status_tx, status_rx) = watch::channel(None);
+        let process = Process {
+            inner: Arc::new(ProcessInner {
+                pid: NEXT_PID.fetch_add(1, Ordering::Relaxed),
+                argv,
+                started_at: SystemTime::now(),
+                stdin: pipe,
+                stdout: stdout.clone(),
+                stderr: stderr.clone(),
+                kill: kill.clone(),
+                status: status_rx,
+            }),
+        };
+
+        let tick = crate::host::EPOCH_TICK.as_nanos().max(1);
+        let state = ProcessState {
+            wasi: wasi.build_p1(),
+            limiter: StoreLimiter::new(&limits),
+            kill: kill.clone(),
+            cpu_ticks: 0,
+            max_cpu_ticks: limits.cpu_time.map(|d| (d.as_nanos() / tick).max(1) as u64),
+        };
+        let timeout = limits.timeout;
+        tokio::spawn(async move {
+            let run = run_guest(program, state);
+            let status = tokio::select! {
+                biased;
+                _ = kill.wait() => ExitStatus::Killed,
+                _ = sleep_or_forever(timeout) => ExitStatus::TimedOut { limit: timeout.unwrap_or_default(), cpu: false },
+                status = run => status,
+            };
+            stdout.close();
+            stderr.close();
+            let _ = status_tx.send(Some(status));
+        });
+        process
+    }
+
+    /// Host-unique process id.
+    pub fn pid(&self) -> u64 {
+        self.inner.pid
+    }
+
+    /// argv as the guest sees it (argv\[0\] is the command as given).
+    pub fn argv(&self) -> &[String] {
+        &self.inner.argv
+    }
+
+    pub fn started_at(&self) -> SystemTime {
+        self.inner.started_at
+    }
+
+    /// The write end of stdin, when the process was started with [`StdinMode::Pipe`].
+    pub fn stdin(&self) -> Option<&StdinPipe> {
+        self.inner.stdin.as_ref()
+    }
+
+    pub fn stdout(&self) -> &OutputBuffer {
+        &self.inner.stdout
+    }
+
+    pub fn stderr(&self) -> &OutputBuffer {
+        &self.inner.stderr
+    }
+
+    /// Stops the process at its next epoch tick or host-call boundary, whichever comes first.
+    pub fn kill(&self) {
+        self.inner.kill.kill();
+    }
+
+    /// The exit status, if the process has ended.
+    pub fn status(&self) -> Option<ExitStatus> {
+        self.inner.status.borrow().clone()
+    }
+
+    /// Waits for the process to end.
+    pub async fn wait(&self) -> ExitStatus {
+        let mut rx = self.inner.status.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(status) => status.clone().expect("waited for Some"),
+            // The runner task is gone without a status: it panicked.
+            Err(_) => ExitStatus::StartFailed("the process task ended unexpectedly".into()),
+        }
+    }
+
+    /// Waits at most `limit`; `None` if the process is still running then.
+    pub async fn wait_timeout(&self, limit: Duration) -> Option<ExitStatus> {
+        tokio::time::timeout(limit, self.wait()).await.ok()
+    }
+}
+
+async fn sleep_or_forever(limit: Option<Duration>) {
+    match limit {
+        Some(limit) => tokio::time::sleep(limit).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn run_guest(program: Arc<Program>, state: ProcessState) -> ExitStatus {
+    let mut store = Store::new(program_engine(&program), state);
+    store.limiter(|s| &mut s.limiter);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|mut ctx| {
+        let state = ctx.data_mut();
+        state.cpu_ticks += 1;
+        if state.kill.killed.load(Ordering::Relaxed) {
+            return Err(KilledByHost.into());
+        }
+        if state.max_cpu_ticks.is_some_and(|max| state.cpu_ticks > max) {
+            return Err(CpuLimitExceeded.into());
+        }
+        Ok(UpdateDeadline::Yield(1))
+    });
+    let result = match &program.entry {
+        ProgramEntry::Command(pre) => {
+            let instance = match pre.instantiate_async(&mut store).await {
+                Ok(instance) => instance,
+                Err(e) => return classify(e, &store),
+            };
+            let Ok(start) = instance.get_typed_func::<(), ()>(&mut store, "_start") else {
+                return ExitStatus::StartFailed(
+                    "the module exports no `_start() -> ()` function: it is not a WASI command".into(),
+                );
+            };
+            start.call_async(&mut store, ()).await
+        }
+        ProgramEntry::Component(pre) => match pre.instantiate_async(&mut store).await {
+            Ok(command) => match command.wasi_cli_run().call_run(&mut store).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(())) => return ExitStatus::Exited(1),
+                Err(e) => Err(e),
+            },
+            Err(e) => return classify(e, &store),
+        },
+    };
+    match result {
+        Ok(()) => ExitStatus::Exited(0),
+        Err(e) => classify(e, &store),
+    }
+}
+
+fn program_engine(program: &Program) -> &wasmtime::Engine {
+    match &program.entry {
+        ProgramEntry::Command(pre) => pre.module().engine(),
+        ProgramEntry::Component(pre) => pre.engine(),
+    }
+}
+
+/// Turns a wasmtime error from running a guest into the status it means.
+fn classify(error: wasmtime::Error, store: &Store<ProcessState>) -> ExitStatus {
+    if let Some(exit) = error.downcast_ref::<I32Exit>() {
+        return ExitStatus::Exited(exit.0);
+    }
+    if let Some(limit) = error.downcast_ref::<MemoryLimitExceeded>() {
+        return ExitStatus::MemoryLimit(limit.clone());
+    }
+    if error.downcast_ref::<KilledByHost>().is_some() {
+        return ExitStatus::Killed;
+    }
+    if error.downcast_ref::<CpuLimitExceeded>().is_some() {
+        let tick = crate::host::EPOCH_TICK;
+        let ticks = store.data().max_cpu_ticks.unwrap_or_default();
+        return ExitStatus::TimedOut { limit: tick * ticks as u32, cpu: true };
+    }
+    let backtrace = error.downcast_ref::<wasmtime::WasmBacktrace>().map(|bt| bt.to_string()).unwrap_or_default();
+    if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
+        return ExitStatus::Trapped { trap: format!("wasm trap: {trap}"), backtrace };
+    }
+    // Errors raised by host functions (e.g. a WASI call that failed fatally) end the
+    // guest the same way a trap does.
+    ExitStatus::Trapped { trap: format!("{:#}", error), backtrace }
+}

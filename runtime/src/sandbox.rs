@@ -1,0 +1,268 @@
+//! A sandbox: a root directory tree preopened to guests as `/` (plus any extra mounts),
+//! an environment, a working directory, limits, and the processes running in it.
+
+use crate::error::{Error, Result};
+use crate::host::{Host, Program};
+use crate::limits::Limits;
+use crate::process::{Launch, OutputMode, Process, StdinMode};
+use cap_std::ambient_authority;
+use cap_std::fs::Dir;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+
+/// The `PATH` used to resolve bare command names when the sandbox's env sets none.
+pub const DEFAULT_PATH: &str = "/bin:/usr/bin:/usr/local/bin";
+
+/// A host directory visible to guests at `guest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub host: PathBuf,
+    pub guest: String,
+    pub read_only: bool,
+}
+
+/// How to create a [`Sandbox`].
+#[derive(Debug, Clone, Default)]
+pub struct SandboxConfig {
+    /// The sandbox's tree, preopened to guests as `/`; programs named by path or
+    /// command name are looked up in it.
+    pub root: Option<PathBuf>,
+    /// Further directories, as `wasmtime run --dir HOST::GUEST` maps them.
+    pub mounts: Vec<Mount>,
+    /// Environment every process starts with (a process may add to it).
+    pub env: Vec<(String, String)>,
+    /// Initial working directory of processes (a guest path).
+    pub cwd: Option<String>,
+    pub limits: Limits,
+    /// Do file I/O on the guest's own thread instead of a blocking pool: faster for a
+    /// single process (the CLI), worse for a server running many.
+    pub inline_file_io: bool,
+}
+
+/// What to run.
+#[derive(Clone)]
+pub enum ProgramRef {
+    /// wasm bytes supplied by the caller; `name` is argv\[0\] and names it in errors.
+    Bytes { bytes: Arc<[u8]>, name: String },
+    /// A path inside the sandbox, or a bare command name resolved through `PATH`.
+    Command(String),
+    /// A program already loaded with [`Host::load`]; `name` is argv\[0\].
+    Loaded { program: Arc<Program>, name: String },
+}
+
+/// A process to start in a sandbox.
+#[derive(Clone)]
+pub struct Command {
+    pub program: ProgramRef,
+    /// Arguments after argv\[0\].
+    pub args: Vec<String>,
+    /// Added to (and overriding) the sandbox's environment.
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub stdin: StdinMode,
+    pub stdout: OutputMode,
+    pub stderr: OutputMode,
+}
+
+impl Command {
+    pub fn new(program: ProgramRef) -> Self {
+        Command {
+            program,
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            stdin: StdinMode::Closed,
+            stdout: OutputMode::Capture,
+            stderr: OutputMode::Capture,
+        }
+    }
+
+    /// A command name or sandbox path, e.g. `"micropython"` or `"/bin/hello.wasm"`.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self::new(ProgramRef::Command(name.into()))
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn stdin(mut self, stdin: StdinMode) -> Self {
+        self.stdin = stdin;
+        self
+    }
+}
+
+/// An isolated environment in which WASI processes run.
+pub struct Sandbox {
+    host: Host,
+    config: SandboxConfig,
+    root: Option<Dir>,
+    processes: Mutex<BTreeMap<u64, Process>>,
+}
+
+impl Sandbox {
+    /// Checks the configuration (every directory must exist) and creates the sandbox.
+    pub fn create(host: &Host, config: SandboxConfig) -> Result<Sandbox> {
+        let root = match &config.root {
+            Some(path) => Some(open_dir(path)?),
+            None => None,
+        };
+        for mount in &config.mounts {
+            open_dir(&mount.host)?;
+            if mount.guest.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "mount of `{}` has an empty guest path",
+                    mount.host.display()
+                )));
+            }
+        }
+        Ok(Sandbox { host: host.clone(), config, root, processes: Mutex::new(BTreeMap::new()) })
+    }
+
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    pub fn config(&self) -> &SandboxConfig {
+        &self.config
+    }
+
+    /// The sandbox's tree as a capability, when it has one.
+    pub fn root(&self) -> Option<&Dir> {
+        self.root.as_ref()
+    }
+
+    /// Starts a process. Returns once the program is loaded and the process is running.
+    pub async fn spawn(&self, command: Command) -> Result<Process> {
+        let env = merged_env(&self.config.env, &command.env);
+        let (program, argv0) = match command.program {
+            ProgramRef::Loaded { program, name } => (program, name),
+            ProgramRef::Bytes { bytes, name } => (self.host.load_async(bytes, name.clone()).await?, name),
+            ProgramRef::Command(name) => {
+                let (path, bytes) = self.resolve(&name, &env)?;
+                (self.host.load_async(bytes.into(), format!("`{path}`")).await?, name)
+            }
+        };
+        let mut argv = vec![argv0];
+        argv.extend(command.args);
+
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.args(&argv).envs(&env).allow_blocking_current_thread(self.config.inline_file_io);
+        if let Some(cwd) = command.cwd.as_ref().or(self.config.cwd.as_ref()) {
+            wasi.initial_cwd(cwd);
+        }
+        if let Some(root) = &self.config.root {
+            preopen(&mut wasi, root, "/", false)?;
+        }
+        for mount in &self.config.mounts {
+            preopen(&mut wasi, &mount.host, &mount.guest, mount.read_only)?;
+        }
+        let process = Process::start(Launch {
+            program,
+            wasi,
+            limits: self.config.limits.clone(),
+            stdin: command.stdin,
+            stdout: command.stdout,
+            stderr: command.stderr,
+            argv,
+        });
+        self.processes.lock().unwrap().insert(process.pid(), process.clone());
+        Ok(process)
+    }
+
+    /// Every process started in this sandbox, running or ended, by pid.
+    pub fn processes(&self) -> Vec<Process> {
+        self.processes.lock().unwrap().values().cloned().collect()
+    }
+
+    pub fn process(&self, pid: u64) -> Option<Process> {
+        self.processes.lock().unwrap().get(&pid).cloned()
+    }
+
+    /// Kills every process of the sandbox.
+    pub fn kill_all(&self) {
+        for process in self.processes.lock().unwrap().values() {
+            process.kill();
+        }
+    }
+
+    /// Finds a program in the sandbox tree: a path (containing `/`) is taken as is, a
+    /// bare name is searched in each `PATH` directory as `NAME.wasm`, then `NAME`.
+    fn resolve(&self, name: &str, env: &[(String, String)]) -> Result<(String, Vec<u8>)> {
+        let path_var = env.iter().rev().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or(DEFAULT_PATH);
+        let not_found = || Error::CommandNotFound { command: name.to_string(), path: path_var.to_string() };
+        let root = self.root.as_ref().ok_or_else(not_found)?;
+        if name.contains('/') {
+            let bytes =
+                read_in(root, name).map_err(|source| Error::ProgramUnreadable { path: name.to_string(), source })?;
+            return Ok((name.to_string(), bytes));
+        }
+        for dir in path_var.split(':').filter(|d| !d.is_empty()) {
+            for candidate in [format!("{dir}/{name}.wasm"), format!("{dir}/{name}")] {
+                if let Ok(bytes) = read_in(root, &candidate) {
+                    return Ok((candidate, bytes));
+                }
+            }
+        }
+        Err(not_found())
+    }
+}
+
+/// Reads a guest path relative to the sandbox root. cap-std refuses any path that would
+/// leave `root` (`..` past the top, absolute symlinks, links pointing outside).
+fn read_in(root: &Dir, guest_path: &str) -> std::io::Result<Vec<u8>> {
+    let relative = guest_path.trim_start_matches('/');
+    let relative = if relative.is_empty() { "." } else { relative };
+    root.read(relative)
+}
+
+fn open_dir(path: &Path) -> Result<Dir> {
+    let dir = Dir::open_ambient_dir(path, ambient_authority())
+        .map_err(|source| Error::Directory { path: path.to_path_buf(), source })?;
+    Ok(dir)
+}
+
+fn preopen(wasi: &mut WasiCtxBuilder, host: &Path, guest: &str, read_only: bool) -> Result<()> {
+    let perms = if read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
+    wasi.preopened_dir(host, guest, perms)
+        .map_err(|e| Error::Directory { path: host.to_path_buf(), source: std::io::Error::other(format!("{e:#}")) })?;
+    Ok(())
+}
+
+/// The sandbox's environment with a process's additions applied (later keys win).
+fn merged_env(base: &[(String, String)], extra: &[(String, String)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::with_capacity(base.len() + extra.len());
+    for (key, value) in base.iter().chain(extra) {
+        match env.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value.clone(),
+            None => env.push((key.clone(), value.clone())),
+        }
+    }
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_env_entries_override_earlier_ones() {
+        let base = vec![("A".to_string(), "1".to_string()), ("B".to_string(), "2".to_string())];
+        let extra = vec![("B".to_string(), "3".to_string()), ("C".to_string(), "4".to_string())];
+        let env = merged_env(&base, &extra);
+        assert_eq!(env, vec![("A".into(), "1".into()), ("B".into(), "3".into()), ("C".into(), "4".into())]);
+    }
+}
