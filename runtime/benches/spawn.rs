@@ -40,14 +40,22 @@ async fn measure(sandbox: &Sandbox, name: &str, args: &[&str], iterations: usize
     );
 }
 
+async fn measure_all(label: &str, config: HostConfig) {
+    println!("-- {label}");
+    let host = Host::new(config).unwrap();
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    measure(&sandbox, "hello.wasm", &[], 2000).await;
+    measure(&sandbox, "hello.component.wasm", &[], 1000).await;
+    measure(&sandbox, "micropython.wasm", &["-c", "print(1)"], 300).await;
+}
+
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
-        let host = Host::new(HostConfig::default()).unwrap();
-        let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
-        measure(&sandbox, "hello.wasm", &[], 2000).await;
-        measure(&sandbox, "hello.component.wasm", &[], 1000).await;
-        measure(&sandbox, "micropython.wasm", &["-c", "print(1)"], 300).await;
-        println!("target: hello.wasm p50 <= 100us");
-    });
+    let pooled = HostConfig::default();
+    let on_demand = HostConfig { max_processes: None, ..HostConfig::default() };
+    let current = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let multi = || tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    current().block_on(measure_all("current-thread executor, pooled instances (default)", pooled.clone()));
+    current().block_on(measure_all("current-thread executor, on-demand instances", on_demand));
+    multi().block_on(measure_all("multi-thread executor (2 workers), pooled instances", pooled));
+    println!("target: hello.wasm p50 <= 100us");
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use wasmtime::component::Linker as ComponentLinker;
-use wasmtime::{Config, Engine, InstancePre, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, PoolingAllocationConfig};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 /// How often the engine's epoch advances: the granularity of preemption (a running guest
@@ -22,10 +22,22 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Settings of a [`Host`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct HostConfig {
     /// Directory for compiled code; `None` keeps compiled code in memory only.
     pub code_cache_dir: Option<PathBuf>,
+    /// Processes that may run at once on this host, preallocated as a pool of instance
+    /// slots; `None` allocates each instance on demand (slower to start, no cap).
+    pub max_processes: Option<u32>,
+}
+
+/// Default size of the instance pool.
+pub const DEFAULT_MAX_PROCESSES: u32 = 500;
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig { code_cache_dir: None, max_processes: Some(DEFAULT_MAX_PROCESSES) }
+    }
 }
 
 /// One per host process: shares compiled programs between all sandboxes.
@@ -82,16 +94,35 @@ impl Program {
 
 /// The engine configuration every Stasis host uses. Snapshots record its fingerprint,
 /// so changing anything here invalidates compiled code and memory images.
-fn engine_config() -> Config {
+fn engine_config(pool_size: Option<u32>) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.wasm_exceptions(true);
+    if let Some(processes) = pool_size {
+        // Pooling keeps instance slots, memories and fiber stacks mapped between
+        // processes: spawn-to-exit of a small guest halves (issue 2's benchmark), at the
+        // price of a host-wide cap on concurrent processes and of address space
+        // (each memory slot reserves 4 GiB + guards of virtual memory, no RAM).
+        // A component (a wasip1 program under the adapter) uses a handful of core
+        // instances and 2 memories.
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(processes)
+            .total_core_instances(processes * 8)
+            .total_memories(processes * 2)
+            .total_tables(processes * 4)
+            .total_stacks(processes)
+            .max_memories_per_module(2)
+            // Small guests touch little memory: clearing it with memset beats madvise.
+            .linear_memory_keep_resident(1 << 20)
+            .table_keep_resident(64 << 10);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
     config
 }
 
 impl Host {
     pub fn new(config: HostConfig) -> Result<Host> {
-        let engine = Engine::new(&engine_config()).map_err(|e| Error::Start(format!("{e:#}")))?;
+        let engine = Engine::new(&engine_config(config.max_processes)).map_err(|e| Error::Start(format!("{e:#}")))?;
         let mut core_linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut core_linker, |s: &mut ProcessState| &mut s.wasi)
             .map_err(|e| Error::Start(format!("{e:#}")))?;

@@ -242,7 +242,8 @@ impl Process {
         };
         let timeout = limits.timeout;
         tokio::spawn(async move {
-            let run = run_guest(program, state);
+            let mut store = None;
+            let run = run_guest(program, state, &mut store);
             let status = tokio::select! {
                 biased;
                 _ = kill.wait() => ExitStatus::Killed,
@@ -253,6 +254,9 @@ impl Process {
             stdout.close();
             stderr.close();
             let _ = status_tx.send(Some(status));
+            // Tearing the instance down (resetting its memory slot) is the caller's time
+            // no more: waiters already have the status.
+            drop(store);
         });
         process
     }
@@ -317,8 +321,10 @@ async fn sleep_or_forever(limit: Option<Duration>) {
     }
 }
 
-async fn run_guest(program: Arc<Program>, state: ProcessState) -> ExitStatus {
-    let mut store = Store::new(program_engine(&program), state);
+/// Runs the guest to its end. The store is left in `slot` so the caller decides when
+/// to pay for its teardown.
+async fn run_guest(program: Arc<Program>, state: ProcessState, slot: &mut Option<Store<ProcessState>>) -> ExitStatus {
+    let store = slot.insert(Store::new(program_engine(&program), state));
     store.limiter(|s| &mut s.limiter);
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(|mut ctx| {
@@ -339,29 +345,29 @@ async fn run_guest(program: Arc<Program>, state: ProcessState) -> ExitStatus {
     store.call_hook_async(ParkAtHostCalls);
     let result = match &program.entry {
         ProgramEntry::Command(pre) => {
-            let instance = match pre.instantiate_async(&mut store).await {
+            let instance = match pre.instantiate_async(&mut *store).await {
                 Ok(instance) => instance,
-                Err(e) => return classify(e, &store),
+                Err(e) => return classify(e, store),
             };
-            let Ok(start) = instance.get_typed_func::<(), ()>(&mut store, "_start") else {
+            let Ok(start) = instance.get_typed_func::<(), ()>(&mut *store, "_start") else {
                 return ExitStatus::StartFailed(
                     "the module exports no `_start() -> ()` function: it is not a WASI command".into(),
                 );
             };
-            start.call_async(&mut store, ()).await
+            start.call_async(&mut *store, ()).await
         }
-        ProgramEntry::Component(pre) => match pre.instantiate_async(&mut store).await {
-            Ok(command) => match command.wasi_cli_run().call_run(&mut store).await {
+        ProgramEntry::Component(pre) => match pre.instantiate_async(&mut *store).await {
+            Ok(command) => match command.wasi_cli_run().call_run(&mut *store).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(())) => return ExitStatus::Exited(1),
                 Err(e) => Err(e),
             },
-            Err(e) => return classify(e, &store),
+            Err(e) => return classify(e, store),
         },
     };
     match result {
         Ok(()) => ExitStatus::Exited(0),
-        Err(e) => classify(e, &store),
+        Err(e) => classify(e, store),
     }
 }
 

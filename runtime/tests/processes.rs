@@ -230,7 +230,7 @@ async fn bad_programs_get_clear_errors() {
 #[test]
 fn compiled_code_is_cached_on_disk_and_a_bad_artifact_is_recompiled() {
     let cache = tempfile::tempdir().unwrap();
-    let config = HostConfig { code_cache_dir: Some(cache.path().to_path_buf()) };
+    let config = HostConfig { code_cache_dir: Some(cache.path().to_path_buf()), ..HostConfig::default() };
     let bytes = guest_bytes("hello.wasm");
     Host::new(config.clone()).unwrap().load(&bytes, "hello").unwrap();
     let artifacts: Vec<_> = std::fs::read_dir(cache.path()).unwrap().map(|e| e.unwrap().path()).collect();
