@@ -28,6 +28,8 @@ pub(crate) enum RunPhase {
     InHost = 1,
     Parked = 2,
     Exited = 3,
+    /// Inside a host call that waits for input the host controls (the stdin pipe).
+    WaitingForInput = 4,
 }
 
 /// Shared by the sandbox (which pauses) and its processes (which park).
@@ -57,6 +59,7 @@ impl ProcessPhase {
             0 => RunPhase::Wasm,
             1 => RunPhase::InHost,
             2 => RunPhase::Parked,
+            4 => RunPhase::WaitingForInput,
             _ => RunPhase::Exited,
         }
     }

@@ -205,7 +205,7 @@ impl Process {
             }
         };
         if let Some(pipe) = &pipe {
-            wasi.stdin(pipe.clone());
+            wasi.stdin(pipe.read_by(phase.clone()));
         }
         match stdout_mode {
             OutputMode::Capture => wasi.stdout(stdout.clone()),

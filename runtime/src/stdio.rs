@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
+use crate::pause::{ProcessPhase, RunPhase};
 use wasmtime_wasi::cli::{IsTerminal, StdinStream, StdoutStream};
 use wasmtime_wasi::p2::{InputStream, OutputStream, Pollable, StreamError};
 
@@ -185,6 +186,8 @@ impl AsyncWrite for OutputBuffer {
 #[derive(Clone, Default)]
 pub struct StdinPipe {
     inner: Arc<Mutex<StdinState>>,
+    /// The reading process's phase, marked while it waits for input (see `pause`).
+    reader: Option<Arc<ProcessPhase>>,
 }
 
 #[derive(Default)]
@@ -219,6 +222,11 @@ impl StdinPipe {
         state.pending.extend(bytes);
         wake_all(&mut state);
         Ok(())
+    }
+
+    /// The same pipe, with waits reported to the reading process's phase.
+    pub(crate) fn read_by(&self, reader: Arc<ProcessPhase>) -> StdinPipe {
+        StdinPipe { inner: self.inner.clone(), reader: Some(reader) }
     }
 
     pub fn close(&self) {
@@ -298,7 +306,18 @@ impl InputStream for StdinPipe {
 #[async_trait::async_trait]
 impl Pollable for StdinPipe {
     async fn ready(&mut self) {
-        std::future::poll_fn(|cx| self.poll_ready(cx)).await
+        let mut waiting = false;
+        std::future::poll_fn(|cx| {
+            let poll = self.poll_ready(cx);
+            if poll.is_pending() != waiting {
+                waiting = poll.is_pending();
+                if let Some(reader) = &self.reader {
+                    reader.set(if waiting { RunPhase::WaitingForInput } else { RunPhase::InHost });
+                }
+            }
+            poll
+        })
+        .await
     }
 }
 
