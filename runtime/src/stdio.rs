@@ -5,6 +5,7 @@
 //! `AsyncWriteStream`, which spawns a task per stream) so that a short-lived guest pays
 //! no task spawns for its stdio.
 
+use crate::pause::{ProcessPhase, RunPhase};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::io;
@@ -13,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
-use crate::pause::{ProcessPhase, RunPhase};
 use wasmtime_wasi::cli::{IsTerminal, StdinStream, StdoutStream};
 use wasmtime_wasi::p2::{InputStream, OutputStream, Pollable, StreamError};
 
