@@ -120,7 +120,7 @@ fn parse_dir(spec: &str) -> Result<Mount, String> {
 
 fn parse_env(spec: &str) -> Result<(String, String), String> {
     match spec.split_once('=') {
-        Some((name, _)) if name.is_empty() => Err(format!("invalid --env `{spec}`: empty name")),
+        Some(("", _)) => Err(format!("invalid --env `{spec}`: empty name")),
         Some((name, value)) => Ok((name.to_string(), value.to_string())),
         None => match std::env::var(spec) {
             Ok(value) => Ok((spec.to_string(), value)),
