@@ -7,7 +7,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CHUNK (1024 * 1024)
+/* A "1 MiB" chunk is 64 bytes short of 1 MiB so that, with malloc's own header,
+ * it fills exactly 16 wasm pages: zig's wasm malloc rounds large blocks up to a
+ * power of two of 64 KiB pages, and a full 1 MiB plus header would take 2 MiB of
+ * linear memory. This way `memhog N` grows memory by about N MiB. */
+#define CHUNK (1024 * 1024 - 64)
 
 int main(int argc, char **argv) {
     long mib = argc > 1 ? strtol(argv[1], NULL, 10) : 16;
