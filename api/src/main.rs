@@ -1,6 +1,7 @@
 //! `stasis`: run WASI guests locally, manage snapshots, serve the REST API.
 
 mod run;
+mod snapshot_cmd;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -16,6 +17,8 @@ struct Cli {
 enum Commands {
     /// Run a WASI program (core wasip1 module or wasip2 component) with this terminal's stdio.
     Run(run::RunArgs),
+    /// Filesystem snapshots: create, list, restore, delete, export, import.
+    Snapshot(snapshot_cmd::SnapshotArgs),
 }
 
 fn main() -> ExitCode {
@@ -26,6 +29,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Commands::Run(args) => run::main(args),
+        Commands::Snapshot(args) => snapshot_cmd::main(args),
     };
     ExitCode::from(code)
 }

@@ -21,6 +21,7 @@
 
 mod code_cache;
 pub mod error;
+pub mod fs_snapshot;
 mod guest_imports;
 mod host;
 pub mod limits;
