@@ -3,7 +3,20 @@
 //!
 //! `cargo bench -p stasis-runtime --bench fs_snapshot` (about a minute). The tree is written and
 //! synced before measuring, so it is in the page cache and clean, as a live sandbox tree is.
-//! `FS_SNAPSHOT_BENCH_MIB=256` makes it smaller.
+//! `FS_SNAPSHOT_BENCH_MIB=256` makes it smaller; `FS_SNAPSHOT_BENCH_PAUSE=5` waits 5 s before
+//! the capture (to attach `perf record -p`); `FS_SNAPSHOT_BENCH_WARM=1` touches 3 GiB of memory
+//! first.
+//!
+//! Reading the figures on the development VM (Firecracker, 2 vCPUs, ext4 without a journal):
+//! - Capture is CPU-bound on zstd (level 1 compresses this text at ~285 MB/s and the mixed
+//!   data at ~470 MB/s per core, `zstd -b1`), so two cores put the ceiling near 500 MB/s
+//!   before anything else; other builds sharing the two cores lower it directly.
+//! - New page-cache pages are slow: the guest returns freed memory to the host (free page
+//!   reporting), and touching it again faults into the hypervisor. `dd` of 1 GiB into a new
+//!   file runs at ~270 MB/s cold and ~3 GB/s right after the same memory was touched. Every
+//!   chunk written and every restored file pays this.
+//! - Right after many files were deleted (a previous run's cleanup), ext4 without a journal
+//!   scans "recently deleted" inodes on every create: wait a minute between runs.
 
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
@@ -174,6 +187,10 @@ fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
 
+    if let Some(secs) = std::env::var("FS_SNAPSHOT_BENCH_PAUSE").ok().and_then(|v| v.parse().ok()) {
+        eprintln!("pid {}: pausing {secs} s before capturing (attach a profiler now)", std::process::id());
+        std::thread::sleep(Duration::from_secs(secs));
+    }
     if std::env::var_os("FS_SNAPSHOT_BENCH_WARM").is_some() {
         warm_memory(3 << 30);
     }
