@@ -26,6 +26,8 @@ pub enum Error {
     InvalidArgument(String),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
+    #[error(transparent)]
+    Snapshot(crate::fs_snapshot::SnapshotError),
     /// The guest could not be started (WASI context construction and the like).
     #[error("cannot start the guest: {0}")]
     Start(String),

@@ -28,6 +28,7 @@ pub mod limits;
 pub mod pause;
 pub mod process;
 pub mod sandbox;
+mod sandbox_snapshot;
 pub mod stdio;
 
 pub use code_cache::ProgramFormat;
@@ -37,4 +38,5 @@ pub use limits::Limits;
 pub use pause::PauseGuard;
 pub use process::{ExitStatus, OutputMode, Process, StdinMode};
 pub use sandbox::{Command, Mount, ProgramRef, Sandbox, SandboxConfig};
+pub use sandbox_snapshot::FsSnapshotReport;
 pub use stdio::{OutputBuffer, OutputChunk, StdinPipe};
