@@ -1,6 +1,10 @@
 //! `stasis`: run WASI guests locally, manage snapshots, serve the REST API.
 
+mod image_cmd;
+mod keys_cmd;
 mod run;
+mod serve_cmd;
+mod server;
 mod snapshot_cmd;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +23,12 @@ enum Commands {
     Run(run::RunArgs),
     /// Filesystem snapshots: create, list, restore, delete, export, import.
     Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Serve the REST API (Tensorlake-compatible sandboxes, processes, files, snapshots).
+    Serve(serve_cmd::ServeArgs),
+    /// Manage the API keys of the REST server.
+    Keys(keys_cmd::KeysArgs),
+    /// Manage images: the base trees sandboxes start from.
+    Image(image_cmd::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +40,9 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Commands::Run(args) => run::main(args),
         Commands::Snapshot(args) => snapshot_cmd::main(args),
+        Commands::Serve(args) => serve_cmd::main(args),
+        Commands::Keys(args) => keys_cmd::main(args),
+        Commands::Image(args) => image_cmd::main(args),
     };
     ExitCode::from(code)
 }

@@ -1,0 +1,103 @@
+//! The one error type of the HTTP API: every failure a handler can meet, mapped to its
+//! status code and JSON body in a single `match`.
+//!
+//! Bodies are `{"code": "...", "message": "..."}`: the Tensorlake SDK shows the raw body
+//! (`API error (status N): <body>`) and reads `code` as the machine-readable reason.
+//! Internal errors are logged with an incident id; the client sees only the id.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or names something invalid; the message says what.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
+    /// Unknown, or belonging to another namespace (the two are not told apart).
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    NotImplemented(String),
+    /// A failure of the server itself: logged in full, never shown.
+    #[error("{0:#}")]
+    Internal(anyhow::Error),
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "invalid_request", m),
+            ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m.to_string()),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m),
+            ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", m),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m),
+            ApiError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m),
+            ApiError::NotImplemented(m) => (StatusCode::NOT_IMPLEMENTED, "not_implemented", m),
+            ApiError::Internal(e) => {
+                let incident = super::ids::incident();
+                tracing::error!(incident, "internal error: {e:#}");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("internal server error (incident {incident})"))
+            }
+        };
+        let mut response = (status, axum::Json(ErrorBody { code, message })).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl ApiError {
+    pub fn internal(e: impl Into<anyhow::Error>) -> Self {
+        ApiError::Internal(e.into())
+    }
+}
+
+impl From<rusqlite::Error> for ApiError {
+    fn from(e: rusqlite::Error) -> Self {
+        ApiError::Internal(anyhow::Error::new(e).context("metadata database"))
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ApiError::Internal(anyhow::Error::new(e).context("blocking task"))
+    }
+}
+
+/// Errors from starting a program: the ones about the program the caller named are
+/// theirs to fix (400); the rest are ours.
+impl From<stasis_runtime::Error> for ApiError {
+    fn from(e: stasis_runtime::Error) -> Self {
+        use stasis_runtime::Error as E;
+        match e {
+            E::NotWasm { .. }
+            | E::InvalidProgram { .. }
+            | E::Link { .. }
+            | E::CommandNotFound { .. }
+            | E::ProgramUnreadable { .. }
+            | E::InvalidArgument(_) => ApiError::BadRequest(e.to_string()),
+            other => ApiError::Internal(anyhow::Error::new(other)),
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! Sandboxes: the live ones (a runtime [`Sandbox`] and its tree under
+//! `<data>/sandboxes/<id>/root`), how they are created, restored and terminated, and the
+//! control-plane handlers for them.
+
+use super::AppState;
+use super::db::{Resources, SandboxRow, SandboxStatus, SnapshotStatus};
+use super::error::{ApiError, ApiResult};
+use super::extract::{Caller, JsonBody};
+use super::images::{DEFAULT_IMAGE, copy_tree, validate_name};
+use super::model::{
+    CreateSandboxRequest, CreateSandboxResponse, DEFAULT_RESOURCES, ListSandboxesResponse, SandboxInfo,
+    StartProcessRequest,
+};
+use super::processes::ProcessTable;
+use super::time::now_ms;
+use axum::Json;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use stasis_runtime::fs_snapshot::{FsSnapshotStore, RestoreOptions, SnapshotId};
+use stasis_runtime::{Limits, Sandbox, SandboxConfig};
+use std::collections::HashMap;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Environment of every process (a request may add to it).
+const SANDBOX_ENV: [(&str, &str); 2] = [("PATH", stasis_runtime::sandbox::DEFAULT_PATH), ("HOME", super::files::HOME)];
+
+/// The sandboxes that run now.
+#[derive(Default)]
+pub struct Registry {
+    live: Mutex<HashMap<String, Arc<LiveSandbox>>>,
+}
+
+impl Registry {
+    fn get(&self, id: &str) -> Option<Arc<LiveSandbox>> {
+        self.live.lock().unwrap().get(id).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<LiveSandbox>> {
+        self.live.lock().unwrap().values().cloned().collect()
+    }
+}
+
+pub struct LiveSandbox {
+    pub id: String,
+    pub namespace: String,
+    pub image: Option<String>,
+    pub resources: Resources,
+    pub sandbox: Sandbox,
+    /// `<data>/sandboxes/<id>`; the tree is its `root`.
+    pub dir: PathBuf,
+    pub created: Instant,
+    pub processes: ProcessTable,
+    /// Held by whatever must not overlap on this sandbox: a snapshot, its termination.
+    pub ops: tokio::sync::Mutex<()>,
+    terminated: AtomicBool,
+}
+
+impl LiveSandbox {
+    pub fn is_terminated(&self) -> bool {
+        self.terminated.load(Ordering::SeqCst)
+    }
+}
+
+/// Where a new sandbox's tree comes from.
+enum Origin {
+    /// A copy of an image; `None`: the default image has not been added, start empty.
+    Image(Option<PathBuf>),
+    Snapshot {
+        store: Arc<FsSnapshotStore>,
+        id: SnapshotId,
+    },
+}
+
+/// `[A-Za-z0-9._-]{1,63}`.
+fn validate_sandbox_name(name: &str) -> ApiResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "invalid sandbox name `{name}`: use 1 to 63 letters, digits, `.`, `_` or `-`"
+        )))
+    }
+}
+
+fn resources(req: Option<&super::model::ResourcesRequest>, base: Resources) -> ApiResult<Resources> {
+    let Some(req) = req else { return Ok(base) };
+    if req.gpus.as_ref().is_some_and(|g| !g.is_empty()) {
+        return Err(ApiError::BadRequest("GPUs are not available: Stasis sandboxes run WebAssembly".into()));
+    }
+    let cpus = req.cpus.unwrap_or(base.cpus);
+    if !(cpus.is_finite() && cpus > 0.0) {
+        return Err(ApiError::BadRequest(format!("invalid `resources.cpus` {cpus}: expected a positive number")));
+    }
+    let mb = |v: Option<u64>, field: &str, default: i64| -> ApiResult<i64> {
+        match v {
+            None => Ok(default),
+            Some(0) => Err(ApiError::BadRequest(format!("invalid `resources.{field}` 0: expected a positive number"))),
+            Some(v) => i64::try_from(v).map_err(|_| ApiError::BadRequest(format!("`resources.{field}` is too large"))),
+        }
+    };
+    Ok(Resources {
+        cpus,
+        memory_mb: mb(req.memory_mb, "memory_mb", base.memory_mb)?,
+        disk_mb: mb(req.disk_mb, "disk_mb", base.disk_mb)?,
+    })
+}
+
+impl AppState {
+    /// Creates a sandbox (from an image or a snapshot) and starts its entrypoint, if any.
+    pub async fn create_sandbox(self: &Arc<Self>, namespace: &str, req: CreateSandboxRequest) -> ApiResult<SandboxRow> {
+        if self.is_shutting_down() {
+            return Err(ApiError::Conflict("the server is shutting down".into()));
+        }
+        if let Some(name) = &req.name {
+            validate_sandbox_name(name)?;
+            if self.db.sandbox(namespace, name)?.is_some_and(|s| s.status == SandboxStatus::Running) {
+                return Err(ApiError::Conflict(format!("a sandbox named `{name}` already exists")));
+            }
+        }
+        let (origin, image, resources, snapshot_id) = match &req.snapshot_id {
+            Some(snapshot_id) => {
+                if req.image.is_some() {
+                    return Err(ApiError::BadRequest("give `image` or `snapshot_id`, not both".into()));
+                }
+                let snap = self
+                    .db
+                    .snapshot(namespace, snapshot_id)?
+                    .ok_or_else(|| ApiError::NotFound(format!("snapshot `{snapshot_id}` not found")))?;
+                let store_id = match (snap.status, &snap.store_id) {
+                    (SnapshotStatus::Completed, Some(store_id)) => store_id,
+                    (status, _) => {
+                        return Err(ApiError::Conflict(format!(
+                            "snapshot `{snapshot_id}` is {}: only a completed snapshot can be restored",
+                            status.as_str()
+                        )));
+                    }
+                };
+                let id = SnapshotId::parse(store_id).map_err(ApiError::internal)?;
+                let origin = Origin::Snapshot { store: self.snapshots.store.clone(), id };
+                (origin, snap.base_image, resources(req.resources.as_ref(), snap.resources)?, Some(snap.id))
+            }
+            None => {
+                let image = req.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.to_string());
+                validate_name(&image).map_err(ApiError::BadRequest)?;
+                let path = self.images.get(&image);
+                if path.is_none() && image != DEFAULT_IMAGE {
+                    return Err(ApiError::BadRequest(format!(
+                        "unknown image `{image}`: add it with `stasis image add {image} DIR`"
+                    )));
+                }
+                (Origin::Image(path), Some(image), resources(req.resources.as_ref(), DEFAULT_RESOURCES)?, None)
+            }
+        };
+
+        let id = super::ids::sandbox();
+        let dir = self.paths.sandboxes().join(&id);
+        // Until the sandbox is registered, any way out of here (an error, or the client
+        // going away mid-request) frees the tree.
+        let mut tree = TreeGuard(Some(dir.clone()));
+        self.build_tree(&dir, origin).await?;
+        let config = SandboxConfig {
+            root: Some(dir.join("root")),
+            env: SANDBOX_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            cwd: Some(super::files::HOME.to_string()),
+            limits: Limits { max_memory: Some(resources.memory_mb as u64 * (1 << 20)), ..Limits::default() },
+            ..SandboxConfig::default()
+        };
+        let sandbox = Sandbox::create(&self.host, config).map_err(ApiError::internal)?;
+        let row = SandboxRow {
+            id: id.clone(),
+            namespace: namespace.to_string(),
+            name: req.name.clone(),
+            status: SandboxStatus::Running,
+            image: image.clone(),
+            snapshot_id,
+            resources,
+            timeout_secs: req.timeout_secs.filter(|&t| t > 0).map(|t| t.min(i64::MAX as u64) as i64),
+            entrypoint: req.entrypoint.clone().filter(|e| !e.is_empty()),
+            created_at: now_ms(),
+            terminated_at: None,
+            termination_reason: None,
+        };
+        if !self.db.insert_sandbox(&row)? {
+            let name = req.name.unwrap_or_default();
+            return Err(ApiError::Conflict(format!("a sandbox named `{name}` already exists")));
+        }
+        tree.0 = None;
+        let live = Arc::new(LiveSandbox {
+            id: id.clone(),
+            namespace: namespace.to_string(),
+            image,
+            resources,
+            sandbox,
+            dir,
+            created: Instant::now(),
+            processes: ProcessTable::default(),
+            ops: tokio::sync::Mutex::new(()),
+            terminated: AtomicBool::new(false),
+        });
+        self.sandboxes.live.lock().unwrap().insert(id, live.clone());
+        if let Some(secs) = row.timeout_secs {
+            self.terminate_after(&live, Duration::from_secs(secs as u64));
+        }
+        if let Some(entrypoint) = &row.entrypoint {
+            let req = StartProcessRequest::command(entrypoint[0].clone(), entrypoint[1..].to_vec());
+            if let Err(e) = super::processes::start_in(self, &live, req).await {
+                let _ = self.terminate(&live, "entrypoint_failed").await;
+                return Err(e);
+            }
+        }
+        Ok(row)
+    }
+
+    async fn build_tree(&self, dir: &FsPath, origin: Origin) -> ApiResult<()> {
+        // A restore reads the snapshot store: keep deletes out meanwhile.
+        let _store = match &origin {
+            Origin::Snapshot { .. } => Some(self.snapshots.store_lock.read().await),
+            Origin::Image(_) => None,
+        };
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            let root = dir.join("root");
+            match origin {
+                Origin::Image(Some(image)) => copy_tree(&image, &root)?,
+                Origin::Image(None) => std::fs::create_dir(&root)?,
+                Origin::Snapshot { store, id } => {
+                    let parent = cap_std::fs::Dir::open_ambient_dir(&dir, cap_std::ambient_authority())?;
+                    // Not synced: a sandbox does not outlive a crash of the server.
+                    let options = RestoreOptions { durable: false, threads: 0 };
+                    store.restore_in(&id, &parent, "root".as_ref(), options)?;
+                }
+            }
+            std::fs::create_dir_all(root.join("home/user"))?;
+            std::fs::create_dir_all(root.join("tmp"))?;
+            Ok(())
+        })
+        .await?
+        .map_err(|e| ApiError::internal(e.context("cannot build the sandbox tree")))
+    }
+
+    /// Ends a sandbox: waits for a snapshot of it to finish, kills its processes, records
+    /// it terminated and frees its tree. Terminating twice is harmless.
+    pub async fn terminate(&self, live: &Arc<LiveSandbox>, reason: &str) -> ApiResult<()> {
+        let _ops = live.ops.lock().await;
+        if live.terminated.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        live.sandbox.kill_all();
+        self.sandboxes.live.lock().unwrap().remove(&live.id);
+        self.db.terminate_sandbox(&live.id, reason, now_ms())?;
+        for process in live.sandbox.processes() {
+            // Killed processes stop within an epoch tick; do not free the tree under them.
+            let _ = process.wait_timeout(Duration::from_secs(2)).await;
+        }
+        remove_tree(live.dir.clone());
+        Ok(())
+    }
+
+    fn terminate_after(self: &Arc<Self>, live: &Arc<LiveSandbox>, after: Duration) {
+        let (state, live) = (Arc::downgrade(self), Arc::downgrade(live));
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if let (Some(state), Some(live)) = (state.upgrade(), live.upgrade())
+                && let Err(e) = state.terminate(&live, "timeout").await
+            {
+                tracing::warn!(sandbox = %live.id, "cannot terminate the sandbox at its timeout: {e}");
+            }
+        });
+    }
+
+    /// The running sandbox `id_or_name` of `namespace`, for the data plane.
+    pub fn live_sandbox(&self, namespace: &str, id_or_name: &str) -> ApiResult<Arc<LiveSandbox>> {
+        if let Some(live) = self.sandboxes.get(id_or_name).filter(|l| l.namespace == namespace) {
+            return Ok(live);
+        }
+        match self.db.sandbox(namespace, id_or_name)? {
+            Some(row) => match self.sandboxes.get(&row.id) {
+                Some(live) => Ok(live),
+                None => Err(ApiError::Conflict(format!("sandbox `{id_or_name}` is terminated"))),
+            },
+            None => Err(ApiError::NotFound(format!("sandbox `{id_or_name}` not found"))),
+        }
+    }
+
+    fn sandbox_row(&self, namespace: &str, id_or_name: &str) -> ApiResult<SandboxRow> {
+        self.db
+            .sandbox(namespace, id_or_name)?
+            .ok_or_else(|| ApiError::NotFound(format!("sandbox `{id_or_name}` not found")))
+    }
+}
+
+/// Frees a sandbox tree when dropped, unless disarmed (`.0 = None`).
+struct TreeGuard(Option<PathBuf>);
+
+impl Drop for TreeGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            remove_tree(dir);
+        }
+    }
+}
+
+/// Frees a sandbox tree in the background (a large tree takes a while).
+fn remove_tree(dir: PathBuf) {
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("cannot remove `{}`: {e}", dir.display());
+        }
+    });
+}
+
+/// The sandbox a data-plane request is for, as the SDK names it: the
+/// `X-Tensorlake-Sandbox-Id` header, or a `{id}.local` Host header.
+pub struct SandboxTarget(pub Arc<LiveSandbox>);
+
+pub const SANDBOX_ID_HEADER: &str = "x-tensorlake-sandbox-id";
+
+fn target_id(parts: &Parts) -> Option<String> {
+    if let Some(id) = parts.headers.get(SANDBOX_ID_HEADER).and_then(|v| v.to_str().ok()) {
+        return Some(id.trim().to_string());
+    }
+    let host = parts.headers.get(axum::http::header::HOST).and_then(|v| v.to_str().ok())?;
+    let (label, rest) = host.split_once('.')?;
+    (rest == "local" || rest.starts_with("local.") || rest.starts_with("local:")).then(|| label.to_string())
+}
+
+impl FromRequestParts<Arc<AppState>> for SandboxTarget {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        let id = target_id(parts).filter(|id| !id.is_empty()).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "name the sandbox with the `{SANDBOX_ID_HEADER}` header or a `<sandbox id>.local` Host header"
+            ))
+        })?;
+        state.live_sandbox(&caller.namespace, &id).map(SandboxTarget)
+    }
+}
+
+// --- handlers ---
+
+#[derive(serde::Deserialize)]
+pub struct SandboxPath {
+    sandbox_id: String,
+}
+
+impl SandboxPath {
+    pub fn sandbox_id(&self) -> &str {
+        &self.sandbox_id
+    }
+}
+
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    JsonBody(req): JsonBody<CreateSandboxRequest>,
+) -> ApiResult<Response> {
+    let status = if req.wait == Some(false) { StatusCode::ACCEPTED } else { StatusCode::OK };
+    let row = state.create_sandbox(&caller.namespace, req).await?;
+    let body = CreateSandboxResponse {
+        sandbox_id: row.id,
+        status: row.status.as_str(),
+        sandbox_url: state.config.public_url.clone(),
+        name: row.name,
+    };
+    Ok((status, Json(body)).into_response())
+}
+
+pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<ListSandboxesResponse>> {
+    let rows = state.db.sandboxes(&caller.namespace)?;
+    let url = &state.config.public_url;
+    Ok(Json(ListSandboxesResponse { sandboxes: rows.into_iter().map(|r| SandboxInfo::new(r, url)).collect() }))
+}
+
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(path): Path<SandboxPath>,
+) -> ApiResult<Json<SandboxInfo>> {
+    let row = state.sandbox_row(&caller.namespace, &path.sandbox_id)?;
+    Ok(Json(SandboxInfo::new(row, &state.config.public_url)))
+}
+
+/// Terminates the sandbox (its processes are killed, its tree freed); the record stays,
+/// `terminated`. Deleting a terminated sandbox again is not an error.
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(path): Path<SandboxPath>,
+) -> ApiResult<Json<SandboxInfo>> {
+    let row = state.sandbox_row(&caller.namespace, &path.sandbox_id)?;
+    if let Some(live) = state.sandboxes.get(&row.id) {
+        // In a task of its own: it may wait for a snapshot, and must finish even if the
+        // client stops waiting.
+        let terminating = state.clone();
+        tokio::spawn(async move { terminating.terminate(&live, "deleted").await }).await??;
+    }
+    let row = state.sandbox_row(&caller.namespace, &row.id)?;
+    Ok(Json(SandboxInfo::new(row, &state.config.public_url)))
+}
+
+/// Suspend and resume keep processes alive across a stop: that is a memory snapshot.
+pub async fn suspend(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(path): Path<SandboxPath>,
+) -> ApiResult<()> {
+    state.sandbox_row(&caller.namespace, &path.sandbox_id)?;
+    Err(ApiError::NotImplemented(
+        "suspend and resume are not available yet: they need memory snapshots, which are not implemented".into(),
+    ))
+}
+
+pub async fn resume(state: State<Arc<AppState>>, caller: Caller, path: Path<SandboxPath>) -> ApiResult<()> {
+    suspend(state, caller, path).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Request;
+
+    fn parts(headers: &[(&str, &str)]) -> Parts {
+        let mut req = Request::builder();
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn data_plane_requests_name_their_sandbox_by_header_or_host() {
+        assert_eq!(target_id(&parts(&[("x-tensorlake-sandbox-id", "sb1")])).as_deref(), Some("sb1"));
+        assert_eq!(target_id(&parts(&[("host", "sb2.local")])).as_deref(), Some("sb2"));
+        assert_eq!(target_id(&parts(&[("host", "sb3.local:8900")])).as_deref(), Some("sb3"));
+        assert_eq!(target_id(&parts(&[("host", "sb4.localhost")])), None);
+        assert_eq!(target_id(&parts(&[("host", "127.0.0.1:8900")])), None);
+        let both = parts(&[("host", "sb5.local"), ("x-tensorlake-sandbox-id", "sb6")]);
+        assert_eq!(target_id(&both).as_deref(), Some("sb6"));
+    }
+
+    #[test]
+    fn resources_default_and_validate() {
+        assert_eq!(resources(None, DEFAULT_RESOURCES).unwrap(), DEFAULT_RESOURCES);
+        let req = super::super::model::ResourcesRequest { memory_mb: Some(64), ..Default::default() };
+        assert_eq!(resources(Some(&req), DEFAULT_RESOURCES).unwrap().memory_mb, 64);
+        let req = super::super::model::ResourcesRequest { memory_mb: Some(0), ..Default::default() };
+        assert!(resources(Some(&req), DEFAULT_RESOURCES).is_err());
+        let req =
+            super::super::model::ResourcesRequest { gpus: Some(vec![serde_json::json!({})]), ..Default::default() };
+        assert!(resources(Some(&req), DEFAULT_RESOURCES).is_err());
+    }
+}
