@@ -1,5 +1,6 @@
 //! Snapshots: `POST /sandboxes/{id}/snapshot` answers 202 at once and a background task
-//! captures the sandbox tree into the filesystem snapshot store
+//! captures the sandbox tree (`Sandbox::snapshot_filesystem`: a warm capture, then a short
+//! paused one) into the filesystem snapshot store
 //! (`<data>/snapshots/fs`); the record moves `in_progress` → `completed` (or `failed`
 //! with `error`). Restore is `POST /sandboxes {"snapshot_id": ...}` (see `sandboxes`).
 //!
@@ -17,7 +18,7 @@ use super::time::now_ms;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use stasis_runtime::fs_snapshot::{CaptureOptions, FsSnapshotStore, PendingSnapshot, SnapshotError, SnapshotId};
+use stasis_runtime::fs_snapshot::{FsSnapshotStore, SnapshotError, SnapshotId};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,57 +70,11 @@ impl Snapshots {
     }
 }
 
-/// What the client sees of a failed capture: the store's words without the host paths
+/// What the client sees of a failed capture: the runtime's words without the host paths
 /// of the data directory.
-fn public_error(state: &AppState, e: &SnapshotError) -> String {
+fn public_error(state: &AppState, e: &stasis_runtime::Error) -> String {
     let data = state.config.data_dir.display().to_string();
     format!("filesystem capture failed: {e}").replace(&data, "<data>")
-}
-
-struct Captured {
-    id: SnapshotId,
-    /// Logical size of the tree.
-    bytes: u64,
-    /// How long the sandbox's processes were paused.
-    pause: Duration,
-}
-
-/// Captures a sandbox's tree as one consistent moment at the price of a short pause: a
-/// first capture while the processes run does the heavy work (reading, hashing, storing
-/// every chunk); then, with the processes paused at a safe point, a second capture with
-/// the first as parent re-reads only what changed meanwhile. The second is the snapshot.
-///
-/// (The runtime's own `Sandbox::snapshot_filesystem` does the same; this uses only the
-/// store's public API so the server does not wait for it.)
-async fn capture_tree(live: &LiveSandbox, store: Arc<FsSnapshotStore>) -> Result<Captured, SnapshotError> {
-    let root = live.sandbox.root().ok_or_else(|| SnapshotError::InvalidArgument("the sandbox has no tree".into()))?;
-    let root = Arc::new(root.try_clone().map_err(|e| SnapshotError::Io { context: "sandbox tree".into(), source: e })?);
-    let source = live.id.clone();
-    let capture = |parent: Option<PendingSnapshot>| {
-        let (store, root, source) = (store.clone(), root.clone(), source.clone());
-        async move {
-            tokio::task::spawn_blocking(move || {
-                let mut options = CaptureOptions::new(source);
-                if let Some(parent) = &parent {
-                    options = options.parent(parent.manifest());
-                }
-                store.capture(&root, options)
-            })
-            .await
-            .map_err(|e| SnapshotError::Io { context: "capture task".into(), source: std::io::Error::other(e) })?
-        }
-    };
-    let warm = capture(None).await?;
-    let paused = live.sandbox.pause().await;
-    let snapshot = capture(Some(warm)).await;
-    let pause = paused.elapsed();
-    drop(paused);
-    let snapshot = snapshot?;
-    let bytes = snapshot.manifest().logical_bytes();
-    let id = tokio::task::spawn_blocking(move || store.commit(snapshot))
-        .await
-        .map_err(|e| SnapshotError::Io { context: "commit task".into(), source: std::io::Error::other(e) })??;
-    Ok(Captured { id, bytes, pause })
 }
 
 impl AppState {
@@ -131,10 +86,14 @@ impl AppState {
         } else {
             let _store = self.snapshots.store_lock.read().await;
             let store = self.snapshots.store.clone();
-            match capture_tree(&live, store).await {
-                Ok(captured) => {
-                    tracing::info!(snapshot = %snapshot_id, sandbox = %live.id, pause = ?captured.pause, "snapshot completed");
-                    Ok((captured.id, captured.bytes))
+            // Source = the sandbox: its next snapshot reads only what changed since this one.
+            match live.sandbox.snapshot_filesystem(store.clone(), live.id.clone()).await {
+                Ok(report) => {
+                    let id = report.id.clone();
+                    let size = tokio::task::spawn_blocking(move || store.get(&id).map(|m| m.logical_bytes())).await;
+                    let size = size.ok().and_then(Result::ok).unwrap_or(0);
+                    tracing::info!(snapshot = %snapshot_id, sandbox = %live.id, pause = ?report.pause, "snapshot completed");
+                    Ok((report.id, size))
                 }
                 Err(e) => {
                     tracing::warn!(snapshot = %snapshot_id, sandbox = %live.id, "snapshot failed: {e}");
