@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod civil_time;
 mod code_cache;
 pub mod error;
 pub mod fs_snapshot;
