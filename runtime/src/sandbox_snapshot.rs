@@ -65,7 +65,7 @@ async fn capture(
 ) -> Result<PendingSnapshot> {
     let pending = tokio::task::spawn_blocking(move || {
         let committed = match &parent {
-            Parent::LatestOf => store.latest_for_source(&source)?.map(|id| store.get(&id)).transpose()?,
+            Parent::LatestOf => store.latest_with_manifest(&source)?.map(|(_, manifest)| manifest),
             Parent::Pending(_) => None,
         };
         let manifest = match &parent {
