@@ -52,6 +52,8 @@ impl CodeCache {
     pub(crate) fn new(engine: &Engine, dir: Option<PathBuf>) -> Self {
         let mut hasher = Blake3Hasher(blake3::Hasher::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
+        // Core modules are compiled as rewritten by `state_export`: a new rewrite is new code.
+        hasher.write(crate::state_export::REWRITE_VERSION.as_bytes());
         let engine_key = hasher.0.finalize().to_hex()[..16].to_string();
         CodeCache { dir, engine_key }
     }

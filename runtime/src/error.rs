@@ -28,6 +28,17 @@ pub enum Error {
     Io { context: String, source: std::io::Error },
     #[error(transparent)]
     Snapshot(crate::fs_snapshot::SnapshotError),
+    /// A reactor call that failed (trap, limit, no such export).
+    #[error("call to `{export}` failed: {reason}")]
+    Call { export: String, reason: String },
+    /// A memory image that cannot be read or does not fit the program.
+    #[error(transparent)]
+    Image(#[from] crate::memory_image::ImageError),
+    #[error(transparent)]
+    Restore(crate::instance_state::StateError),
+    /// A memory snapshot that cannot be taken now (a process mid-execution).
+    #[error("cannot take a memory snapshot: {0}")]
+    NotQuiescent(String),
     /// The guest could not be started (WASI context construction and the like).
     #[error("cannot start the guest: {0}")]
     Start(String),

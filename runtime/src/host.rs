@@ -8,6 +8,8 @@ use crate::code_cache::{CodeCache, Compiled, ProgramFormat};
 use crate::error::{Error, Result};
 use crate::guest_imports;
 use crate::process::ProcessState;
+use crate::state_export::{self, StateLayout};
+use crate::wasi_state;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +52,8 @@ pub(crate) struct HostInner {
     pub(crate) engine: Engine,
     core_linker: Linker<ProcessState>,
     component_linker: ComponentLinker<ProcessState>,
+    /// The wasip1 helper that records and replays descriptors (see `wasi_state`).
+    pub(crate) wasi_helper: InstancePre<ProcessState>,
     code_cache: CodeCache,
     programs: Mutex<HashMap<blake3::Hash, Arc<Program>>>,
     ticker_stop: Arc<AtomicBool>,
@@ -64,8 +68,11 @@ impl Drop for HostInner {
 /// A compiled, linked program ready to be instantiated any number of times.
 pub struct Program {
     hash: blake3::Hash,
-    size: usize,
+    bytes: Arc<[u8]>,
+    /// For core modules: the state the snapshot rewrite exported (see `state_export`).
+    pub(crate) layout: Option<Arc<StateLayout>>,
     pub(crate) entry: ProgramEntry,
+    wasi_helper: InstancePre<ProcessState>,
 }
 
 pub(crate) enum ProgramEntry {
@@ -81,7 +88,17 @@ impl Program {
 
     /// Size of the wasm bytes.
     pub fn size(&self) -> usize {
-        self.size
+        self.bytes.len()
+    }
+
+    /// The program's wasm bytes, as given (before the snapshot rewrite).
+    pub fn bytes(&self) -> &Arc<[u8]> {
+        &self.bytes
+    }
+
+    /// The descriptor helper of the host that loaded the program.
+    pub(crate) fn host_helper(&self) -> &InstancePre<ProcessState> {
+        &self.wasi_helper
     }
 
     pub fn format(&self) -> ProgramFormat {
@@ -123,10 +140,14 @@ fn engine_config(pool_size: Option<u32>) -> Config {
 impl Host {
     pub fn new(config: HostConfig) -> Result<Host> {
         let engine = Engine::new(&engine_config(config.max_processes)).map_err(|e| Error::Start(format!("{e:#}")))?;
+        let setup = |e: wasmtime::Error| Error::Start(format!("{e:#}"));
         let mut core_linker = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_async(&mut core_linker, |s: &mut ProcessState| &mut s.wasi)
-            .map_err(|e| Error::Start(format!("{e:#}")))?;
-        guest_imports::add_to_linker(&mut core_linker).map_err(|e| Error::Start(format!("{e:#}")))?;
+        wasmtime_wasi::p1::add_to_linker_async(&mut core_linker, |s: &mut ProcessState| &mut s.wasi).map_err(setup)?;
+        let wasi_helper = wasi_state::helper_pre(&core_linker).map_err(setup)?;
+        core_linker.allow_shadowing(true);
+        wasi_state::add_recording_shadows(&mut core_linker, wasi_helper.clone()).map_err(setup)?;
+        core_linker.allow_shadowing(false);
+        guest_imports::add_to_linker(&mut core_linker).map_err(setup)?;
         let mut component_linker = ComponentLinker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker).map_err(|e| Error::Start(format!("{e:#}")))?;
 
@@ -138,6 +159,7 @@ impl Host {
                 engine,
                 core_linker,
                 component_linker,
+                wasi_helper,
                 code_cache,
                 programs: Mutex::new(HashMap::new()),
                 ticker_stop,
@@ -164,11 +186,26 @@ impl Host {
             return Ok(program.clone());
         }
         let format = detect_format(bytes, what)?;
-        let compiled = self
-            .inner
-            .code_cache
-            .load_or_compile(&self.inner.engine, bytes, &hash, format)
-            .map_err(|e| Error::InvalidProgram { what: what.to_string(), reason: format!("{e:#}") })?;
+        let invalid = |reason: String| Error::InvalidProgram { what: what.to_string(), reason };
+        let (layout, compiled) = match format {
+            ProgramFormat::Module => {
+                let (rewritten, layout) = state_export::rewrite(bytes).map_err(|e| invalid(e.to_string()))?;
+                let compiled = self
+                    .inner
+                    .code_cache
+                    .load_or_compile(&self.inner.engine, &rewritten, &hash, format)
+                    .map_err(|e| invalid(format!("{e:#}")))?;
+                (Some(Arc::new(layout)), compiled)
+            }
+            ProgramFormat::Component => {
+                let compiled = self
+                    .inner
+                    .code_cache
+                    .load_or_compile(&self.inner.engine, bytes, &hash, format)
+                    .map_err(|e| invalid(format!("{e:#}")))?;
+                (None, compiled)
+            }
+        };
         let link_error = |e: wasmtime::Error| Error::Link { what: what.to_string(), reason: format!("{e:#}") };
         let entry = match compiled {
             Compiled::Module(module) => {
@@ -179,7 +216,8 @@ impl Host {
                 ProgramEntry::Component(CommandPre::new(pre).map_err(link_error)?)
             }
         };
-        let program = Arc::new(Program { hash, size: bytes.len(), entry });
+        let program =
+            Arc::new(Program { hash, bytes: bytes.into(), layout, entry, wasi_helper: self.inner.wasi_helper.clone() });
         self.inner.programs.lock().unwrap().insert(hash, program.clone());
         Ok(program)
     }

@@ -9,6 +9,7 @@ use crate::host::{Program, ProgramEntry};
 use crate::limits::{Limits, MemoryLimitExceeded, StoreLimiter};
 use crate::pause::{ProcessPhase, RunPhase};
 use crate::stdio::{OutputBuffer, StdinPipe};
+use crate::wasi_state::{FdTracker, HasFdTracker, SnapshotClock};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +27,40 @@ pub(crate) struct ProcessState {
     cpu_ticks: u64,
     max_cpu_ticks: Option<u64>,
     phase: Arc<ProcessPhase>,
+    pub(crate) fds: FdTracker,
+    pub(crate) clock: SnapshotClock,
+}
+
+impl HasFdTracker for ProcessState {
+    fn fds(&mut self) -> &mut FdTracker {
+        &mut self.fds
+    }
+}
+
+impl ProcessState {
+    /// `wasi` must have been given `clock` as its monotonic clock; `descriptors` is the
+    /// number it starts with (stdio and preopens).
+    pub(crate) fn new(
+        wasi: WasiP1Ctx,
+        limits: &Limits,
+        phase: Arc<ProcessPhase>,
+        clock: SnapshotClock,
+        descriptors: u32,
+    ) -> (ProcessState, Arc<KillSwitch>) {
+        let tick = crate::host::EPOCH_TICK.as_nanos().max(1);
+        let kill = Arc::new(KillSwitch::default());
+        let state = ProcessState {
+            wasi,
+            limiter: StoreLimiter::new(limits),
+            kill: kill.clone(),
+            cpu_ticks: 0,
+            max_cpu_ticks: limits.cpu_time.map(|d| (d.as_nanos() / tick).max(1) as u64),
+            phase,
+            fds: FdTracker::new(descriptors),
+            clock,
+        };
+        (state, kill)
+    }
 }
 
 impl wasmtime_wasi::WasiView for ProcessState {
@@ -104,18 +139,18 @@ struct KilledByHost;
 struct CpuLimitExceeded;
 
 #[derive(Default)]
-struct KillSwitch {
+pub(crate) struct KillSwitch {
     killed: AtomicBool,
     notify: Notify,
 }
 
 impl KillSwitch {
-    fn kill(&self) {
+    pub(crate) fn kill(&self) {
         self.killed.store(true, Ordering::SeqCst);
         self.notify.notify_waiters();
     }
 
-    async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         loop {
             let notified = self.notify.notified();
             if self.killed.load(Ordering::SeqCst) {
@@ -160,6 +195,8 @@ pub(crate) struct Launch {
     pub(crate) stderr: OutputMode,
     pub(crate) argv: Vec<String>,
     pub(crate) phase: Arc<ProcessPhase>,
+    /// Descriptors the process starts with: stdio and the preopens.
+    pub(crate) descriptors: u32,
 }
 
 /// A handle to a running or finished process. Cloning it is cheap; all clones see the
@@ -182,10 +219,25 @@ struct ProcessInner {
 
 static NEXT_PID: AtomicU64 = AtomicU64::new(1);
 
+/// A host-unique process id (processes and reactors share the numbering).
+pub(crate) fn next_pid() -> u64 {
+    NEXT_PID.fetch_add(1, Ordering::Relaxed)
+}
+
 impl Process {
     /// Starts the process on the current tokio runtime.
     pub(crate) fn start(launch: Launch) -> Process {
-        let Launch { program, mut wasi, limits, stdin, stdout: stdout_mode, stderr: stderr_mode, argv, phase } = launch;
+        let Launch {
+            program,
+            mut wasi,
+            limits,
+            stdin,
+            stdout: stdout_mode,
+            stderr: stderr_mode,
+            argv,
+            phase,
+            descriptors,
+        } = launch;
         let stdout = OutputBuffer::new(limits.output_buffer);
         let stderr = OutputBuffer::new(limits.output_buffer);
         let pipe = match stdin {
@@ -216,11 +268,13 @@ impl Process {
             OutputMode::Inherit => wasi.inherit_stderr(),
         };
 
-        let kill = Arc::new(KillSwitch::default());
+        let clock = SnapshotClock::starting_at(0);
+        wasi.monotonic_clock(clock.clone());
+        let (state, kill) = ProcessState::new(wasi.build_p1(), &limits, phase.clone(), clock, descriptors);
         let (status_tx, status_rx) = watch::channel(None);
         let process = Process {
             inner: Arc::new(ProcessInner {
-                pid: NEXT_PID.fetch_add(1, Ordering::Relaxed),
+                pid: next_pid(),
                 argv,
                 started_at: SystemTime::now(),
                 stdin: pipe,
@@ -231,15 +285,6 @@ impl Process {
             }),
         };
 
-        let tick = crate::host::EPOCH_TICK.as_nanos().max(1);
-        let state = ProcessState {
-            wasi: wasi.build_p1(),
-            limiter: StoreLimiter::new(&limits),
-            kill: kill.clone(),
-            cpu_ticks: 0,
-            max_cpu_ticks: limits.cpu_time.map(|d| (d.as_nanos() / tick).max(1) as u64),
-            phase: phase.clone(),
-        };
         let timeout = limits.timeout;
         tokio::spawn(async move {
             let mut store = None;
@@ -259,6 +304,29 @@ impl Process {
             drop(store);
         });
         process
+    }
+
+    /// A process that has already ended: how a restored sandbox shows the processes that
+    /// had exited when its memory snapshot was taken.
+    pub(crate) fn ended(pid: u64, argv: Vec<String>, status: ExitStatus, stdout: &[u8], stderr: &[u8]) -> Process {
+        let (out, err) = (OutputBuffer::new(stdout.len().max(1)), OutputBuffer::new(stderr.len().max(1)));
+        out.append(stdout);
+        err.append(stderr);
+        out.close();
+        err.close();
+        let (_, status) = watch::channel(Some(status));
+        Process {
+            inner: Arc::new(ProcessInner {
+                pid,
+                argv,
+                started_at: SystemTime::now(),
+                stdin: None,
+                stdout: out,
+                stderr: err,
+                kill: Arc::default(),
+                status,
+            }),
+        }
     }
 
     /// Host-unique process id.
@@ -325,24 +393,7 @@ async fn sleep_or_forever(limit: Option<Duration>) {
 /// to pay for its teardown.
 async fn run_guest(program: Arc<Program>, state: ProcessState, slot: &mut Option<Store<ProcessState>>) -> ExitStatus {
     let store = slot.insert(Store::new(program_engine(&program), state));
-    store.limiter(|s| &mut s.limiter);
-    store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(|mut ctx| {
-        let state = ctx.data_mut();
-        state.cpu_ticks += 1;
-        if state.kill.killed.load(Ordering::Relaxed) {
-            return Err(KilledByHost.into());
-        }
-        if state.max_cpu_ticks.is_some_and(|max| state.cpu_ticks > max) {
-            return Err(CpuLimitExceeded.into());
-        }
-        if state.phase.is_paused() {
-            let phase = state.phase.clone();
-            return Ok(UpdateDeadline::YieldCustom(1, Box::pin(async move { phase.park_if_paused().await })));
-        }
-        Ok(UpdateDeadline::Yield(1))
-    });
-    store.call_hook_async(ParkAtHostCalls);
+    configure_store(store);
     let result = match &program.entry {
         ProgramEntry::Command(pre) => {
             let instance = match pre.instantiate_async(&mut *store).await {
@@ -369,6 +420,28 @@ async fn run_guest(program: Arc<Program>, state: ProcessState, slot: &mut Option
         Ok(()) => ExitStatus::Exited(0),
         Err(e) => classify(e, store),
     }
+}
+
+/// Limits, preemption, kills and pauses for a process's store.
+pub(crate) fn configure_store(store: &mut Store<ProcessState>) {
+    store.limiter(|s| &mut s.limiter);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|mut ctx| {
+        let state = ctx.data_mut();
+        state.cpu_ticks += 1;
+        if state.kill.killed.load(Ordering::Relaxed) {
+            return Err(KilledByHost.into());
+        }
+        if state.max_cpu_ticks.is_some_and(|max| state.cpu_ticks > max) {
+            return Err(CpuLimitExceeded.into());
+        }
+        if state.phase.is_paused() {
+            let phase = state.phase.clone();
+            return Ok(UpdateDeadline::YieldCustom(1, Box::pin(async move { phase.park_if_paused().await })));
+        }
+        Ok(UpdateDeadline::Yield(1))
+    });
+    store.call_hook_async(ParkAtHostCalls);
 }
 
 /// Parks the process at host-call boundaries while its sandbox is paused, and records
@@ -398,7 +471,7 @@ impl wasmtime::CallHookHandler<ProcessState> for ParkAtHostCalls {
     }
 }
 
-fn program_engine(program: &Program) -> &wasmtime::Engine {
+pub(crate) fn program_engine(program: &Program) -> &wasmtime::Engine {
     match &program.entry {
         ProgramEntry::Command(pre) => pre.module().engine(),
         ProgramEntry::Component(pre) => pre.engine(),
@@ -406,7 +479,7 @@ fn program_engine(program: &Program) -> &wasmtime::Engine {
 }
 
 /// Turns a wasmtime error from running a guest into the status it means.
-fn classify(error: wasmtime::Error, store: &Store<ProcessState>) -> ExitStatus {
+pub(crate) fn classify(error: wasmtime::Error, store: &Store<ProcessState>) -> ExitStatus {
     if let Some(exit) = error.downcast_ref::<I32Exit>() {
         return ExitStatus::Exited(exit.0);
     }

@@ -6,6 +6,7 @@ use crate::host::{Host, Program};
 use crate::limits::Limits;
 use crate::pause::{PauseGate, PauseGuard};
 use crate::process::{Launch, OutputMode, Process, StdinMode};
+use crate::reactor::{Origin, Reactor, ReactorLaunch};
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 use std::collections::BTreeMap;
@@ -112,6 +113,7 @@ pub struct Sandbox {
     config: SandboxConfig,
     root: Option<Dir>,
     processes: Mutex<BTreeMap<u64, Process>>,
+    reactors: Mutex<BTreeMap<u64, Reactor>>,
     gate: Arc<PauseGate>,
 }
 
@@ -131,7 +133,14 @@ impl Sandbox {
                 )));
             }
         }
-        Ok(Sandbox { host: host.clone(), config, root, processes: Mutex::new(BTreeMap::new()), gate: Arc::default() })
+        Ok(Sandbox {
+            host: host.clone(),
+            config,
+            root,
+            processes: Mutex::default(),
+            reactors: Mutex::default(),
+            gate: Arc::default(),
+        })
     }
 
     pub fn host(&self) -> &Host {
@@ -150,28 +159,11 @@ impl Sandbox {
     /// Starts a process. Returns once the program is loaded and the process is running.
     pub async fn spawn(&self, command: Command) -> Result<Process> {
         let env = merged_env(&self.config.env, &command.env);
-        let (program, argv0) = match command.program {
-            ProgramRef::Loaded { program, name } => (program, name),
-            ProgramRef::Bytes { bytes, name } => (self.host.load_async(bytes, name.clone()).await?, name),
-            ProgramRef::Command(name) => {
-                let (path, bytes) = self.resolve(&name, &env)?;
-                (self.host.load_async(bytes.into(), format!("`{path}`")).await?, name)
-            }
-        };
+        let (program, argv0) = self.load_program(command.program, &env).await?;
         let mut argv = vec![argv0];
         argv.extend(command.args);
 
-        let mut wasi = WasiCtxBuilder::new();
-        wasi.args(&argv).envs(&env).allow_blocking_current_thread(self.config.inline_file_io);
-        if let Some(cwd) = command.cwd.as_ref().or(self.config.cwd.as_ref()) {
-            wasi.initial_cwd(cwd);
-        }
-        if let Some(root) = &self.config.root {
-            preopen(&mut wasi, root, "/", false)?;
-        }
-        for mount in &self.config.mounts {
-            preopen(&mut wasi, &mount.host, &mount.guest, mount.read_only)?;
-        }
+        let (wasi, descriptors) = self.wasi_builder(&argv, &env, command.cwd.as_deref())?;
         let process = Process::start(Launch {
             program,
             wasi,
@@ -181,11 +173,97 @@ impl Sandbox {
             stderr: command.stderr,
             argv,
             phase: self.gate.register(),
+            descriptors,
         });
         let mut processes = self.processes.lock().unwrap();
         processes.insert(process.pid(), process.clone());
         forget_oldest_exited(&mut processes);
         Ok(process)
+    }
+
+    /// Loads what a command names, and the argv[0] it runs as.
+    async fn load_program(&self, program: ProgramRef, env: &[(String, String)]) -> Result<(Arc<Program>, String)> {
+        Ok(match program {
+            ProgramRef::Loaded { program, name } => (program, name),
+            ProgramRef::Bytes { bytes, name } => (self.host.load_async(bytes, name.clone()).await?, name),
+            ProgramRef::Command(name) => {
+                let (path, bytes) = self.resolve(&name, env)?;
+                (self.host.load_async(bytes.into(), format!("`{path}`")).await?, name)
+            }
+        })
+    }
+
+    /// Instantiates a WASI reactor (a module without `main`: its start function and
+    /// `_initialize` run, then the host calls its exports). Its stdin is closed and its
+    /// output captured; `command.stdin`/`stdout`/`stderr` are ignored.
+    pub async fn instantiate(&self, command: Command) -> Result<Reactor> {
+        let env = merged_env(&self.config.env, &command.env);
+        let (program, argv0) = self.load_program(command.program, &env).await?;
+        let mut argv = vec![argv0];
+        argv.extend(command.args);
+        let reactor = self.start_reactor(program, &argv, &env, command.cwd.as_deref(), Origin::Fresh).await?;
+        self.adopt_reactor(reactor.clone());
+        Ok(reactor)
+    }
+
+    pub(crate) async fn start_reactor(
+        &self,
+        program: Arc<Program>,
+        argv: &[String],
+        env: &[(String, String)],
+        cwd: Option<&str>,
+        origin: Origin<'_>,
+    ) -> Result<Reactor> {
+        let (wasi, descriptors) = self.wasi_builder(argv, env, cwd)?;
+        let launch = ReactorLaunch {
+            program,
+            wasi,
+            descriptors,
+            limits: self.config.limits.clone(),
+            argv: argv.to_vec(),
+            env: env.to_vec(),
+            cwd: cwd.map(str::to_string),
+            phase: self.gate.register(),
+        };
+        Reactor::start(launch, origin).await
+    }
+
+    pub(crate) fn adopt_reactor(&self, reactor: Reactor) {
+        self.reactors.lock().unwrap().insert(reactor.pid(), reactor);
+    }
+
+    pub(crate) fn adopt_process(&self, process: Process) {
+        self.processes.lock().unwrap().insert(process.pid(), process);
+    }
+
+    /// The sandbox's reactors, by pid.
+    pub fn reactors(&self) -> Vec<Reactor> {
+        self.reactors.lock().unwrap().values().cloned().collect()
+    }
+
+    /// The WASI context every process of the sandbox starts from, and how many descriptors
+    /// it opens (stdio and the preopens).
+    pub(crate) fn wasi_builder(
+        &self,
+        argv: &[String],
+        env: &[(String, String)],
+        cwd: Option<&str>,
+    ) -> Result<(WasiCtxBuilder, u32)> {
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.args(argv).envs(env).allow_blocking_current_thread(self.config.inline_file_io);
+        if let Some(cwd) = cwd.or(self.config.cwd.as_deref()) {
+            wasi.initial_cwd(cwd);
+        }
+        let mut descriptors = 3;
+        if let Some(root) = &self.config.root {
+            preopen(&mut wasi, root, "/", false)?;
+            descriptors += 1;
+        }
+        for mount in &self.config.mounts {
+            preopen(&mut wasi, &mount.host, &mount.guest, mount.read_only)?;
+            descriptors += 1;
+        }
+        Ok((wasi, descriptors))
     }
 
     /// Every process started in this sandbox, running or ended, by pid.

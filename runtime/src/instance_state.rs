@@ -1,0 +1,262 @@
+//! Reading a quiescent core instance's memories, globals and tables into image form, and
+//! writing them into a fresh instance of the same program.
+//!
+//! State is reached through the exports the load-time rewrite added (see `state_export`).
+//! Function references are stored as function indices: the rewrite exports every function
+//! a table or global can hold, and a reference is matched to its index by the identity of
+//! its `VMFuncRef` (`Func::to_raw`), which is the one the instance's table entries use.
+
+use crate::memory_image::{GlobalValue, IMAGE_PAGE, MemoryImage, TableImage};
+use crate::state_export::{self, GlobalKind, StateLayout};
+use std::collections::HashMap;
+use wasmtime::{AsContextMut, Func, Instance, Memory, Ref, Val};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("the instance does not export its snapshot state (`{0}` missing): it was not loaded by Stasis")]
+    MissingExport(String),
+    #[error("{0} cannot be captured: it holds a reference that is not a function of the module")]
+    ForeignReference(String),
+    #[error("the image does not match the program: {0}")]
+    Mismatch(String),
+    #[error("restoring {what}: {reason}")]
+    Write { what: String, reason: String },
+}
+
+/// The captured state of one instance; memories as (image without part, non-zero pages).
+pub(crate) struct CapturedInstance {
+    pub memories: Vec<(MemoryImage, Vec<u8>)>,
+    pub globals: Vec<GlobalValue>,
+    pub tables: Vec<TableImage>,
+}
+
+fn memory(store: &mut impl AsContextMut, instance: &Instance, index: u32) -> Result<Memory, StateError> {
+    let name = state_export::memory_export(index);
+    instance.get_memory(store.as_context_mut(), &name).ok_or(StateError::MissingExport(name))
+}
+
+/// Function identity -> index, for every function a table or global can hold.
+fn func_indices(store: &mut impl AsContextMut, instance: &Instance, layout: &StateLayout) -> HashMap<usize, u32> {
+    let mut map = HashMap::with_capacity(layout.table_funcs.len());
+    for &index in &layout.table_funcs {
+        if let Some(func) = instance.get_func(store.as_context_mut(), &state_export::func_export(index)) {
+            map.insert(func.to_raw(store.as_context_mut()) as usize, index);
+        }
+    }
+    map
+}
+
+fn func_by_index(store: &mut impl AsContextMut, instance: &Instance, index: u32) -> Result<Func, StateError> {
+    instance
+        .get_func(store.as_context_mut(), &state_export::func_export(index))
+        .ok_or_else(|| StateError::Mismatch(format!("function {index} cannot be in a table of this program")))
+}
+
+pub(crate) fn capture(
+    mut store: impl AsContextMut,
+    instance: &Instance,
+    layout: &StateLayout,
+) -> Result<CapturedInstance, StateError> {
+    let store = &mut store;
+    let mut memories = Vec::with_capacity(layout.memories.len());
+    for index in 0..layout.memories.len() as u32 {
+        let memory = memory(store, instance, index)?;
+        let data = memory.data(store.as_context_mut());
+        let (runs, pages) = crate::memory_image::nonzero_pages(data);
+        memories.push((MemoryImage { size_bytes: data.len() as u64, runs, part: index }, pages));
+    }
+    let funcs = func_indices(store, instance, layout);
+    let mut globals = Vec::with_capacity(layout.globals.len());
+    for (index, info) in layout.globals.iter().enumerate() {
+        let name = state_export::global_export(index as u32);
+        let global = instance.get_global(store.as_context_mut(), &name).ok_or(StateError::MissingExport(name))?;
+        let what = format!("global {index}");
+        let value = match (global.get(store.as_context_mut()), info.ty) {
+            (Val::I32(v), _) => GlobalValue::I32(v),
+            (Val::I64(v), _) => GlobalValue::I64(v),
+            (Val::F32(v), _) => GlobalValue::F32(v),
+            (Val::F64(v), _) => GlobalValue::F64(v),
+            (Val::V128(v), _) => GlobalValue::V128(v.as_u128()),
+            (Val::FuncRef(None), _) => GlobalValue::NullRef,
+            (Val::FuncRef(Some(f)), _) => {
+                let raw = f.to_raw(store.as_context_mut()) as usize;
+                funcs
+                    .get(&raw)
+                    .map(|&i| GlobalValue::Func(i))
+                    .ok_or_else(|| StateError::ForeignReference(what.clone()))?
+            }
+            (Val::ExternRef(None) | Val::AnyRef(None) | Val::ExnRef(None) | Val::ContRef(None), _) => {
+                GlobalValue::NullRef
+            }
+            _ => return Err(StateError::ForeignReference(what)),
+        };
+        globals.push(value);
+    }
+    let mut tables = Vec::with_capacity(layout.tables.len());
+    for index in 0..layout.tables.len() as u32 {
+        let name = state_export::table_export(index);
+        let table = instance.get_table(store.as_context_mut(), &name).ok_or(StateError::MissingExport(name))?;
+        let size = table.size(store.as_context_mut());
+        let mut elements = Vec::new();
+        for i in 0..size {
+            match table.get(store.as_context_mut(), i) {
+                Some(Ref::Func(None) | Ref::Extern(None) | Ref::Any(None) | Ref::Exn(None)) | None => {}
+                Some(Ref::Func(Some(f))) => {
+                    let raw = f.to_raw(store.as_context_mut()) as usize;
+                    let func = funcs.get(&raw).ok_or_else(|| StateError::ForeignReference(format!("table {index}")))?;
+                    elements.push((i, *func));
+                }
+                Some(_) => return Err(StateError::ForeignReference(format!("table {index}"))),
+            }
+        }
+        tables.push(TableImage { size, elements });
+    }
+    Ok(CapturedInstance { memories, globals, tables })
+}
+
+/// Writes captured state into a fresh instance of the same program (its start function
+/// not run). `pages(i)` yields memory i's non-zero pages in run order.
+pub(crate) fn restore(
+    mut store: impl AsContextMut,
+    instance: &Instance,
+    layout: &StateLayout,
+    memories: &[MemoryImage],
+    mut pages: impl FnMut(u32) -> Result<Vec<u8>, StateError>,
+    globals: &[GlobalValue],
+    tables: &[TableImage],
+) -> Result<(), StateError> {
+    let store = &mut store;
+    if memories.len() != layout.memories.len()
+        || globals.len() != layout.globals.len()
+        || tables.len() != layout.tables.len()
+    {
+        return Err(StateError::Mismatch(format!(
+            "the image has {} memories, {} globals and {} tables; the program {}, {} and {}",
+            memories.len(),
+            globals.len(),
+            tables.len(),
+            layout.memories.len(),
+            layout.globals.len(),
+            layout.tables.len()
+        )));
+    }
+    for (index, image) in memories.iter().enumerate() {
+        let index = index as u32;
+        let memory = memory(store, instance, index)?;
+        let what = || format!("memory {index}");
+        let write_err = |reason: String| StateError::Write { what: what(), reason };
+        let current = memory.data_size(store.as_context_mut()) as u64;
+        let page_size = memory.page_size(store.as_context_mut());
+        if image.size_bytes < current || !image.size_bytes.is_multiple_of(page_size) {
+            return Err(StateError::Mismatch(format!(
+                "memory {index} is {} bytes in the image, which a fresh instance ({current} bytes, {page_size}-byte pages) cannot have",
+                image.size_bytes
+            )));
+        }
+        if image.size_bytes > current {
+            memory.grow(store.as_context_mut(), (image.size_bytes - current) / page_size).map_err(|e| {
+                StateError::Mismatch(format!(
+                    "memory {index} cannot grow to the image's {} bytes: {e:#}",
+                    image.size_bytes
+                ))
+            })?;
+        }
+        let data = memory.data_mut(store.as_context_mut());
+        // What instantiation wrote (data segments) must go where the image has zeros.
+        match &layout.data_ranges {
+            Some(ranges) => {
+                for (_, range) in ranges.iter().filter(|(m, _)| *m == index) {
+                    let end = (range.end as usize).min(data.len());
+                    data[(range.start as usize).min(end)..end].fill(0);
+                }
+            }
+            None => data[..current as usize].fill(0),
+        }
+        let bytes = pages(image.part)?;
+        let mut at = 0usize;
+        for &(start, count) in &image.runs {
+            let (from, len) = ((start * IMAGE_PAGE) as usize, (count * IMAGE_PAGE) as usize);
+            let (Some(dst), Some(src)) = (data.get_mut(from..from + len), bytes.get(at..at + len)) else {
+                return Err(write_err("a page run is outside the memory or the stored pages".into()));
+            };
+            dst.copy_from_slice(src);
+            at += len;
+        }
+    }
+    for (index, (value, info)) in globals.iter().zip(&layout.globals).enumerate() {
+        let name = state_export::global_export(index as u32);
+        let global = instance.get_global(store.as_context_mut(), &name).ok_or(StateError::MissingExport(name))?;
+        let val = match (*value, info.ty) {
+            (GlobalValue::I32(v), GlobalKind::I32) => Val::I32(v),
+            (GlobalValue::I64(v), GlobalKind::I64) => Val::I64(v),
+            (GlobalValue::F32(v), GlobalKind::F32) => Val::F32(v),
+            (GlobalValue::F64(v), GlobalKind::F64) => Val::F64(v),
+            (GlobalValue::V128(v), GlobalKind::V128) => Val::V128(v.into()),
+            (GlobalValue::NullRef, GlobalKind::FuncRef) => Val::FuncRef(None),
+            (GlobalValue::Func(i), GlobalKind::FuncRef) => Val::FuncRef(Some(func_by_index(store, instance, i)?)),
+            (GlobalValue::NullRef, GlobalKind::OtherRef) => global.get(store.as_context_mut()),
+            (value, ty) => {
+                return Err(StateError::Mismatch(format!(
+                    "global {index} is {ty:?} in the program, {value:?} in the image"
+                )));
+            }
+        };
+        if info.mutable {
+            global
+                .set(store.as_context_mut(), val)
+                .map_err(|e| StateError::Write { what: format!("global {index}"), reason: format!("{e:#}") })?;
+        } else if !same_value(&global.get(store.as_context_mut()), &val) {
+            return Err(StateError::Mismatch(format!("immutable global {index} differs")));
+        }
+    }
+    for (index, image) in tables.iter().enumerate() {
+        let name = state_export::table_export(index as u32);
+        let table = instance.get_table(store.as_context_mut(), &name).ok_or(StateError::MissingExport(name))?;
+        let what = format!("table {index}");
+        let write_err = |e: wasmtime::Error| StateError::Write { what: what.clone(), reason: format!("{e:#}") };
+        let current = table.size(store.as_context_mut());
+        if image.size < current {
+            return Err(StateError::Mismatch(format!(
+                "{what} has {} elements in the image, fewer than a fresh instance's {current}",
+                image.size
+            )));
+        }
+        if !layout.tables[index].funcref {
+            // Only null references of other types are ever captured.
+            if image.size > current {
+                let null = table.get(store.as_context_mut(), 0).unwrap_or(Ref::Extern(None));
+                table.grow(store.as_context_mut(), image.size - current, null).map_err(write_err)?;
+            }
+            continue;
+        }
+        let null = Ref::Func(None);
+        if image.size > current {
+            table.grow(store.as_context_mut(), image.size - current, null.clone()).map_err(|e| {
+                StateError::Mismatch(format!("{what} cannot grow to the image's {} elements: {e:#}", image.size))
+            })?;
+        }
+        let mut next = image.elements.iter().peekable();
+        for i in 0..image.size {
+            let value = match next.peek() {
+                Some(&&(at, func)) if at == i => {
+                    next.next();
+                    Ref::Func(Some(func_by_index(store, instance, func)?))
+                }
+                _ => null.clone(),
+            };
+            table.set(store.as_context_mut(), i, value).map_err(write_err)?;
+        }
+    }
+    Ok(())
+}
+
+fn same_value(a: &Val, b: &Val) -> bool {
+    match (a, b) {
+        (Val::I32(x), Val::I32(y)) => x == y,
+        (Val::I64(x), Val::I64(y)) => x == y,
+        (Val::F32(x), Val::F32(y)) => x == y,
+        (Val::F64(x), Val::F64(y)) => x == y,
+        (Val::V128(x), Val::V128(y)) => x.as_u128() == y.as_u128(),
+        _ => true,
+    }
+}

@@ -1,0 +1,449 @@
+//! The memory-snapshot image: every process of a sandbox, frozen, in one file.
+//!
+//! # Byte layout
+//!
+//! ```text
+//!  offset  size  field
+//! +------+------+---------------------------------------------------------------+
+//! |    0 |    8 | magic: b"STASISMI" (Stasis Memory Image)                      |
+//! |    8 |    2 | format version, major (u16, little-endian)                    |
+//! |   10 |    2 | format version, minor (u16, little-endian)                    |
+//! |   12 |    8 | header length H (u64, little-endian), <= MAX_HEADER_LEN       |
+//! |   20 |   32 | blake3 hash of the header                                     |
+//! +------+------+---------------------------------------------------------------+
+//! |   52 |    H | header: bincode 2 (standard config) of [`ImageHeader`]:       |
+//! |      |      |   engine fingerprint, creation time, filesystem snapshot id,  |
+//! |      |      |   processes (program hash, argv, env, exit status or the      |
+//! |      |      |   instance: memory page runs, globals, tables, descriptors,   |
+//! |      |      |   clock), and the table of parts                              |
+//! +------+------+---------------------------------------------------------------+
+//! | 52+H |  ... | parts, back to back: one zstd frame per memory holding its    |
+//! |      |      | non-zero 4 KiB pages in run order; each part's offset, length,|
+//! |      |      | decompressed length and blake3 are in the header              |
+//! +------+------+---------------------------------------------------------------+
+//! ```
+//! Nothing may follow the last part. Programs are not in the image: each process names
+//! its program by blake3 hash, and the module store keeps each program once.
+//!
+//! # Version rule
+//! As the filesystem manifest's: same major, minor not newer than this build's.
+//!
+//! # Decoding
+//! Magic, version, header length (bounded, and checked against the bytes present), the
+//! header's checksum, then the header is parsed with a bincode allocation limit and
+//! validated as a whole ([`ImageHeader::validate`]): page runs sorted, inside their memory
+//! and covering exactly their part's decompressed length; parts inside the file, not
+//! overlapping, each covered by a checksum that is verified before it is decompressed
+//! (into a buffer of the declared size, never more). A crafted image is an error, never a
+//! panic or an out-of-bounds write.
+
+use crate::wasi_state::FdTableImage;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+pub const MAGIC: [u8; 8] = *b"STASISMI";
+pub const VERSION: (u16, u16) = (1, 0);
+pub const PREFIX_LEN: usize = 52;
+/// Largest header accepted: descriptors, globals and run lists of many processes fit in a
+/// fraction of this.
+pub const MAX_HEADER_LEN: u64 = 64 << 20;
+/// Granularity of the non-zero page map.
+pub const IMAGE_PAGE: u64 = 4096;
+/// Largest memory an image may describe (a 64-bit memory could claim more).
+pub const MAX_MEMORY_BYTES: u64 = 16 << 30;
+/// Largest table an image may describe.
+pub const MAX_TABLE_ELEMENTS: u64 = 10_000_000;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageHeader {
+    /// The engine configuration the image was taken with: compiled code and the instance
+    /// layout depend on it.
+    pub engine: String,
+    pub created_unix_ms: u64,
+    /// The filesystem snapshot holding the sandbox tree, if the sandbox has one.
+    pub fs_snapshot: Option<String>,
+    pub processes: Vec<ProcessImage>,
+    pub parts: Vec<PartInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessImage {
+    pub pid: u64,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    /// blake3 of the program's original bytes (its name in the module store).
+    pub program: [u8; 32],
+    pub program_name: String,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub state: ProcessStateImage,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ProcessStateImage {
+    /// Ended: kept for its status and output.
+    Exited(ExitRecord),
+    /// A live instance with no frames on its stack (a reactor between calls).
+    Idle(InstanceImage),
+}
+
+/// An [`crate::ExitStatus`] as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitRecord {
+    Exited(i32),
+    Trapped { trap: String, backtrace: String },
+    MemoryLimit { requested: u64, limit: u64 },
+    TimedOut { limit_ms: u64, cpu: bool },
+    Killed,
+    StartFailed(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceImage {
+    pub memories: Vec<MemoryImage>,
+    pub globals: Vec<GlobalValue>,
+    pub tables: Vec<TableImage>,
+    pub fds: FdTableImage,
+    /// The monotonic clock's reading when captured, in ns.
+    pub monotonic_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryImage {
+    pub size_bytes: u64,
+    /// Non-zero pages, as (first page, page count), ascending and not touching.
+    pub runs: Vec<(u64, u64)>,
+    /// Index into [`ImageHeader::parts`].
+    pub part: u32,
+}
+
+impl MemoryImage {
+    pub fn stored_pages(&self) -> u64 {
+        self.runs.iter().map(|&(_, n)| n).sum()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GlobalValue {
+    I32(i32),
+    I64(i64),
+    F32(u32),
+    F64(u64),
+    V128(u128),
+    NullRef,
+    /// A function of the same module, by index.
+    Func(u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableImage {
+    pub size: u64,
+    /// Non-null elements: (index, function index in the module).
+    pub elements: Vec<(u64, u32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartInfo {
+    /// From the end of the header.
+    pub offset: u64,
+    pub len: u64,
+    pub raw_len: u64,
+    pub blake3: [u8; 32],
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ImageError {
+    #[error("not a Stasis memory image: {0}")]
+    NotAnImage(String),
+    #[error("memory image format {0}.{1} is not supported by this build (reads {major}.0 to {major}.{minor})", major = VERSION.0, minor = VERSION.1)]
+    Version(u16, u16),
+    #[error("memory image is truncated: {0}")]
+    Truncated(String),
+    #[error("memory image is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Encodes a header and its parts (already compressed, in header order) into a file.
+pub fn encode(header: &ImageHeader, parts: &[Vec<u8>]) -> Vec<u8> {
+    let body = bincode::serde::encode_to_vec(header, bincode_config()).expect("encoding to memory cannot fail");
+    let total: usize = parts.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(PREFIX_LEN + body.len() + total);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.0.to_le_bytes());
+    out.extend_from_slice(&VERSION.1.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(blake3::hash(&body).as_bytes());
+    out.extend_from_slice(&body);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+/// A decoded image: the header, validated, and the bytes its parts live in.
+pub struct Image<'a> {
+    pub header: ImageHeader,
+    parts: &'a [u8],
+}
+
+impl fmt::Debug for Image<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Image").field("header", &self.header).field("parts_len", &self.parts.len()).finish()
+    }
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Image<'_>, ImageError> {
+    if bytes.len() < PREFIX_LEN {
+        if bytes.len() >= 8 && bytes[..8] != MAGIC {
+            return Err(ImageError::NotAnImage("wrong magic number".into()));
+        }
+        return Err(ImageError::Truncated(format!("{} bytes, the fixed header alone is {PREFIX_LEN}", bytes.len())));
+    }
+    if bytes[..8] != MAGIC {
+        return Err(ImageError::NotAnImage("wrong magic number".into()));
+    }
+    let major = u16::from_le_bytes([bytes[8], bytes[9]]);
+    let minor = u16::from_le_bytes([bytes[10], bytes[11]]);
+    if major != VERSION.0 || minor > VERSION.1 {
+        return Err(ImageError::Version(major, minor));
+    }
+    let header_len = u64::from_le_bytes(bytes[12..20].try_into().unwrap());
+    if header_len > MAX_HEADER_LEN {
+        return Err(ImageError::Corrupt(format!("header length {header_len} is over the {MAX_HEADER_LEN} limit")));
+    }
+    let rest = &bytes[PREFIX_LEN..];
+    if header_len > rest.len() as u64 {
+        return Err(ImageError::Truncated(format!("header of {header_len} bytes, {} present", rest.len())));
+    }
+    let (body, parts) = rest.split_at(header_len as usize);
+    if blake3::hash(body).as_bytes() != &bytes[20..52] {
+        return Err(ImageError::Corrupt("header checksum mismatch".into()));
+    }
+    let (header, used): (ImageHeader, usize) = bincode::serde::decode_from_slice(body, bincode_config())
+        .map_err(|e| ImageError::Corrupt(format!("header: {e}")))?;
+    if used != body.len() {
+        return Err(ImageError::Corrupt(format!("{} stray bytes after the header", body.len() - used)));
+    }
+    header.validate(parts.len() as u64)?;
+    Ok(Image { header, parts })
+}
+
+impl ImageHeader {
+    /// Checks everything a restore relies on, given the length of the parts area.
+    pub fn validate(&self, parts_len: u64) -> Result<(), ImageError> {
+        let corrupt = |m: String| Err(ImageError::Corrupt(m));
+        let mut end = 0u64;
+        for (i, part) in self.parts.iter().enumerate() {
+            if part.offset != end {
+                return corrupt(format!("part {i} starts at {} instead of {end}", part.offset));
+            }
+            end = match part.offset.checked_add(part.len) {
+                Some(e) if e <= parts_len => e,
+                _ => return Err(ImageError::Truncated(format!("part {i} runs past the end of the file"))),
+            };
+        }
+        if end != parts_len {
+            return corrupt(format!("{} stray bytes after the last part", parts_len - end));
+        }
+        let mut used_parts = vec![false; self.parts.len()];
+        for process in &self.processes {
+            let ProcessStateImage::Idle(instance) = &process.state else { continue };
+            for (m, memory) in instance.memories.iter().enumerate() {
+                let what = format!("process {} memory {m}", process.pid);
+                if memory.size_bytes > MAX_MEMORY_BYTES || !memory.size_bytes.is_multiple_of(IMAGE_PAGE) {
+                    return corrupt(format!("{what}: size {} is not a supported memory size", memory.size_bytes));
+                }
+                let pages = memory.size_bytes / IMAGE_PAGE;
+                let mut next_free = 0u64;
+                for &(start, count) in &memory.runs {
+                    let run_end = start.checked_add(count).filter(|&e| e <= pages);
+                    if count == 0 || start < next_free || run_end.is_none() || (start == next_free && start != 0) {
+                        return corrupt(format!(
+                            "{what}: page run ({start}, {count}) is out of order or out of bounds"
+                        ));
+                    }
+                    next_free = run_end.unwrap_or(pages);
+                }
+                let part = self.parts.get(memory.part as usize);
+                let Some(part) = part else { return corrupt(format!("{what}: part {} does not exist", memory.part)) };
+                if std::mem::replace(&mut used_parts[memory.part as usize], true) {
+                    return corrupt(format!("{what}: part {} is shared", memory.part));
+                }
+                if part.raw_len != memory.stored_pages() * IMAGE_PAGE {
+                    return corrupt(format!(
+                        "{what}: part holds {} bytes, the runs need {}",
+                        part.raw_len,
+                        memory.stored_pages() * IMAGE_PAGE
+                    ));
+                }
+            }
+            for (t, table) in instance.tables.iter().enumerate() {
+                if table.size > MAX_TABLE_ELEMENTS {
+                    return corrupt(format!("process {} table {t}: {} elements", process.pid, table.size));
+                }
+                if table.elements.windows(2).any(|w| w[0].0 >= w[1].0) {
+                    return corrupt(format!("process {} table {t}: elements out of order", process.pid));
+                }
+                if let Some(&(index, _)) = table.elements.iter().find(|&&(index, _)| index >= table.size) {
+                    return corrupt(format!(
+                        "process {} table {t}: element {index} past its size {}",
+                        process.pid, table.size
+                    ));
+                }
+            }
+        }
+        if let Some(unused) = used_parts.iter().position(|used| !used) {
+            return corrupt(format!("part {unused} belongs to no memory"));
+        }
+        Ok(())
+    }
+}
+
+impl Image<'_> {
+    /// The decompressed bytes of a part, checksum verified first.
+    pub fn part(&self, index: u32) -> Result<Vec<u8>, ImageError> {
+        let info =
+            self.header.parts.get(index as usize).ok_or_else(|| ImageError::Corrupt(format!("no part {index}")))?;
+        let bytes = &self.parts[info.offset as usize..(info.offset + info.len) as usize];
+        if blake3::hash(bytes).as_bytes() != &info.blake3 {
+            return Err(ImageError::Corrupt(format!("part {index} checksum mismatch")));
+        }
+        if info.raw_len == 0 {
+            return Ok(Vec::new());
+        }
+        let raw = zstd::bulk::decompress(bytes, info.raw_len as usize)
+            .map_err(|e| ImageError::Corrupt(format!("part {index}: zstd: {e}")))?;
+        if raw.len() as u64 != info.raw_len {
+            return Err(ImageError::Corrupt(format!("part {index}: {} bytes instead of {}", raw.len(), info.raw_len)));
+        }
+        Ok(raw)
+    }
+}
+
+/// Splits a memory into its non-zero pages: the run list and the pages' bytes.
+pub fn nonzero_pages(memory: &[u8]) -> (Vec<(u64, u64)>, Vec<u8>) {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut data = Vec::new();
+    for (i, page) in memory.chunks(IMAGE_PAGE as usize).enumerate() {
+        if is_zero(page) {
+            continue;
+        }
+        let i = i as u64;
+        match runs.last_mut() {
+            Some((start, count)) if *start + *count == i => *count += 1,
+            _ => runs.push((i, 1)),
+        }
+        data.extend_from_slice(page);
+    }
+    (runs, data)
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    let (prefix, words, suffix) = unsafe { bytes.align_to::<u128>() };
+    prefix.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && suffix.iter().all(|&b| b == 0)
+}
+
+/// Compresses a part and describes it, at `offset` in the parts area.
+pub fn make_part(raw: &[u8], offset: u64) -> (PartInfo, Vec<u8>) {
+    let compressed = if raw.is_empty() { Vec::new() } else { zstd::bulk::compress(raw, 1).expect("zstd into memory") };
+    let info = PartInfo {
+        offset,
+        len: compressed.len() as u64,
+        raw_len: raw.len() as u64,
+        blake3: *blake3::hash(&compressed).as_bytes(),
+    };
+    (info, compressed)
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ MAX_HEADER_LEN as usize }>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let mut memory = vec![0u8; 64 * 1024];
+        memory[5000] = 7;
+        memory[9000] = 9;
+        memory[40000] = 1;
+        let (runs, raw) = nonzero_pages(&memory);
+        assert_eq!(runs, vec![(1, 2), (9, 1)]);
+        let (info, part) = make_part(&raw, 0);
+        let header = ImageHeader {
+            engine: "e".into(),
+            created_unix_ms: 1,
+            fs_snapshot: None,
+            processes: vec![ProcessImage {
+                pid: 1,
+                argv: vec!["r".into()],
+                env: vec![],
+                cwd: None,
+                program: [0; 32],
+                program_name: "r".into(),
+                stdout: vec![],
+                stderr: vec![],
+                state: ProcessStateImage::Idle(InstanceImage {
+                    memories: vec![MemoryImage { size_bytes: memory.len() as u64, runs, part: 0 }],
+                    globals: vec![GlobalValue::I32(5)],
+                    tables: vec![TableImage { size: 2, elements: vec![(1, 0)] }],
+                    fds: FdTableImage::default(),
+                    monotonic_ns: 10,
+                }),
+            }],
+            parts: vec![info],
+        };
+        encode(&header, &[part])
+    }
+
+    #[test]
+    fn round_trips() {
+        let bytes = sample();
+        let image = decode(&bytes).unwrap();
+        assert_eq!(image.part(0).unwrap().len(), 3 * IMAGE_PAGE as usize);
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_an_error() {
+        let bytes = sample();
+        for len in 0..bytes.len() {
+            assert!(decode(&bytes[..len]).and_then(|i| i.part(0)).is_err(), "truncated to {len} was accepted");
+        }
+        for i in 0..bytes.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut flipped = bytes.clone();
+                flipped[i] ^= bit;
+                // Header fields are checksummed and parts are checksummed: any flip is caught.
+                assert!(decode(&flipped).and_then(|img| img.part(0)).is_err(), "flip at {i} accepted");
+            }
+        }
+    }
+
+    #[test]
+    fn crafted_runs_and_parts_are_refused() {
+        let bytes = sample();
+        let image = decode(&bytes).unwrap();
+        let parts_len = image.parts.len() as u64;
+        let mut header = image.header.clone();
+        let ProcessStateImage::Idle(instance) = &mut header.processes[0].state else { unreachable!() };
+        instance.memories[0].runs = vec![(15, u64::MAX)];
+        assert!(header.validate(parts_len).unwrap_err().to_string().contains("out of order or out of bounds"));
+        let mut header = image.header.clone();
+        let ProcessStateImage::Idle(instance) = &mut header.processes[0].state else { unreachable!() };
+        instance.memories[0].size_bytes = u64::MAX - 4095;
+        assert!(header.validate(parts_len).unwrap_err().to_string().contains("not a supported memory size"));
+        let mut header = image.header.clone();
+        header.parts[0].len = u64::MAX;
+        assert!(matches!(header.validate(parts_len), Err(ImageError::Truncated(_))));
+        let mut header = image.header.clone();
+        let ProcessStateImage::Idle(instance) = &mut header.processes[0].state else { unreachable!() };
+        instance.tables[0].elements = vec![(2, 0)];
+        assert!(header.validate(parts_len).unwrap_err().to_string().contains("past its size"));
+        assert!(matches!(
+            decode(b"STASISFM rest of a manifest, not an image......................"),
+            Err(ImageError::NotAnImage(_))
+        ));
+    }
+}

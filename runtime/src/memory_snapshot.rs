@@ -1,0 +1,400 @@
+//! Memory snapshots of whole sandboxes: take one, restore it, fork it.
+//!
+//! A memory snapshot is a filesystem snapshot of the sandbox tree (when it has one) plus an
+//! image (see `memory_image`) of every process: reactors between calls are captured whole
+//! (memories, globals, tables, descriptors, clock, unread output); processes that have
+//! exited keep their status and output. A command still running has frames on its stack,
+//! which only the mid-execution transform (issue 6) can capture: such a sandbox is refused
+//! with an error naming the process.
+//!
+//! The store keeps images in `images/ID.img` and every program once, by content, in
+//! `modules/HASH.wasm`; an image names its programs by hash. Both are written to a
+//! temporary name, fsynced and renamed, so a crash leaves a complete image or none.
+//!
+//! ```no_run
+//! # async fn demo() -> stasis_runtime::Result<()> {
+//! use stasis_runtime::{Command, Host, HostConfig, MemorySnapshot, MemorySnapshotStore, Sandbox, SandboxConfig};
+//! let host = Host::new(HostConfig::default())?;
+//! let images = MemorySnapshotStore::open("/tmp/stasis-images")?;
+//! let sandbox = Sandbox::create(&host, SandboxConfig::default())?;
+//! let counter = sandbox.instantiate(Command::named("/bin/reactor.wasm")).await?;
+//! counter.call_i32("add", &[5]).await?;
+//! let report = sandbox.snapshot_memory(None, &images).await?;
+//! // Fork it: each sandbox continues from total = 5, independently.
+//! let snapshot = MemorySnapshot::open(&host, &images, &report.id)?;
+//! for sandbox in snapshot.fork(&host, 100, |_| SandboxConfig::default(), None).await? {
+//!     assert_eq!(sandbox.reactors()[0].call_i32("add", &[1]).await?, 6);
+//! }
+//! # Ok(()) }
+//! ```
+
+use crate::error::{Error, Result};
+use crate::fs_snapshot::{FsSnapshotStore, SnapshotId};
+use crate::host::{Host, Program};
+use crate::instance_state::StateError;
+use crate::limits::MemoryLimitExceeded;
+use crate::memory_image::{self, ExitRecord, ImageHeader, PartInfo, ProcessImage, ProcessStateImage};
+use crate::process::{ExitStatus, Process};
+use crate::reactor::Origin;
+use crate::sandbox::{Sandbox, SandboxConfig};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Where memory images and the programs they name are kept.
+pub struct MemorySnapshotStore {
+    images: PathBuf,
+    modules: PathBuf,
+}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
+
+impl MemorySnapshotStore {
+    /// Opens (creating) a store in `dir`, removing temporary files a crash left behind.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let store = MemorySnapshotStore { images: dir.join("images"), modules: dir.join("modules") };
+        for sub in [&store.images, &store.modules] {
+            std::fs::create_dir_all(sub).map_err(io_error(format!("cannot create `{}`", sub.display())))?;
+            for entry in std::fs::read_dir(sub).map_err(io_error(format!("cannot list `{}`", sub.display())))? {
+                let path = entry.map_err(io_error("listing the image store"))?.path();
+                if path.extension().is_some_and(|e| e == "tmp") {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    fn image_path(&self, id: &SnapshotId) -> PathBuf {
+        self.images.join(format!("{}.img", id.as_str()))
+    }
+
+    fn module_path(&self, hash: &[u8; 32]) -> PathBuf {
+        self.modules.join(format!("{}.wasm", blake3::Hash::from_bytes(*hash).to_hex()))
+    }
+
+    /// Keeps a program (once: a program already stored is not written again).
+    pub fn put_module(&self, program: &Program) -> Result<()> {
+        let path = self.module_path(program.hash().as_bytes());
+        if path.exists() {
+            return Ok(());
+        }
+        write_durably(&path, program.bytes()).map_err(io_error(format!("cannot store `{}`", path.display())))
+    }
+
+    /// A stored program's bytes, checked against its name.
+    pub fn module(&self, hash: &[u8; 32]) -> Result<Vec<u8>> {
+        let path = self.module_path(hash);
+        let bytes = std::fs::read(&path).map_err(io_error(format!(
+            "program {} of the image is not in this store (`{}`)",
+            blake3::Hash::from_bytes(*hash).to_hex(),
+            path.display()
+        )))?;
+        if blake3::hash(&bytes).as_bytes() != hash {
+            return Err(Error::InvalidArgument(format!(
+                "stored program `{}` is corrupt (hash mismatch)",
+                path.display()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    pub fn read_image(&self, id: &SnapshotId) -> Result<Vec<u8>> {
+        let path = self.image_path(id);
+        std::fs::read(&path).map_err(io_error(format!("cannot read memory image `{}`", path.display())))
+    }
+
+    /// Stores an image under `id`, durably; an existing image is never replaced.
+    pub fn write_image(&self, id: &SnapshotId, bytes: &[u8]) -> Result<()> {
+        let path = self.image_path(id);
+        if path.exists() {
+            return Err(Error::InvalidArgument(format!("memory image {} already exists", id.as_str())));
+        }
+        write_durably(&path, bytes).map_err(io_error(format!("cannot write `{}`", path.display())))
+    }
+
+    pub fn contains(&self, id: &SnapshotId) -> bool {
+        self.image_path(id).exists()
+    }
+
+    /// Deletes an image (the programs it names stay: others may share them).
+    pub fn delete(&self, id: &SnapshotId) -> Result<()> {
+        let path = self.image_path(id);
+        std::fs::remove_file(&path).map_err(io_error(format!("cannot delete `{}`", path.display())))
+    }
+}
+
+/// Writes to `path.tmp`, fsyncs, renames, fsyncs the directory.
+fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+}
+
+/// What [`Sandbox::snapshot_memory`] did.
+#[derive(Debug, Clone)]
+pub struct MemorySnapshotReport {
+    pub id: SnapshotId,
+    /// The tree's filesystem snapshot, when the sandbox has a tree.
+    pub fs_snapshot: Option<SnapshotId>,
+    pub processes: usize,
+    /// Bytes of the image file (programs not included).
+    pub image_bytes: u64,
+    /// Non-zero memory captured, before compression.
+    pub memory_bytes: u64,
+    /// Time the reactors were held (no call could run).
+    pub hold: Duration,
+}
+
+impl Sandbox {
+    /// Takes a memory snapshot (see the module docs). `fs_store` is required when the
+    /// sandbox has a tree. The sandbox keeps running.
+    pub async fn snapshot_memory(
+        &self,
+        fs_store: Option<Arc<FsSnapshotStore>>,
+        images: &MemorySnapshotStore,
+    ) -> Result<MemorySnapshotReport> {
+        let id = SnapshotId::generate(SystemTime::now())?;
+        let processes = self.processes();
+        if let Some(running) = processes.iter().find(|p| p.status().is_none()) {
+            return Err(Error::NotQuiescent(format!(
+                "process {} (`{}`) is running; memory snapshots capture processes that have exited or reactors between calls (capturing a running command needs the mid-execution transform)",
+                running.pid(),
+                running.argv().join(" ")
+            )));
+        }
+        let reactors = self.reactors();
+        let mut frozen = Vec::with_capacity(reactors.len());
+        for reactor in &reactors {
+            frozen.push(reactor.freeze().await);
+        }
+        let held = Instant::now();
+        let fs_snapshot = match (self.root(), fs_store) {
+            (None, _) => None,
+            (Some(_), Some(store)) => {
+                Some(self.snapshot_filesystem(store, format!("memory:{}", id.as_str())).await?.id)
+            }
+            (Some(_), None) => {
+                return Err(Error::InvalidArgument("the sandbox has a tree: a filesystem store is needed".into()));
+            }
+        };
+        let mut images_of = Vec::with_capacity(processes.len() + frozen.len());
+        for process in &processes {
+            images_of.push(exited_image(process));
+        }
+        let mut raw_parts = Vec::new();
+        for reactor in &mut frozen {
+            let (image, pages) = reactor.capture(raw_parts.len() as u32).await?;
+            images_of.push(image);
+            raw_parts.extend(pages);
+        }
+        let hold = held.elapsed();
+        drop(frozen);
+        for reactor in &reactors {
+            images.put_module(reactor.program())?;
+        }
+
+        let memory_bytes = raw_parts.iter().map(|p| p.len() as u64).sum();
+        let engine = self.host().engine_fingerprint().to_string();
+        let fs_id = fs_snapshot.as_ref().map(|id| id.as_str().to_string());
+        let bytes = tokio::task::spawn_blocking(move || {
+            let mut parts = Vec::with_capacity(raw_parts.len());
+            let mut infos: Vec<PartInfo> = Vec::with_capacity(raw_parts.len());
+            let mut offset = 0;
+            for raw in &raw_parts {
+                let (info, compressed) = memory_image::make_part(raw, offset);
+                offset += info.len;
+                infos.push(info);
+                parts.push(compressed);
+            }
+            let header = ImageHeader {
+                engine,
+                created_unix_ms: SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+                fs_snapshot: fs_id,
+                processes: images_of,
+                parts: infos,
+            };
+            memory_image::encode(&header, &parts)
+        })
+        .await
+        .map_err(|e| Error::Start(format!("image encoding task failed: {e}")))?;
+        images.write_image(&id, &bytes)?;
+        Ok(MemorySnapshotReport {
+            id,
+            fs_snapshot,
+            processes: processes.len() + reactors.len(),
+            image_bytes: bytes.len() as u64,
+            memory_bytes,
+            hold,
+        })
+    }
+}
+
+fn exited_image(process: &Process) -> ProcessImage {
+    let status = process.status().expect("checked: every process has exited");
+    ProcessImage {
+        pid: process.pid(),
+        argv: process.argv().to_vec(),
+        env: Vec::new(),
+        cwd: None,
+        program: [0; 32],
+        program_name: process.argv().first().cloned().unwrap_or_default(),
+        stdout: process.stdout().contents(),
+        stderr: process.stderr().contents(),
+        state: ProcessStateImage::Exited(match status {
+            ExitStatus::Exited(code) => ExitRecord::Exited(code),
+            ExitStatus::Trapped { trap, backtrace } => ExitRecord::Trapped { trap, backtrace },
+            ExitStatus::MemoryLimit(e) => ExitRecord::MemoryLimit { requested: e.requested, limit: e.limit },
+            ExitStatus::TimedOut { limit, cpu } => ExitRecord::TimedOut { limit_ms: limit.as_millis() as u64, cpu },
+            ExitStatus::Killed => ExitRecord::Killed,
+            ExitStatus::StartFailed(why) => ExitRecord::StartFailed(why),
+        }),
+    }
+}
+
+fn exit_status(record: &ExitRecord) -> ExitStatus {
+    match record.clone() {
+        ExitRecord::Exited(code) => ExitStatus::Exited(code),
+        ExitRecord::Trapped { trap, backtrace } => ExitStatus::Trapped { trap, backtrace },
+        ExitRecord::MemoryLimit { requested, limit } => {
+            ExitStatus::MemoryLimit(MemoryLimitExceeded { requested, limit })
+        }
+        ExitRecord::TimedOut { limit_ms, cpu } => ExitStatus::TimedOut { limit: Duration::from_millis(limit_ms), cpu },
+        ExitRecord::Killed => ExitStatus::Killed,
+        ExitRecord::StartFailed(why) => ExitStatus::StartFailed(why),
+    }
+}
+
+/// An image read, verified and decompressed once, ready to be restored any number of times.
+pub struct MemorySnapshot {
+    id: SnapshotId,
+    header: ImageHeader,
+    /// Decompressed parts, by index.
+    parts: Vec<Arc<Vec<u8>>>,
+    /// Programs of the idle processes, by process index.
+    programs: Vec<Option<Arc<Program>>>,
+}
+
+impl MemorySnapshot {
+    /// Reads image `id` from `images`, checks it against this host (engine configuration,
+    /// programs) and decompresses it.
+    pub fn open(host: &Host, images: &MemorySnapshotStore, id: &SnapshotId) -> Result<MemorySnapshot> {
+        let bytes = images.read_image(id)?;
+        Self::from_bytes(host, images, id.clone(), &bytes)
+    }
+
+    /// [`MemorySnapshot::open`] for image bytes at hand.
+    pub fn from_bytes(
+        host: &Host,
+        images: &MemorySnapshotStore,
+        id: SnapshotId,
+        bytes: &[u8],
+    ) -> Result<MemorySnapshot> {
+        let image = memory_image::decode(bytes)?;
+        if image.header.engine != host.engine_fingerprint() {
+            return Err(Error::InvalidArgument(format!(
+                "memory image {} was taken with another engine configuration ({}); this host runs {}",
+                id.as_str(),
+                image.header.engine,
+                host.engine_fingerprint()
+            )));
+        }
+        let parts =
+            (0..image.header.parts.len() as u32).map(|i| image.part(i).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+        let mut programs = Vec::with_capacity(image.header.processes.len());
+        for process in &image.header.processes {
+            programs.push(match &process.state {
+                ProcessStateImage::Exited(_) => None,
+                ProcessStateImage::Idle(_) => {
+                    let bytes = images.module(&process.program)?;
+                    Some(host.load(&bytes, &format!("program `{}` of the image", process.program_name.escape_debug()))?)
+                }
+            });
+        }
+        Ok(MemorySnapshot { id, header: image.header, parts, programs })
+    }
+
+    pub fn id(&self) -> &SnapshotId {
+        &self.id
+    }
+
+    pub fn header(&self) -> &ImageHeader {
+        &self.header
+    }
+
+    /// A new sandbox in which every process continues from the snapshot. When the image
+    /// has a tree, `config.root` must name a directory that does not exist yet (or is
+    /// empty) and `fs_store` the store holding the tree.
+    pub async fn restore(
+        &self,
+        host: &Host,
+        config: SandboxConfig,
+        fs_store: Option<&FsSnapshotStore>,
+    ) -> Result<Sandbox> {
+        if let Some(fs_id) = &self.header.fs_snapshot {
+            let (Some(store), Some(root)) = (fs_store, &config.root) else {
+                return Err(Error::InvalidArgument(
+                    "the snapshot has a tree: restoring needs a filesystem store and a root directory".into(),
+                ));
+            };
+            let fs_id = SnapshotId::parse(fs_id)?;
+            store.restore(&fs_id, root)?;
+        }
+        let sandbox = Sandbox::create(host, config)?;
+        for (process, program) in self.header.processes.iter().zip(&self.programs) {
+            match (&process.state, program) {
+                (ProcessStateImage::Exited(record), _) => {
+                    sandbox.adopt_process(Process::ended(
+                        crate::process::next_pid(),
+                        process.argv.clone(),
+                        exit_status(record),
+                        &process.stdout,
+                        &process.stderr,
+                    ));
+                }
+                (ProcessStateImage::Idle(instance), Some(program)) => {
+                    let pages = |part: u32| -> Result<Vec<u8>, StateError> {
+                        self.parts
+                            .get(part as usize)
+                            .map(|p| p.to_vec())
+                            .ok_or_else(|| StateError::Mismatch(format!("no part {part}")))
+                    };
+                    let origin = Origin::Image { image: process, instance, pages: &pages };
+                    let reactor = sandbox
+                        .start_reactor(program.clone(), &process.argv, &process.env, process.cwd.as_deref(), origin)
+                        .await?;
+                    sandbox.adopt_reactor(reactor);
+                }
+                (ProcessStateImage::Idle(_), None) => unreachable!("programs are loaded for idle processes"),
+            }
+        }
+        Ok(sandbox)
+    }
+
+    /// `n` independent sandboxes from the snapshot; `config(i)` configures the i-th.
+    pub async fn fork(
+        &self,
+        host: &Host,
+        n: usize,
+        mut config: impl FnMut(usize) -> SandboxConfig,
+        fs_store: Option<&FsSnapshotStore>,
+    ) -> Result<Vec<Sandbox>> {
+        let mut sandboxes = Vec::with_capacity(n);
+        for i in 0..n {
+            sandboxes.push(self.restore(host, config(i), fs_store).await?);
+        }
+        Ok(sandboxes)
+    }
+}

@@ -1,0 +1,253 @@
+//! Reactors: instances that stay alive between calls to their exports.
+//!
+//! A WASI reactor (a module built with `-mexec-model=reactor`, no `main`) is initialized
+//! once and then called export by export; between two calls it has no frame on its stack,
+//! which makes it the unit a memory snapshot captures exactly (issue 4; mid-call capture
+//! is issue 6). Calls are serialized by a lock on the store, and a capture takes the same
+//! lock, so it always sees the reactor between calls.
+
+use crate::error::{Error, Result};
+use crate::host::{Program, ProgramEntry};
+use crate::instance_state::{self, StateError};
+use crate::memory_image::{self, InstanceImage, ProcessImage, ProcessStateImage};
+use crate::pause::{ProcessPhase, RunPhase};
+use crate::process::{ProcessState, configure_store, next_pid, program_engine};
+use crate::state_export;
+use crate::stdio::OutputBuffer;
+use crate::wasi_state::{self, SnapshotClock};
+use std::sync::Arc;
+use wasmtime::{Instance, Store, Val};
+use wasmtime_wasi::WasiCtxBuilder;
+
+/// A live instance whose exports the host calls. Cloning is cheap; clones share it.
+#[derive(Clone)]
+pub struct Reactor {
+    inner: Arc<ReactorInner>,
+}
+
+struct ReactorInner {
+    pid: u64,
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: Option<String>,
+    program: Arc<Program>,
+    stdout: OutputBuffer,
+    stderr: OutputBuffer,
+    /// Parked between calls: a sandbox pause never waits for an idle reactor.
+    phase: Arc<ProcessPhase>,
+    live: tokio::sync::Mutex<Live>,
+}
+
+struct Live {
+    store: Store<ProcessState>,
+    instance: Instance,
+    /// Set when a call trapped or was cut short: the instance may hold half-done state.
+    poisoned: Option<String>,
+}
+
+/// What a reactor is started from.
+pub(crate) struct ReactorLaunch {
+    pub program: Arc<Program>,
+    pub wasi: WasiCtxBuilder,
+    pub descriptors: u32,
+    pub limits: crate::limits::Limits,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub phase: Arc<ProcessPhase>,
+}
+
+/// Where a reactor's state comes from.
+pub(crate) enum Origin<'a> {
+    /// Run its start function and `_initialize`.
+    Fresh,
+    /// Continue from a snapshot; `pages(part)` yields a memory's stored pages.
+    Image {
+        image: &'a ProcessImage,
+        instance: &'a InstanceImage,
+        pages: &'a dyn Fn(u32) -> Result<Vec<u8>, StateError>,
+    },
+}
+
+impl Reactor {
+    pub(crate) async fn start(launch: ReactorLaunch, origin: Origin<'_>) -> Result<Reactor> {
+        let ReactorLaunch { program, mut wasi, descriptors, limits, argv, env, cwd, phase } = launch;
+        let (Some(layout), ProgramEntry::Command(pre)) = (program.layout.clone(), &program.entry) else {
+            return Err(Error::InvalidArgument(
+                "only core modules can run as reactors (components: not yet supported for memory snapshots)".into(),
+            ));
+        };
+        let stdout = OutputBuffer::new(limits.output_buffer);
+        let stderr = OutputBuffer::new(limits.output_buffer);
+        let clock = match &origin {
+            Origin::Fresh => SnapshotClock::starting_at(0),
+            Origin::Image { image, instance, .. } => {
+                stdout.append(&image.stdout);
+                stderr.append(&image.stderr);
+                SnapshotClock::starting_at(instance.monotonic_ns)
+            }
+        };
+        wasi.stdout(stdout.clone()).stderr(stderr.clone()).monotonic_clock(clock.clone());
+        let (state, _kill) = ProcessState::new(wasi.build_p1(), &limits, phase.clone(), clock, descriptors);
+        let mut store = Store::new(program_engine(&program), state);
+        configure_store(&mut store);
+        let started = |e: wasmtime::Error| Error::Start(format!("{e:#}"));
+        let instance = pre.instantiate_async(&mut store).await.map_err(started)?;
+        match origin {
+            Origin::Fresh => {
+                for init in [state_export::START_EXPORT, "_initialize"] {
+                    if let Some(func) = instance.get_func(&mut store, init) {
+                        func.typed::<(), ()>(&store)
+                            .map_err(started)?
+                            .call_async(&mut store, ())
+                            .await
+                            .map_err(|e| Error::Start(format!("`{init}` failed: {e:#}")))?;
+                    }
+                }
+            }
+            Origin::Image { instance: image, pages, .. } => {
+                instance_state::restore(
+                    &mut store,
+                    &instance,
+                    &layout,
+                    &image.memories,
+                    pages,
+                    &image.globals,
+                    &image.tables,
+                )
+                .map_err(Error::Restore)?;
+                let helper = program.host_helper();
+                wasi_state::restore(&mut store, helper, &image.fds)
+                    .await
+                    .map_err(|e| Error::Start(format!("rebuilding descriptors: {e:#}")))?;
+            }
+        }
+        phase.set(RunPhase::Parked);
+        Ok(Reactor {
+            inner: Arc::new(ReactorInner {
+                phase,
+                pid: next_pid(),
+                argv,
+                env,
+                cwd,
+                program,
+                stdout,
+                stderr,
+                live: tokio::sync::Mutex::new(Live { store, instance, poisoned: None }),
+            }),
+        })
+    }
+
+    pub fn pid(&self) -> u64 {
+        self.inner.pid
+    }
+
+    pub fn argv(&self) -> &[String] {
+        &self.inner.argv
+    }
+
+    pub fn program(&self) -> &Arc<Program> {
+        &self.inner.program
+    }
+
+    pub fn stdout(&self) -> &OutputBuffer {
+        &self.inner.stdout
+    }
+
+    pub fn stderr(&self) -> &OutputBuffer {
+        &self.inner.stderr
+    }
+
+    /// Calls an export with wasm values. A trap poisons the reactor: later calls and
+    /// snapshots are refused, since its state may be half-updated.
+    pub async fn call(&self, export: &str, args: &[Val]) -> Result<Vec<Val>> {
+        let mut live = self.inner.live.lock().await;
+        let call_error = |reason: String| Error::Call { export: export.to_string(), reason };
+        if let Some(why) = &live.poisoned {
+            return Err(call_error(format!("the reactor is unusable since an earlier call failed: {why}")));
+        }
+        let Live { store, instance, .. } = &mut *live;
+        let func = instance
+            .get_func(&mut *store, export)
+            .filter(|_| !export.starts_with(state_export::RESERVED_PREFIX))
+            .ok_or_else(|| call_error("no such exported function".into()))?;
+        let ty = func.ty(&*store);
+        let mut results = vec![Val::I32(0); ty.results().len()];
+        let phase = &self.inner.phase;
+        phase.park_if_paused().await;
+        phase.set(RunPhase::Wasm);
+        let outcome = func.call_async(&mut *store, args, &mut results).await;
+        phase.set(RunPhase::Parked);
+        if let Err(e) = outcome {
+            let status = crate::process::classify(e, store);
+            live.poisoned = Some(status.to_string());
+            return Err(call_error(status.to_string()));
+        }
+        Ok(results)
+    }
+
+    /// [`Reactor::call`] for the common `(i32...) -> i32` shape.
+    pub async fn call_i32(&self, export: &str, args: &[i32]) -> Result<i32> {
+        let args: Vec<Val> = args.iter().map(|&a| Val::I32(a)).collect();
+        match self.call(export, &args).await?.as_slice() {
+            [Val::I32(v)] => Ok(*v),
+            other => {
+                Err(Error::Call { export: export.to_string(), reason: format!("returned {other:?}, not one i32") })
+            }
+        }
+    }
+
+    /// Holds the reactor between calls until the guard is dropped.
+    pub(crate) async fn freeze(&self) -> Frozen<'_> {
+        Frozen { reactor: self, live: self.inner.live.lock().await }
+    }
+}
+
+/// A reactor held between calls (no call can start while this lives).
+pub(crate) struct Frozen<'a> {
+    reactor: &'a Reactor,
+    live: tokio::sync::MutexGuard<'a, Live>,
+}
+
+impl Frozen<'_> {
+    /// Captures the reactor: its image (parts numbered from `first_part`) and each memory's
+    /// non-zero pages.
+    pub(crate) async fn capture(&mut self, first_part: u32) -> Result<(ProcessImage, Vec<Vec<u8>>)> {
+        let inner = &self.reactor.inner;
+        if let Some(why) = &self.live.poisoned {
+            return Err(Error::NotQuiescent(format!("reactor {} is unusable: {why}", inner.pid)));
+        }
+        let layout = inner.program.layout.clone().expect("reactors are core modules");
+        let Live { store, instance, .. } = &mut *self.live;
+        let captured = instance_state::capture(&mut *store, instance, &layout).map_err(Error::Restore)?;
+        let fds = wasi_state::capture(&mut *store, inner.program.host_helper())
+            .await
+            .map_err(|e| Error::Start(format!("reading descriptors: {e:#}")))?;
+        let monotonic_ns = store.data().clock.now_ns();
+        let mut memories = Vec::with_capacity(captured.memories.len());
+        let mut pages = Vec::with_capacity(captured.memories.len());
+        for (i, (mut memory, data)) in captured.memories.into_iter().enumerate() {
+            memory.part = first_part + i as u32;
+            memories.push(memory);
+            pages.push(data);
+        }
+        let image = ProcessImage {
+            pid: inner.pid,
+            argv: inner.argv.clone(),
+            env: inner.env.clone(),
+            cwd: inner.cwd.clone(),
+            program: *inner.program.hash().as_bytes(),
+            program_name: inner.argv.first().cloned().unwrap_or_default(),
+            stdout: inner.stdout.contents(),
+            stderr: inner.stderr.contents(),
+            state: ProcessStateImage::Idle(memory_image::InstanceImage {
+                memories,
+                globals: captured.globals,
+                tables: captured.tables,
+                fds,
+                monotonic_ns,
+            }),
+        };
+        Ok((image, pages))
+    }
+}

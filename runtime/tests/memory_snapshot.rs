@@ -1,0 +1,258 @@
+//! Memory snapshots on real guests: the C reactor (guests/src/reactor.c) snapshotted between
+//! calls and continued on fresh instances, here and on a second data directory.
+
+mod common;
+
+use common::{guest_bytes, host};
+use stasis_runtime::fs_snapshot::{FsSnapshotStore, SnapshotId};
+use stasis_runtime::memory_image::{self, ProcessStateImage};
+use stasis_runtime::{
+    Command, Error, HostConfig, MemorySnapshot, MemorySnapshotStore, ProgramRef, Sandbox, SandboxConfig,
+};
+use std::sync::Arc;
+
+fn reactor_command() -> Command {
+    Command::new(ProgramRef::Bytes { bytes: guest_bytes("reactor.wasm"), name: "reactor".into() })
+}
+
+struct Dirs {
+    _tmp: tempfile::TempDir,
+    images: MemorySnapshotStore,
+    fs: Arc<FsSnapshotStore>,
+    base: std::path::PathBuf,
+}
+
+fn dirs() -> Dirs {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = MemorySnapshotStore::open(tmp.path().join("memory")).unwrap();
+    let fs = Arc::new(FsSnapshotStore::open(tmp.path().join("fs")).unwrap());
+    let base = tmp.path().to_path_buf();
+    Dirs { _tmp: tmp, images, fs, base }
+}
+
+fn rooted(dir: &std::path::Path) -> SandboxConfig {
+    SandboxConfig { root: Some(dir.to_path_buf()), ..SandboxConfig::default() }
+}
+
+#[tokio::test]
+async fn a_reactor_continues_its_sequence_on_a_fresh_instance() {
+    let host = host();
+    let d = dirs();
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    let reactor = sandbox.instantiate(reactor_command()).await.unwrap();
+    let mut expected = 0;
+    for k in 1..=5 {
+        expected += k;
+        assert_eq!(reactor.call_i32("add", &[k]).await.unwrap(), expected);
+    }
+    let report = sandbox.snapshot_memory(None, &d.images).await.unwrap();
+    // The source keeps going on its own.
+    assert_eq!(reactor.call_i32("add", &[100]).await.unwrap(), expected + 100);
+
+    let snapshot = MemorySnapshot::open(&host, &d.images, &report.id).unwrap();
+    let restored = snapshot.restore(&host, SandboxConfig::default(), None).await.unwrap();
+    let reactors = restored.reactors();
+    assert_eq!(reactors.len(), 1);
+    assert_eq!(reactors[0].call_i32("get", &[]).await.unwrap(), expected);
+    assert_eq!(reactors[0].call_i32("add", &[6]).await.unwrap(), expected + 6);
+    // Only touched pages are stored: the image is far smaller than the memory.
+    assert!(report.image_bytes < 64 * 1024, "image of {} bytes", report.image_bytes);
+}
+
+#[tokio::test]
+async fn restore_works_on_another_host_with_a_copy_of_the_store() {
+    let d = dirs();
+    let id = {
+        let host = host();
+        let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+        let reactor = sandbox.instantiate(reactor_command()).await.unwrap();
+        reactor.call_i32("add", &[41]).await.unwrap();
+        reactor.call_i32("touch", &[4096]).await.unwrap();
+        sandbox.snapshot_memory(None, &d.images).await.unwrap().id
+    };
+    // A second data directory: the image and module files copied over, a new Host.
+    let other = d.base.join("other");
+    for sub in ["images", "modules"] {
+        std::fs::create_dir_all(other.join(sub)).unwrap();
+        for entry in std::fs::read_dir(d.base.join("memory").join(sub)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), other.join(sub).join(entry.file_name())).unwrap();
+        }
+    }
+    let host = stasis_runtime::Host::new(HostConfig::default()).unwrap();
+    let images = MemorySnapshotStore::open(&other).unwrap();
+    let snapshot = MemorySnapshot::open(&host, &images, &id).unwrap();
+    let sandbox = snapshot.restore(&host, SandboxConfig::default(), None).await.unwrap();
+    assert_eq!(sandbox.reactors()[0].call_i32("add", &[1]).await.unwrap(), 42);
+}
+
+#[tokio::test]
+async fn a_hundred_forks_diverge_independently() {
+    let host = host();
+    let d = dirs();
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    let reactor = sandbox.instantiate(reactor_command()).await.unwrap();
+    reactor.call_i32("add", &[1000]).await.unwrap();
+    let id = sandbox.snapshot_memory(None, &d.images).await.unwrap().id;
+    let snapshot = MemorySnapshot::open(&host, &d.images, &id).unwrap();
+    let forks = snapshot.fork(&host, 100, |_| SandboxConfig::default(), None).await.unwrap();
+    for (i, fork) in forks.iter().enumerate() {
+        assert_eq!(fork.reactors()[0].call_i32("add", &[i as i32]).await.unwrap(), 1000 + i as i32);
+    }
+    for (i, fork) in forks.iter().enumerate() {
+        assert_eq!(fork.reactors()[0].call_i32("get", &[]).await.unwrap(), 1000 + i as i32, "fork {i}");
+    }
+    assert_eq!(reactor.call_i32("get", &[]).await.unwrap(), 1000);
+}
+
+#[tokio::test]
+async fn open_files_keep_their_offsets_numbers_and_the_clock_moves_on() {
+    let host = host();
+    let d = dirs();
+    let src = d.base.join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("data.txt"), "abcdefgh").unwrap();
+    let sandbox = Sandbox::create(&host, rooted(&src)).unwrap();
+    let reactor = sandbox.instantiate(reactor_command()).await.unwrap();
+    let fd = reactor.call_i32("open_data", &[]).await.unwrap();
+    assert!(fd >= 4, "descriptor {fd}");
+    assert_eq!(reactor.call_i32("read_next", &[]).await.unwrap(), b'a' as i32);
+    assert_eq!(reactor.call_i32("read_next", &[]).await.unwrap(), b'b' as i32);
+    // A hole in the descriptor table: open then close one.
+    let extra = reactor.call_i32("open_extra", &[]).await.unwrap();
+    assert_eq!(reactor.call_i32("close_fd", &[extra]).await.unwrap(), 0);
+    assert_eq!(reactor.call_i32("log_line", &[1]).await.unwrap(), 0);
+    assert_eq!(reactor.call_i32("say", &[7]).await.unwrap(), 7);
+    let before = reactor.call("monotonic_ns", &[]).await.unwrap()[0].unwrap_i64();
+
+    let report = sandbox.snapshot_memory(Some(d.fs.clone()), &d.images).await.unwrap();
+    assert!(report.fs_snapshot.is_some());
+    // What the original does next, for comparison.
+    let next_fd_original = reactor.call_i32("open_extra", &[]).await.unwrap();
+    assert_eq!(reactor.call_i32("read_next", &[]).await.unwrap(), b'c' as i32);
+
+    let snapshot = MemorySnapshot::open(&host, &d.images, &report.id).unwrap();
+    let dst = d.base.join("restored");
+    let restored = snapshot.restore(&host, rooted(&dst), Some(&d.fs)).await.unwrap();
+    let r = &restored.reactors()[0];
+    assert_eq!(r.stdout().contents(), b"say 7\n", "unread output is kept");
+    assert_eq!(r.call_i32("read_next", &[]).await.unwrap(), b'c' as i32);
+    assert_eq!(r.call_i32("read_next", &[]).await.unwrap(), b'd' as i32);
+    assert_eq!(r.call_i32("open_extra", &[]).await.unwrap(), next_fd_original, "same next descriptor");
+    assert_eq!(r.call_i32("log_line", &[2]).await.unwrap(), 0);
+    assert_eq!(std::fs::read_to_string(dst.join("log.txt")).unwrap(), "line 1\nline 2\n");
+    let after = r.call("monotonic_ns", &[]).await.unwrap()[0].unwrap_i64();
+    assert!(after > before, "monotonic clock went from {before} to {after}");
+}
+
+#[tokio::test]
+async fn exited_processes_keep_their_status_and_output_and_running_ones_are_refused() {
+    let host = host();
+    let d = dirs();
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    let hello = sandbox
+        .spawn(Command::new(ProgramRef::Bytes { bytes: guest_bytes("hello.wasm"), name: "hello".into() }))
+        .await
+        .unwrap();
+    hello.wait().await;
+    let id = sandbox.snapshot_memory(None, &d.images).await.unwrap().id;
+    let restored = MemorySnapshot::open(&host, &d.images, &id)
+        .unwrap()
+        .restore(&host, SandboxConfig::default(), None)
+        .await
+        .unwrap();
+    let processes = restored.processes();
+    assert_eq!(processes.len(), 1);
+    assert_eq!(processes[0].status(), hello.status());
+    assert_eq!(processes[0].stdout().contents(), hello.stdout().contents());
+    assert_eq!(processes[0].argv(), hello.argv());
+
+    let sleeper = sandbox
+        .spawn(
+            Command::new(ProgramRef::Bytes { bytes: guest_bytes("sleeper.wasm"), name: "sleeper".into() }).arg("5000"),
+        )
+        .await
+        .unwrap();
+    let err = sandbox.snapshot_memory(None, &d.images).await.unwrap_err();
+    assert!(matches!(err, Error::NotQuiescent(_)), "{err}");
+    assert!(err.to_string().contains("is running"), "{err}");
+    sleeper.kill();
+}
+
+/// Rewrites the stored image `id` through `edit` into a new image and returns its id.
+fn tampered(d: &Dirs, id: &SnapshotId, edit: impl FnOnce(&mut memory_image::ImageHeader)) -> SnapshotId {
+    let bytes = d.images.read_image(id).unwrap();
+    let image = memory_image::decode(&bytes).unwrap();
+    let mut header = image.header.clone();
+    let parts: Vec<Vec<u8>> =
+        (0..header.parts.len() as u32).map(|i| memory_image::make_part(&image.part(i).unwrap(), 0).1).collect();
+    edit(&mut header);
+    let new_id = SnapshotId::parse(&format!("snap_{:028x}", rand_u64())).unwrap();
+    d.images.write_image(&new_id, &memory_image::encode(&header, &parts)).unwrap();
+    new_id
+}
+
+fn rand_u64() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+#[tokio::test]
+async fn images_that_do_not_fit_are_refused_with_a_clear_error() {
+    let host = host();
+    let d = dirs();
+    let src = d.base.join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("data.txt"), "x").unwrap();
+    let sandbox = Sandbox::create(&host, rooted(&src)).unwrap();
+    let reactor = sandbox.instantiate(reactor_command()).await.unwrap();
+    reactor.call_i32("open_data", &[]).await.unwrap();
+    let id = sandbox.snapshot_memory(Some(d.fs.clone()), &d.images).await.unwrap().id;
+
+    // Another engine configuration.
+    let other_engine = tampered(&d, &id, |h| h.engine = "0123456789abcdef".into());
+    let err = MemorySnapshot::open(&host, &d.images, &other_engine).err().unwrap().to_string();
+    assert!(err.contains("another engine configuration"), "{err}");
+
+    // Another module: hello's hash in place of the reactor's.
+    let hello = host.load(&guest_bytes("hello.wasm"), "hello").unwrap();
+    d.images.put_module(&hello).unwrap();
+    let other_module = tampered(&d, &id, |h| {
+        for p in &mut h.processes {
+            p.program = *hello.hash().as_bytes();
+        }
+    });
+    let snapshot = MemorySnapshot::open(&host, &d.images, &other_module).unwrap();
+    let err = snapshot.restore(&host, rooted(&d.base.join("r1")), Some(&d.fs)).await.err().unwrap().to_string();
+    assert!(err.contains("does not match the program"), "{err}");
+
+    // A descriptor path that climbs out of the sandbox.
+    let escape = tampered(&d, &id, |h| {
+        for p in &mut h.processes {
+            if let ProcessStateImage::Idle(instance) = &mut p.state {
+                instance.fds.fds[0].open.path = "../../../../etc/passwd".into();
+            }
+        }
+    });
+    let snapshot = MemorySnapshot::open(&host, &d.images, &escape).unwrap();
+    let err = snapshot.restore(&host, rooted(&d.base.join("r2")), Some(&d.fs)).await.err().unwrap().to_string();
+    assert!(err.contains("cannot reopen `../../../../etc/passwd`"), "{err}");
+
+    // A global of the wrong type.
+    let wrong_global = tampered(&d, &id, |h| {
+        for p in &mut h.processes {
+            if let ProcessStateImage::Idle(instance) = &mut p.state {
+                instance.globals[0] = memory_image::GlobalValue::F64(0);
+            }
+        }
+    });
+    let snapshot = MemorySnapshot::open(&host, &d.images, &wrong_global).unwrap();
+    let err = snapshot.restore(&host, rooted(&d.base.join("r3")), Some(&d.fs)).await.err().unwrap().to_string();
+    assert!(err.contains("global 0 is I32 in the program"), "{err}");
+
+    // A truncated file.
+    let bytes = d.images.read_image(&id).unwrap();
+    let cut = SnapshotId::parse(&format!("snap_{:028x}", rand_u64())).unwrap();
+    d.images.write_image(&cut, &bytes[..bytes.len() - 10]).unwrap();
+    let err = MemorySnapshot::open(&host, &d.images, &cut).err().unwrap().to_string();
+    assert!(err.contains("truncated") || err.contains("corrupt"), "{err}");
+}
