@@ -80,7 +80,8 @@ async fn run(args: RunArgs) -> Result<ExitStatus, String> {
 
     let code_cache_dir = if args.no_cache { None } else { args.cache_dir.or_else(default_cache_dir) };
     // One process: a pool would only cost address-space setup.
-    let host = Host::new(HostConfig { code_cache_dir, max_processes: None }).map_err(|e| e.to_string())?;
+    let host = Host::new(HostConfig { code_cache_dir, max_processes: None, ..HostConfig::default() })
+        .map_err(|e| e.to_string())?;
     let program = host.load(&bytes, &format!("`{file}`")).map_err(|e| e.to_string())?;
     let sandbox = Sandbox::create(
         &host,

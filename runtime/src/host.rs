@@ -5,6 +5,7 @@
 //! each process gets a cheap `Store` of its own (see `process`).
 
 use crate::code_cache::{CodeCache, Compiled, ProgramFormat};
+use crate::cow_restore::{self, StateShape};
 use crate::error::{Error, Result};
 use crate::guest_imports;
 use crate::process::ProcessState;
@@ -13,7 +14,7 @@ use crate::wasi_state;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 use wasmtime::component::Linker as ComponentLinker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, PoolingAllocationConfig};
@@ -31,6 +32,9 @@ pub struct HostConfig {
     /// Processes that may run at once on this host, preallocated as a pool of instance
     /// slots; `None` allocates each instance on demand (slower to start, no cap).
     pub max_processes: Option<u32>,
+    /// Restore memory snapshots by mapping their pages copy-on-write (see `cow_restore`);
+    /// `false` copies them into fresh instances (for comparison, and a fallback).
+    pub copy_on_write_restore: bool,
 }
 
 /// Default size of the instance pool.
@@ -38,7 +42,7 @@ pub const DEFAULT_MAX_PROCESSES: u32 = 500;
 
 impl Default for HostConfig {
     fn default() -> Self {
-        HostConfig { code_cache_dir: None, max_processes: Some(DEFAULT_MAX_PROCESSES) }
+        HostConfig { code_cache_dir: None, max_processes: Some(DEFAULT_MAX_PROCESSES), copy_on_write_restore: true }
     }
 }
 
@@ -50,11 +54,12 @@ pub struct Host {
 
 pub(crate) struct HostInner {
     pub(crate) engine: Engine,
-    core_linker: Linker<ProcessState>,
+    pub(crate) core_linker: Linker<ProcessState>,
     component_linker: ComponentLinker<ProcessState>,
     /// The wasip1 helper that records and replays descriptors (see `wasi_state`).
     pub(crate) wasi_helper: InstancePre<ProcessState>,
     code_cache: CodeCache,
+    copy_on_write_restore: bool,
     programs: Mutex<HashMap<blake3::Hash, Arc<Program>>>,
     ticker_stop: Arc<AtomicBool>,
 }
@@ -73,6 +78,15 @@ pub struct Program {
     pub(crate) layout: Option<Arc<StateLayout>>,
     pub(crate) entry: ProgramEntry,
     wasi_helper: InstancePre<ProcessState>,
+    host: Weak<HostInner>,
+    /// Built on first need: see `cow_restore`.
+    resume: OnceLock<Option<Arc<ResumeProgram>>>,
+}
+
+/// A program's resume variant, compiled (see `cow_restore`).
+pub(crate) struct ResumeProgram {
+    pub(crate) module: wasmtime::Module,
+    pub(crate) shape: StateShape,
 }
 
 pub(crate) enum ProgramEntry {
@@ -94,6 +108,32 @@ impl Program {
     /// The program's wasm bytes, as given (before the snapshot rewrite).
     pub fn bytes(&self) -> &Arc<[u8]> {
         &self.bytes
+    }
+
+    /// The resume variant for copy-on-write restores, when the program's state allows one
+    /// (compiled once, and cached on disk like the program).
+    pub(crate) fn resume_program(&self) -> Option<Arc<ResumeProgram>> {
+        self.resume
+            .get_or_init(|| {
+                let layout = self.layout.as_ref()?;
+                let host = self.host.upgrade()?;
+                if !cow_restore::supported(layout) {
+                    return None;
+                }
+                let (rewritten, _) = state_export::rewrite(&self.bytes).ok()?;
+                let (variant, shape) = cow_restore::resume_variant(&rewritten).ok()?;
+                let key = blake3::Hasher::new().update(b"resume:").update(self.hash.as_bytes()).finalize();
+                match host.code_cache.load_or_compile(&host.engine, &variant, &key, ProgramFormat::Module) {
+                    Ok(Compiled::Module(module)) => Some(Arc::new(ResumeProgram { module, shape })),
+                    _ => None,
+                }
+            })
+            .clone()
+    }
+
+    /// The core linker of the host that loaded the program (gone only with the host).
+    pub(crate) fn linker(&self) -> Option<Arc<HostInner>> {
+        self.host.upgrade()
     }
 
     /// The descriptor helper of the host that loaded the program.
@@ -161,10 +201,16 @@ impl Host {
                 component_linker,
                 wasi_helper,
                 code_cache,
+                copy_on_write_restore: config.copy_on_write_restore,
                 programs: Mutex::new(HashMap::new()),
                 ticker_stop,
             }),
         })
+    }
+
+    /// Whether memory snapshots are restored by copying (see [`HostConfig`]).
+    pub(crate) fn copy_restore(&self) -> bool {
+        !self.inner.copy_on_write_restore
     }
 
     pub fn engine(&self) -> &Engine {
@@ -216,8 +262,15 @@ impl Host {
                 ProgramEntry::Component(CommandPre::new(pre).map_err(link_error)?)
             }
         };
-        let program =
-            Arc::new(Program { hash, bytes: bytes.into(), layout, entry, wasi_helper: self.inner.wasi_helper.clone() });
+        let program = Arc::new(Program {
+            hash,
+            bytes: bytes.into(),
+            layout,
+            entry,
+            wasi_helper: self.inner.wasi_helper.clone(),
+            host: Arc::downgrade(&self.inner),
+            resume: OnceLock::new(),
+        });
         self.inner.programs.lock().unwrap().insert(hash, program.clone());
         Ok(program)
     }

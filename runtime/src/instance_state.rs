@@ -209,6 +209,24 @@ pub(crate) fn restore(
             return Err(StateError::Mismatch(format!("immutable global {index} differs")));
         }
     }
+    restore_tables(store, instance, layout, tables)
+}
+
+/// Sets every table to its captured contents (growing it first).
+pub(crate) fn restore_tables(
+    mut store: impl AsContextMut,
+    instance: &Instance,
+    layout: &StateLayout,
+    tables: &[TableImage],
+) -> Result<(), StateError> {
+    let store = &mut store;
+    if tables.len() != layout.tables.len() {
+        return Err(StateError::Mismatch(format!(
+            "the image has {} tables, the program {}",
+            tables.len(),
+            layout.tables.len()
+        )));
+    }
     for (index, image) in tables.iter().enumerate() {
         let name = state_export::table_export(index as u32);
         let table = instance.get_table(store.as_context_mut(), &name).ok_or(StateError::MissingExport(name))?;

@@ -28,9 +28,10 @@
 //! # Ok(()) }
 //! ```
 
+use crate::cow_restore;
 use crate::error::{Error, Result};
 use crate::fs_snapshot::{FsSnapshotStore, SnapshotId};
-use crate::host::{Host, Program};
+use crate::host::{Host, Program, ResumeProgram};
 use crate::instance_state::StateError;
 use crate::limits::MemoryLimitExceeded;
 use crate::memory_image::{self, ExitRecord, ImageHeader, PartInfo, ProcessImage, ProcessStateImage};
@@ -277,6 +278,23 @@ fn exit_status(record: &ExitRecord) -> ExitStatus {
     }
 }
 
+/// Compiles the state module of an idle process, when its program allows it.
+fn state_module(
+    host: &Host,
+    program: &Program,
+    instance: &memory_image::InstanceImage,
+    parts: &[Arc<Vec<u8>>],
+) -> Option<(wasmtime::Module, Arc<ResumeProgram>)> {
+    let resume = program.resume_program()?;
+    let layout = program.layout.as_ref()?;
+    let empty: &[u8] = &[];
+    let bytes = cow_restore::state_module(&resume.shape, layout, instance, |part| {
+        parts.get(part as usize).map(|p| p.as_slice()).unwrap_or(empty)
+    })?;
+    let module = wasmtime::Module::new(host.engine(), &bytes).ok()?;
+    Some((module, resume))
+}
+
 /// An image read, verified and decompressed once, ready to be restored any number of times.
 pub struct MemorySnapshot {
     id: SnapshotId,
@@ -285,6 +303,9 @@ pub struct MemorySnapshot {
     parts: Vec<Arc<Vec<u8>>>,
     /// Programs of the idle processes, by process index.
     programs: Vec<Option<Arc<Program>>>,
+    /// Per process: its compiled state module and the program's resume variant, when the
+    /// restore can map memory copy-on-write.
+    cow: Vec<Option<(wasmtime::Module, Arc<ResumeProgram>)>>,
 }
 
 impl MemorySnapshot {
@@ -323,11 +344,30 @@ impl MemorySnapshot {
                 }
             });
         }
-        Ok(MemorySnapshot { id, header: image.header, parts, programs })
+        let mut cow = Vec::with_capacity(programs.len());
+        for (process, program) in image.header.processes.iter().zip(&programs) {
+            cow.push(match (&process.state, program) {
+                (ProcessStateImage::Idle(instance), Some(program)) if !host.copy_restore() => {
+                    state_module(host, program, instance, &parts)
+                }
+                _ => None,
+            });
+        }
+        Ok(MemorySnapshot { id, header: image.header, parts, programs, cow })
     }
 
     pub fn id(&self) -> &SnapshotId {
         &self.id
+    }
+
+    /// Whether every live process restores by mapping its memory copy-on-write (rather
+    /// than copying it).
+    pub fn copy_on_write(&self) -> bool {
+        self.header
+            .processes
+            .iter()
+            .zip(&self.cow)
+            .all(|(p, cow)| matches!(p.state, ProcessStateImage::Exited(_)) || cow.is_some())
     }
 
     pub fn header(&self) -> &ImageHeader {
@@ -353,7 +393,7 @@ impl MemorySnapshot {
             store.restore(&fs_id, root)?;
         }
         let sandbox = Sandbox::create(host, config)?;
-        for (process, program) in self.header.processes.iter().zip(&self.programs) {
+        for (index, (process, program)) in self.header.processes.iter().zip(&self.programs).enumerate() {
             match (&process.state, program) {
                 (ProcessStateImage::Exited(record), _) => {
                     sandbox.adopt_process(Process::ended(
@@ -365,13 +405,14 @@ impl MemorySnapshot {
                     ));
                 }
                 (ProcessStateImage::Idle(instance), Some(program)) => {
+                    let cow = self.cow[index].as_ref().map(|(module, resume)| (module, &**resume));
                     let pages = |part: u32| -> Result<Vec<u8>, StateError> {
                         self.parts
                             .get(part as usize)
                             .map(|p| p.to_vec())
                             .ok_or_else(|| StateError::Mismatch(format!("no part {part}")))
                     };
-                    let origin = Origin::Image { image: process, instance, pages: &pages };
+                    let origin = Origin::Image { image: process, instance, pages: &pages, cow };
                     let reactor = sandbox
                         .start_reactor(program.clone(), &process.argv, &process.env, process.cwd.as_deref(), origin)
                         .await?;

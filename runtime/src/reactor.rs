@@ -6,8 +6,9 @@
 //! is issue 6). Calls are serialized by a lock on the store, and a capture takes the same
 //! lock, so it always sees the reactor between calls.
 
+use crate::cow_restore;
 use crate::error::{Error, Result};
-use crate::host::{Program, ProgramEntry};
+use crate::host::{Program, ProgramEntry, ResumeProgram};
 use crate::instance_state::{self, StateError};
 use crate::memory_image::{self, InstanceImage, ProcessImage, ProcessStateImage};
 use crate::pause::{ProcessPhase, RunPhase};
@@ -66,6 +67,9 @@ pub(crate) enum Origin<'a> {
         image: &'a ProcessImage,
         instance: &'a InstanceImage,
         pages: &'a dyn Fn(u32) -> Result<Vec<u8>, StateError>,
+        /// The state module and resume variant, when the restore can map memory
+        /// copy-on-write (see `cow_restore`); `None` copies the state in.
+        cow: Option<(&'a wasmtime::Module, &'a ResumeProgram)>,
     },
 }
 
@@ -92,7 +96,33 @@ impl Reactor {
         let mut store = Store::new(program_engine(&program), state);
         configure_store(&mut store);
         let started = |e: wasmtime::Error| Error::Start(format!("{e:#}"));
-        let instance = pre.instantiate_async(&mut store).await.map_err(started)?;
+        let cow = match &origin {
+            Origin::Image { cow: Some(cow), .. } => Some(*cow),
+            _ => None,
+        };
+        let instance = match cow {
+            None => pre.instantiate_async(&mut store).await.map_err(started)?,
+            Some((state_module, resume)) => {
+                let host = program.linker().ok_or_else(|| Error::Start("the host is gone".into()))?;
+                let state = Instance::new_async(&mut store, state_module, &[]).await.map_err(started)?;
+                let mut imports = Vec::new();
+                for import in resume.module.imports() {
+                    let export = if import.module() == cow_restore::STATE_MODULE {
+                        state.get_export(&mut store, import.name())
+                    } else {
+                        host.core_linker.get_by_import(&mut store, &import)
+                    };
+                    imports.push(export.ok_or_else(|| {
+                        Error::Start(format!(
+                            "resume variant import `{}.{}` is undefined",
+                            import.module(),
+                            import.name()
+                        ))
+                    })?);
+                }
+                Instance::new_async(&mut store, &resume.module, &imports).await.map_err(started)?
+            }
+        };
         match origin {
             Origin::Fresh => {
                 for init in [state_export::START_EXPORT, "_initialize"] {
@@ -105,17 +135,24 @@ impl Reactor {
                     }
                 }
             }
-            Origin::Image { instance: image, pages, .. } => {
-                instance_state::restore(
-                    &mut store,
-                    &instance,
-                    &layout,
-                    &image.memories,
-                    pages,
-                    &image.globals,
-                    &image.tables,
-                )
-                .map_err(Error::Restore)?;
+            Origin::Image { instance: image, pages, cow, .. } => {
+                if cow.is_some() {
+                    // Memories and globals came with the state module; element segments
+                    // refilled the tables, which the image now overrides.
+                    instance_state::restore_tables(&mut store, &instance, &layout, &image.tables)
+                        .map_err(Error::Restore)?;
+                } else {
+                    instance_state::restore(
+                        &mut store,
+                        &instance,
+                        &layout,
+                        &image.memories,
+                        pages,
+                        &image.globals,
+                        &image.tables,
+                    )
+                    .map_err(Error::Restore)?;
+                }
                 let helper = program.host_helper();
                 wasi_state::restore(&mut store, helper, &image.fds)
                     .await

@@ -60,6 +60,31 @@ async fn a_reactor_continues_its_sequence_on_a_fresh_instance() {
 }
 
 #[tokio::test]
+async fn copying_and_copy_on_write_restores_agree() {
+    let d = dirs();
+    for cow in [true, false] {
+        let host =
+            stasis_runtime::Host::new(HostConfig { copy_on_write_restore: cow, ..HostConfig::default() }).unwrap();
+        let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+        let reactor = sandbox.instantiate(reactor_command()).await.unwrap();
+        reactor.call_i32("add", &[7]).await.unwrap();
+        // Grow the heap well past the initial memory, with non-zero pages in it.
+        assert_eq!(reactor.call_i32("touch", &[8192]).await.unwrap(), 0);
+        let id = sandbox.snapshot_memory(None, &d.images).await.unwrap().id;
+        let snapshot = MemorySnapshot::open(&host, &d.images, &id).unwrap();
+        assert_eq!(snapshot.copy_on_write(), cow);
+        for _ in 0..2 {
+            let restored = snapshot.restore(&host, SandboxConfig::default(), None).await.unwrap();
+            let r = &restored.reactors()[0];
+            assert_eq!(r.call_i32("add", &[1]).await.unwrap(), 8, "cow={cow}");
+            // The restored heap is intact: malloc keeps working on top of it.
+            assert_eq!(r.call_i32("touch", &[1024]).await.unwrap(), 0);
+            assert_eq!(r.call_i32("get", &[]).await.unwrap(), 8);
+        }
+    }
+}
+
+#[tokio::test]
 async fn restore_works_on_another_host_with_a_copy_of_the_store() {
     let d = dirs();
     let id = {
