@@ -12,7 +12,9 @@
  *   int log_line(int n)     appends "line N\n" to /log.txt through a descriptor kept
  *                           open (opened with O_APPEND at the first call); 0 or -1
  *   long long monotonic_ns(void)   CLOCK_MONOTONIC in nanoseconds
- *   int say(int n)          prints "say N" on stdout; returns n */
+ *   int say(int n)          prints "say N" on stdout; returns n
+ *   int touch_noise(int kib)  like touch, but fills with pseudo-random bytes (so the
+ *                           memory compresses like real data, not like a memset) */
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -75,4 +77,21 @@ __attribute__((export_name("say"))) int say(int n) {
     printf("say %d\n", n);
     fflush(stdout);
     return n;
+}
+
+__attribute__((export_name("touch_noise"))) int touch_noise(int kib) {
+    static unsigned long long seed = 0x9E3779B97F4A7C15ULL;
+    if (kib < 0) return -1;
+    size_t size = (size_t)kib * 1024;
+    unsigned char *p = malloc(size ? size : 1);
+    if (p == NULL) return -1;
+    for (size_t i = 0; i < size; i++) {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        /* Half text-like, half noise: compressible, but not trivially. */
+        p[i] = (i & 1) ? (unsigned char)seed : (unsigned char)('a' + seed % 16);
+    }
+    __asm__ volatile("" : : "r"(p) : "memory");
+    return 0;
 }

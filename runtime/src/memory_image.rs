@@ -17,8 +17,9 @@
 //! |      |      |   instance: memory page runs, globals, tables, descriptors,   |
 //! |      |      |   clock), and the table of parts                              |
 //! +------+------+---------------------------------------------------------------+
-//! | 52+H |  ... | parts, back to back: one zstd frame per memory holding its    |
-//! |      |      | non-zero 4 KiB pages in run order; each part's offset, length,|
+//! | 52+H |  ... | parts, back to back: one per memory, its non-zero 4 KiB pages |
+//! |      |      | in run order as zstd frames (one per core for large parts,    |
+//! |      |      | concatenated); each part's offset, length,                    |
 //! |      |      | decompressed length and blake3 are in the header              |
 //! +------+------+---------------------------------------------------------------+
 //! ```
@@ -344,9 +345,27 @@ fn is_zero(bytes: &[u8]) -> bool {
     prefix.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && suffix.iter().all(|&b| b == 0)
 }
 
-/// Compresses a part and describes it, at `offset` in the parts area.
+/// Parts at least this large are compressed as several frames on all cores.
+const PARALLEL_PART: usize = 512 << 10;
+
+/// Compresses a part and describes it, at `offset` in the parts area. A large part is
+/// split into one zstd frame per core, compressed in parallel and concatenated (a zstd
+/// decoder reads concatenated frames as one stream).
 pub fn make_part(raw: &[u8], offset: u64) -> (PartInfo, Vec<u8>) {
-    let compressed = if raw.is_empty() { Vec::new() } else { zstd::bulk::compress(raw, 1).expect("zstd into memory") };
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let compress = |bytes: &[u8]| zstd::bulk::compress(bytes, 1).expect("zstd into memory");
+    let compressed = if raw.is_empty() {
+        Vec::new()
+    } else if raw.len() < PARALLEL_PART || threads == 1 {
+        compress(raw)
+    } else {
+        let frame = raw.len().div_ceil(threads).next_multiple_of(IMAGE_PAGE as usize);
+        let frames: Vec<Vec<u8>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = raw.chunks(frame).map(|chunk| scope.spawn(move || compress(chunk))).collect();
+            workers.into_iter().map(|w| w.join().expect("compression thread")).collect()
+        });
+        frames.concat()
+    };
     let info = PartInfo {
         offset,
         len: compressed.len() as u64,
@@ -403,6 +422,14 @@ mod tests {
         let bytes = sample();
         let image = decode(&bytes).unwrap();
         assert_eq!(image.part(0).unwrap().len(), 3 * IMAGE_PAGE as usize);
+    }
+
+    #[test]
+    fn large_parts_are_several_frames_that_decode_as_one() {
+        let raw: Vec<u8> = (0..3 * PARALLEL_PART as u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let (info, compressed) = make_part(&raw, 0);
+        assert_eq!(info.raw_len, raw.len() as u64);
+        assert_eq!(zstd::bulk::decompress(&compressed, raw.len()).unwrap(), raw);
     }
 
     #[test]

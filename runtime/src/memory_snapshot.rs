@@ -152,8 +152,12 @@ pub struct MemorySnapshotReport {
     pub image_bytes: u64,
     /// Non-zero memory captured, before compression.
     pub memory_bytes: u64,
-    /// Time the reactors were held (no call could run).
+    /// Time the reactors were held (no call could run): filesystem snapshot and capture.
     pub hold: Duration,
+    /// Compressing and encoding the image.
+    pub encode: Duration,
+    /// Writing it durably (write, fsync, rename, fsync of the directory).
+    pub write: Duration,
 }
 
 impl Sandbox {
@@ -207,6 +211,7 @@ impl Sandbox {
         let memory_bytes = raw_parts.iter().map(|p| p.len() as u64).sum();
         let engine = self.host().engine_fingerprint().to_string();
         let fs_id = fs_snapshot.as_ref().map(|id| id.as_str().to_string());
+        let encoding = Instant::now();
         let bytes = tokio::task::spawn_blocking(move || {
             let mut parts = Vec::with_capacity(raw_parts.len());
             let mut infos: Vec<PartInfo> = Vec::with_capacity(raw_parts.len());
@@ -231,7 +236,10 @@ impl Sandbox {
         })
         .await
         .map_err(|e| Error::Start(format!("image encoding task failed: {e}")))?;
+        let encode = encoding.elapsed();
+        let writing = Instant::now();
         images.write_image(&id, &bytes)?;
+        let write = writing.elapsed();
         Ok(MemorySnapshotReport {
             id,
             fs_snapshot,
@@ -239,6 +247,8 @@ impl Sandbox {
             image_bytes: bytes.len() as u64,
             memory_bytes,
             hold,
+            encode,
+            write,
         })
     }
 }

@@ -324,8 +324,12 @@ pub(crate) async fn restore<T: HasFdTracker>(
     pre: &InstancePre<T>,
     image: &FdTableImage,
 ) -> wasmtime::Result<()> {
-    let helper = helper(&mut store, pre).await?;
     let initial = store.as_context_mut().data_mut().fds().initial;
+    if image.fds.is_empty() && image.closed_initial.is_empty() && image.high_water < initial {
+        // The table a fresh process starts with: nothing to replay (and no helper needed).
+        return Ok(());
+    }
+    let helper = helper(&mut store, pre).await?;
     let wanted: BTreeMap<u32, &FdImage> = image.fds.iter().map(|f| (f.fd, f)).collect();
     if wanted.len() != image.fds.len() || wanted.keys().any(|&fd| fd < initial || fd > image.high_water) {
         return Err(FdRestoreError::Inconsistent(format!(

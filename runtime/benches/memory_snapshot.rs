@@ -1,0 +1,174 @@
+//! Memory-snapshot figures (issue 4): snapshot time and image size of the C reactor holding
+//! 1 MiB and 64 MiB of touched memory, warm restore p50, 1,000 forks, and the memory 1,000
+//! idle forks take, each for the copy-on-write restore and the copying one side by side.
+//!
+//! Run: `cargo bench -p stasis-runtime --bench memory_snapshot` after `guests/build.sh`.
+//! `MEMORY_BENCH_FORKS=200` makes the fork runs smaller.
+
+use stasis_runtime::memory_image::{self, ProcessStateImage};
+use stasis_runtime::{
+    Command, Host, HostConfig, MemorySnapshot, MemorySnapshotStore, ProgramRef, Sandbox, SandboxConfig,
+};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn reactor_bytes() -> Arc<[u8]> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/build/reactor.wasm");
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run guests/build.sh)", path.display())).into()
+}
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+/// (RSS, PSS) of this process in MiB, from /proc/self/smaps_rollup.
+fn memory_mib() -> (f64, f64) {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+struct Taken {
+    snapshot_p50: Duration,
+    image_bytes: u64,
+    touched_zstd: u64,
+    touched: u64,
+    id: stasis_runtime::fs_snapshot::SnapshotId,
+}
+
+async fn take(host: &Host, images: &MemorySnapshotStore, kib: i32, runs: usize) -> Taken {
+    let sandbox = Sandbox::create(host, SandboxConfig::default()).unwrap();
+    let reactor = sandbox
+        .instantiate(Command::new(ProgramRef::Bytes { bytes: reactor_bytes(), name: "reactor".into() }))
+        .await
+        .unwrap();
+    reactor.call_i32("add", &[1]).await.unwrap();
+    assert_eq!(reactor.call_i32("touch_noise", &[kib]).await.unwrap(), 0);
+    let mut times = Vec::new();
+    let mut phases = Vec::new();
+    let mut last = None;
+    for _ in 0..runs {
+        let started = Instant::now();
+        let report = sandbox.snapshot_memory(None, images).await.unwrap();
+        times.push(started.elapsed());
+        phases.push((report.hold, report.encode, report.write));
+        last = Some(report);
+    }
+    let report = last.unwrap();
+    phases.sort();
+    let (hold, encode, write) = phases[phases.len() / 2];
+    println!(
+        "  where the time goes (median-hold run): capture {:.2} ms, compress+encode {:.2} ms, durable write {:.2} ms",
+        hold.as_secs_f64() * 1e3,
+        encode.as_secs_f64() * 1e3,
+        write.as_secs_f64() * 1e3
+    );
+    // What the touched pages alone compress to, for the image-size comparison.
+    let bytes = images.read_image(&report.id).unwrap();
+    let image = memory_image::decode(&bytes).unwrap();
+    let mut touched = Vec::new();
+    for p in &image.header.processes {
+        if let ProcessStateImage::Idle(instance) = &p.state {
+            for m in &instance.memories {
+                touched.extend(image.part(m.part).unwrap());
+            }
+        }
+    }
+    let touched_zstd = zstd::bulk::compress(&touched, 1).unwrap().len() as u64;
+    Taken {
+        snapshot_p50: percentile(&mut times, 0.5),
+        image_bytes: report.image_bytes,
+        touched_zstd,
+        touched: touched.len() as u64,
+        id: report.id,
+    }
+}
+
+async fn restores(host: &Host, snapshot: &MemorySnapshot, n: usize) -> (Duration, Duration) {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let sandbox = snapshot.restore(host, SandboxConfig::default(), None).await.unwrap();
+        times.push(started.elapsed());
+        drop(sandbox);
+    }
+    (percentile(&mut times, 0.5), percentile(&mut times, 0.99))
+}
+
+fn main() {
+    let forks: usize = std::env::var("MEMORY_BENCH_FORKS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let images = MemorySnapshotStore::open(dir.path()).unwrap();
+        for cow in [true, false] {
+            let label = if cow { "copy-on-write restore" } else { "copying restore" };
+            // Room for every fork alive at once: a state instance (with the memory) and the
+            // program's instance each.
+            let host = Host::new(HostConfig {
+                max_processes: Some(forks as u32 + 100),
+                copy_on_write_restore: cow,
+                ..HostConfig::default()
+            })
+            .unwrap();
+            println!("== {label}");
+            for (kib, runs) in [(1024, 50), (65536, 5)] {
+                let taken = take(&host, &images, kib, runs).await;
+                println!(
+                    "reactor holding {} MiB touched: snapshot p50 {:.2} ms; image {} KiB (touched pages {} KiB, zstd of them alone {} KiB)",
+                    kib / 1024,
+                    taken.snapshot_p50.as_secs_f64() * 1e3,
+                    taken.image_bytes / 1024,
+                    taken.touched / 1024,
+                    taken.touched_zstd / 1024
+                );
+                let started = Instant::now();
+                let snapshot = MemorySnapshot::open(&host, &images, &taken.id).unwrap();
+                let open = started.elapsed();
+                let (p50, p99) = restores(&host, &snapshot, if kib == 1024 { 500 } else { 20 }).await;
+                println!(
+                    "  open (read, verify, decompress, build the state module) {:.2} ms; warm restore p50 {} p99 {}",
+                    open.as_secs_f64() * 1e3,
+                    us(p50),
+                    us(p99)
+                );
+                if kib != 1024 {
+                    continue;
+                }
+                let (rss0, pss0) = memory_mib();
+                let started = Instant::now();
+                let sandboxes = snapshot.fork(&host, forks, |_| SandboxConfig::default(), None).await.unwrap();
+                let took = started.elapsed();
+                let (rss1, pss1) = memory_mib();
+                println!(
+                    "  {forks} forks: {:.1} ms in total ({} each); memory of the idle forks: RSS +{:.0} MiB, PSS +{:.0} MiB",
+                    took.as_secs_f64() * 1e3,
+                    us(took / forks as u32),
+                    rss1 - rss0,
+                    pss1 - pss0
+                );
+                // Each fork diverges: one call each, then check two of them.
+                for (i, sandbox) in sandboxes.iter().enumerate() {
+                    sandbox.reactors()[0].call_i32("add", &[i as i32]).await.unwrap();
+                }
+                assert_eq!(sandboxes[forks - 1].reactors()[0].call_i32("get", &[]).await.unwrap(), forks as i32);
+                let (rss2, pss2) = memory_mib();
+                println!("  after one call in each fork: RSS +{:.0} MiB, PSS +{:.0} MiB", rss2 - rss0, pss2 - pss0);
+                drop(sandboxes);
+            }
+        }
+    });
+}
