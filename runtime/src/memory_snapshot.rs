@@ -168,7 +168,17 @@ impl Sandbox {
         fs_store: Option<Arc<FsSnapshotStore>>,
         images: &MemorySnapshotStore,
     ) -> Result<MemorySnapshotReport> {
-        let id = SnapshotId::generate(SystemTime::now())?;
+        self.snapshot_memory_of(fs_store, images, "memory").await
+    }
+
+    /// [`Sandbox::snapshot_memory`] with the tree's snapshot filed under `source` (its next
+    /// snapshot then reads only what changed, as `snapshot_filesystem` does).
+    pub async fn snapshot_memory_of(
+        &self,
+        fs_store: Option<Arc<FsSnapshotStore>>,
+        images: &MemorySnapshotStore,
+        source: &str,
+    ) -> Result<MemorySnapshotReport> {
         let processes = self.processes();
         if let Some(running) = processes.iter().find(|p| p.status().is_none()) {
             return Err(Error::NotQuiescent(format!(
@@ -185,12 +195,15 @@ impl Sandbox {
         let held = Instant::now();
         let fs_snapshot = match (self.root(), fs_store) {
             (None, _) => None,
-            (Some(_), Some(store)) => {
-                Some(self.snapshot_filesystem(store, format!("memory:{}", id.as_str())).await?.id)
-            }
+            (Some(_), Some(store)) => Some(self.snapshot_filesystem(store, source.to_string()).await?.id),
             (Some(_), None) => {
                 return Err(Error::InvalidArgument("the sandbox has a tree: a filesystem store is needed".into()));
             }
+        };
+        // One id names both halves: the image is stored under its tree's snapshot id.
+        let id = match &fs_snapshot {
+            Some(id) => id.clone(),
+            None => SnapshotId::generate(SystemTime::now())?,
         };
         let mut images_of = Vec::with_capacity(processes.len() + frozen.len());
         for process in &processes {
@@ -403,6 +416,13 @@ impl MemorySnapshot {
             store.restore(&fs_id, root)?;
         }
         let sandbox = Sandbox::create(host, config)?;
+        self.restore_processes(&sandbox).await?;
+        Ok(sandbox)
+    }
+
+    /// Restores the snapshot's processes into `sandbox`, whose tree the caller has already
+    /// restored from [`ImageHeader::fs_snapshot`].
+    pub async fn restore_processes(&self, sandbox: &Sandbox) -> Result<()> {
         for (index, (process, program)) in self.header.processes.iter().zip(&self.programs).enumerate() {
             match (&process.state, program) {
                 (ProcessStateImage::Exited(record), _) => {
@@ -431,7 +451,7 @@ impl MemorySnapshot {
                 (ProcessStateImage::Idle(_), None) => unreachable!("programs are loaded for idle processes"),
             }
         }
-        Ok(sandbox)
+        Ok(())
     }
 
     /// `n` independent sandboxes from the snapshot; `config(i)` configures the i-th.

@@ -66,7 +66,7 @@ pub(crate) enum Origin<'a> {
     Image {
         image: &'a ProcessImage,
         instance: &'a InstanceImage,
-        pages: &'a dyn Fn(u32) -> Result<Vec<u8>, StateError>,
+        pages: &'a (dyn Fn(u32) -> Result<Vec<u8>, StateError> + Sync),
         /// The state module and resume variant, when the restore can map memory
         /// copy-on-write (see `cow_restore`); `None` copies the state in.
         cow: Option<(&'a wasmtime::Module, &'a ResumeProgram)>,

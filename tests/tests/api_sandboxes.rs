@@ -184,8 +184,6 @@ fn bad_requests_name_the_problem() {
     assert!(m.contains("unknown snapshot_type `disk`"), "{m}");
     let m = message(api.post(&format!("/sandboxes/{id}/snapshot"), json!({"snapshot_type": 3})).expect(400));
     assert!(m.contains("snapshot_type"), "{m}");
-    let m = message(api.post(&format!("/sandboxes/{id}/snapshot"), json!({"snapshot_type": "memory"})).expect(501));
-    assert!(m.contains("memory snapshots are not available yet"), "{m}");
     api.post("/sandboxes/sbnope/snapshot", json!({})).expect(404);
     api.get("/sandboxes/sbnope").expect(404);
     api.get("/snapshots/snapnope").expect(404);

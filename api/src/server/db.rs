@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     id TEXT PRIMARY KEY,
     namespace TEXT NOT NULL,
     name TEXT,
-    status TEXT NOT NULL,           -- running | terminated
+    status TEXT NOT NULL,           -- running | suspended | terminated
     image TEXT,
     snapshot_id TEXT,               -- restored from
     cpus REAL NOT NULL,
@@ -69,6 +69,11 @@ CREATE TABLE IF NOT EXISTS snapshots (
 );
 CREATE INDEX IF NOT EXISTS snapshots_by_namespace ON snapshots (namespace, created_at);
 CREATE INDEX IF NOT EXISTS snapshots_by_sandbox ON snapshots (sandbox_id, created_at);
+CREATE TABLE IF NOT EXISTS suspensions (
+    sandbox_id TEXT PRIMARY KEY,    -- a suspended sandbox
+    store_id TEXT NOT NULL,         -- its memory snapshot (image and tree) in the stores
+    created_at INTEGER NOT NULL
+);
 ";
 
 pub struct Db {
@@ -79,6 +84,8 @@ pub struct Db {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SandboxStatus {
     Running,
+    /// Frozen in a memory snapshot, nothing running: resume brings it back.
+    Suspended,
     Terminated,
 }
 
@@ -86,12 +93,17 @@ impl SandboxStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             SandboxStatus::Running => "running",
+            SandboxStatus::Suspended => "suspended",
             SandboxStatus::Terminated => "terminated",
         }
     }
 
     fn parse(s: &str) -> SandboxStatus {
-        if s == "running" { SandboxStatus::Running } else { SandboxStatus::Terminated }
+        match s {
+            "running" => SandboxStatus::Running,
+            "suspended" => SandboxStatus::Suspended,
+            _ => SandboxStatus::Terminated,
+        }
     }
 }
 
@@ -303,6 +315,48 @@ impl Db {
         })
     }
 
+    /// Records a running sandbox suspended into the memory snapshot `store_id`.
+    pub fn suspend_sandbox(&self, id: &str, store_id: &str, at: i64) -> rusqlite::Result<bool> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let changed =
+                tx.execute("UPDATE sandboxes SET status = 'suspended' WHERE id = ?1 AND status = 'running'", [id])?;
+            if changed == 1 {
+                tx.execute(
+                    "INSERT OR REPLACE INTO suspensions (sandbox_id, store_id, created_at) VALUES (?1, ?2, ?3)",
+                    params![id, store_id, at],
+                )?;
+            }
+            tx.commit()?;
+            Ok(changed == 1)
+        })
+    }
+
+    /// The memory snapshot a suspended sandbox sleeps in.
+    pub fn suspension(&self, id: &str) -> rusqlite::Result<Option<String>> {
+        self.with(|c| {
+            c.query_row("SELECT store_id FROM suspensions WHERE sandbox_id = ?1", [id], |r| r.get(0)).optional()
+        })
+    }
+
+    /// Marks a suspended sandbox running again and forgets its suspension (whose snapshot
+    /// the caller deletes).
+    pub fn resume_sandbox(&self, id: &str) -> rusqlite::Result<()> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            tx.execute("UPDATE sandboxes SET status = 'running' WHERE id = ?1 AND status = 'suspended'", [id])?;
+            tx.execute("DELETE FROM suspensions WHERE sandbox_id = ?1", [id])?;
+            tx.commit()
+        })
+    }
+
+    /// Forgets a suspension (the sandbox was terminated while suspended).
+    pub fn drop_suspension(&self, id: &str) -> rusqlite::Result<Option<String>> {
+        let store_id = self.suspension(id)?;
+        self.with(|c| c.execute("DELETE FROM suspensions WHERE sandbox_id = ?1", [id]).map(drop))?;
+        Ok(store_id)
+    }
+
     // --- processes ---
 
     pub fn insert_process(
@@ -427,19 +481,22 @@ impl Db {
     /// Store ids of every completed snapshot (what the snapshot store must keep).
     pub fn referenced_store_ids(&self) -> rusqlite::Result<Vec<String>> {
         self.with(|c| {
-            let mut stmt =
-                c.prepare("SELECT store_id FROM snapshots WHERE status = 'completed' AND store_id IS NOT NULL")?;
+            let mut stmt = c.prepare(
+                "SELECT store_id FROM snapshots WHERE status = 'completed' AND store_id IS NOT NULL \
+                 UNION SELECT store_id FROM suspensions",
+            )?;
             stmt.query_map([], |r| r.get(0))?.collect()
         })
     }
 
-    /// After a restart: no sandbox runs any more, and no snapshot is still being taken.
+    /// After a restart: no sandbox runs any more (suspended ones stay suspended: their
+    /// snapshot is durable), and no snapshot is still being taken.
     pub fn recover(&self, now: i64, reason: &str) -> rusqlite::Result<Recovery> {
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
             let sandboxes_terminated = tx.execute(
                 "UPDATE sandboxes SET status = 'terminated', terminated_at = ?1, termination_reason = ?2 \
-                 WHERE status != 'terminated'",
+                 WHERE status = 'running'",
                 params![now, reason],
             )?;
             let snapshots_failed = tx.execute(

@@ -27,8 +27,6 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     PayloadTooLarge(String),
-    #[error("{0}")]
-    NotImplemented(String),
     /// A failure of the server itself: logged in full, never shown.
     #[error("{0:#}")]
     Internal(anyhow::Error),
@@ -52,7 +50,6 @@ impl IntoResponse for ApiError {
             ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", m),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m),
             ApiError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m),
-            ApiError::NotImplemented(m) => (StatusCode::NOT_IMPLEMENTED, "not_implemented", m),
             ApiError::Internal(e) => {
                 let incident = super::ids::incident();
                 tracing::error!(incident, "internal error: {e:#}");

@@ -89,6 +89,11 @@ impl DataPaths {
         self.root.join("snapshots").join("fs")
     }
 
+    /// Memory images and the programs they name.
+    pub fn memory_store(&self) -> PathBuf {
+        self.root.join("snapshots").join("memory")
+    }
+
     /// Creates the directory (if needed) and opens its database.
     pub fn open_db(&self) -> anyhow::Result<Db> {
         std::fs::create_dir_all(&self.root)
@@ -167,10 +172,11 @@ impl AppState {
             });
         }
         let store_dir = paths.snapshot_store();
+        let memory_dir = paths.memory_store();
         let referenced: HashSet<String> = db.referenced_store_ids()?.into_iter().collect();
         let snapshots = tokio::task::spawn_blocking(move || -> anyhow::Result<snapshots::Snapshots> {
             let store = FsSnapshotStore::open(&store_dir)?;
-            let snapshots = snapshots::Snapshots::new(store);
+            let snapshots = snapshots::Snapshots::new(store, stasis_runtime::MemorySnapshotStore::open(&memory_dir)?);
             let swept = snapshots.sweep_unreferenced(&referenced)?;
             if swept > 0 {
                 tracing::info!("deleted {swept} stored snapshots that no record refers to");
@@ -181,6 +187,7 @@ impl AppState {
         let host = Host::new(HostConfig {
             code_cache_dir: Some(paths.code_cache()),
             max_processes: Some(config.max_processes),
+            ..HostConfig::default()
         })?;
         Ok(Arc::new(AppState {
             config: Settings { data_dir: config.data_dir.clone(), public_url, max_file_bytes: config.max_file_bytes },

@@ -234,6 +234,34 @@ pub async fn start_in(
     Ok(entry)
 }
 
+/// Lists the processes a memory snapshot brought back (ended, with their output) in the
+/// sandbox's process table and the database.
+pub fn adopt_restored(state: &AppState, live: &LiveSandbox) {
+    for process in live.sandbox.processes() {
+        let Some(status) = process.status() else { continue };
+        let argv = process.argv();
+        let now = now_ms();
+        let entry = Arc::new(ProcEntry {
+            process: process.clone(),
+            command: argv.first().cloned().unwrap_or_default(),
+            args: argv.iter().skip(1).cloned().collect(),
+            started_at: now,
+            end: Mutex::new(EntryEnd { ended_at: Some(now), timed_out: false }),
+        });
+        live.processes.insert(entry.clone());
+        let outcome = Outcome::of(&status, false);
+        let end =
+            ProcessEnd { status: outcome.status, exit_code: outcome.exit_code, signal: outcome.signal, ended_at: now };
+        let recorded = state
+            .db
+            .insert_process(&live.id, process.pid(), &entry.command, &entry.args, now)
+            .and_then(|()| state.db.finish_process(&live.id, process.pid(), &end));
+        if let Err(e) = recorded {
+            tracing::warn!(sandbox = %live.id, pid = process.pid(), "cannot record a restored process: {e}");
+        }
+    }
+}
+
 // --- handlers ---
 
 pub async fn start_process(

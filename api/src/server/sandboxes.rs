@@ -19,7 +19,7 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use stasis_runtime::fs_snapshot::{FsSnapshotStore, RestoreOptions, SnapshotId};
-use stasis_runtime::{Limits, Sandbox, SandboxConfig};
+use stasis_runtime::{Limits, MemorySnapshot, Sandbox, SandboxConfig};
 use std::collections::HashMap;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +33,8 @@ const SANDBOX_ENV: [(&str, &str); 2] = [("PATH", stasis_runtime::sandbox::DEFAUL
 #[derive(Default)]
 pub struct Registry {
     live: Mutex<HashMap<String, Arc<LiveSandbox>>>,
+    /// Held while a sandbox is suspended or resumed: one transition at a time.
+    transitions: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
@@ -125,6 +127,7 @@ impl AppState {
                 return Err(ApiError::Conflict(format!("a sandbox named `{name}` already exists")));
             }
         }
+        let mut memory = None;
         let (origin, image, resources, snapshot_id) = match &req.snapshot_id {
             Some(snapshot_id) => {
                 if req.image.is_some() {
@@ -144,6 +147,9 @@ impl AppState {
                     }
                 };
                 let id = SnapshotId::parse(store_id).map_err(ApiError::internal)?;
+                if snap.snapshot_type == "memory" {
+                    memory = Some(self.open_memory_snapshot(&id).await?);
+                }
                 let origin = Origin::Snapshot { store: self.snapshots.store.clone(), id };
                 (origin, snap.base_image, resources(req.resources.as_ref(), snap.resources)?, Some(snap.id))
             }
@@ -166,14 +172,10 @@ impl AppState {
         // going away mid-request) frees the tree.
         let mut tree = TreeGuard(Some(dir.clone()));
         self.build_tree(&dir, origin).await?;
-        let config = SandboxConfig {
-            root: Some(dir.join("root")),
-            env: SANDBOX_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            cwd: Some(super::files::HOME.to_string()),
-            limits: Limits { max_memory: Some(resources.memory_mb as u64 * (1 << 20)), ..Limits::default() },
-            ..SandboxConfig::default()
-        };
-        let sandbox = Sandbox::create(&self.host, config).map_err(ApiError::internal)?;
+        let sandbox = Sandbox::create(&self.host, sandbox_config(&dir, resources)).map_err(ApiError::internal)?;
+        if let Some(memory) = &memory {
+            memory.restore_processes(&sandbox).await.map_err(|e| self.restore_error(&e))?;
+        }
         let row = SandboxRow {
             id: id.clone(),
             namespace: namespace.to_string(),
@@ -193,22 +195,7 @@ impl AppState {
             return Err(ApiError::Conflict(format!("a sandbox named `{name}` already exists")));
         }
         tree.0 = None;
-        let live = Arc::new(LiveSandbox {
-            id: id.clone(),
-            namespace: namespace.to_string(),
-            image,
-            resources,
-            sandbox,
-            dir,
-            created: Instant::now(),
-            processes: ProcessTable::default(),
-            ops: tokio::sync::Mutex::new(()),
-            terminated: AtomicBool::new(false),
-        });
-        self.sandboxes.live.lock().unwrap().insert(id, live.clone());
-        if let Some(secs) = row.timeout_secs {
-            self.terminate_after(&live, Duration::from_secs(secs as u64));
-        }
+        let live = self.register(&row, sandbox, dir);
         if let Some(entrypoint) = &row.entrypoint {
             let req = StartProcessRequest::command(entrypoint[0].clone(), entrypoint[1..].to_vec());
             if let Err(e) = super::processes::start_in(self, &live, req).await {
@@ -217,6 +204,43 @@ impl AppState {
             }
         }
         Ok(row)
+    }
+
+    /// Makes a sandbox live: in the registry, in the data plane, with its timeout armed and
+    /// the processes a memory snapshot brought back listed.
+    fn register(self: &Arc<Self>, row: &SandboxRow, sandbox: Sandbox, dir: PathBuf) -> Arc<LiveSandbox> {
+        let live = Arc::new(LiveSandbox {
+            id: row.id.clone(),
+            namespace: row.namespace.clone(),
+            image: row.image.clone(),
+            resources: row.resources,
+            sandbox,
+            dir,
+            created: Instant::now(),
+            processes: ProcessTable::default(),
+            ops: tokio::sync::Mutex::new(()),
+            terminated: AtomicBool::new(false),
+        });
+        super::processes::adopt_restored(self, &live);
+        self.sandboxes.live.lock().unwrap().insert(row.id.clone(), live.clone());
+        if let Some(secs) = row.timeout_secs {
+            self.terminate_after(&live, Duration::from_secs(secs as u64));
+        }
+        live
+    }
+
+    /// Reads, verifies and prepares a memory snapshot for restores (compiling its state
+    /// modules takes a while: on a blocking thread).
+    async fn open_memory_snapshot(self: &Arc<Self>, id: &SnapshotId) -> ApiResult<MemorySnapshot> {
+        let (state, id) = (self.clone(), id.clone());
+        tokio::task::spawn_blocking(move || MemorySnapshot::open(&state.host, &state.snapshots.images, &id))
+            .await?
+            .map_err(|e| self.restore_error(&e))
+    }
+
+    fn restore_error(&self, e: &stasis_runtime::Error) -> ApiError {
+        tracing::warn!("memory snapshot restore failed: {e}");
+        ApiError::internal(anyhow::anyhow!(super::snapshots::public_error(self, "restoring the memory snapshot", e)))
     }
 
     async fn build_tree(&self, dir: &FsPath, origin: Origin) -> ApiResult<()> {
@@ -254,14 +278,74 @@ impl AppState {
         if live.terminated.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        self.db.terminate_sandbox(&live.id, reason, now_ms())?;
+        self.tear_down(live).await;
+        Ok(())
+    }
+
+    /// Kills a sandbox's processes, takes it out of the registry and frees its tree.
+    async fn tear_down(&self, live: &Arc<LiveSandbox>) {
         live.sandbox.kill_all();
         self.sandboxes.live.lock().unwrap().remove(&live.id);
-        self.db.terminate_sandbox(&live.id, reason, now_ms())?;
         for process in live.sandbox.processes() {
             // Killed processes stop within an epoch tick; do not free the tree under them.
             let _ = process.wait_timeout(Duration::from_secs(2)).await;
         }
         remove_tree(live.dir.clone());
+    }
+
+    /// Freezes a running sandbox into a memory snapshot and frees everything it held.
+    async fn suspend(&self, live: &Arc<LiveSandbox>) -> ApiResult<()> {
+        let _ops = live.ops.lock().await;
+        if live.is_terminated() {
+            return Err(ApiError::Conflict(format!("sandbox `{}` is terminated", live.id)));
+        }
+        super::snapshots::refuse_running(live)?;
+        let report = {
+            let _store = self.snapshots.store_lock.read().await;
+            live.sandbox.snapshot_memory_of(Some(self.snapshots.store.clone()), &self.snapshots.images, &live.id).await
+        };
+        let report = match report {
+            Ok(report) => report,
+            Err(e @ stasis_runtime::Error::NotQuiescent(_)) => return Err(ApiError::Conflict(e.to_string())),
+            Err(e) => {
+                return Err(ApiError::internal(anyhow::anyhow!(super::snapshots::public_error(
+                    self,
+                    "suspending",
+                    &e
+                ))));
+            }
+        };
+        if !self.db.suspend_sandbox(&live.id, report.id.as_str(), now_ms())? {
+            let _ = self.snapshots.delete_stored(report.id.as_str()).await;
+            return Err(ApiError::Conflict(format!("sandbox `{}` is no longer running", live.id)));
+        }
+        live.terminated.store(true, Ordering::SeqCst);
+        self.tear_down(live).await;
+        tracing::info!(sandbox = %live.id, image_bytes = report.image_bytes, "suspended");
+        Ok(())
+    }
+
+    /// Brings a suspended sandbox back from its memory snapshot, under the same id.
+    async fn resume(self: &Arc<Self>, row: &SandboxRow) -> ApiResult<()> {
+        let store_id = self
+            .db
+            .suspension(&row.id)?
+            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("suspended sandbox {} has no snapshot", row.id)))?;
+        let id = SnapshotId::parse(&store_id).map_err(ApiError::internal)?;
+        let memory = self.open_memory_snapshot(&id).await?;
+        let dir = self.paths.sandboxes().join(&row.id);
+        let mut tree = TreeGuard(Some(dir.clone()));
+        self.build_tree(&dir, Origin::Snapshot { store: self.snapshots.store.clone(), id }).await?;
+        let sandbox = Sandbox::create(&self.host, sandbox_config(&dir, row.resources)).map_err(ApiError::internal)?;
+        memory.restore_processes(&sandbox).await.map_err(|e| self.restore_error(&e))?;
+        self.db.resume_sandbox(&row.id)?;
+        tree.0 = None;
+        self.register(row, sandbox, dir);
+        if let Err(e) = self.snapshots.delete_stored(&store_id).await {
+            tracing::warn!(sandbox = %row.id, "cannot delete the snapshot the sandbox resumed from: {e:?}");
+        }
+        tracing::info!(sandbox = %row.id, "resumed");
         Ok(())
     }
 
@@ -285,6 +369,9 @@ impl AppState {
         match self.db.sandbox(namespace, id_or_name)? {
             Some(row) => match self.sandboxes.get(&row.id) {
                 Some(live) => Ok(live),
+                None if row.status == SandboxStatus::Suspended => {
+                    Err(ApiError::Conflict(format!("sandbox `{id_or_name}` is suspended: resume it first")))
+                }
                 None => Err(ApiError::Conflict(format!("sandbox `{id_or_name}` is terminated"))),
             },
             None => Err(ApiError::NotFound(format!("sandbox `{id_or_name}` not found"))),
@@ -295,6 +382,17 @@ impl AppState {
         self.db
             .sandbox(namespace, id_or_name)?
             .ok_or_else(|| ApiError::NotFound(format!("sandbox `{id_or_name}` not found")))
+    }
+}
+
+/// How every API sandbox runs: its tree under `dir`, `/home/user` as working directory.
+fn sandbox_config(dir: &FsPath, resources: Resources) -> SandboxConfig {
+    SandboxConfig {
+        root: Some(dir.join("root")),
+        env: SANDBOX_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        cwd: Some(super::files::HOME.to_string()),
+        limits: Limits { max_memory: Some(resources.memory_mb as u64 * (1 << 20)), ..Limits::default() },
+        ..SandboxConfig::default()
     }
 }
 
@@ -401,6 +499,13 @@ pub async fn delete(
     Path(path): Path<SandboxPath>,
 ) -> ApiResult<Json<SandboxInfo>> {
     let row = state.sandbox_row(&caller.namespace, &path.sandbox_id)?;
+    if row.status == SandboxStatus::Suspended {
+        let _transition = state.sandboxes.transitions.lock().await;
+        state.db.terminate_sandbox(&row.id, "deleted", now_ms())?;
+        if let Some(store_id) = state.db.drop_suspension(&row.id)? {
+            state.snapshots.delete_stored(&store_id).await?;
+        }
+    }
     if let Some(live) = state.sandboxes.get(&row.id) {
         // In a task of its own: it may wait for a snapshot, and must finish even if the
         // client stops waiting.
@@ -411,20 +516,54 @@ pub async fn delete(
     Ok(Json(SandboxInfo::new(row, &state.config.public_url)))
 }
 
-/// Suspend and resume keep processes alive across a stop: that is a memory snapshot.
+/// `POST /sandboxes/{id}/suspend`: a memory snapshot of the sandbox, then everything it
+/// held is freed; the record says `suspended` until it is resumed (also across restarts).
+/// Answers once suspended, with the sandbox; suspending a suspended sandbox is a no-op.
 pub async fn suspend(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(path): Path<SandboxPath>,
-) -> ApiResult<()> {
-    state.sandbox_row(&caller.namespace, &path.sandbox_id)?;
-    Err(ApiError::NotImplemented(
-        "suspend and resume are not available yet: they need memory snapshots, which are not implemented".into(),
-    ))
+) -> ApiResult<Json<SandboxInfo>> {
+    let _transition = state.sandboxes.transitions.lock().await;
+    let row = state.sandbox_row(&caller.namespace, &path.sandbox_id)?;
+    match row.status {
+        SandboxStatus::Suspended => {}
+        SandboxStatus::Terminated => {
+            return Err(ApiError::Conflict(format!("sandbox `{}` is terminated: it cannot be suspended", row.id)));
+        }
+        SandboxStatus::Running => {
+            let live = state.live_sandbox(&caller.namespace, &row.id)?;
+            // In a task of its own: a suspend half done when the client leaves is still done.
+            let suspending = state.clone();
+            tokio::spawn(async move { suspending.suspend(&live).await }).await??;
+        }
+    }
+    let row = state.sandbox_row(&caller.namespace, &row.id)?;
+    Ok(Json(SandboxInfo::new(row, &state.config.public_url)))
 }
 
-pub async fn resume(state: State<Arc<AppState>>, caller: Caller, path: Path<SandboxPath>) -> ApiResult<()> {
-    suspend(state, caller, path).await
+/// `POST /sandboxes/{id}/resume`: the suspended sandbox runs again, under the same id, with
+/// its files and processes as they were; resuming a running sandbox is a no-op.
+pub async fn resume(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(path): Path<SandboxPath>,
+) -> ApiResult<Json<SandboxInfo>> {
+    let _transition = state.sandboxes.transitions.lock().await;
+    let row = state.sandbox_row(&caller.namespace, &path.sandbox_id)?;
+    match row.status {
+        SandboxStatus::Running => {}
+        SandboxStatus::Terminated => {
+            return Err(ApiError::Conflict(format!("sandbox `{}` is terminated: it cannot be resumed", row.id)));
+        }
+        SandboxStatus::Suspended => {
+            let resuming = state.clone();
+            let resumed = row.clone();
+            tokio::spawn(async move { resuming.resume(&resumed).await }).await??;
+        }
+    }
+    let row = state.sandbox_row(&caller.namespace, &row.id)?;
+    Ok(Json(SandboxInfo::new(row, &state.config.public_url)))
 }
 
 #[cfg(test)]

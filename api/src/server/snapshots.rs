@@ -4,6 +4,12 @@
 //! (`<data>/snapshots/fs`); the record moves `in_progress` → `completed` (or `failed`
 //! with `error`). Restore is `POST /sandboxes {"snapshot_id": ...}` (see `sandboxes`).
 //!
+//! A `memory` snapshot is the tree plus an image of every process
+//! (`Sandbox::snapshot_memory_of`), kept in `<data>/snapshots/memory` under the same store
+//! id as its tree: processes that have exited come back with their status and output.
+//! A process still running is refused (409 at the request, or the snapshot `failed` if
+//! one started meanwhile): capturing a running command needs the mid-execution transform.
+//!
 //! Snapshots of one sandbox run one at a time, and never overlap its termination (both
 //! hold the sandbox's `ops` lock). Deleting a snapshot takes the store lock exclusively,
 //! so it never sweeps chunks a capture or a restore is using.
@@ -18,6 +24,7 @@ use super::time::now_ms;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use stasis_runtime::MemorySnapshotStore;
 use stasis_runtime::fs_snapshot::{FsSnapshotStore, SnapshotError, SnapshotId};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -26,6 +33,8 @@ use tokio::sync::{RwLock, watch};
 
 pub struct Snapshots {
     pub store: Arc<FsSnapshotStore>,
+    /// Memory images (and the programs they name), by the id of their tree's snapshot.
+    pub images: MemorySnapshotStore,
     /// Read: captures and restores; write: deletes.
     pub store_lock: RwLock<()>,
     in_flight: watch::Sender<usize>,
@@ -41,8 +50,22 @@ impl Drop for InFlight<'_> {
 }
 
 impl Snapshots {
-    pub fn new(store: FsSnapshotStore) -> Self {
-        Snapshots { store: Arc::new(store), store_lock: RwLock::new(()), in_flight: watch::channel(0).0 }
+    pub fn new(store: FsSnapshotStore, images: MemorySnapshotStore) -> Self {
+        Snapshots { store: Arc::new(store), images, store_lock: RwLock::new(()), in_flight: watch::channel(0).0 }
+    }
+
+    /// Deletes a stored snapshot: its tree and, for a memory snapshot, its image.
+    pub async fn delete_stored(&self, store_id: &str) -> ApiResult<()> {
+        let id = SnapshotId::parse(store_id).map_err(ApiError::internal)?;
+        let _store = self.store_lock.write().await;
+        if self.images.contains(&id) {
+            self.images.delete(&id).map_err(ApiError::internal)?;
+        }
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.delete(&id)).await? {
+            Ok(_) | Err(SnapshotError::NotFound(_)) => Ok(()),
+            Err(e) => Err(ApiError::internal(e)),
+        }
     }
 
     fn enter(&self) -> InFlight<'_> {
@@ -62,6 +85,9 @@ impl Snapshots {
         let mut deleted = 0;
         for info in self.store.list()? {
             if !referenced.contains(info.id.as_str()) {
+                if self.images.contains(&info.id) {
+                    self.images.delete(&info.id)?;
+                }
                 self.store.delete(&info.id)?;
                 deleted += 1;
             }
@@ -72,13 +98,13 @@ impl Snapshots {
 
 /// What the client sees of a failed capture: the runtime's words without the host paths
 /// of the data directory.
-fn public_error(state: &AppState, e: &stasis_runtime::Error) -> String {
+pub fn public_error(state: &AppState, what: &str, e: &stasis_runtime::Error) -> String {
     let data = state.config.data_dir.display().to_string();
-    format!("filesystem capture failed: {e}").replace(&data, "<data>")
+    format!("{what} failed: {e}").replace(&data, "<data>")
 }
 
 impl AppState {
-    async fn capture(self: Arc<Self>, live: Arc<LiveSandbox>, snapshot_id: String) {
+    async fn capture(self: Arc<Self>, live: Arc<LiveSandbox>, snapshot_id: String, memory: bool) {
         let _in_flight = self.snapshots.enter();
         let _ops = live.ops.lock().await;
         let result = if live.is_terminated() {
@@ -87,17 +113,25 @@ impl AppState {
             let _store = self.snapshots.store_lock.read().await;
             let store = self.snapshots.store.clone();
             // Source = the sandbox: its next snapshot reads only what changed since this one.
-            match live.sandbox.snapshot_filesystem(store.clone(), live.id.clone()).await {
-                Ok(report) => {
-                    let id = report.id.clone();
-                    let size = tokio::task::spawn_blocking(move || store.get(&id).map(|m| m.logical_bytes())).await;
-                    let size = size.ok().and_then(Result::ok).unwrap_or(0);
-                    tracing::info!(snapshot = %snapshot_id, sandbox = %live.id, pause = ?report.pause, "snapshot completed");
-                    Ok((report.id, size))
+            let result = if memory {
+                live.sandbox
+                    .snapshot_memory_of(Some(store.clone()), &self.snapshots.images, &live.id)
+                    .await
+                    .map(|report| (report.id, report.image_bytes))
+            } else {
+                live.sandbox.snapshot_filesystem(store.clone(), live.id.clone()).await.map(|report| (report.id, 0))
+            };
+            match result {
+                Ok((id, image_bytes)) => {
+                    let tree = id.clone();
+                    let size = tokio::task::spawn_blocking(move || store.get(&tree).map(|m| m.logical_bytes())).await;
+                    let size = size.ok().and_then(Result::ok).unwrap_or(0) + image_bytes;
+                    tracing::info!(snapshot = %snapshot_id, sandbox = %live.id, memory, "snapshot completed");
+                    Ok((id, size))
                 }
                 Err(e) => {
                     tracing::warn!(snapshot = %snapshot_id, sandbox = %live.id, "snapshot failed: {e}");
-                    Err(public_error(&self, &e))
+                    Err(public_error(&self, if memory { "memory capture" } else { "filesystem capture" }, &e))
                 }
             }
         };
@@ -118,6 +152,19 @@ impl AppState {
     }
 }
 
+/// A memory snapshot needs every command ended: say which one is not.
+pub fn refuse_running(live: &LiveSandbox) -> ApiResult<()> {
+    match live.sandbox.processes().into_iter().find(|p| p.status().is_none()) {
+        None => Ok(()),
+        Some(p) => Err(ApiError::Conflict(format!(
+            "process {} (`{}`) is running: a memory snapshot needs every process ended \
+             (capturing a running command is not supported yet); wait for it or kill it",
+            p.pid(),
+            p.argv().join(" ")
+        ))),
+    }
+}
+
 // --- handlers ---
 
 #[derive(serde::Deserialize)]
@@ -132,21 +179,15 @@ pub async fn create(
     OptionalJsonBody(req): OptionalJsonBody<CreateSnapshotRequest>,
 ) -> ApiResult<(StatusCode, Json<CreateSnapshotResponse>)> {
     let snapshot_type = req.snapshot_type.as_deref().unwrap_or("filesystem");
-    match snapshot_type {
-        "filesystem" => {}
-        "memory" => {
-            return Err(ApiError::NotImplemented(
-                "memory snapshots are not available yet (they arrive with the memory-snapshot work); \
-                 use {\"snapshot_type\": \"filesystem\"}"
-                    .into(),
-            ));
-        }
+    let memory = match snapshot_type {
+        "filesystem" => false,
+        "memory" => true,
         other => {
             return Err(ApiError::BadRequest(format!(
                 "unknown snapshot_type `{other}`: expected `filesystem` or `memory`"
             )));
         }
-    }
+    };
     let row = state
         .db
         .sandbox(&caller.namespace, path.sandbox_id())?
@@ -156,7 +197,13 @@ pub async fn create(
         SandboxStatus::Terminated => {
             return Err(ApiError::Conflict(format!("sandbox `{}` is terminated: nothing to snapshot", row.id)));
         }
+        SandboxStatus::Suspended => {
+            return Err(ApiError::Conflict(format!("sandbox `{}` is suspended: resume it first", row.id)));
+        }
     };
+    if memory {
+        refuse_running(&live)?;
+    }
     if state.is_shutting_down() {
         return Err(ApiError::Conflict("the server is shutting down".into()));
     }
@@ -175,7 +222,7 @@ pub async fn create(
         completed_at: None,
     };
     state.db.insert_snapshot(&snapshot)?;
-    tokio::spawn(state.clone().capture(live, snapshot.id.clone()));
+    tokio::spawn(state.clone().capture(live, snapshot.id.clone(), memory));
     Ok((StatusCode::ACCEPTED, Json(CreateSnapshotResponse { snapshot_id: snapshot.id, status: "in_progress" })))
 }
 
@@ -219,13 +266,7 @@ pub async fn delete(
         return Err(ApiError::Conflict(format!("snapshot `{}` is in progress: delete it once it ends", row.id)));
     }
     if let Some(store_id) = &row.store_id {
-        let id = SnapshotId::parse(store_id).map_err(ApiError::internal)?;
-        let _store = state.snapshots.store_lock.write().await;
-        let store = state.snapshots.store.clone();
-        match tokio::task::spawn_blocking(move || store.delete(&id)).await? {
-            Ok(_) | Err(SnapshotError::NotFound(_)) => {}
-            Err(e) => return Err(ApiError::internal(e)),
-        }
+        state.snapshots.delete_stored(store_id).await?;
     }
     state.db.delete_snapshot(&row.id)?;
     Ok(StatusCode::NO_CONTENT)
