@@ -165,3 +165,11 @@ def test_flat_paths_with_the_sandbox_api_url_variable(server, monkeypatch):
         assert sb.sandbox_id in [s.sandbox_id for s in Sandbox.list(**flat)]
     finally:
         sb.terminate()
+
+
+def test_update_renames_the_sandbox(server, sandbox):
+    name = f"renamed-{int(time.time() * 1000)}"
+    info = sandbox.update(name=name)
+    info = getattr(info, "value", info)
+    assert info.name == name
+    assert Sandbox.connect(name, **server).run("micropython", ["-c", "print(3)"]).stdout == "3"

@@ -43,6 +43,8 @@ fn every_endpoint_checks_the_key_and_its_namespace() {
         case("POST", "/sandboxes".into(), "{}", 200, 200),
         case("GET", "/sandboxes".into(), "", 200, 200),
         case("GET", format!("/sandboxes/{sb}"), "", 404, 200),
+        case("PATCH", format!("/sandboxes/{sb}"), r#"{"name":"mine"}"#, 404, 200),
+        case("PATCH", format!("/v1/namespaces/owner/sandboxes/{sb}"), r#"{"timeout_secs":null}"#, 403, 200),
         case("POST", format!("/sandboxes/{sb}/snapshot"), "", 404, 202),
         case("GET", format!("/sandboxes/{sb}/snapshots"), "", 404, 200),
         case("POST", format!("/sandboxes/{sb}/suspend"), "", 404, 501),
@@ -131,6 +133,10 @@ fn every_endpoint_checks_the_key_and_its_namespace() {
         }
     }
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    // The API's description is public.
+    for (_, client, _) in &clients {
+        client.get("/openapi.json").expect(200);
+    }
 }
 
 #[test]

@@ -358,3 +358,79 @@ fn concurrent_clients_leak_nothing() {
     let manifests = server.data_dir.join("snapshots/fs/snapshots");
     assert_eq!(std::fs::read_dir(&manifests).map(|d| d.count()).unwrap_or(0), 0, "every stored snapshot is deleted");
 }
+
+#[test]
+fn openapi_document_is_served_without_a_key() {
+    let server = TestServer::start();
+    let reply = stasis_tests::Api::new(&server.url, None).get("/openapi.json").expect(200);
+    assert!(reply.content_type.starts_with("application/json"), "{}", reply.content_type);
+    let doc = reply.json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{}", doc["openapi"]);
+    let snapshot = &doc["paths"]["/sandboxes/{sandbox_id}/snapshot"]["post"];
+    let body = &snapshot["requestBody"]["content"]["application/json"]["schema"];
+    assert!(body.to_string().contains("#/components/schemas/CreateSnapshotRequest"), "{body}");
+    let accepted = &snapshot["responses"]["202"]["content"]["application/json"]["schema"]["$ref"];
+    assert_eq!(accepted, "#/components/schemas/CreateSnapshotResponse");
+    let schemas = &doc["components"]["schemas"];
+    let response = &schemas["CreateSnapshotResponse"];
+    assert!(response["properties"]["snapshot_id"].is_object() && response["properties"]["status"].is_object());
+    assert_eq!(response["required"], json!(["snapshot_id", "status"]));
+    assert!(schemas["CreateSnapshotRequest"].to_string().contains("SnapshotType"));
+    assert_eq!(schemas["SnapshotType"]["enum"], json!(["memory", "filesystem"]));
+    // Every route is there, the namespaced control plane too.
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/sandboxes", "post"),
+        ("/sandboxes/{sandbox_id}", "patch"),
+        ("/snapshots/{snapshot_id}", "get"),
+        ("/v1/namespaces/{namespace}/sandboxes/{sandbox_id}/snapshot", "post"),
+        ("/v1/namespaces/{namespace}/sandboxes/{sandbox_id}", "patch"),
+        ("/api/v1/processes/run", "post"),
+        ("/api/v1/files", "put"),
+        ("/api/v1/info", "get"),
+    ] {
+        assert!(paths.get(path).is_some_and(|p| p[method].is_object()), "{method} {path} missing");
+    }
+    assert_eq!(paths.len(), 2 * 8 + 16, "{:?}", paths.keys().collect::<Vec<_>>());
+}
+
+#[test]
+fn patch_renames_and_sets_the_timeout_persistently() {
+    let mut server = TestServer::start();
+    let api = server.client(&server.key("team"));
+    let other = server.client(&server.key("other"));
+    let id = api.create_sandbox(json!({"name": "before"}));
+    let taken = api.create_sandbox(json!({"name": "taken"}));
+    let updated = api.request("PATCH", &format!("/sandboxes/{id}"), br#"{"name": "after"}"#).expect(200).json();
+    assert_eq!(updated["name"], "after");
+    assert_eq!(updated["status"], "running");
+    assert_eq!(api.get("/sandboxes/after").expect(200).json()["id"], id.as_str());
+    api.get("/sandboxes/before").expect(404);
+    // The old name is free again; a taken one is refused.
+    api.create_sandbox(json!({"name": "before"}));
+    api.request("PATCH", &format!("/sandboxes/{id}"), br#"{"name": "taken"}"#).expect(409);
+    api.request("PATCH", &format!("/sandboxes/{id}"), br#"{"name": "no/slash"}"#).expect(400);
+    let m = api.request("PATCH", &format!("/sandboxes/{id}"), br#"{"resources": {"cpus": 2}}"#).expect(400).json();
+    assert!(m["message"].as_str().unwrap().contains("resources"), "{m}");
+    api.request("PATCH", &format!("/sandboxes/{id}"), br#"{"timeout_secs": "soon"}"#).expect(400);
+    other.request("PATCH", &format!("/sandboxes/{id}"), br#"{"name": "x"}"#).expect(404);
+    // The SDK's no-op fields are accepted.
+    api.request("PATCH", &format!("/sandboxes/{id}"), br#"{"auto_resume": false, "network": null}"#).expect(200);
+    // Namespaced path; a timeout, then cleared again.
+    let reply = api.request("PATCH", &format!("/v1/namespaces/team/sandboxes/{id}"), br#"{"timeout_secs": 3600}"#);
+    assert_eq!(reply.expect(200).json()["timeout_secs"], 3600);
+    let reply = api.request("PATCH", &format!("/sandboxes/{id}"), br#"{"timeout_secs": null}"#).expect(200);
+    assert_eq!(reply.json()["timeout_secs"], serde_json::Value::Null);
+    // A short timeout ends the sandbox.
+    let reply = api.request("PATCH", &format!("/sandboxes/{taken}"), br#"{"timeout_secs": 1}"#).expect(200);
+    assert_eq!(reply.json()["timeout_secs"], 1);
+    wait_until(|| api.get(&format!("/sandboxes/{taken}")).expect(200).json()["status"] == "terminated", "timeout");
+    let info = api.get(&format!("/sandboxes/{taken}")).expect(200).json();
+    assert_eq!(info["termination_reason"], "timeout");
+    api.request("PATCH", &format!("/sandboxes/{taken}"), br#"{"name": "late"}"#).expect(409);
+    // The new name is in the database.
+    server.kill9();
+    let restarted = TestServer::start_in(&server.data_dir);
+    let info = api_for(&restarted, &api).get(&format!("/sandboxes/{id}")).expect(200).json();
+    assert_eq!(info["name"], "after");
+}

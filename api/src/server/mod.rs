@@ -20,6 +20,7 @@ mod files;
 mod ids;
 pub mod images;
 mod model;
+mod openapi;
 mod processes;
 mod sandboxes;
 mod snapshots;
@@ -206,7 +207,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     use processes as p;
     let control = Router::new()
         .route("/sandboxes", post(sandboxes::create).get(sandboxes::list))
-        .route("/sandboxes/{sandbox_id}", get(sandboxes::get).delete(sandboxes::delete))
+        .route("/sandboxes/{sandbox_id}", get(sandboxes::get).patch(sandboxes::update).delete(sandboxes::delete))
         .route("/sandboxes/{sandbox_id}/snapshot", post(snapshots::create))
         .route("/sandboxes/{sandbox_id}/snapshots", get(snapshots::list_for_sandbox))
         .route("/sandboxes/{sandbox_id}/suspend", post(sandboxes::suspend))
@@ -250,15 +251,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
+        // The one route without a key: what the API is.
+        .route("/openapi.json", get(openapi_json))
         .layer(axum::middleware::map_response(json_limit_errors))
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
+async fn openapi_json() -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], openapi::json())
+}
+
+#[utoipa::path(get, path = "/api/v1/health", tag = "daemon", responses((status = 200, body = model::HealthResponse)))]
 async fn health(_: sandboxes::SandboxTarget) -> axum::Json<model::HealthResponse> {
     axum::Json(model::HealthResponse { healthy: true })
 }
 
+#[utoipa::path(get, path = "/api/v1/info", tag = "daemon", responses((status = 200, body = model::DaemonInfo)))]
 async fn info(sandboxes::SandboxTarget(live): sandboxes::SandboxTarget) -> axum::Json<model::DaemonInfo> {
     let processes = live.processes.all();
     axum::Json(model::DaemonInfo {

@@ -10,8 +10,10 @@
 
 use super::AppState;
 use super::db::{INTERRUPTED_SNAPSHOT, SandboxStatus, SnapshotRow, SnapshotStatus};
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{Caller, OptionalJsonBody};
+#[allow(unused_imports)] // types named in the OpenAPI annotations
+use super::model::*;
 use super::model::{CreateSnapshotRequest, CreateSnapshotResponse, ListSnapshotsResponse, SnapshotInfo};
 use super::sandboxes::{LiveSandbox, SandboxPath};
 use super::time::now_ms;
@@ -125,6 +127,15 @@ pub struct SnapshotPath {
     snapshot_id: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/sandboxes/{sandbox_id}/snapshot",
+    tag = "snapshots",
+    summary = "Start a snapshot of a sandbox; poll `GET /snapshots/{id}`",
+    params(("sandbox_id" = String, Path, description = "Id or name of the sandbox")),
+    request_body = Option<CreateSnapshotRequest>,
+    responses((status = 202, description = "Started", body = CreateSnapshotResponse), (status = 400, description = "Unknown snapshot_type or bad body", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 409, description = "Sandbox terminated, or shutting down", body = ErrorBody), (status = 501, description = "snapshot_type memory: not available yet", body = ErrorBody))
+)]
 pub async fn create(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -179,11 +190,26 @@ pub async fn create(
     Ok((StatusCode::ACCEPTED, Json(CreateSnapshotResponse { snapshot_id: snapshot.id, status: "in_progress" })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/snapshots",
+    tag = "snapshots",
+    summary = "List the namespace's snapshots",
+    responses((status = 200, body = ListSnapshotsResponse), (status = 401, description = "No valid API key", body = ErrorBody))
+)]
 pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<ListSnapshotsResponse>> {
     let rows = state.db.snapshots(&caller.namespace, None)?;
     Ok(Json(ListSnapshotsResponse { snapshots: rows.into_iter().map(SnapshotInfo::from).collect() }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/sandboxes/{sandbox_id}/snapshots",
+    tag = "snapshots",
+    summary = "List a sandbox's snapshots",
+    params(("sandbox_id" = String, Path, description = "Id or name of the sandbox")),
+    responses((status = 200, body = ListSnapshotsResponse), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody))
+)]
 pub async fn list_for_sandbox(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -201,6 +227,14 @@ fn snapshot_row(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Snapsh
     state.db.snapshot(&caller.namespace, id)?.ok_or_else(|| ApiError::NotFound(format!("snapshot `{id}` not found")))
 }
 
+#[utoipa::path(
+    get,
+    path = "/snapshots/{snapshot_id}",
+    tag = "snapshots",
+    summary = "Get a snapshot (status, progress in `size_bytes`)",
+    params(("snapshot_id" = String, Path, description = "Id of the snapshot")),
+    responses((status = 200, body = SnapshotInfo), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown snapshot, or another namespace's", body = ErrorBody))
+)]
 pub async fn get(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -209,6 +243,14 @@ pub async fn get(
     Ok(Json(snapshot_row(&state, &caller, &path.snapshot_id)?.into()))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/snapshots/{snapshot_id}",
+    tag = "snapshots",
+    summary = "Delete a snapshot",
+    params(("snapshot_id" = String, Path, description = "Id of the snapshot")),
+    responses((status = 204, description = "Deleted"), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown snapshot, or another namespace's", body = ErrorBody), (status = 409, description = "Still in progress", body = ErrorBody))
+)]
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     caller: Caller,
