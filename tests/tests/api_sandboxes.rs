@@ -434,3 +434,41 @@ fn patch_renames_and_sets_the_timeout_persistently() {
     let info = api_for(&restarted, &api).get(&format!("/sandboxes/{id}")).expect(200).json();
     assert_eq!(info["name"], "after");
 }
+
+#[test]
+fn snapshot_progress_grows_to_the_total() {
+    let server = TestServer::start();
+    let api = server.client(&server.key("team"));
+    let id = api.create_sandbox(json!({}));
+    let sb = api.sandbox(&id);
+    // 48 MiB that neither compress nor dedupe: the capture takes a while.
+    let mut data = vec![0u8; 48 << 20];
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    sb.put("/api/v1/files?path=/home/user/big", &data).expect(204);
+    let snap = api.post(&format!("/sandboxes/{id}/snapshot"), json!({})).expect(202).json();
+    let snap = snap["snapshot_id"].as_str().unwrap().to_string();
+    let mut seen = Vec::new();
+    let record = loop {
+        let record = api.get(&format!("/snapshots/{snap}")).expect(200).json();
+        if record["status"] != "in_progress" {
+            break record;
+        }
+        assert_eq!(record["size_bytes"], serde_json::Value::Null, "{record}");
+        seen.push(record["progress_bytes"].as_u64().expect("progress_bytes while in progress"));
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(record["status"], "completed", "{record}");
+    let total = record["size_bytes"].as_u64().unwrap();
+    assert!(total >= 48 << 20, "{record}");
+    assert_eq!(record["progress_bytes"].as_u64(), Some(total));
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "progress went back: {seen:?}");
+    assert!(seen.iter().all(|&b| b <= total), "{seen:?} > {total}");
+    assert!(!seen.is_empty(), "the capture of 48 MiB was never seen in progress");
+    eprintln!("progress seen while in progress: {seen:?} of {total}");
+}

@@ -194,7 +194,10 @@ pub struct SnapshotInfo {
     pub status: &'static str,
     pub snapshot_type: String,
     pub error: Option<String>,
+    /// The tree's logical size (sum of file sizes), once `completed`.
     pub size_bytes: Option<i64>,
+    /// Bytes captured so far: grows while `in_progress`, the total once `completed`.
+    pub progress_bytes: Option<i64>,
     pub base_image: Option<String>,
     pub created_at: String,
     pub completed_at: Option<String>,
@@ -210,6 +213,7 @@ impl From<SnapshotRow> for SnapshotInfo {
             snapshot_type: row.snapshot_type,
             error: row.error,
             size_bytes: row.size_bytes,
+            progress_bytes: row.size_bytes,
             base_image: row.base_image,
             created_at: rfc3339(row.created_at),
             completed_at: row.completed_at.map(rfc3339),

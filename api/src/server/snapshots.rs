@@ -21,8 +21,9 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use stasis_runtime::fs_snapshot::{FsSnapshotStore, SnapshotError, SnapshotId};
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{RwLock, watch};
 
@@ -31,6 +32,8 @@ pub struct Snapshots {
     /// Read: captures and restores; write: deletes.
     pub store_lock: RwLock<()>,
     in_flight: watch::Sender<usize>,
+    /// Bytes captured so far by the snapshots in progress, by snapshot id.
+    progress: Mutex<HashMap<String, Arc<AtomicU64>>>,
 }
 
 /// Counts a running capture until dropped.
@@ -44,12 +47,28 @@ impl Drop for InFlight<'_> {
 
 impl Snapshots {
     pub fn new(store: FsSnapshotStore) -> Self {
-        Snapshots { store: Arc::new(store), store_lock: RwLock::new(()), in_flight: watch::channel(0).0 }
+        Snapshots {
+            store: Arc::new(store),
+            store_lock: RwLock::new(()),
+            in_flight: watch::channel(0).0,
+            progress: Mutex::default(),
+        }
     }
 
     fn enter(&self) -> InFlight<'_> {
         self.in_flight.send_modify(|n| *n += 1);
         InFlight(&self.in_flight)
+    }
+
+    /// The record as the API shows it: with the bytes done of a capture in progress.
+    fn info(&self, row: SnapshotRow) -> SnapshotInfo {
+        let done = self.progress.lock().unwrap().get(&row.id).map(|p| p.load(Ordering::Relaxed));
+        let in_progress = row.status == SnapshotStatus::InProgress;
+        let mut info = SnapshotInfo::from(row);
+        if in_progress {
+            info.progress_bytes = Some(done.unwrap_or(0).min(i64::MAX as u64) as i64);
+        }
+        info
     }
 
     /// Waits until no capture runs, at most `limit`; false if some still do.
@@ -88,8 +107,12 @@ impl AppState {
         } else {
             let _store = self.snapshots.store_lock.read().await;
             let store = self.snapshots.store.clone();
+            let progress = Arc::new(AtomicU64::new(0));
+            self.snapshots.progress.lock().unwrap().insert(snapshot_id.clone(), progress.clone());
             // Source = the sandbox: its next snapshot reads only what changed since this one.
-            match live.sandbox.snapshot_filesystem(store.clone(), live.id.clone()).await {
+            let captured =
+                live.sandbox.snapshot_filesystem_with_progress(store.clone(), live.id.clone(), Some(progress));
+            match captured.await {
                 Ok(report) => {
                     let id = report.id.clone();
                     let size = tokio::task::spawn_blocking(move || store.get(&id).map(|m| m.logical_bytes())).await;
@@ -107,6 +130,7 @@ impl AppState {
             Ok((store_id, size)) => self.db.complete_snapshot(&snapshot_id, store_id.as_str(), size as i64, now_ms()),
             Err(message) => self.db.fail_snapshot(&snapshot_id, &message, now_ms()),
         };
+        self.snapshots.progress.lock().unwrap().remove(&snapshot_id);
         if let Err(e) = recorded {
             tracing::error!(snapshot = %snapshot_id, "cannot record the end of the snapshot: {e}");
         }
@@ -199,7 +223,7 @@ pub async fn create(
 )]
 pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<ListSnapshotsResponse>> {
     let rows = state.db.snapshots(&caller.namespace, None)?;
-    Ok(Json(ListSnapshotsResponse { snapshots: rows.into_iter().map(SnapshotInfo::from).collect() }))
+    Ok(Json(ListSnapshotsResponse { snapshots: rows.into_iter().map(|r| state.snapshots.info(r)).collect() }))
 }
 
 #[utoipa::path(
@@ -220,7 +244,7 @@ pub async fn list_for_sandbox(
         .sandbox(&caller.namespace, path.sandbox_id())?
         .ok_or_else(|| ApiError::NotFound(format!("sandbox `{}` not found", path.sandbox_id())))?;
     let rows = state.db.snapshots(&caller.namespace, Some(&row.id))?;
-    Ok(Json(ListSnapshotsResponse { snapshots: rows.into_iter().map(SnapshotInfo::from).collect() }))
+    Ok(Json(ListSnapshotsResponse { snapshots: rows.into_iter().map(|r| state.snapshots.info(r)).collect() }))
 }
 
 fn snapshot_row(state: &AppState, caller: &Caller, id: &str) -> ApiResult<SnapshotRow> {
@@ -240,7 +264,7 @@ pub async fn get(
     caller: Caller,
     Path(path): Path<SnapshotPath>,
 ) -> ApiResult<Json<SnapshotInfo>> {
-    Ok(Json(snapshot_row(&state, &caller, &path.snapshot_id)?.into()))
+    Ok(Json(state.snapshots.info(snapshot_row(&state, &caller, &path.snapshot_id)?)))
 }
 
 #[utoipa::path(
