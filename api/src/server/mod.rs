@@ -9,6 +9,7 @@
 //! <data>/cache/code/                compiled code, shared by all sandboxes
 //! <data>/images/<name>/             base trees (`stasis image add`)
 //! <data>/sandboxes/<id>/root/       each running sandbox's tree, preopened to its guests as `/`
+//! <data>/pool/<n>/root/             copies of images made ahead of time, renamed into `sandboxes/`
 //! <data>/snapshots/fs/              the filesystem snapshot store
 //! ```
 
@@ -86,6 +87,11 @@ impl DataPaths {
         self.root.join("sandboxes")
     }
 
+    /// Sandbox trees copied from images ahead of time.
+    pub fn pool(&self) -> PathBuf {
+        self.root.join("pool")
+    }
+
     pub fn snapshot_store(&self) -> PathBuf {
         self.root.join("snapshots").join("fs")
     }
@@ -134,6 +140,7 @@ pub struct AppState {
     pub db: Db,
     pub host: Host,
     pub images: images::Images,
+    pool: Arc<images::TreePool>,
     keys: auth::Keys,
     sandboxes: sandboxes::Registry,
     snapshots: snapshots::Snapshots,
@@ -186,6 +193,7 @@ impl AppState {
         Ok(Arc::new(AppState {
             config: Settings { data_dir: config.data_dir.clone(), public_url, max_file_bytes: config.max_file_bytes },
             images: images::Images::new(paths.images()),
+            pool: Arc::new(images::TreePool::new(paths.pool())?),
             paths,
             db,
             host,

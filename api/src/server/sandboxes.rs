@@ -6,7 +6,7 @@ use super::AppState;
 use super::db::{Resources, SandboxRow, SandboxStatus, SnapshotStatus};
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{Caller, JsonBody};
-use super::images::{DEFAULT_IMAGE, copy_tree, validate_name};
+use super::images::{DEFAULT_IMAGE, build_image_tree, validate_name};
 #[allow(unused_imports)] // types named in the OpenAPI annotations
 use super::model::*;
 use super::model::{
@@ -231,21 +231,28 @@ impl AppState {
             Origin::Image(_) => None,
         };
         let dir = dir.to_path_buf();
+        let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            std::fs::create_dir_all(&dir)?;
-            let root = dir.join("root");
             match origin {
-                Origin::Image(Some(image)) => copy_tree(&image, &root)?,
-                Origin::Image(None) => std::fs::create_dir(&root)?,
+                Origin::Image(Some(image)) => {
+                    // A copy made ahead of time if there is one; then top the pool up.
+                    if !pool.take(&image, &dir) {
+                        build_image_tree(Some(&image), &dir)?;
+                    }
+                    pool.refill(&image);
+                }
+                Origin::Image(None) => build_image_tree(None, &dir)?,
                 Origin::Snapshot { store, id } => {
+                    std::fs::create_dir_all(&dir)?;
+                    let root = dir.join("root");
                     let parent = cap_std::fs::Dir::open_ambient_dir(&dir, cap_std::ambient_authority())?;
                     // Not synced: a sandbox does not outlive a crash of the server.
                     let options = RestoreOptions { durable: false, threads: 0 };
                     store.restore_in(&id, &parent, "root".as_ref(), options)?;
+                    std::fs::create_dir_all(root.join("home/user"))?;
+                    std::fs::create_dir_all(root.join("tmp"))?;
                 }
             }
-            std::fs::create_dir_all(root.join("home/user"))?;
-            std::fs::create_dir_all(root.join("tmp"))?;
             Ok(())
         })
         .await?
