@@ -88,6 +88,16 @@ impl Modify for Namespaced {
         );
         openapi.security = Some(vec![SecurityRequirement::new("bearer", Vec::<String>::new())]);
         let paths = &mut openapi.paths.paths;
+        for item in paths.values_mut() {
+            // Handler names repeat across modules (`create`, `get`): prefix the tag, so
+            // that every operation id is unique.
+            for op in operations(item) {
+                let tag = op.tags.as_ref().and_then(|t| t.first()).cloned();
+                if let (Some(tag), Some(id)) = (tag, op.operation_id.as_mut()) {
+                    *id = format!("{tag}_{id}");
+                }
+            }
+        }
         for (path, item) in paths.iter_mut() {
             if path.starts_with("/api/v1/") {
                 for op in operations(item) {
@@ -152,6 +162,13 @@ mod tests {
         assert!(op["responses"]["202"].is_object(), "{op}");
         assert!(doc["paths"]["/v1/namespaces/{namespace}/sandboxes/{sandbox_id}/snapshot"]["post"].is_object());
         assert!(doc["paths"]["/sandboxes/{sandbox_id}"]["patch"].is_object());
+        let mut ids = std::collections::HashSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let id = op["operationId"].as_str().unwrap_or_else(|| panic!("{method} {path}: no operationId"));
+                assert!(ids.insert(id.to_string()), "operationId {id} repeats ({method} {path})");
+            }
+        }
         let ty = &doc["components"]["schemas"]["SnapshotType"];
         assert_eq!(ty["enum"], serde_json::json!(["memory", "filesystem"]), "{ty}");
     }
