@@ -1,39 +1,138 @@
 //! `stasis serve`: the REST API server.
+//!
+//! Settings come from the flags, else from the optional TOML file given with `--config`
+//! (its keys mirror the flags: `listen`, `data_dir`, `public_url`, `max_file_size`,
+//! `max_processes`, `shutdown_grace`), else from the defaults.
 
-use crate::server::{DataDirArg, ServerConfig};
+use crate::server::ServerConfig;
 use clap::Args;
+use serde::Deserialize;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-#[derive(Args, Debug)]
+const DEFAULT_LISTEN: &str = "127.0.0.1:8900";
+const DEFAULT_DATA_DIR: &str = ".stasis";
+const DEFAULT_MAX_FILE_SIZE: &str = "1G";
+const DEFAULT_MAX_PROCESSES: u32 = 500;
+const DEFAULT_SHUTDOWN_GRACE: &str = "30s";
+
+#[derive(Args, Debug, Default)]
 pub struct ServeArgs {
-    #[command(flatten)]
-    data: DataDirArg,
-    /// Address and port to listen on (port 0 picks a free one).
-    #[arg(long, default_value = "127.0.0.1:8900", value_name = "ADDR:PORT")]
-    listen: SocketAddr,
+    /// A TOML file of settings (keys as the flags, with `_`: `listen`, `data_dir`,
+    /// `public_url`, `max_file_size`, `max_processes`, `shutdown_grace`); flags win.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Where Stasis keeps its database, images, sandboxes and snapshots [default: .stasis].
+    #[arg(long, env = "STASIS_DATA_DIR", value_name = "PATH")]
+    data_dir: Option<PathBuf>,
+    /// Address and port to listen on (port 0 picks a free one) [default: 127.0.0.1:8900].
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
     /// The URL clients reach this server at; `sandbox_url` is built from it
     /// (default: `http://` + the listen address).
     #[arg(long, value_name = "URL")]
     public_url: Option<String>,
-    /// Largest file a client may write into a sandbox, e.g. `512M`.
-    #[arg(long, default_value = "1G", value_name = "BYTES", value_parser = stasis_runtime::limits::parse_byte_size)]
-    max_file_size: u64,
-    /// Processes that may run at once across all sandboxes.
-    #[arg(long, default_value_t = 500, value_name = "N")]
-    max_processes: u32,
-    /// How long shutdown waits for snapshots in progress, e.g. `30s`.
-    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
-    shutdown_grace: Duration,
+    /// Largest file a client may write into a sandbox, e.g. `512M` [default: 1G].
+    #[arg(long, value_name = "BYTES", value_parser = stasis_runtime::limits::parse_byte_size)]
+    max_file_size: Option<u64>,
+    /// Processes that may run at once across all sandboxes [default: 500].
+    #[arg(long, value_name = "N")]
+    max_processes: Option<u32>,
+    /// How long shutdown waits for snapshots in progress, e.g. `30s` [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
+    shutdown_grace: Option<Duration>,
+}
+
+/// The config file, as written.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    public_url: Option<String>,
+    max_file_size: Option<SizeSetting>,
+    max_processes: Option<u32>,
+    shutdown_grace: Option<String>,
+}
+
+/// `max_file_size = "512M"` or a number of bytes.
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+enum SizeSetting {
+    Bytes(u64),
+    Text(String),
+}
+
+fn read_config(path: &Path) -> Result<ConfigFile, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read the config file `{}`: {e}", path.display()))?;
+    let file: ConfigFile =
+        toml::from_str(&text).map_err(|e| format!("config file `{}`: {}", path.display(), e.to_string().trim_end()))?;
+    // Dates, nested tables and the like are caught by serde; relative data directories are
+    // relative to the file, as a user reading it expects.
+    Ok(ConfigFile { data_dir: file.data_dir.map(|d| path.parent().unwrap_or(Path::new("")).join(d)), ..file })
+}
+
+/// Flags over the file over the defaults.
+fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
+    let file = match &args.config {
+        Some(path) => read_config(path)?,
+        None => ConfigFile::default(),
+    };
+    let origin = args.config.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
+    let bad = |key: &str, value: &dyn std::fmt::Display, why: String| {
+        format!("config file `{origin}`: invalid `{key}` = {value}: {why}")
+    };
+    let listen = match (args.listen, file.listen) {
+        (Some(addr), _) => addr,
+        (None, Some(text)) => {
+            text.parse().map_err(|e: std::net::AddrParseError| bad("listen", &format!("{text:?}"), e.to_string()))?
+        }
+        (None, None) => DEFAULT_LISTEN.parse().expect("a valid default"),
+    };
+    let public_url = args.public_url.or(file.public_url);
+    if let Some(url) = &public_url
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err(format!("public_url `{url}` must start with http:// or https://"));
+    }
+    let max_file_bytes = match (args.max_file_size, file.max_file_size) {
+        (Some(bytes), _) | (None, Some(SizeSetting::Bytes(bytes))) => bytes,
+        (None, Some(SizeSetting::Text(text))) => {
+            stasis_runtime::limits::parse_byte_size(&text).map_err(|e| bad("max_file_size", &format!("{text:?}"), e))?
+        }
+        (None, None) => stasis_runtime::limits::parse_byte_size(DEFAULT_MAX_FILE_SIZE)?,
+    };
+    let shutdown_grace = match (args.shutdown_grace, file.shutdown_grace) {
+        (Some(d), _) => d,
+        (None, Some(text)) => {
+            stasis_runtime::limits::parse_duration(&text).map_err(|e| bad("shutdown_grace", &format!("{text:?}"), e))?
+        }
+        (None, None) => stasis_runtime::limits::parse_duration(DEFAULT_SHUTDOWN_GRACE)?,
+    };
+    let max_processes = args.max_processes.or(file.max_processes).unwrap_or(DEFAULT_MAX_PROCESSES);
+    if max_processes == 0 {
+        return Err("max_processes must be at least 1".into());
+    }
+    Ok(ServerConfig {
+        data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+        listen,
+        public_url,
+        max_file_bytes,
+        max_processes,
+        shutdown_grace,
+    })
 }
 
 pub fn main(args: ServeArgs) -> u8 {
-    if let Some(url) = &args.public_url
-        && !(url.starts_with("http://") || url.starts_with("https://"))
-    {
-        eprintln!("stasis: error: --public-url `{url}` must start with http:// or https://");
-        return 2;
-    }
+    let config = match resolve(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("stasis: error: {e}");
+            return 2;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -41,19 +140,68 @@ pub fn main(args: ServeArgs) -> u8 {
             return 1;
         }
     };
-    let config = ServerConfig {
-        data_dir: args.data.data_dir,
-        listen: args.listen,
-        public_url: args.public_url,
-        max_file_bytes: args.max_file_size,
-        max_processes: args.max_processes.max(1),
-        shutdown_grace: args.shutdown_grace,
-    };
     match runtime.block_on(crate::server::serve(config)) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("stasis: error: {e:#}");
             1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_file(text: &str, args: ServeArgs) -> Result<ServerConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stasis.toml");
+        std::fs::write(&path, text).unwrap();
+        resolve(ServeArgs { config: Some(path), ..args })
+    }
+
+    #[test]
+    fn defaults_file_and_flags() {
+        let config = resolve(ServeArgs::default()).unwrap();
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.data_dir, PathBuf::from(".stasis"));
+        assert_eq!(config.max_file_bytes, 1 << 30);
+        let text = "listen = \"127.0.0.1:9000\"\ndata_dir = \"/srv/stasis\"\npublic_url = \"http://a\"\n\
+                    max_file_size = \"2K\"\nmax_processes = 7\nshutdown_grace = \"5s\"\n";
+        let config = with_file(text, ServeArgs::default()).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(config.data_dir, PathBuf::from("/srv/stasis"));
+        assert_eq!(config.public_url.as_deref(), Some("http://a"));
+        assert_eq!((config.max_file_bytes, config.max_processes), (2048, 7));
+        assert_eq!(config.shutdown_grace, Duration::from_secs(5));
+        let flags = ServeArgs {
+            listen: Some("127.0.0.1:9001".parse().unwrap()),
+            max_processes: Some(9),
+            public_url: Some("http://b".into()),
+            ..Default::default()
+        };
+        let config = with_file(text, flags).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:9001");
+        assert_eq!(config.max_processes, 9);
+        assert_eq!(config.public_url.as_deref(), Some("http://b"));
+        assert_eq!(with_file("max_file_size = 100", ServeArgs::default()).unwrap().max_file_bytes, 100);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_value() {
+        let e = with_file("listn = \"x\"", ServeArgs::default()).unwrap_err();
+        assert!(e.contains("unknown field `listn`"), "{e}");
+        let e = with_file("listen = \"nowhere\"", ServeArgs::default()).unwrap_err();
+        assert!(e.contains("`listen` = \"nowhere\""), "{e}");
+        let e = with_file("max_processes = \"many\"", ServeArgs::default()).unwrap_err();
+        assert!(e.contains("max_processes"), "{e}");
+        let e = with_file("max_file_size = \"huge\"", ServeArgs::default()).unwrap_err();
+        assert!(e.contains("`max_file_size` = \"huge\""), "{e}");
+        let e = with_file("shutdown_grace = \"soon\"", ServeArgs::default()).unwrap_err();
+        assert!(e.contains("`shutdown_grace` = \"soon\""), "{e}");
+        let e = with_file("listen = ", ServeArgs::default()).unwrap_err();
+        assert!(e.contains("stasis.toml"), "{e}");
+        let e = resolve(ServeArgs { config: Some("/no/such.toml".into()), ..Default::default() }).unwrap_err();
+        assert!(e.contains("cannot read the config file `/no/such.toml`"), "{e}");
     }
 }

@@ -13,6 +13,7 @@ use crate::fs_snapshot::{CaptureOptions, CaptureStats, FsSnapshotStore, PendingS
 use crate::sandbox::Sandbox;
 use cap_std::fs::Dir;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 /// What [`Sandbox::snapshot_filesystem`] did.
@@ -31,13 +32,24 @@ impl Sandbox {
     /// Captures the sandbox tree into `store` as one consistent moment and commits it.
     /// The processes keep running afterwards.
     pub async fn snapshot_filesystem(&self, store: Arc<FsSnapshotStore>, source: String) -> Result<FsSnapshotReport> {
+        self.snapshot_filesystem_with_progress(store, source, None).await
+    }
+
+    /// [`snapshot_filesystem`](Self::snapshot_filesystem), adding to `progress` the bytes
+    /// of the files the (warm) capture has read or reused so far.
+    pub async fn snapshot_filesystem_with_progress(
+        &self,
+        store: Arc<FsSnapshotStore>,
+        source: String,
+        progress: Option<Arc<AtomicU64>>,
+    ) -> Result<FsSnapshotReport> {
         let root = self.root().ok_or_else(|| Error::InvalidArgument("the sandbox has no root directory".into()))?;
         let root = Arc::new(root.try_clone().map_err(|source| Error::Io { context: "sandbox root".into(), source })?);
 
-        let warm = capture(store.clone(), root.clone(), source.clone(), Parent::LatestOf).await?;
+        let warm = capture(store.clone(), root.clone(), source.clone(), Parent::LatestOf, progress).await?;
         let warm_stats = warm.stats().clone();
         let guard = self.pause().await;
-        let paused = capture(store.clone(), root, source, Parent::Pending(Box::new(warm))).await;
+        let paused = capture(store.clone(), root, source, Parent::Pending(Box::new(warm)), None).await;
         let pause = guard.elapsed();
         drop(guard);
         let paused = paused?;
@@ -62,6 +74,7 @@ async fn capture(
     root: Arc<Dir>,
     source: String,
     parent: Parent,
+    progress: Option<Arc<AtomicU64>>,
 ) -> Result<PendingSnapshot> {
     let pending = tokio::task::spawn_blocking(move || {
         let committed = match &parent {
@@ -72,7 +85,7 @@ async fn capture(
             Parent::Pending(pending) => Some(pending.manifest()),
             Parent::LatestOf => committed.as_ref(),
         };
-        let options = CaptureOptions::new(source.clone());
+        let options = CaptureOptions { progress, ..CaptureOptions::new(source.clone()) };
         let with_parent = match manifest {
             Some(manifest) => options.clone().parent(manifest),
             None => options.clone(),

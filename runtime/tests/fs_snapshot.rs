@@ -226,6 +226,31 @@ mod fs_snapshot {
     }
 
     #[test]
+    fn progress_counts_read_and_reused_bytes() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("a"), bytes(1, 3 << 20, false)).unwrap();
+        fs::write(src.join("b"), bytes(2, 1000, true)).unwrap();
+        let store = store_in(&t);
+        std::thread::sleep(Duration::from_millis(30)); // not "racy": the next capture may reuse them
+        let progress = Arc::new(AtomicU64::new(0));
+        let options = CaptureOptions::new("src").progress(progress.clone());
+        let first = store.capture(&open_dir(&src), options).unwrap();
+        assert_eq!(progress.load(Ordering::Relaxed), (3 << 20) + 1000);
+        // With a parent, unchanged files count as they are reused.
+        let id = store.commit(first).unwrap();
+        let parent = store.get(&id).unwrap();
+        let again = Arc::new(AtomicU64::new(0));
+        let options = CaptureOptions::new("src").parent(&parent).progress(again.clone());
+        let second = store.capture(&open_dir(&src), options).unwrap();
+        assert_eq!(again.load(Ordering::Relaxed), (3 << 20) + 1000);
+        assert_eq!(second.stats().bytes_read, 0, "{:?}", second.stats());
+    }
+
+    #[test]
     fn special_files_are_skipped_with_a_warning() {
         let t = tempfile::tempdir().unwrap();
         let src = t.path().join("src");

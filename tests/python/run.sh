@@ -38,7 +38,7 @@ export STASIS_KEY STASIS_OTHER_KEY
 server_pid=$!
 line=""
 for _ in $(seq 600); do
-    line="$(head -n 1 "$work/stdout")"
+    line="$(head -n 1 "$work/stdout" 2>/dev/null || true)"
     [ -n "$line" ] && break
     kill -0 "$server_pid" 2>/dev/null || break
     sleep 0.1

@@ -112,11 +112,41 @@ def test_default_checkpoint_is_filesystem(sandbox):
     assert snap.snapshot_type.value == "filesystem"
 
 
-def test_memory_snapshots_say_they_are_not_available_yet(sandbox):
+def test_memory_snapshot_restores_files_and_ended_processes(server, sandbox):
+    sandbox.write_file("/home/user/state.txt", b"in memory snapshot")
+    assert sandbox.run("micropython", ["-c", "print(6*7)"]).stdout == "42"
+    snap = sandbox.checkpoint(checkpoint_type=CheckpointType.MEMORY)
+    assert snap.status == SnapshotStatus.COMPLETED
+    assert snap.snapshot_type.value == "memory"
+
+    restored = Sandbox.create(snapshot_id=snap.snapshot_id, **server)
+    try:
+        assert restored.read_file("/home/user/state.txt").value == b"in memory snapshot"
+        processes = restored.list_processes()
+        assert [(p.command, p.exit_code) for p in processes] == [("micropython", 0)]
+        assert restored.run("micropython", ["-c", "print('alive')"]).stdout == "alive"
+    finally:
+        restored.terminate()
+    Sandbox.delete_snapshot(snap.snapshot_id, **server)
+
+
+def test_memory_snapshot_of_a_running_process_is_refused(sandbox):
+    sandbox.start_process("micropython", ["-c", "while True: pass"])
     with pytest.raises(RemoteAPIError) as err:
         sandbox.checkpoint(checkpoint_type=CheckpointType.MEMORY)
-    assert err.value.status_code == 501
-    assert "memory snapshots are not available yet" in str(err.value)
+    assert err.value.status_code == 409
+    assert "running" in str(err.value)
+
+
+def test_suspend_and_resume(server, sandbox):
+    sandbox.write_file("/home/user/kept.txt", b"across suspend")
+    sandbox.suspend(poll_interval=0.05)
+    status = lambda: {s.sandbox_id: s.status for s in Sandbox.list(**server)}[sandbox.sandbox_id]  # noqa: E731
+    assert status() == SandboxStatus.SUSPENDED
+    sandbox.resume(poll_interval=0.05)
+    assert status() == SandboxStatus.RUNNING
+    assert sandbox.read_file("/home/user/kept.txt").value == b"across suspend"
+    assert sandbox.run("micropython", ["-c", "print(1)"]).stdout == "1"
 
 
 def test_list_and_terminate(server):
@@ -165,3 +195,11 @@ def test_flat_paths_with_the_sandbox_api_url_variable(server, monkeypatch):
         assert sb.sandbox_id in [s.sandbox_id for s in Sandbox.list(**flat)]
     finally:
         sb.terminate()
+
+
+def test_update_renames_the_sandbox(server, sandbox):
+    name = f"renamed-{int(time.time() * 1000)}"
+    info = sandbox.update(name=name)
+    info = getattr(info, "value", info)
+    assert info.name == name
+    assert Sandbox.connect(name, **server).run("micropython", ["-c", "print(3)"]).stdout == "3"

@@ -188,7 +188,8 @@ fn bad_requests_name_the_problem() {
     api.get("/sandboxes/sbnope").expect(404);
     api.get("/snapshots/snapnope").expect(404);
     api.get("/no/such/route").expect(404);
-    api.post(&format!("/sandboxes/{id}/suspend"), json!({})).expect(501);
+    api.post("/sandboxes/sbnope/suspend", json!({})).expect(404);
+    api.post("/sandboxes/sbnope/resume", json!({})).expect(404);
     let m = message(sb.post("/api/v1/processes", json!({"command": "hello", "stdin_mode": "tty"})).expect(400));
     assert!(m.contains("stdin_mode"), "{m}");
     sb.post("/api/v1/processes", json!({"args": []})).expect(400);
@@ -355,4 +356,118 @@ fn concurrent_clients_leak_nothing() {
     wait_until(|| std::fs::read_dir(&trees).unwrap().count() == 0, "every sandbox tree is freed");
     let manifests = server.data_dir.join("snapshots/fs/snapshots");
     assert_eq!(std::fs::read_dir(&manifests).map(|d| d.count()).unwrap_or(0), 0, "every stored snapshot is deleted");
+}
+
+#[test]
+fn openapi_document_is_served_without_a_key() {
+    let server = TestServer::start();
+    let reply = stasis_tests::Api::new(&server.url, None).get("/openapi.json").expect(200);
+    assert!(reply.content_type.starts_with("application/json"), "{}", reply.content_type);
+    let doc = reply.json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{}", doc["openapi"]);
+    let snapshot = &doc["paths"]["/sandboxes/{sandbox_id}/snapshot"]["post"];
+    let body = &snapshot["requestBody"]["content"]["application/json"]["schema"];
+    assert!(body.to_string().contains("#/components/schemas/CreateSnapshotRequest"), "{body}");
+    let accepted = &snapshot["responses"]["202"]["content"]["application/json"]["schema"]["$ref"];
+    assert_eq!(accepted, "#/components/schemas/CreateSnapshotResponse");
+    let schemas = &doc["components"]["schemas"];
+    let response = &schemas["CreateSnapshotResponse"];
+    assert!(response["properties"]["snapshot_id"].is_object() && response["properties"]["status"].is_object());
+    assert_eq!(response["required"], json!(["snapshot_id", "status"]));
+    assert!(schemas["CreateSnapshotRequest"].to_string().contains("SnapshotType"));
+    assert_eq!(schemas["SnapshotType"]["enum"], json!(["memory", "filesystem"]));
+    // Every route is there, the namespaced control plane too.
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/sandboxes", "post"),
+        ("/sandboxes/{sandbox_id}", "patch"),
+        ("/snapshots/{snapshot_id}", "get"),
+        ("/v1/namespaces/{namespace}/sandboxes/{sandbox_id}/snapshot", "post"),
+        ("/v1/namespaces/{namespace}/sandboxes/{sandbox_id}", "patch"),
+        ("/api/v1/processes/run", "post"),
+        ("/api/v1/files", "put"),
+        ("/api/v1/info", "get"),
+    ] {
+        assert!(paths.get(path).is_some_and(|p| p[method].is_object()), "{method} {path} missing");
+    }
+    assert_eq!(paths.len(), 2 * 8 + 16, "{:?}", paths.keys().collect::<Vec<_>>());
+}
+
+#[test]
+fn patch_renames_and_sets_the_timeout_persistently() {
+    let mut server = TestServer::start();
+    let api = server.client(&server.key("team"));
+    let other = server.client(&server.key("other"));
+    let id = api.create_sandbox(json!({"name": "before"}));
+    let taken = api.create_sandbox(json!({"name": "taken"}));
+    let updated = api.request("PATCH", &format!("/sandboxes/{id}"), br#"{"name": "after"}"#).expect(200).json();
+    assert_eq!(updated["name"], "after");
+    assert_eq!(updated["status"], "running");
+    assert_eq!(api.get("/sandboxes/after").expect(200).json()["id"], id.as_str());
+    api.get("/sandboxes/before").expect(404);
+    // The old name is free again; a taken one is refused.
+    api.create_sandbox(json!({"name": "before"}));
+    api.request("PATCH", &format!("/sandboxes/{id}"), br#"{"name": "taken"}"#).expect(409);
+    api.request("PATCH", &format!("/sandboxes/{id}"), br#"{"name": "no/slash"}"#).expect(400);
+    let m = api.request("PATCH", &format!("/sandboxes/{id}"), br#"{"resources": {"cpus": 2}}"#).expect(400).json();
+    assert!(m["message"].as_str().unwrap().contains("resources"), "{m}");
+    api.request("PATCH", &format!("/sandboxes/{id}"), br#"{"timeout_secs": "soon"}"#).expect(400);
+    other.request("PATCH", &format!("/sandboxes/{id}"), br#"{"name": "x"}"#).expect(404);
+    // The SDK's no-op fields are accepted.
+    api.request("PATCH", &format!("/sandboxes/{id}"), br#"{"auto_resume": false, "network": null}"#).expect(200);
+    // Namespaced path; a timeout, then cleared again.
+    let reply = api.request("PATCH", &format!("/v1/namespaces/team/sandboxes/{id}"), br#"{"timeout_secs": 3600}"#);
+    assert_eq!(reply.expect(200).json()["timeout_secs"], 3600);
+    let reply = api.request("PATCH", &format!("/sandboxes/{id}"), br#"{"timeout_secs": null}"#).expect(200);
+    assert_eq!(reply.json()["timeout_secs"], serde_json::Value::Null);
+    // A short timeout ends the sandbox.
+    let reply = api.request("PATCH", &format!("/sandboxes/{taken}"), br#"{"timeout_secs": 1}"#).expect(200);
+    assert_eq!(reply.json()["timeout_secs"], 1);
+    wait_until(|| api.get(&format!("/sandboxes/{taken}")).expect(200).json()["status"] == "terminated", "timeout");
+    let info = api.get(&format!("/sandboxes/{taken}")).expect(200).json();
+    assert_eq!(info["termination_reason"], "timeout");
+    api.request("PATCH", &format!("/sandboxes/{taken}"), br#"{"name": "late"}"#).expect(409);
+    // The new name is in the database.
+    server.kill9();
+    let restarted = TestServer::start_in(&server.data_dir);
+    let info = api_for(&restarted, &api).get(&format!("/sandboxes/{id}")).expect(200).json();
+    assert_eq!(info["name"], "after");
+}
+
+#[test]
+fn snapshot_progress_grows_to_the_total() {
+    let server = TestServer::start();
+    let api = server.client(&server.key("team"));
+    let id = api.create_sandbox(json!({}));
+    let sb = api.sandbox(&id);
+    // 48 MiB that neither compress nor dedupe: the capture takes a while.
+    let mut data = vec![0u8; 48 << 20];
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    sb.put("/api/v1/files?path=/home/user/big", &data).expect(204);
+    let snap = api.post(&format!("/sandboxes/{id}/snapshot"), json!({})).expect(202).json();
+    let snap = snap["snapshot_id"].as_str().unwrap().to_string();
+    let mut seen = Vec::new();
+    let record = loop {
+        let record = api.get(&format!("/snapshots/{snap}")).expect(200).json();
+        if record["status"] != "in_progress" {
+            break record;
+        }
+        assert_eq!(record["size_bytes"], serde_json::Value::Null, "{record}");
+        seen.push(record["progress_bytes"].as_u64().expect("progress_bytes while in progress"));
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(record["status"], "completed", "{record}");
+    let total = record["size_bytes"].as_u64().unwrap();
+    assert!(total >= 48 << 20, "{record}");
+    assert_eq!(record["progress_bytes"].as_u64(), Some(total));
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "progress went back: {seen:?}");
+    assert!(seen.iter().all(|&b| b <= total), "{seen:?} > {total}");
+    assert!(!seen.is_empty(), "the capture of 48 MiB was never seen in progress");
+    eprintln!("progress seen while in progress: {seen:?} of {total}");
 }

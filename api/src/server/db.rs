@@ -357,6 +357,26 @@ impl Db {
         Ok(store_id)
     }
 
+    /// Renames a live sandbox (`None`: no name); `Ok(false)` if another live sandbox of
+    /// the namespace holds the name.
+    pub fn rename_sandbox(&self, id: &str, name: Option<&str>) -> rusqlite::Result<bool> {
+        let result = self.with(|c| c.execute("UPDATE sandboxes SET name = ?2 WHERE id = ?1", params![id, name]));
+        match result {
+            Ok(_) => Ok(true),
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets a sandbox's timeout (seconds from its creation; `None`: none).
+    pub fn set_sandbox_timeout(&self, id: &str, timeout_secs: Option<i64>) -> rusqlite::Result<()> {
+        self.with(|c| {
+            c.execute("UPDATE sandboxes SET timeout_secs = ?2 WHERE id = ?1", params![id, timeout_secs]).map(drop)
+        })
+    }
+
     // --- processes ---
 
     pub fn insert_process(

@@ -34,9 +34,12 @@ pub enum ApiError {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    code: &'a str,
+/// The body of every error answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Machine-readable reason: `invalid_request`, `unauthorized`, `forbidden`, `not_found`,
+    /// `conflict`, `payload_too_large`, `not_implemented`, `internal`, ...
+    code: &'static str,
     message: String,
 }
 

@@ -5,7 +5,9 @@
 //! to a host file. No path is checked here, because none needs to be.
 
 use super::AppState;
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
+#[allow(unused_imports)] // types named in the OpenAPI annotations
+use super::model::*;
 use super::model::{DirectoryEntry, ListDirectoryResponse, PathQuery};
 use super::sandboxes::{LiveSandbox, SandboxTarget};
 use super::time::{ms, rfc3339};
@@ -87,6 +89,14 @@ fn path_of(query: &PathQuery) -> &str {
 }
 
 /// `GET /api/v1/files?path=`: the file's bytes, streamed.
+#[utoipa::path(
+    get,
+    path = "/api/v1/files",
+    tag = "files",
+    summary = "Read a file",
+    params(("path" = String, Query, description = "Absolute path in the sandbox")),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+)]
 pub async fn read_file(SandboxTarget(live): SandboxTarget, Query(query): Query<PathQuery>) -> ApiResult<Response> {
     let path = path_of(&query).to_string();
     let (file, len) = in_root(&live, &path, |dir, rel| {
@@ -119,6 +129,15 @@ pub async fn read_file(SandboxTarget(live): SandboxTarget, Query(query): Query<P
 
 /// `PUT /api/v1/files?path=`: writes the body as the file (parents created, an existing
 /// file replaced). At most `max_file_bytes`; a larger body is a 413 and leaves no file.
+#[utoipa::path(
+    put,
+    path = "/api/v1/files",
+    tag = "files",
+    summary = "Write a file (raw bytes)",
+    params(("path" = String, Query, description = "Absolute path in the sandbox")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 204, description = "Written"), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody), (status = 413, description = "File too large", body = ErrorBody))
+)]
 pub async fn write_file(
     State(state): State<Arc<AppState>>,
     SandboxTarget(live): SandboxTarget,
@@ -174,6 +193,14 @@ pub async fn write_file(
 }
 
 /// `DELETE /api/v1/files?path=`: removes a file, a symlink, or a directory tree.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/files",
+    tag = "files",
+    summary = "Delete a file or directory",
+    params(("path" = String, Query, description = "Absolute path in the sandbox")),
+    responses((status = 204, description = "Deleted"), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+)]
 pub async fn delete_file(SandboxTarget(live): SandboxTarget, Query(query): Query<PathQuery>) -> ApiResult<StatusCode> {
     let path = path_of(&query).to_string();
     let rel = relative(&path)?;
@@ -191,6 +218,14 @@ pub async fn delete_file(SandboxTarget(live): SandboxTarget, Query(query): Query
 }
 
 /// `GET /api/v1/files/list?path=`: the entries of a directory, sorted by name.
+#[utoipa::path(
+    get,
+    path = "/api/v1/files/list",
+    tag = "files",
+    summary = "List a directory",
+    params(("path" = String, Query, description = "Absolute path in the sandbox")),
+    responses((status = 200, body = ListDirectoryResponse), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+)]
 pub async fn list_directory(
     SandboxTarget(live): SandboxTarget,
     Query(query): Query<PathQuery>,

@@ -121,6 +121,34 @@ pub fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn the_pool_hands_out_copies_of_the_current_image_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir_all(src.join("bin")).unwrap();
+        fs::write(src.join("bin/tool.wasm"), b"v1").unwrap();
+        let images = Images::new(tmp.path().join("images"));
+        let image = images.add("default", &src).unwrap();
+        let pool = std::sync::Arc::new(TreePool::new(tmp.path().join("pool")).unwrap());
+        let sandboxes = tmp.path().join("sandboxes");
+        fs::create_dir_all(&sandboxes).unwrap();
+        assert!(!pool.take(&image, &sandboxes.join("a")), "empty at first");
+        pool.refill(&image);
+        let ready = || pool.state.lock().unwrap().ready.get(&image).map_or(0, Vec::len);
+        while ready() < pool.target || !pool.state.lock().unwrap().refilling.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(pool.take(&image, &sandboxes.join("b")));
+        assert_eq!(fs::read(sandboxes.join("b/root/bin/tool.wasm")).unwrap(), b"v1");
+        assert!(sandboxes.join("b/root/home/user").is_dir() && sandboxes.join("b/root/tmp").is_dir());
+        // Replaced: the copies of the old tree are thrown away, not handed out.
+        fs::write(src.join("bin/tool.wasm"), b"v2").unwrap();
+        images.add("default", &src).unwrap();
+        assert!(!pool.take(&image, &sandboxes.join("c")));
+        assert_eq!(ready(), 0);
+        assert_eq!(fs::read_dir(tmp.path().join("pool")).unwrap().count(), 0);
+    }
+
     #[test]
     fn names_cannot_be_paths() {
         assert!(validate_name("default").is_ok());
@@ -149,5 +177,111 @@ mod tests {
         assert_eq!(images.list().unwrap(), vec!["default".to_string()]);
         assert!(images.get("nope").is_none());
         assert!(images.add("x", &src.join("bin/tool.wasm")).is_err());
+    }
+}
+
+/// Trees copied from images ahead of time, so that creating a sandbox renames a ready
+/// tree into place instead of copying the image while the client waits. Each image in use
+/// keeps up to [`TreePool::TARGET`] ready trees under `<data>/pool/`; a tree built from an
+/// image that has since been replaced (`stasis image add` renames a new tree into place)
+/// is never handed out.
+pub struct TreePool {
+    dir: PathBuf,
+    /// Ready trees kept per image: [`TreePool::TARGET`], or `$STASIS_POOL_TREES` (0: none).
+    target: usize,
+    state: std::sync::Mutex<PoolState>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    ready: std::collections::HashMap<PathBuf, Vec<ReadyTree>>,
+    refilling: std::collections::HashSet<PathBuf>,
+}
+
+struct ReadyTree {
+    /// A directory holding `root/`, the copy.
+    dir: PathBuf,
+    image: ImageIdentity,
+}
+
+/// Which tree an image path held: inode and change time (a rename changes both).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct ImageIdentity(u64, i64, i64);
+
+fn identity(image: &Path) -> io::Result<ImageIdentity> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(image)?;
+    Ok(ImageIdentity(m.ino(), m.ctime(), m.ctime_nsec()))
+}
+
+/// Makes a sandbox tree in `dir/root`: a copy of `image` (or empty) with `/home/user` and `/tmp`.
+pub fn build_image_tree(image: Option<&Path>, dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let root = dir.join("root");
+    match image {
+        Some(image) => copy_tree(image, &root)?,
+        None => fs::create_dir(&root)?,
+    }
+    fs::create_dir_all(root.join("home/user"))?;
+    fs::create_dir_all(root.join("tmp"))
+}
+
+impl TreePool {
+    /// Ready trees kept per image.
+    pub const TARGET: usize = 4;
+
+    /// A pool under `dir`, emptied of what an earlier run left.
+    pub fn new(dir: PathBuf) -> io::Result<Self> {
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        fs::create_dir_all(&dir)?;
+        let target = std::env::var("STASIS_POOL_TREES").ok().and_then(|v| v.parse().ok()).unwrap_or(Self::TARGET);
+        Ok(TreePool { dir, target, state: Default::default() })
+    }
+
+    /// Moves a ready copy of `image` to `dir/root` (`dir` must not exist); false if there
+    /// is none (then the caller copies the image itself).
+    pub fn take(&self, image: &Path, dir: &Path) -> bool {
+        let Ok(current) = identity(image) else { return false };
+        loop {
+            let tree = self.state.lock().unwrap().ready.get_mut(image).and_then(Vec::pop);
+            let Some(tree) = tree else { return false };
+            if tree.image == current && fs::rename(&tree.dir, dir).is_ok() {
+                return true;
+            }
+            let _ = fs::remove_dir_all(&tree.dir);
+        }
+    }
+
+    /// Tops up the ready copies of `image` in the background (one refill per image at a time).
+    pub fn refill(self: &std::sync::Arc<Self>, image: &Path) {
+        {
+            let mut state = self.state.lock().unwrap();
+            if state.ready.get(image).map_or(0, Vec::len) >= self.target || !state.refilling.insert(image.into()) {
+                return;
+            }
+        }
+        let (pool, image) = (self.clone(), image.to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            loop {
+                if pool.state.lock().unwrap().ready.get(&image).map_or(0, Vec::len) >= pool.target {
+                    break;
+                }
+                // Taken before the copy: a copy that raced a replacement never matches.
+                let Ok(before) = identity(&image) else { break };
+                let dir = pool.dir.join(super::ids::incident());
+                if let Err(e) = build_image_tree(Some(&image), &dir) {
+                    tracing::warn!("cannot prepare a copy of `{}`: {e}", image.display());
+                    let _ = fs::remove_dir_all(&dir);
+                    break;
+                }
+                let mut state = pool.state.lock().unwrap();
+                state.ready.entry(image.clone()).or_default().push(ReadyTree { dir, image: before });
+            }
+            pool.state.lock().unwrap().refilling.remove(&image);
+        });
     }
 }

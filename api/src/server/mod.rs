@@ -9,6 +9,7 @@
 //! <data>/cache/code/                compiled code, shared by all sandboxes
 //! <data>/images/<name>/             base trees (`stasis image add`)
 //! <data>/sandboxes/<id>/root/       each running sandbox's tree, preopened to its guests as `/`
+//! <data>/pool/<n>/root/             copies of images made ahead of time, renamed into `sandboxes/`
 //! <data>/snapshots/fs/              the filesystem snapshot store
 //! ```
 
@@ -20,6 +21,7 @@ mod files;
 mod ids;
 pub mod images;
 mod model;
+mod openapi;
 mod processes;
 mod sandboxes;
 mod snapshots;
@@ -85,6 +87,11 @@ impl DataPaths {
         self.root.join("sandboxes")
     }
 
+    /// Sandbox trees copied from images ahead of time.
+    pub fn pool(&self) -> PathBuf {
+        self.root.join("pool")
+    }
+
     pub fn snapshot_store(&self) -> PathBuf {
         self.root.join("snapshots").join("fs")
     }
@@ -138,6 +145,7 @@ pub struct AppState {
     pub db: Db,
     pub host: Host,
     pub images: images::Images,
+    pool: Arc<images::TreePool>,
     keys: auth::Keys,
     sandboxes: sandboxes::Registry,
     snapshots: snapshots::Snapshots,
@@ -192,6 +200,7 @@ impl AppState {
         Ok(Arc::new(AppState {
             config: Settings { data_dir: config.data_dir.clone(), public_url, max_file_bytes: config.max_file_bytes },
             images: images::Images::new(paths.images()),
+            pool: Arc::new(images::TreePool::new(paths.pool())?),
             paths,
             db,
             host,
@@ -213,7 +222,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     use processes as p;
     let control = Router::new()
         .route("/sandboxes", post(sandboxes::create).get(sandboxes::list))
-        .route("/sandboxes/{sandbox_id}", get(sandboxes::get).delete(sandboxes::delete))
+        .route("/sandboxes/{sandbox_id}", get(sandboxes::get).patch(sandboxes::update).delete(sandboxes::delete))
         .route("/sandboxes/{sandbox_id}/snapshot", post(snapshots::create))
         .route("/sandboxes/{sandbox_id}/snapshots", get(snapshots::list_for_sandbox))
         .route("/sandboxes/{sandbox_id}/suspend", post(sandboxes::suspend))
@@ -257,15 +266,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
+        // The one route without a key: what the API is.
+        .route("/openapi.json", get(openapi_json))
         .layer(axum::middleware::map_response(json_limit_errors))
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
+async fn openapi_json() -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], openapi::json())
+}
+
+#[utoipa::path(get, path = "/api/v1/health", tag = "daemon", responses((status = 200, body = model::HealthResponse)))]
 async fn health(_: sandboxes::SandboxTarget) -> axum::Json<model::HealthResponse> {
     axum::Json(model::HealthResponse { healthy: true })
 }
 
+#[utoipa::path(get, path = "/api/v1/info", tag = "daemon", responses((status = 200, body = model::DaemonInfo)))]
 async fn info(sandboxes::SandboxTarget(live): sandboxes::SandboxTarget) -> axum::Json<model::DaemonInfo> {
     let processes = live.processes.all();
     axum::Json(model::DaemonInfo {

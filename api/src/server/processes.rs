@@ -5,8 +5,10 @@
 //! end is reported the way a Linux daemon would report the matching one (a trap is
 //! SIGABRT, running out of memory is the OOM killer's SIGKILL).
 
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{JsonBody, body_error};
+#[allow(unused_imports)] // types named in the OpenAPI annotations
+use super::model::*;
 use super::model::{
     ExitEvent, ListProcessesResponse, OutputEvent, OutputModeRequest, OutputResponse, ProcessInfo, SignalRequest,
     SignalResponse, StartProcessRequest, StdinModeRequest,
@@ -264,6 +266,14 @@ pub fn adopt_restored(state: &AppState, live: &LiveSandbox) {
 
 // --- handlers ---
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/processes",
+    tag = "processes",
+    summary = "Start a process",
+    request_body = StartProcessRequest,
+    responses((status = 200, body = ProcessInfo), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 409, description = "Sandbox terminated", body = ErrorBody))
+)]
 pub async fn start_process(
     State(state): State<Arc<AppState>>,
     SandboxTarget(live): SandboxTarget,
@@ -277,6 +287,14 @@ type EventStream = Sse<KeepAliveStream<futures_util::stream::BoxStream<'static, 
 
 /// Runs a process to its end: its output lines as they come, then `{"exit_code": N}`
 /// (or `{"signal": N}`). A client that goes away kills the process.
+#[utoipa::path(
+    post,
+    path = "/api/v1/processes/run",
+    tag = "processes",
+    summary = "Run a process, streaming its output as server-sent events (`OutputEvent`s, then an `ExitEvent`)",
+    request_body = StartProcessRequest,
+    responses((status = 200, description = "`text/event-stream`", content_type = "text/event-stream", body = OutputEvent), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 409, description = "Sandbox terminated", body = ErrorBody))
+)]
 pub async fn run_process(
     State(state): State<Arc<AppState>>,
     SandboxTarget(live): SandboxTarget,
@@ -312,14 +330,37 @@ pub async fn run_process(
     Ok(sse(events.boxed()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/processes",
+    tag = "processes",
+    summary = "List processes",
+    responses((status = 200, body = ListProcessesResponse), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 409, description = "Sandbox terminated", body = ErrorBody))
+)]
 pub async fn list_processes(SandboxTarget(live): SandboxTarget) -> Json<ListProcessesResponse> {
     Json(ListProcessesResponse { processes: live.processes.all().iter().map(|e| e.info()).collect() })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/processes/{pid}",
+    tag = "processes",
+    summary = "Get a process",
+    params(("pid" = String, Path, description = "Process id")),
+    responses((status = 200, body = ProcessInfo), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+)]
 pub async fn get_process(SandboxTarget(live): SandboxTarget, Path(pid): Path<PidPath>) -> ApiResult<Json<ProcessInfo>> {
     Ok(Json(live.processes.get(&pid.pid)?.info()))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/processes/{pid}",
+    tag = "processes",
+    summary = "Kill a process",
+    params(("pid" = String, Path, description = "Process id")),
+    responses((status = 200, body = ProcessInfo), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+)]
 pub async fn kill_process(
     SandboxTarget(live): SandboxTarget,
     Path(pid): Path<PidPath>,
@@ -333,6 +374,15 @@ pub async fn kill_process(
 /// only asks whether it is alive.
 const TERMINATING_SIGNALS: [i32; 6] = [1, 2, 3, 6, 9, 15];
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/processes/{pid}/signal",
+    tag = "processes",
+    summary = "Send a signal",
+    params(("pid" = String, Path, description = "Process id")),
+    request_body = SignalRequest,
+    responses((status = 200, body = SignalResponse), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+)]
 pub async fn signal_process(
     SandboxTarget(live): SandboxTarget,
     Path(pid): Path<PidPath>,
@@ -356,6 +406,15 @@ pub async fn signal_process(
 /// Largest stdin write accepted in one request.
 pub const MAX_STDIN_WRITE: usize = stasis_runtime::stdio::STDIN_PIPE_CAPACITY;
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/processes/{pid}/stdin",
+    tag = "processes",
+    summary = "Write to stdin (raw bytes)",
+    params(("pid" = String, Path, description = "Process id")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, description = "Written", body = Object), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody))
+)]
 pub async fn write_stdin(
     SandboxTarget(live): SandboxTarget,
     Path(pid): Path<PidPath>,
@@ -371,6 +430,14 @@ pub async fn write_stdin(
     Ok(Json(serde_json::json!({})))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/processes/{pid}/stdin/close",
+    tag = "processes",
+    summary = "Close stdin",
+    params(("pid" = String, Path, description = "Process id")),
+    responses((status = 200, description = "Closed", body = Object), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+)]
 pub async fn close_stdin(
     SandboxTarget(live): SandboxTarget,
     Path(pid): Path<PidPath>,
@@ -395,6 +462,14 @@ fn stdin_error(entry: &ProcEntry, e: StdinError) -> ApiError {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/processes/{pid}/stdout",
+    tag = "processes",
+    summary = "Captured stdout so far",
+    params(("pid" = String, Path, description = "Process id")),
+    responses((status = 200, body = OutputResponse), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+)]
 pub async fn get_stdout(
     SandboxTarget(live): SandboxTarget,
     Path(pid): Path<PidPath>,
@@ -403,6 +478,14 @@ pub async fn get_stdout(
     Ok(Json(output_response(&entry, &[entry.process.stdout()])))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/processes/{pid}/stderr",
+    tag = "processes",
+    summary = "Captured stderr so far",
+    params(("pid" = String, Path, description = "Process id")),
+    responses((status = 200, body = OutputResponse), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+)]
 pub async fn get_stderr(
     SandboxTarget(live): SandboxTarget,
     Path(pid): Path<PidPath>,
@@ -413,6 +496,14 @@ pub async fn get_stderr(
 
 /// stdout's lines, then stderr's: the runtime keeps the two streams apart, so their
 /// interleaving is only known live (`/output/follow`).
+#[utoipa::path(
+    get,
+    path = "/api/v1/processes/{pid}/output",
+    tag = "processes",
+    summary = "Captured stdout and stderr so far",
+    params(("pid" = String, Path, description = "Process id")),
+    responses((status = 200, body = OutputResponse), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+)]
 pub async fn get_output(
     SandboxTarget(live): SandboxTarget,
     Path(pid): Path<PidPath>,
@@ -421,16 +512,40 @@ pub async fn get_output(
     Ok(Json(output_response(&entry, &[entry.process.stdout(), entry.process.stderr()])))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/processes/{pid}/stdout/follow",
+    tag = "processes",
+    summary = "Follow stdout as server-sent events",
+    params(("pid" = String, Path, description = "Process id")),
+    responses((status = 200, content_type = "text/event-stream", body = OutputEvent), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+)]
 pub async fn follow_stdout(SandboxTarget(live): SandboxTarget, Path(pid): Path<PidPath>) -> ApiResult<EventStream> {
     let entry = live.processes.get(&pid.pid)?;
     Ok(sse(lines(entry.process.stdout().clone(), "stdout").boxed()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/processes/{pid}/stderr/follow",
+    tag = "processes",
+    summary = "Follow stderr as server-sent events",
+    params(("pid" = String, Path, description = "Process id")),
+    responses((status = 200, content_type = "text/event-stream", body = OutputEvent), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+)]
 pub async fn follow_stderr(SandboxTarget(live): SandboxTarget, Path(pid): Path<PidPath>) -> ApiResult<EventStream> {
     let entry = live.processes.get(&pid.pid)?;
     Ok(sse(lines(entry.process.stderr().clone(), "stderr").boxed()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/processes/{pid}/output/follow",
+    tag = "processes",
+    summary = "Follow stdout and stderr as server-sent events",
+    params(("pid" = String, Path, description = "Process id")),
+    responses((status = 200, content_type = "text/event-stream", body = OutputEvent), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+)]
 pub async fn follow_output(SandboxTarget(live): SandboxTarget, Path(pid): Path<PidPath>) -> ApiResult<EventStream> {
     let entry = live.processes.get(&pid.pid)?;
     let both = stream::select(

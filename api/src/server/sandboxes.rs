@@ -4,12 +4,14 @@
 
 use super::AppState;
 use super::db::{Resources, SandboxRow, SandboxStatus, SnapshotStatus};
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{Caller, JsonBody};
-use super::images::{DEFAULT_IMAGE, copy_tree, validate_name};
+use super::images::{DEFAULT_IMAGE, build_image_tree, validate_name};
+#[allow(unused_imports)] // types named in the OpenAPI annotations
+use super::model::*;
 use super::model::{
     CreateSandboxRequest, CreateSandboxResponse, DEFAULT_RESOURCES, ListSandboxesResponse, SandboxInfo,
-    StartProcessRequest,
+    StartProcessRequest, UpdateSandboxRequest,
 };
 use super::processes::ProcessTable;
 use super::time::now_ms;
@@ -60,6 +62,9 @@ pub struct LiveSandbox {
     /// Held by whatever must not overlap on this sandbox: a snapshot, its termination.
     pub ops: tokio::sync::Mutex<()>,
     terminated: AtomicBool,
+    /// When the sandbox's timeout ends it (`None`: never); a timer task watches it.
+    deadline: tokio::sync::watch::Sender<Option<Instant>>,
+    timer_started: AtomicBool,
 }
 
 impl LiveSandbox {
@@ -220,12 +225,12 @@ impl AppState {
             processes: ProcessTable::default(),
             ops: tokio::sync::Mutex::new(()),
             terminated: AtomicBool::new(false),
+            deadline: tokio::sync::watch::channel(None).0,
+            timer_started: AtomicBool::new(false),
         });
         super::processes::adopt_restored(self, &live);
         self.sandboxes.live.lock().unwrap().insert(row.id.clone(), live.clone());
-        if let Some(secs) = row.timeout_secs {
-            self.terminate_after(&live, Duration::from_secs(secs as u64));
-        }
+        self.set_timeout(&live, row.timeout_secs);
         live
     }
 
@@ -250,21 +255,28 @@ impl AppState {
             Origin::Image(_) => None,
         };
         let dir = dir.to_path_buf();
+        let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            std::fs::create_dir_all(&dir)?;
-            let root = dir.join("root");
             match origin {
-                Origin::Image(Some(image)) => copy_tree(&image, &root)?,
-                Origin::Image(None) => std::fs::create_dir(&root)?,
+                Origin::Image(Some(image)) => {
+                    // A copy made ahead of time if there is one; then top the pool up.
+                    if !pool.take(&image, &dir) {
+                        build_image_tree(Some(&image), &dir)?;
+                    }
+                    pool.refill(&image);
+                }
+                Origin::Image(None) => build_image_tree(None, &dir)?,
                 Origin::Snapshot { store, id } => {
+                    std::fs::create_dir_all(&dir)?;
+                    let root = dir.join("root");
                     let parent = cap_std::fs::Dir::open_ambient_dir(&dir, cap_std::ambient_authority())?;
                     // Not synced: a sandbox does not outlive a crash of the server.
                     let options = RestoreOptions { durable: false, threads: 0 };
                     store.restore_in(&id, &parent, "root".as_ref(), options)?;
+                    std::fs::create_dir_all(root.join("home/user"))?;
+                    std::fs::create_dir_all(root.join("tmp"))?;
                 }
             }
-            std::fs::create_dir_all(root.join("home/user"))?;
-            std::fs::create_dir_all(root.join("tmp"))?;
             Ok(())
         })
         .await?
@@ -279,19 +291,24 @@ impl AppState {
             return Ok(());
         }
         self.db.terminate_sandbox(&live.id, reason, now_ms())?;
-        self.tear_down(live).await;
+        self.tear_down(live, false).await;
         Ok(())
     }
 
-    /// Kills a sandbox's processes, takes it out of the registry and frees its tree.
-    async fn tear_down(&self, live: &Arc<LiveSandbox>) {
+    /// Kills a sandbox's processes, takes it out of the registry and frees its tree (in the
+    /// background, unless `wait`: a suspended sandbox's directory must be gone before it
+    /// can be resumed into it).
+    async fn tear_down(&self, live: &Arc<LiveSandbox>, wait: bool) {
         live.sandbox.kill_all();
         self.sandboxes.live.lock().unwrap().remove(&live.id);
         for process in live.sandbox.processes() {
             // Killed processes stop within an epoch tick; do not free the tree under them.
             let _ = process.wait_timeout(Duration::from_secs(2)).await;
         }
-        remove_tree(live.dir.clone());
+        let removal = remove_tree(live.dir.clone());
+        if wait {
+            let _ = removal.await;
+        }
     }
 
     /// Freezes a running sandbox into a memory snapshot and frees everything it held.
@@ -321,7 +338,7 @@ impl AppState {
             return Err(ApiError::Conflict(format!("sandbox `{}` is no longer running", live.id)));
         }
         live.terminated.store(true, Ordering::SeqCst);
-        self.tear_down(live).await;
+        self.tear_down(live, true).await;
         tracing::info!(sandbox = %live.id, image_bytes = report.image_bytes, "suspended");
         Ok(())
     }
@@ -349,10 +366,31 @@ impl AppState {
         Ok(())
     }
 
-    fn terminate_after(self: &Arc<Self>, live: &Arc<LiveSandbox>, after: Duration) {
+    /// Ends `live` `timeout_secs` after its creation (`None`: never), replacing any
+    /// earlier timeout. One timer task per sandbox, started on the first timeout.
+    fn set_timeout(self: &Arc<Self>, live: &Arc<LiveSandbox>, timeout_secs: Option<i64>) {
+        let deadline = timeout_secs.map(|secs| live.created + Duration::from_secs(secs.max(0) as u64));
+        live.deadline.send_replace(deadline);
+        if deadline.is_none() || live.timer_started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut deadline = live.deadline.subscribe();
         let (state, live) = (Arc::downgrade(self), Arc::downgrade(live));
         tokio::spawn(async move {
-            tokio::time::sleep(after).await;
+            loop {
+                let next = *deadline.borrow_and_update();
+                let changed = match next {
+                    None => deadline.changed().await,
+                    Some(at) => tokio::select! {
+                        () = tokio::time::sleep_until(at.into()) => break,
+                        changed = deadline.changed() => changed,
+                    },
+                };
+                // The sender lives in the sandbox: an error means it is gone.
+                if changed.is_err() {
+                    return;
+                }
+            }
             if let (Some(state), Some(live)) = (state.upgrade(), live.upgrade())
                 && let Err(e) = state.terminate(&live, "timeout").await
             {
@@ -402,20 +440,20 @@ struct TreeGuard(Option<PathBuf>);
 impl Drop for TreeGuard {
     fn drop(&mut self) {
         if let Some(dir) = self.0.take() {
-            remove_tree(dir);
+            drop(remove_tree(dir));
         }
     }
 }
 
 /// Frees a sandbox tree in the background (a large tree takes a while).
-fn remove_tree(dir: PathBuf) {
+fn remove_tree(dir: PathBuf) -> tokio::task::JoinHandle<()> {
     tokio::task::spawn_blocking(move || {
         if let Err(e) = std::fs::remove_dir_all(&dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!("cannot remove `{}`: {e}", dir.display());
         }
-    });
+    })
 }
 
 /// The sandbox a data-plane request is for, as the SDK names it: the
@@ -460,6 +498,14 @@ impl SandboxPath {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/sandboxes",
+    tag = "sandboxes",
+    summary = "Create a sandbox (from an image, or restore a snapshot)",
+    request_body = CreateSandboxRequest,
+    responses((status = 200, description = "Running", body = CreateSandboxResponse), (status = 202, description = "Running (`wait: false`)", body = CreateSandboxResponse), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown snapshot", body = ErrorBody), (status = 409, description = "Name taken, snapshot not completed, or shutting down", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody))
+)]
 pub async fn create(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -476,12 +522,27 @@ pub async fn create(
     Ok((status, Json(body)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/sandboxes",
+    tag = "sandboxes",
+    summary = "List the namespace's sandboxes",
+    responses((status = 200, body = ListSandboxesResponse), (status = 401, description = "No valid API key", body = ErrorBody))
+)]
 pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<ListSandboxesResponse>> {
     let rows = state.db.sandboxes(&caller.namespace)?;
     let url = &state.config.public_url;
     Ok(Json(ListSandboxesResponse { sandboxes: rows.into_iter().map(|r| SandboxInfo::new(r, url)).collect() }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/sandboxes/{sandbox_id}",
+    tag = "sandboxes",
+    summary = "Get a sandbox",
+    params(("sandbox_id" = String, Path, description = "Id or name of the sandbox")),
+    responses((status = 200, body = SandboxInfo), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody))
+)]
 pub async fn get(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -493,6 +554,14 @@ pub async fn get(
 
 /// Terminates the sandbox (its processes are killed, its tree freed); the record stays,
 /// `terminated`. Deleting a terminated sandbox again is not an error.
+#[utoipa::path(
+    delete,
+    path = "/sandboxes/{sandbox_id}",
+    tag = "sandboxes",
+    summary = "Terminate a sandbox (the record stays, `terminated`)",
+    params(("sandbox_id" = String, Path, description = "Id or name of the sandbox")),
+    responses((status = 200, body = SandboxInfo), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody))
+)]
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -519,6 +588,14 @@ pub async fn delete(
 /// `POST /sandboxes/{id}/suspend`: a memory snapshot of the sandbox, then everything it
 /// held is freed; the record says `suspended` until it is resumed (also across restarts).
 /// Answers once suspended, with the sandbox; suspending a suspended sandbox is a no-op.
+#[utoipa::path(
+    post,
+    path = "/sandboxes/{sandbox_id}/suspend",
+    tag = "sandboxes",
+    summary = "Suspend: a memory snapshot, then everything the sandbox held is freed",
+    params(("sandbox_id" = String, Path, description = "Id or name of the sandbox")),
+    responses((status = 200, body = SandboxInfo), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 409, description = "A process is still running, or the sandbox is terminated", body = ErrorBody))
+)]
 pub async fn suspend(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -544,6 +621,14 @@ pub async fn suspend(
 
 /// `POST /sandboxes/{id}/resume`: the suspended sandbox runs again, under the same id, with
 /// its files and processes as they were; resuming a running sandbox is a no-op.
+#[utoipa::path(
+    post,
+    path = "/sandboxes/{sandbox_id}/resume",
+    tag = "sandboxes",
+    summary = "Resume a suspended sandbox under the same id",
+    params(("sandbox_id" = String, Path, description = "Id or name of the sandbox")),
+    responses((status = 200, body = SandboxInfo), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 409, description = "The sandbox is terminated", body = ErrorBody))
+)]
 pub async fn resume(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -561,6 +646,67 @@ pub async fn resume(
             let resumed = row.clone();
             tokio::spawn(async move { resuming.resume(&resumed).await }).await??;
         }
+    }
+    let row = state.sandbox_row(&caller.namespace, &row.id)?;
+    Ok(Json(SandboxInfo::new(row, &state.config.public_url)))
+}
+
+/// `PATCH /sandboxes/{id}`: the SDK's `update_sandbox`. Stasis applies `name` and
+/// `timeout_secs` (seconds from creation; 0 or `null` clears it); the SDK's other fields
+/// are accepted only where they ask for nothing Stasis lacks.
+#[utoipa::path(
+    patch,
+    path = "/sandboxes/{sandbox_id}",
+    tag = "sandboxes",
+    summary = "Update a sandbox (name, timeout)",
+    params(("sandbox_id" = String, Path, description = "Id or name of the sandbox")),
+    request_body = UpdateSandboxRequest,
+    responses((status = 200, body = SandboxInfo), (status = 400, description = "Invalid or unsupported field", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 409, description = "Name taken, or sandbox terminated", body = ErrorBody))
+)]
+pub async fn update(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(path): Path<SandboxPath>,
+    JsonBody(req): JsonBody<UpdateSandboxRequest>,
+) -> ApiResult<Json<SandboxInfo>> {
+    let row = state.sandbox_row(&caller.namespace, &path.sandbox_id)?;
+    if req.resources.is_some() {
+        return Err(ApiError::BadRequest("`resources`: live resize is not supported by Stasis".into()));
+    }
+    if req.auto_resume == Some(true) {
+        return Err(ApiError::BadRequest(
+            "`auto_resume`: a suspended sandbox resumes only on `POST /sandboxes/{id}/resume`".into(),
+        ));
+    }
+    if req.exposed_ports.as_ref().is_some_and(|p| !p.is_empty()) {
+        return Err(ApiError::BadRequest("`exposed_ports`: Stasis sandboxes have no network ports".into()));
+    }
+    if req.network.as_ref().is_some_and(|n| !n.is_null()) {
+        return Err(ApiError::BadRequest("`network`: Stasis sandboxes have no network access to restrict".into()));
+    }
+    if req.allow_unauthenticated_access == Some(true) {
+        return Err(ApiError::BadRequest("`allow_unauthenticated_access`: every request needs a key".into()));
+    }
+    if let Some(name) = &req.name {
+        validate_sandbox_name(name)?;
+    }
+    let live = state.sandboxes.get(&row.id);
+    let Some(live) = live.filter(|l| !l.is_terminated()) else {
+        if req.name.is_none() && req.timeout_secs.is_none() {
+            return Ok(Json(SandboxInfo::new(row, &state.config.public_url)));
+        }
+        return Err(ApiError::Conflict(format!("sandbox `{}` is terminated: it cannot be updated", row.id)));
+    };
+    if let Some(name) = &req.name
+        && row.name.as_deref() != Some(name)
+        && !state.db.rename_sandbox(&row.id, Some(name))?
+    {
+        return Err(ApiError::Conflict(format!("a sandbox named `{name}` already exists")));
+    }
+    if let Some(timeout) = req.timeout_secs {
+        let timeout = timeout.filter(|&t| t > 0).map(|t| t.min(i64::MAX as u64) as i64);
+        state.db.set_sandbox_timeout(&row.id, timeout)?;
+        state.set_timeout(&live, timeout);
     }
     let row = state.sandbox_row(&caller.namespace, &row.id)?;
     Ok(Json(SandboxInfo::new(row, &state.config.public_url)))

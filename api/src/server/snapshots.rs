@@ -16,8 +16,10 @@
 
 use super::AppState;
 use super::db::{INTERRUPTED_SNAPSHOT, SandboxStatus, SnapshotRow, SnapshotStatus};
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{Caller, OptionalJsonBody};
+#[allow(unused_imports)] // types named in the OpenAPI annotations
+use super::model::*;
 use super::model::{CreateSnapshotRequest, CreateSnapshotResponse, ListSnapshotsResponse, SnapshotInfo};
 use super::sandboxes::{LiveSandbox, SandboxPath};
 use super::time::now_ms;
@@ -26,8 +28,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use stasis_runtime::MemorySnapshotStore;
 use stasis_runtime::fs_snapshot::{FsSnapshotStore, SnapshotError, SnapshotId};
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{RwLock, watch};
 
@@ -38,6 +41,8 @@ pub struct Snapshots {
     /// Read: captures and restores; write: deletes.
     pub store_lock: RwLock<()>,
     in_flight: watch::Sender<usize>,
+    /// Bytes captured so far by the snapshots in progress, by snapshot id.
+    progress: Mutex<HashMap<String, Arc<AtomicU64>>>,
 }
 
 /// Counts a running capture until dropped.
@@ -51,7 +56,13 @@ impl Drop for InFlight<'_> {
 
 impl Snapshots {
     pub fn new(store: FsSnapshotStore, images: MemorySnapshotStore) -> Self {
-        Snapshots { store: Arc::new(store), images, store_lock: RwLock::new(()), in_flight: watch::channel(0).0 }
+        Snapshots {
+            store: Arc::new(store),
+            images,
+            store_lock: RwLock::new(()),
+            in_flight: watch::channel(0).0,
+            progress: Mutex::default(),
+        }
     }
 
     /// Deletes a stored snapshot: its tree and, for a memory snapshot, its image.
@@ -71,6 +82,17 @@ impl Snapshots {
     fn enter(&self) -> InFlight<'_> {
         self.in_flight.send_modify(|n| *n += 1);
         InFlight(&self.in_flight)
+    }
+
+    /// The record as the API shows it: with the bytes done of a capture in progress.
+    fn info(&self, row: SnapshotRow) -> SnapshotInfo {
+        let done = self.progress.lock().unwrap().get(&row.id).map(|p| p.load(Ordering::Relaxed));
+        let in_progress = row.status == SnapshotStatus::InProgress;
+        let mut info = SnapshotInfo::from(row);
+        if in_progress {
+            info.progress_bytes = Some(done.unwrap_or(0).min(i64::MAX as u64) as i64);
+        }
+        info
     }
 
     /// Waits until no capture runs, at most `limit`; false if some still do.
@@ -112,6 +134,8 @@ impl AppState {
         } else {
             let _store = self.snapshots.store_lock.read().await;
             let store = self.snapshots.store.clone();
+            let progress = Arc::new(AtomicU64::new(0));
+            self.snapshots.progress.lock().unwrap().insert(snapshot_id.clone(), progress.clone());
             // Source = the sandbox: its next snapshot reads only what changed since this one.
             let result = if memory {
                 live.sandbox
@@ -119,7 +143,10 @@ impl AppState {
                     .await
                     .map(|report| (report.id, report.image_bytes))
             } else {
-                live.sandbox.snapshot_filesystem(store.clone(), live.id.clone()).await.map(|report| (report.id, 0))
+                live.sandbox
+                    .snapshot_filesystem_with_progress(store.clone(), live.id.clone(), Some(progress))
+                    .await
+                    .map(|report| (report.id, 0))
             };
             match result {
                 Ok((id, image_bytes)) => {
@@ -139,6 +166,7 @@ impl AppState {
             Ok((store_id, size)) => self.db.complete_snapshot(&snapshot_id, store_id.as_str(), size as i64, now_ms()),
             Err(message) => self.db.fail_snapshot(&snapshot_id, &message, now_ms()),
         };
+        self.snapshots.progress.lock().unwrap().remove(&snapshot_id);
         if let Err(e) = recorded {
             tracing::error!(snapshot = %snapshot_id, "cannot record the end of the snapshot: {e}");
         }
@@ -172,6 +200,15 @@ pub struct SnapshotPath {
     snapshot_id: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/sandboxes/{sandbox_id}/snapshot",
+    tag = "snapshots",
+    summary = "Start a snapshot of a sandbox; poll `GET /snapshots/{id}`",
+    params(("sandbox_id" = String, Path, description = "Id or name of the sandbox")),
+    request_body = Option<CreateSnapshotRequest>,
+    responses((status = 202, description = "Started", body = CreateSnapshotResponse), (status = 400, description = "Unknown snapshot_type or bad body", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 409, description = "Sandbox terminated, or shutting down", body = ErrorBody), (status = 501, description = "snapshot_type memory: not available yet", body = ErrorBody))
+)]
 pub async fn create(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -226,11 +263,26 @@ pub async fn create(
     Ok((StatusCode::ACCEPTED, Json(CreateSnapshotResponse { snapshot_id: snapshot.id, status: "in_progress" })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/snapshots",
+    tag = "snapshots",
+    summary = "List the namespace's snapshots",
+    responses((status = 200, body = ListSnapshotsResponse), (status = 401, description = "No valid API key", body = ErrorBody))
+)]
 pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<ListSnapshotsResponse>> {
     let rows = state.db.snapshots(&caller.namespace, None)?;
-    Ok(Json(ListSnapshotsResponse { snapshots: rows.into_iter().map(SnapshotInfo::from).collect() }))
+    Ok(Json(ListSnapshotsResponse { snapshots: rows.into_iter().map(|r| state.snapshots.info(r)).collect() }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/sandboxes/{sandbox_id}/snapshots",
+    tag = "snapshots",
+    summary = "List a sandbox's snapshots",
+    params(("sandbox_id" = String, Path, description = "Id or name of the sandbox")),
+    responses((status = 200, body = ListSnapshotsResponse), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody))
+)]
 pub async fn list_for_sandbox(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -241,21 +293,37 @@ pub async fn list_for_sandbox(
         .sandbox(&caller.namespace, path.sandbox_id())?
         .ok_or_else(|| ApiError::NotFound(format!("sandbox `{}` not found", path.sandbox_id())))?;
     let rows = state.db.snapshots(&caller.namespace, Some(&row.id))?;
-    Ok(Json(ListSnapshotsResponse { snapshots: rows.into_iter().map(SnapshotInfo::from).collect() }))
+    Ok(Json(ListSnapshotsResponse { snapshots: rows.into_iter().map(|r| state.snapshots.info(r)).collect() }))
 }
 
 fn snapshot_row(state: &AppState, caller: &Caller, id: &str) -> ApiResult<SnapshotRow> {
     state.db.snapshot(&caller.namespace, id)?.ok_or_else(|| ApiError::NotFound(format!("snapshot `{id}` not found")))
 }
 
+#[utoipa::path(
+    get,
+    path = "/snapshots/{snapshot_id}",
+    tag = "snapshots",
+    summary = "Get a snapshot (status, progress in `size_bytes`)",
+    params(("snapshot_id" = String, Path, description = "Id of the snapshot")),
+    responses((status = 200, body = SnapshotInfo), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown snapshot, or another namespace's", body = ErrorBody))
+)]
 pub async fn get(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(path): Path<SnapshotPath>,
 ) -> ApiResult<Json<SnapshotInfo>> {
-    Ok(Json(snapshot_row(&state, &caller, &path.snapshot_id)?.into()))
+    Ok(Json(state.snapshots.info(snapshot_row(&state, &caller, &path.snapshot_id)?)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/snapshots/{snapshot_id}",
+    tag = "snapshots",
+    summary = "Delete a snapshot",
+    params(("snapshot_id" = String, Path, description = "Id of the snapshot")),
+    responses((status = 204, description = "Deleted"), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown snapshot, or another namespace's", body = ErrorBody), (status = 409, description = "Still in progress", body = ErrorBody))
+)]
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     caller: Caller,

@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -38,6 +38,8 @@ pub(crate) struct CaptureInput<'a> {
     pub(crate) chunk_size: u32,
     pub(crate) threads: usize,
     pub(crate) started: SystemTime,
+    /// Bytes of files read or reused so far (see `CaptureOptions::progress`).
+    pub(crate) progress: Option<&'a AtomicU64>,
 }
 
 struct Job {
@@ -103,6 +105,7 @@ pub(crate) fn capture(
         files_reused: 0,
         walk_time: Duration::ZERO,
         blocked: Duration::ZERO,
+        progress: input.progress,
     };
 
     let outs: Vec<WorkerOut> = std::thread::scope(|s| {
@@ -111,7 +114,8 @@ pub(crate) fn capture(
                 let rx = &rx;
                 let stop = &stop;
                 let first_error = &first_error;
-                s.spawn(move || worker(rx, writer, chunk_size, stop, first_error))
+                let progress = input.progress;
+                s.spawn(move || worker(rx, writer, chunk_size, stop, first_error, progress))
             })
             .collect();
         if let Err(e) = walker.walk(input.dir) {
@@ -184,6 +188,7 @@ struct Walker<'a> {
     walk_time: Duration,
     /// Time the walker waited for the workers (queue full): not walking.
     blocked: Duration,
+    progress: Option<&'a AtomicU64>,
 }
 
 /// One directory being walked: its handle, its path, and its children still to visit.
@@ -296,6 +301,9 @@ impl Walker<'_> {
                     entry.kind = EntryKind::File { size: meta.len(), chunks };
                     self.entries.push(entry);
                     self.files_reused += 1;
+                    if let Some(progress) = self.progress {
+                        progress.fetch_add(meta.len(), Ordering::Relaxed);
+                    }
                     continue;
                 }
                 // O_NOFOLLOW: a file swapped for a link since the lstat is not followed;
@@ -388,6 +396,7 @@ fn worker(
     chunk_size: u64,
     stop: &AtomicBool,
     first_error: &Mutex<Option<SnapshotError>>,
+    progress: Option<&AtomicU64>,
 ) -> WorkerOut {
     let mut out = WorkerOut::default();
     let fail = |e: SnapshotError| {
@@ -426,6 +435,9 @@ fn worker(
             };
             out.read += t.elapsed();
             out.bytes_read += got as u64;
+            if let Some(progress) = progress {
+                progress.fetch_add(got as u64, Ordering::Relaxed);
+            }
             if got < len {
                 // The file shrank after its stat: keep the size the entry records and zero the
                 // rest. Its mtime moved past the capture start, so the next capture rereads it.

@@ -62,7 +62,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 /// Files are cut into chunks of this size (the last one shorter).
@@ -185,11 +185,19 @@ pub struct CaptureOptions<'a> {
     pub parent: Option<&'a Manifest>,
     /// Worker threads for reading, hashing and compressing; 0 = one per core.
     pub threads: usize,
+    /// Progress for an observer: the capture adds the bytes of every file it has read or
+    /// reused as it goes (at the end, the tree's logical size).
+    pub progress: Option<Arc<AtomicU64>>,
 }
 
 impl<'a> CaptureOptions<'a> {
     pub fn new(source: impl Into<String>) -> Self {
-        CaptureOptions { source: source.into(), parent: None, threads: 0 }
+        CaptureOptions { source: source.into(), parent: None, threads: 0, progress: None }
+    }
+
+    pub fn progress(mut self, progress: Arc<AtomicU64>) -> Self {
+        self.progress = Some(progress);
+        self
     }
 
     pub fn parent(mut self, parent: &'a Manifest) -> Self {
@@ -491,6 +499,7 @@ impl FsSnapshotStore {
                 chunk_size: CHUNK_SIZE,
                 threads: available_threads(options.threads),
                 started,
+                progress: options.progress.as_deref(),
             },
             &writer,
         );
