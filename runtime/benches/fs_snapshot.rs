@@ -133,6 +133,16 @@ fn warm_memory(bytes: usize) {
     std::hint::black_box(&v);
 }
 
+/// CPU time this process has used so far (user, system), from `/proc/self/stat`: unlike wall
+/// time, it does not grow when other work on the machine takes the cores.
+fn cpu_times() -> (Duration, Duration) {
+    let stat = fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let field = |i: usize| after_comm.split_whitespace().nth(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the line, in clock ticks (100 per second on Linux).
+    (Duration::from_millis(field(11) * 10), Duration::from_millis(field(12) * 10))
+}
+
 fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / MIB as f64 / d.as_secs_f64()
 }
@@ -143,12 +153,13 @@ fn ms(d: Duration) -> String {
 
 fn capture_breakdown(s: &CaptureStats) {
     println!(
-        "    where the time goes (summed over threads): walk/stat {} | read {} | hash {} | compress {} | write {}",
+        "    where the time goes (summed over threads): walk/stat {} | read {} | hash {} | compress {} | write {} | I/O threads {}",
         ms(s.walk),
         ms(s.read),
         ms(s.hash),
         ms(s.compress),
-        ms(s.write)
+        ms(s.write),
+        ms(s.write_io)
     );
     println!(
         "    files read {} reused {} | chunks new {} existing {} zero {} | {:.1} MiB stored",
@@ -198,15 +209,25 @@ fn main() {
     let dir = Dir::open_ambient_dir(&tree, ambient_authority()).unwrap();
 
     // Cold capture.
+    let (user0, sys0) = cpu_times();
     let t = Instant::now();
     let pending = store.capture(&dir, CaptureOptions::new("bench")).unwrap();
     let capture_time = t.elapsed();
+    let (user1, sys1) = cpu_times();
     let stats = pending.stats().clone();
     let t = Instant::now();
     let first = store.commit(pending).unwrap();
     let commit_time = t.elapsed();
     println!("cold capture: {:.0} MB/s ({})", mbps(total, capture_time), ms(capture_time));
     capture_breakdown(&stats);
+    let (user, sys) = (user1 - user0, sys1 - sys0);
+    println!(
+        "    CPU used: {:.2} s user + {:.2} s system = {:.2} cores busy on average; {:.0} MB/s per CPU-second",
+        user.as_secs_f64(),
+        sys.as_secs_f64(),
+        (user + sys).as_secs_f64() / capture_time.as_secs_f64(),
+        mbps(total, user + sys)
+    );
     println!(
         "  commit (syncfs of the new chunks + manifest): {} -> {:.0} MB/s including durability",
         ms(commit_time),
