@@ -200,7 +200,7 @@ pub(crate) fn import(
     let mut entries: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
     let mut warnings = Vec::new();
     let (mut root_mode, mut root_mtime_ns) = (0o755, now_ns);
-    let mut enc = Encoder::new(None).map_err(|e| io_error("cannot start zstd", e))?;
+    let mut enc = Encoder::new().map_err(|e| io_error("cannot start zstd", e))?;
     let mut buf = vec![0u8; chunk_size as usize];
     for item in archive.entries().map_err(|e| bad(e.to_string()))? {
         let mut item = item.map_err(|e| bad(e.to_string()))?;

@@ -7,7 +7,7 @@
 //! open descriptors and memory), and the workers read with `pread`, hash, compress and write
 //! chunks in parallel. A file is never held in memory whole: each worker owns one chunk buffer.
 
-use super::chunks::{AlignedBuf, AsyncWrites, ChunkWriter, Encoder, IoOut, WriteJob, io_thread};
+use super::chunks::{ChunkWriter, Encoder};
 use super::manifest::{Chunk, Entry, EntryKind, ManifestParts, display_bytes, ns_from_time};
 use super::{CaptureStats, SnapshotError, io_error};
 use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt};
@@ -25,11 +25,6 @@ use std::time::{Duration, Instant, SystemTime};
 /// Chunks per job: 4 MiB keeps both cores busy on one big file without making the queue
 /// chatty for small ones.
 const JOB_CHUNKS: u64 = 4;
-
-/// Threads that write big chunks with `O_DIRECT` (see [`super::chunks::AsyncWrites`]). They
-/// mostly wait for the disk; three keep a few writes in flight, so that the disk's latency
-/// overlaps, without taking CPU from the workers.
-const IO_THREADS: usize = 3;
 
 /// ext4 (and most Linux filesystems) stamp files from a coarse clock that can lag the real
 /// time by a scheduler tick; a file written in the same tick as the parent capture started
@@ -110,42 +105,22 @@ pub(crate) fn capture(
         blocked: Duration::ZERO,
     };
 
-    let (wtx, wrx) = sync_channel::<WriteJob>(IO_THREADS * 2);
-    let wrx = Mutex::new(wrx);
-    let free = Arc::new(Mutex::new(Vec::new()));
-    let (outs, io_outs): (Vec<WorkerOut>, Vec<IoOut>) = std::thread::scope(|s| {
-        let io_handles: Vec<_> = (0..IO_THREADS)
-            .map(|_| {
-                let (wrx, free, stop) = (&wrx, &*free, &stop);
-                s.spawn(move || io_thread(writer.store, wrx, free, stop))
-            })
-            .collect();
+    let outs: Vec<WorkerOut> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 let rx = &rx;
                 let stop = &stop;
                 let first_error = &first_error;
-                let sink = AsyncWrites::new(wtx.clone(), free.clone());
-                s.spawn(move || worker(rx, writer, sink, chunk_size, stop, first_error))
+                s.spawn(move || worker(rx, writer, chunk_size, stop, first_error))
             })
             .collect();
-        drop(wtx); // the workers hold the only senders: the I/O threads end after them
         if let Err(e) = walker.walk(input.dir) {
             stop.store(true, Ordering::Relaxed);
             first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
         }
         walker.jobs = None; // closes the queue: workers drain it and exit
-        let outs = handles.into_iter().map(|h| h.join().expect("capture worker panicked")).collect();
-        let io_outs = io_handles.into_iter().map(|h| h.join().expect("chunk writing thread panicked")).collect();
-        (outs, io_outs)
+        handles.into_iter().map(|h| h.join().expect("capture worker panicked")).collect()
     });
-    let mut io_outs = io_outs;
-    for out in &mut io_outs {
-        if let Some(e) = out.error.take() {
-            let e = io_error("cannot write a chunk to the snapshot store", e);
-            first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
-        }
-    }
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
@@ -172,7 +147,6 @@ pub(crate) fn capture(
         stats.write += out.write;
         stats.bytes_read += out.bytes_read;
     }
-    stats.write_io = io_outs.iter().map(|o| o.write).sum();
     let c = &writer.counters;
     stats.chunks_new = c.chunks_new.load(Ordering::Relaxed);
     stats.chunks_existing = c.chunks_existing.load(Ordering::Relaxed);
@@ -411,7 +385,6 @@ impl Walker<'_> {
 fn worker(
     rx: &Mutex<Receiver<Job>>,
     writer: &ChunkWriter<'_>,
-    sink: AsyncWrites,
     chunk_size: u64,
     stop: &AtomicBool,
     first_error: &Mutex<Option<SnapshotError>>,
@@ -421,16 +394,14 @@ fn worker(
         stop.store(true, Ordering::Relaxed);
         first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
     };
-    let mut enc = match Encoder::new(Some(sink)) {
+    let mut enc = match Encoder::new() {
         Ok(e) => e,
         Err(e) => {
             fail(io_error("cannot start zstd", e));
             return out;
         }
     };
-    // Aligned, so that chunks stored raw can be written with `O_DIRECT`.
-    let mut buf = AlignedBuf::new(chunk_size as usize);
-    let buf = buf.as_mut_slice();
+    let mut buf = vec![0u8; chunk_size as usize];
     loop {
         let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
             Ok(job) => job,

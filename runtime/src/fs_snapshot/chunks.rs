@@ -32,9 +32,8 @@ use super::manifest::{Chunk, ChunkHash};
 use cap_std::fs::{Dir, File, OpenOptions};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Chunks are kept only if zstd saves at least 1/16 of the bytes: below that, decompressing on
@@ -51,42 +50,6 @@ pub(crate) struct ChunkStore {
     /// Unique temp names across threads and processes.
     nonce: u64,
     counter: AtomicU64,
-    /// `O_TMPFILE` + `linkat` did not work here (old kernel, filesystem without it, no
-    /// `/proc`): chunks go through `tmp/` and a rename instead.
-    no_tmpfile: AtomicBool,
-    /// `O_DIRECT` did not work here: chunk data goes through the page cache.
-    no_direct: AtomicBool,
-}
-
-/// Alignment of buffer addresses, file offsets and lengths for `O_DIRECT` (the largest
-/// logical block size in common use).
-pub(crate) const DIRECT_ALIGN: usize = 4096;
-
-/// A zeroed byte buffer whose start is aligned to [`DIRECT_ALIGN`], so that chunk data read
-/// into it (or compressed into it) can be written with `O_DIRECT`.
-pub(crate) struct AlignedBuf {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    pub(crate) fn new(len: usize) -> Self {
-        let storage = vec![0u8; len + DIRECT_ALIGN];
-        let start = storage.as_ptr().align_offset(DIRECT_ALIGN);
-        AlignedBuf { storage, start, len }
-    }
-
-    /// At least `len` bytes (the contents are not kept when it grows).
-    pub(crate) fn ensure(&mut self, len: usize) {
-        if self.len < len {
-            *self = AlignedBuf::new(len);
-        }
-    }
-
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
-    }
 }
 
 /// Why a chunk could not be read back.
@@ -107,8 +70,6 @@ impl ChunkStore {
             subdirs: (0..256).map(|_| OnceLock::new()).collect(),
             nonce,
             counter: AtomicU64::new(0),
-            no_tmpfile: AtomicBool::new(false),
-            no_direct: AtomicBool::new(false),
         }
     }
 
@@ -151,27 +112,9 @@ impl ChunkStore {
         }
     }
 
-    /// Writes a chunk and gives it its name only once all its bytes are written (replacing a
-    /// damaged copy, if any).
-    ///
-    /// The usual way is an unnamed `O_TMPFILE` inode in the chunk's own `chunks/<2 hex>/`,
-    /// linked to its name when written: unlike a file in `tmp/` renamed across directories, it
-    /// takes no lock on a directory shared by all workers while the inode is allocated, nor the
-    /// filesystem-wide cross-directory rename lock. Its data goes with `O_DIRECT` when the
-    /// buffer is aligned: straight to the disk, without allocating (and faulting in) page cache
-    /// pages for data nobody reads soon, and without leaving it to `commit`'s `syncfs` to write.
-    /// `syncfs` still makes the data (disk cache flush) and the new inodes and names durable. A
-    /// name that exists already (a damaged copy, or a concurrent writer of the same chunk) is
-    /// replaced by the `tmp/` + rename path, as is everything where `O_TMPFILE` is unsupported.
-    pub(crate) fn write(&self, hash: &ChunkHash, bytes: &[u8], direct: bool) -> io::Result<()> {
-        if !self.no_tmpfile.load(Ordering::Relaxed) {
-            match self.write_linked(hash, bytes, direct) {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) if tmpfile_unsupported(&e) => self.no_tmpfile.store(true, Ordering::Relaxed),
-                Err(e) => return Err(e),
-            }
-        }
+    /// Writes a chunk under a temporary name, then renames it into place (replacing a damaged
+    /// copy, if any).
+    fn write(&self, hash: &ChunkHash, bytes: &[u8]) -> io::Result<()> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let tmp_name = format!("chunk-{:016x}-{n}.tmp", self.nonce);
         let mut f = self.tmp.open_with(&tmp_name, OpenOptions::new().write(true).create_new(true))?;
@@ -183,61 +126,6 @@ impl ChunkStore {
             let _ = self.tmp.remove_file(&tmp_name);
         }
         result
-    }
-
-    /// The `O_TMPFILE` path of [`Self::write`]. `Ok(false)`: the name exists already.
-    fn write_linked(&self, hash: &ChunkHash, bytes: &[u8], direct: bool) -> io::Result<bool> {
-        use rustix::fs::{AtFlags, Mode, OFlags};
-        let dir = self.subdir(hash.0[0])?;
-        let base = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
-        let mode = Mode::from_raw_mode(0o666); // less the umask, as for any new file
-        let mut direct = direct
-            && !self.no_direct.load(Ordering::Relaxed)
-            && bytes.len() >= DIRECT_ALIGN
-            && (bytes.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN);
-        let fd = if direct {
-            match rustix::fs::openat(dir, ".", base | OFlags::DIRECT, mode) {
-                Ok(fd) => fd,
-                Err(rustix::io::Errno::INVAL) => {
-                    self.no_direct.store(true, Ordering::Relaxed);
-                    direct = false;
-                    rustix::fs::openat(dir, ".", base, mode)?
-                }
-                Err(e) => return Err(e.into()),
-            }
-        } else {
-            rustix::fs::openat(dir, ".", base, mode)?
-        };
-        let mut written = 0;
-        while written < bytes.len() {
-            let rest = &bytes[written..];
-            // O_DIRECT for whole aligned blocks; the tail (and anything after a short write
-            // that broke the alignment) through the page cache.
-            let aligned = rest.len() & !(DIRECT_ALIGN - 1);
-            if direct && (aligned == 0 || !written.is_multiple_of(DIRECT_ALIGN)) {
-                rustix::fs::fcntl_setfl(&fd, OFlags::empty())?;
-                direct = false;
-            }
-            let part = if direct { &rest[..aligned] } else { rest };
-            match rustix::io::pwrite(&fd, part, written as u64) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => written += n,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(rustix::io::Errno::INVAL) if direct => {
-                    // Stricter alignment than ours: the page cache from now on.
-                    self.no_direct.store(true, Ordering::Relaxed);
-                    rustix::fs::fcntl_setfl(&fd, OFlags::empty())?;
-                    direct = false;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-        match rustix::fs::linkat(rustix::fs::CWD, proc_path, dir, Self::file_name(hash), AtFlags::SYMLINK_FOLLOW) {
-            Ok(()) => Ok(true),
-            Err(rustix::io::Errno::EXIST) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
     }
 
     pub(crate) fn open_chunk(&self, hash: &ChunkHash) -> io::Result<File> {
@@ -402,98 +290,25 @@ pub(crate) struct ChunkWriter<'a> {
     pub(crate) counters: WriteCounters,
 }
 
-/// Chunks at least this long are handed to the I/O threads of an [`AsyncWrites`] (when the
-/// encoder has one) and written with `O_DIRECT`; shorter ones are written in place through the
-/// page cache, where a direct write's round trip to the disk would cost more than the copy.
-const ASYNC_MIN_LEN: usize = 64 << 10;
-
-/// A chunk on its way to an I/O thread.
-pub(crate) struct WriteJob {
-    hash: ChunkHash,
-    buf: AlignedBuf,
-    len: usize,
-}
-
-/// The hand-off from the workers that hash and compress to the I/O threads that write big
-/// chunks with `O_DIRECT`: while an I/O thread waits for the disk, the cores keep compressing.
-/// Buffers travel with the jobs and come back through `free`, so no chunk is copied (except a
-/// raw one, out of the worker's read buffer) and no new memory is touched after the first few.
-pub(crate) struct AsyncWrites {
-    tx: SyncSender<WriteJob>,
-    free: Arc<Mutex<Vec<AlignedBuf>>>,
-}
-
-impl AsyncWrites {
-    pub(crate) fn new(tx: SyncSender<WriteJob>, free: Arc<Mutex<Vec<AlignedBuf>>>) -> Self {
-        AsyncWrites { tx, free }
-    }
-}
-
-/// What one I/O thread did.
-#[derive(Default)]
-pub(crate) struct IoOut {
-    pub(crate) write: Duration,
-    pub(crate) error: Option<io::Error>,
-}
-
-/// An I/O thread: writes chunks until every sender is gone. After an error it keeps taking jobs
-/// (so that no worker blocks on a full queue) without writing them.
-pub(crate) fn io_thread(
-    store: &ChunkStore,
-    rx: &Mutex<Receiver<WriteJob>>,
-    free: &Mutex<Vec<AlignedBuf>>,
-    stop: &AtomicBool,
-) -> IoOut {
-    let mut out = IoOut::default();
-    loop {
-        let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-            Ok(job) => job,
-            Err(_) => return out,
-        };
-        let mut buf = job.buf;
-        if out.error.is_none() {
-            let t = Instant::now();
-            if let Err(e) = store.write(&job.hash, &buf.as_mut_slice()[..job.len], true) {
-                stop.store(true, Ordering::Relaxed); // the workers stop early; the capture fails
-                out.error = Some(e);
-            }
-            out.write += t.elapsed();
-        }
-        free.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
-    }
-}
-
 /// Per-thread state for [`ChunkWriter::put`].
 pub(crate) struct Encoder {
     compressor: zstd::bulk::Compressor<'static>,
-    /// Where big chunks go to be written, if anywhere: else they are written in place.
-    sink: Option<AsyncWrites>,
-    /// Aligned, so that compressed chunks can be written with `O_DIRECT`.
-    out: AlignedBuf,
+    out: Vec<u8>,
     pub(crate) hash: Duration,
     pub(crate) compress: Duration,
     pub(crate) write: Duration,
 }
 
 impl Encoder {
-    pub(crate) fn new(sink: Option<AsyncWrites>) -> io::Result<Self> {
+    pub(crate) fn new() -> io::Result<Self> {
         Ok(Encoder {
             compressor: zstd::bulk::Compressor::new(ZSTD_LEVEL)?,
-            sink,
-            out: AlignedBuf::new(0),
+            out: Vec::new(),
             hash: Duration::ZERO,
             compress: Duration::ZERO,
             write: Duration::ZERO,
         })
     }
-}
-
-/// Errors that say `O_TMPFILE` or linking it through `/proc/self/fd` is not available here.
-fn tmpfile_unsupported(e: &io::Error) -> bool {
-    use rustix::io::Errno;
-    matches!(e.raw_os_error(), Some(code) if [Errno::OPNOTSUPP, Errno::ISDIR, Errno::INVAL, Errno::NOENT, Errno::NOSYS, Errno::PERM, Errno::ACCESS, Errno::XDEV]
-        .iter()
-        .any(|e| e.raw_os_error() == code))
 }
 
 pub(crate) fn is_zero(data: &[u8]) -> bool {
@@ -538,45 +353,25 @@ impl<'a> ChunkWriter<'a> {
             }
         }
         let t = Instant::now();
-        enc.out.ensure(zstd::zstd_safe::compress_bound(data.len()));
-        let out = enc.out.as_mut_slice();
-        let compressed = match enc.compressor.compress_to_buffer(data, out) {
-            Ok(n) if n < data.len() - data.len() / MIN_SAVING_DIVISOR && n < data.len() => Some(n),
-            _ => None, // no gain worth keeping (or none at all): store raw
+        enc.out.clear();
+        enc.out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+        let compressed = match enc.compressor.compress_to_buffer(data, &mut enc.out) {
+            Ok(n) => n < data.len() - data.len() / MIN_SAVING_DIVISOR && n < data.len(),
+            Err(_) => false, // e.g. no gain at all: store raw
         };
         enc.compress += t.elapsed();
-        let stored_len = compressed.unwrap_or(data.len());
-        let chunk = match compressed {
-            Some(n) => Chunk::Zstd { hash, stored_len: n as u32 },
-            None => Chunk::Raw(hash),
+        let (chunk, bytes): (Chunk, &[u8]) = if compressed {
+            (Chunk::Zstd { hash, stored_len: enc.out.len() as u32 }, &enc.out)
+        } else {
+            (Chunk::Raw(hash), data)
         };
         let t = Instant::now();
         self.marker.ensure()?;
-        match enc.sink.as_ref() {
-            Some(sink) if stored_len >= ASYNC_MIN_LEN => {
-                // The chunk is named once the I/O thread has written it; until then only this
-                // capture refers to it, and the capture does not end before its I/O threads.
-                let mut buf =
-                    sink.free.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_else(|| AlignedBuf::new(0));
-                if compressed.is_some() {
-                    std::mem::swap(&mut buf, &mut enc.out);
-                } else {
-                    // As big as a compression buffer, so that buffers are interchangeable.
-                    buf.ensure(zstd::zstd_safe::compress_bound(data.len()));
-                    buf.as_mut_slice()[..data.len()].copy_from_slice(data);
-                }
-                let job = WriteJob { hash, buf, len: stored_len };
-                sink.tx.send(job).map_err(|_| io::Error::other("the chunk writing threads stopped"))?;
-            }
-            _ => {
-                let bytes = if compressed.is_some() { &enc.out.as_mut_slice()[..stored_len] } else { data };
-                self.store.write(&hash, bytes, false)?;
-            }
-        }
+        self.store.write(&hash, bytes)?;
         enc.write += t.elapsed();
         if self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(hash, chunk).is_none() {
             c.chunks_new.fetch_add(1, Ordering::Relaxed);
-            c.stored_bytes_new.fetch_add(stored_len as u64, Ordering::Relaxed);
+            c.stored_bytes_new.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         } else {
             c.chunks_existing.fetch_add(1, Ordering::Relaxed);
         }

@@ -217,13 +217,8 @@ pub struct CaptureStats {
     pub read: Duration,
     pub hash: Duration,
     pub compress: Duration,
-    /// Chunk existence checks, writes of small chunks, temp file writes, renames (and the first
-    /// marker's fsync); for big chunks only the hand-off to the I/O threads (waiting when their
-    /// queue is full).
+    /// Chunk existence checks, temp file writes, renames (and the first marker's fsync).
     pub write: Duration,
-    /// The I/O threads writing big chunks with `O_DIRECT` (mostly waiting for the disk while
-    /// the workers compress), summed over them.
-    pub write_io: Duration,
 }
 
 /// How to restore.
