@@ -8,15 +8,39 @@
 //! first.
 //!
 //! Reading the figures on the development VM (Firecracker, 2 vCPUs, ext4 without a journal):
-//! - Capture is CPU-bound on zstd (level 1 compresses this text at ~285 MB/s and the mixed
-//!   data at ~470 MB/s per core, `zstd -b1`), so two cores put the ceiling near 500 MB/s
-//!   before anything else; other builds sharing the two cores lower it directly.
-//! - New page-cache pages are slow: the guest returns freed memory to the host (free page
-//!   reporting), and touching it again faults into the hypervisor. `dd` of 1 GiB into a new
-//!   file runs at ~270 MB/s cold and ~3 GB/s right after the same memory was touched. Every
-//!   chunk written and every restored file pays this.
-//! - Right after many files were deleted (a previous run's cleanup), ext4 without a journal
-//!   scans "recently deleted" inodes on every create: wait a minute between runs.
+//! - Quiet machine, before any of the experiments below: cold capture 349 MB/s (2.94 s; walk
+//!   0.1 s, read 0.2 s, hash 0.38 s, compress 2.68 s, write 2.21 s summed over 2 workers),
+//!   commit 0.55 s (294 MB/s including durability), re-snapshot 33 ms, restore 270 MB/s, 598 MiB
+//!   stored for 1 GiB. "CPU used" is printed too: with other work on the machine the wall times
+//!   (and the durations, which include time spent descheduled) swing by 2-3x from run to run;
+//!   CPU-seconds per MB moves much less.
+//! - Capture is CPU-bound on zstd. Level 1 compresses the text here at ~270-285 MB/s and the
+//!   mixed data at ~350-470 MB/s per core (`zstd -b1`), so compression alone is ~2.7 CPU-seconds
+//!   per GiB and two cores cap capture near 600 MB/s even with free writes. Measured and not
+//!   worth it: negative levels (`--fast=1..5`: same or slower on this data, whose cost is the many
+//!   short matches of the text, at 1-4% worse ratio); `mml`/`hlog`/`wlog` tweaks of level 1
+//!   (within the noise); sampling a chunk to skip compressing incompressible data (zstd already
+//!   passes pure noise at ~2.9 GB/s, and these chunks are half noise, half text, in 16 KiB
+//!   blocks, so no sample could skip them).
+//! - The write path is the other half: ~2.2 CPU-seconds per 600 MB stored. New page-cache pages
+//!   are slow here: the guest returns freed memory to the host (free page reporting), and
+//!   touching it again faults into the hypervisor. `dd` of 1 GiB into a new file runs at ~270
+//!   MB/s cold and ~3 GB/s right after the same memory was touched. Every chunk written and
+//!   every restored file pays this.
+//! - Tried (commit 254a2c6, reverted): chunks of 64 KiB and more handed to three I/O threads that
+//!   write them with `O_DIRECT`, every chunk an `O_TMPFILE` linked into its `chunks/<2 hex>/`.
+//!   It takes the write path out of the workers' CPU profile and makes the commit's `syncfs`
+//!   2-3x faster (0.1-0.3 s instead of 0.3-1.3 s), but capture wall time was no better within
+//!   the noise (the disk's latency per chunk and the three extra threads eat what the workers
+//!   save on two cores), and a restore right after the capture got 25-50% slower, because the
+//!   chunks are no longer in the page cache. Synchronous `O_DIRECT` in the workers was clearly
+//!   worse (write 4.8-5.9 s summed).
+//! - Right after many files were deleted (a previous run's cleanup, or other work on the same
+//!   filesystem), ext4 without a journal skips "recently deleted" inodes on every create
+//!   (`recently_deleted`, 60 s after the inode table is written back, 360 s while it is dirty):
+//!   creates get slow and serialize on the directory lock (up to 4x slower writes in `perf`).
+//!   Run `sync`, then wait a minute or more between runs, or point `TMPDIR` at a fresh
+//!   filesystem (a new ext4 on `losetup --direct-io=on`) to compare two builds.
 
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
@@ -133,6 +157,16 @@ fn warm_memory(bytes: usize) {
     std::hint::black_box(&v);
 }
 
+/// CPU time this process has used so far (user, system), from `/proc/self/stat`: unlike wall
+/// time, it does not grow when other work on the machine takes the cores.
+fn cpu_times() -> (Duration, Duration) {
+    let stat = fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let field = |i: usize| after_comm.split_whitespace().nth(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the line, in clock ticks (100 per second on Linux).
+    (Duration::from_millis(field(11) * 10), Duration::from_millis(field(12) * 10))
+}
+
 fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / MIB as f64 / d.as_secs_f64()
 }
@@ -198,15 +232,25 @@ fn main() {
     let dir = Dir::open_ambient_dir(&tree, ambient_authority()).unwrap();
 
     // Cold capture.
+    let (user0, sys0) = cpu_times();
     let t = Instant::now();
     let pending = store.capture(&dir, CaptureOptions::new("bench")).unwrap();
     let capture_time = t.elapsed();
+    let (user1, sys1) = cpu_times();
     let stats = pending.stats().clone();
     let t = Instant::now();
     let first = store.commit(pending).unwrap();
     let commit_time = t.elapsed();
     println!("cold capture: {:.0} MB/s ({})", mbps(total, capture_time), ms(capture_time));
     capture_breakdown(&stats);
+    let (user, sys) = (user1 - user0, sys1 - sys0);
+    println!(
+        "    CPU used: {:.2} s user + {:.2} s system = {:.2} cores busy on average; {:.0} MB/s per CPU-second",
+        user.as_secs_f64(),
+        sys.as_secs_f64(),
+        (user + sys).as_secs_f64() / capture_time.as_secs_f64(),
+        mbps(total, user + sys)
+    );
     println!(
         "  commit (syncfs of the new chunks + manifest): {} -> {:.0} MB/s including durability",
         ms(commit_time),
