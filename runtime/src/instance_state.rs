@@ -172,16 +172,7 @@ pub(crate) fn restore(
             }
             None => data[..current as usize].fill(0),
         }
-        let bytes = pages(image.part)?;
-        let mut at = 0usize;
-        for &(start, count) in &image.runs {
-            let (from, len) = ((start * IMAGE_PAGE) as usize, (count * IMAGE_PAGE) as usize);
-            let (Some(dst), Some(src)) = (data.get_mut(from..from + len), bytes.get(at..at + len)) else {
-                return Err(write_err("a page run is outside the memory or the stored pages".into()));
-            };
-            dst.copy_from_slice(src);
-            at += len;
-        }
+        write_runs(data, image, &pages(image.part)?).map_err(write_err)?;
     }
     for (index, (value, info)) in globals.iter().zip(&layout.globals).enumerate() {
         let name = state_export::global_export(index as u32);
@@ -264,6 +255,20 @@ pub(crate) fn restore_tables(
             };
             table.set(store.as_context_mut(), i, value).map_err(write_err)?;
         }
+    }
+    Ok(())
+}
+
+/// Copies a memory's stored pages (`bytes`, in run order) to where its runs say.
+pub(crate) fn write_runs(data: &mut [u8], image: &MemoryImage, bytes: &[u8]) -> Result<(), String> {
+    let mut at = 0usize;
+    for &(start, count) in &image.runs {
+        let (from, len) = ((start * IMAGE_PAGE) as usize, (count * IMAGE_PAGE) as usize);
+        let (Some(dst), Some(src)) = (data.get_mut(from..from + len), bytes.get(at..at + len)) else {
+            return Err("a page run is outside the memory or the stored pages".into());
+        };
+        dst.copy_from_slice(src);
+        at += len;
     }
     Ok(())
 }

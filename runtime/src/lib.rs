@@ -21,6 +21,7 @@
 
 pub mod civil_time;
 mod code_cache;
+mod component_state;
 pub mod cow_restore;
 pub mod error;
 pub mod fs_snapshot;

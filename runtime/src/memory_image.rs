@@ -87,6 +87,24 @@ pub enum ProcessStateImage {
     Exited(ExitRecord),
     /// A live instance with no frames on its stack (a reactor between calls).
     Idle(InstanceImage),
+    /// A reactor component between calls: every core instance inside it, in the order
+    /// `Store::debug_all_instances` lists them.
+    IdleComponent(ComponentImage),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComponentImage {
+    pub instances: Vec<CoreStateImage>,
+    pub monotonic_ns: u64,
+}
+
+/// One core instance of a component. Function references are numbered across the whole
+/// component: every function index space of every instance, in instance order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CoreStateImage {
+    pub memories: Vec<MemoryImage>,
+    pub globals: Vec<GlobalValue>,
+    pub tables: Vec<TableImage>,
 }
 
 /// An [`crate::ExitStatus`] as stored.
@@ -249,9 +267,36 @@ impl ImageHeader {
         }
         let mut used_parts = vec![false; self.parts.len()];
         for process in &self.processes {
-            let ProcessStateImage::Idle(instance) = &process.state else { continue };
-            for (m, memory) in instance.memories.iter().enumerate() {
-                let what = format!("process {} memory {m}", process.pid);
+            let states: Vec<(&[MemoryImage], &[TableImage])> = match &process.state {
+                ProcessStateImage::Exited(_) => continue,
+                ProcessStateImage::Idle(instance) => vec![(&instance.memories, &instance.tables)],
+                ProcessStateImage::IdleComponent(component) => {
+                    component.instances.iter().map(|i| (&i.memories[..], &i.tables[..])).collect()
+                }
+            };
+            for (memories, tables) in states {
+                self.validate_state(process.pid, memories, tables, parts_len, &mut used_parts)?;
+            }
+        }
+        if let Some(unused) = used_parts.iter().position(|used| !used) {
+            return corrupt(format!("part {unused} belongs to no memory"));
+        }
+        Ok(())
+    }
+
+    fn validate_state(
+        &self,
+        pid: u64,
+        memories: &[MemoryImage],
+        tables: &[TableImage],
+        _parts_len: u64,
+        used_parts: &mut [bool],
+    ) -> Result<(), ImageError> {
+        let corrupt = |m: String| Err(ImageError::Corrupt(m));
+        let process = Pid(pid);
+        {
+            for (m, memory) in memories.iter().enumerate() {
+                let what = format!("process {} memory {m}", process);
                 if memory.size_bytes > MAX_MEMORY_BYTES || !memory.size_bytes.is_multiple_of(IMAGE_PAGE) {
                     return corrupt(format!("{what}: size {} is not a supported memory size", memory.size_bytes));
                 }
@@ -279,25 +324,31 @@ impl ImageHeader {
                     ));
                 }
             }
-            for (t, table) in instance.tables.iter().enumerate() {
+            for (t, table) in tables.iter().enumerate() {
                 if table.size > MAX_TABLE_ELEMENTS {
-                    return corrupt(format!("process {} table {t}: {} elements", process.pid, table.size));
+                    return corrupt(format!("process {} table {t}: {} elements", process, table.size));
                 }
                 if table.elements.windows(2).any(|w| w[0].0 >= w[1].0) {
-                    return corrupt(format!("process {} table {t}: elements out of order", process.pid));
+                    return corrupt(format!("process {} table {t}: elements out of order", process));
                 }
                 if let Some(&(index, _)) = table.elements.iter().find(|&&(index, _)| index >= table.size) {
                     return corrupt(format!(
                         "process {} table {t}: element {index} past its size {}",
-                        process.pid, table.size
+                        process, table.size
                     ));
                 }
             }
         }
-        if let Some(unused) = used_parts.iter().position(|used| !used) {
-            return corrupt(format!("part {unused} belongs to no memory"));
-        }
         Ok(())
+    }
+}
+
+/// Formats like a process record's `pid` field in the messages above.
+struct Pid(u64);
+
+impl fmt::Display for Pid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
     }
 }
 

@@ -361,9 +361,16 @@ impl MemorySnapshot {
         for process in &image.header.processes {
             programs.push(match &process.state {
                 ProcessStateImage::Exited(_) => None,
-                ProcessStateImage::Idle(_) => {
+                ProcessStateImage::Idle(_) | ProcessStateImage::IdleComponent(_) => {
                     let bytes = images.module(&process.program)?;
-                    Some(host.load(&bytes, &format!("program `{}` of the image", process.program_name.escape_debug()))?)
+                    let what = format!("program `{}` of the image", process.program_name.escape_debug());
+                    let program = host.load(&bytes, &what)?;
+                    Some(match (&process.state, program.format()) {
+                        (ProcessStateImage::IdleComponent(_), crate::ProgramFormat::Component) => {
+                            host.component_reactor(&program)?
+                        }
+                        _ => program,
+                    })
                 }
             });
         }
@@ -448,7 +455,22 @@ impl MemorySnapshot {
                         .await?;
                     sandbox.adopt_reactor(reactor);
                 }
-                (ProcessStateImage::Idle(_), None) => unreachable!("programs are loaded for idle processes"),
+                (ProcessStateImage::IdleComponent(component), Some(program)) => {
+                    let pages = |part: u32| -> Result<Vec<u8>, StateError> {
+                        self.parts
+                            .get(part as usize)
+                            .map(|p| p.to_vec())
+                            .ok_or_else(|| StateError::Mismatch(format!("no part {part}")))
+                    };
+                    let origin = Origin::ComponentImage { image: process, component, pages: &pages };
+                    let reactor = sandbox
+                        .start_reactor(program.clone(), &process.argv, &process.env, process.cwd.as_deref(), origin)
+                        .await?;
+                    sandbox.adopt_reactor(reactor);
+                }
+                (ProcessStateImage::Idle(_) | ProcessStateImage::IdleComponent(_), None) => {
+                    unreachable!("programs are loaded for idle processes")
+                }
             }
         }
         Ok(())

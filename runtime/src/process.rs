@@ -415,6 +415,11 @@ async fn run_guest(program: Arc<Program>, state: ProcessState, slot: &mut Option
             },
             Err(e) => return classify(e, store),
         },
+        ProgramEntry::ComponentReactor(_) => {
+            return ExitStatus::StartFailed(
+                "the component exports no `wasi:cli/run`: it is not a command (instantiate it as a reactor)".into(),
+            );
+        }
     };
     match result {
         Ok(()) => ExitStatus::Exited(0),
@@ -475,6 +480,7 @@ pub(crate) fn program_engine(program: &Program) -> &wasmtime::Engine {
     match &program.entry {
         ProgramEntry::Command(pre) => pre.module().engine(),
         ProgramEntry::Component(pre) => pre.engine(),
+        ProgramEntry::ComponentReactor(pre) => pre.engine(),
     }
 }
 

@@ -10,7 +10,7 @@ use crate::cow_restore;
 use crate::error::{Error, Result};
 use crate::host::{Program, ProgramEntry, ResumeProgram};
 use crate::instance_state::{self, StateError};
-use crate::memory_image::{self, InstanceImage, ProcessImage, ProcessStateImage};
+use crate::memory_image::{self, ComponentImage, InstanceImage, ProcessImage, ProcessStateImage};
 use crate::pause::{ProcessPhase, RunPhase};
 use crate::process::{ProcessState, configure_store, next_pid, program_engine};
 use crate::state_export;
@@ -39,9 +39,15 @@ struct ReactorInner {
     live: tokio::sync::Mutex<Live>,
 }
 
+/// The instance a reactor calls into.
+enum LiveInstance {
+    Core(Instance),
+    Component(wasmtime::component::Instance),
+}
+
 struct Live {
     store: Store<ProcessState>,
-    instance: Instance,
+    instance: LiveInstance,
     /// Set when a call trapped or was cut short: the instance may hold half-done state.
     poisoned: Option<String>,
 }
@@ -71,16 +77,17 @@ pub(crate) enum Origin<'a> {
         /// copy-on-write (see `cow_restore`); `None` copies the state in.
         cow: Option<(&'a wasmtime::Module, &'a ResumeProgram)>,
     },
+    /// Continue a reactor component from a snapshot.
+    ComponentImage {
+        image: &'a ProcessImage,
+        component: &'a ComponentImage,
+        pages: &'a (dyn Fn(u32) -> Result<Vec<u8>, StateError> + Sync),
+    },
 }
 
 impl Reactor {
     pub(crate) async fn start(launch: ReactorLaunch, origin: Origin<'_>) -> Result<Reactor> {
         let ReactorLaunch { program, mut wasi, descriptors, limits, argv, env, cwd, phase } = launch;
-        let (Some(layout), ProgramEntry::Command(pre)) = (program.layout.clone(), &program.entry) else {
-            return Err(Error::InvalidArgument(
-                "only core modules can run as reactors (components: not yet supported for memory snapshots)".into(),
-            ));
-        };
         let stdout = OutputBuffer::new(limits.output_buffer);
         let stderr = OutputBuffer::new(limits.output_buffer);
         let clock = match &origin {
@@ -90,12 +97,42 @@ impl Reactor {
                 stderr.append(&image.stderr);
                 SnapshotClock::starting_at(instance.monotonic_ns)
             }
+            Origin::ComponentImage { image, component, .. } => {
+                stdout.append(&image.stdout);
+                stderr.append(&image.stderr);
+                SnapshotClock::starting_at(component.monotonic_ns)
+            }
         };
         wasi.stdout(stdout.clone()).stderr(stderr.clone()).monotonic_clock(clock.clone());
         let (state, _kill) = ProcessState::new(wasi.build_p1(), &limits, phase.clone(), clock, descriptors);
         let mut store = Store::new(program_engine(&program), state);
         configure_store(&mut store);
         let started = |e: wasmtime::Error| Error::Start(format!("{e:#}"));
+        let (layout, pre) = match (&program.layout, &program.entry) {
+            (Some(layout), ProgramEntry::Command(pre)) => (layout.clone(), pre),
+            (_, ProgramEntry::ComponentReactor(pre)) => {
+                let instance = pre.instantiate_async(&mut store).await.map_err(started)?;
+                match origin {
+                    Origin::Fresh => {}
+                    Origin::ComponentImage { component, pages, .. } => {
+                        crate::component_state::restore(&mut store, &component.instances, pages)
+                            .map_err(Error::Restore)?;
+                    }
+                    Origin::Image { .. } => {
+                        return Err(Error::Restore(StateError::Mismatch(
+                            "the image holds a core module's state, the program is a component".into(),
+                        )));
+                    }
+                }
+                let live = Live { store, instance: LiveInstance::Component(instance), poisoned: None };
+                return Ok(Reactor::new(live, phase, argv, env, cwd, program, stdout, stderr));
+            }
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "a command component cannot run as a reactor: it has no exports to call".into(),
+                ));
+            }
+        };
         let cow = match &origin {
             Origin::Image { cow: Some(cow), .. } => Some(*cow),
             _ => None,
@@ -135,6 +172,11 @@ impl Reactor {
                     }
                 }
             }
+            Origin::ComponentImage { .. } => {
+                return Err(Error::Restore(StateError::Mismatch(
+                    "the image holds a component's state, the program is a core module".into(),
+                )));
+            }
             Origin::Image { instance: image, pages, cow, .. } => {
                 if cow.is_some() {
                     // Memories and globals came with the state module; element segments
@@ -159,8 +201,23 @@ impl Reactor {
                     .map_err(|e| Error::Start(format!("rebuilding descriptors: {e:#}")))?;
             }
         }
+        let live = Live { store, instance: LiveInstance::Core(instance), poisoned: None };
+        Ok(Reactor::new(live, phase, argv, env, cwd, program, stdout, stderr))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        live: Live,
+        phase: Arc<ProcessPhase>,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        program: Arc<Program>,
+        stdout: OutputBuffer,
+        stderr: OutputBuffer,
+    ) -> Reactor {
         phase.set(RunPhase::Parked);
-        Ok(Reactor {
+        Reactor {
             inner: Arc::new(ReactorInner {
                 phase,
                 pid: next_pid(),
@@ -170,9 +227,9 @@ impl Reactor {
                 program,
                 stdout,
                 stderr,
-                live: tokio::sync::Mutex::new(Live { store, instance, poisoned: None }),
+                live: tokio::sync::Mutex::new(live),
             }),
-        })
+        }
     }
 
     pub fn pid(&self) -> u64 {
@@ -204,23 +261,50 @@ impl Reactor {
             return Err(call_error(format!("the reactor is unusable since an earlier call failed: {why}")));
         }
         let Live { store, instance, .. } = &mut *live;
-        let func = instance
-            .get_func(&mut *store, export)
-            .filter(|_| !export.starts_with(state_export::RESERVED_PREFIX))
-            .ok_or_else(|| call_error("no such exported function".into()))?;
-        let ty = func.ty(&*store);
-        let mut results = vec![Val::I32(0); ty.results().len()];
         let phase = &self.inner.phase;
         phase.park_if_paused().await;
         phase.set(RunPhase::Wasm);
-        let outcome = func.call_async(&mut *store, args, &mut results).await;
+        let outcome = match instance {
+            LiveInstance::Core(instance) => {
+                let func = instance
+                    .get_func(&mut *store, export)
+                    .filter(|_| !export.starts_with(state_export::RESERVED_PREFIX))
+                    .ok_or_else(|| call_error("no such exported function".into()));
+                match func {
+                    Err(e) => Err(e),
+                    Ok(func) => {
+                        let mut results = vec![Val::I32(0); func.ty(&*store).results().len()];
+                        Ok(func.call_async(&mut *store, args, &mut results).await.map(|()| results))
+                    }
+                }
+            }
+            LiveInstance::Component(instance) => match instance.get_func(&mut *store, export) {
+                None => Err(call_error("no such exported function".into())),
+                Some(func) => match component_args(&func.ty(&*store), args) {
+                    Err(why) => Err(call_error(why)),
+                    Ok(params) => {
+                        let mut results = vec![wasmtime::component::Val::Bool(false); func.ty(&*store).results().len()];
+                        let called = func.call_async(&mut *store, &params, &mut results).await;
+                        Ok(called.and_then(|()| {
+                            results
+                                .iter()
+                                .map(core_value)
+                                .collect::<Option<Vec<Val>>>()
+                                .ok_or_else(|| wasmtime::Error::msg("the function returns values other than numbers"))
+                        }))
+                    }
+                },
+            },
+        };
         phase.set(RunPhase::Parked);
-        if let Err(e) = outcome {
-            let status = crate::process::classify(e, store);
-            live.poisoned = Some(status.to_string());
-            return Err(call_error(status.to_string()));
+        match outcome? {
+            Ok(results) => Ok(results),
+            Err(e) => {
+                let status = crate::process::classify(e, store);
+                live.poisoned = Some(status.to_string());
+                Err(call_error(status.to_string()))
+            }
         }
-        Ok(results)
     }
 
     /// [`Reactor::call`] for the common `(i32...) -> i32` shape.
@@ -254,20 +338,37 @@ impl Frozen<'_> {
         if let Some(why) = &self.live.poisoned {
             return Err(Error::NotQuiescent(format!("reactor {} is unusable: {why}", inner.pid)));
         }
-        let layout = inner.program.layout.clone().expect("reactors are core modules");
         let Live { store, instance, .. } = &mut *self.live;
-        let captured = instance_state::capture(&mut *store, instance, &layout).map_err(Error::Restore)?;
-        let fds = wasi_state::capture(&mut *store, inner.program.host_helper())
-            .await
-            .map_err(|e| Error::Start(format!("reading descriptors: {e:#}")))?;
         let monotonic_ns = store.data().clock.now_ns();
-        let mut memories = Vec::with_capacity(captured.memories.len());
-        let mut pages = Vec::with_capacity(captured.memories.len());
-        for (i, (mut memory, data)) in captured.memories.into_iter().enumerate() {
-            memory.part = first_part + i as u32;
-            memories.push(memory);
-            pages.push(data);
-        }
+        let (state, pages) = match instance {
+            LiveInstance::Component(_) => {
+                let (instances, pages) =
+                    crate::component_state::capture(&mut *store, first_part).map_err(Error::Restore)?;
+                (ProcessStateImage::IdleComponent(ComponentImage { instances, monotonic_ns }), pages)
+            }
+            LiveInstance::Core(instance) => {
+                let layout = inner.program.layout.clone().expect("core reactors have a state layout");
+                let captured = instance_state::capture(&mut *store, instance, &layout).map_err(Error::Restore)?;
+                let fds = wasi_state::capture(&mut *store, inner.program.host_helper())
+                    .await
+                    .map_err(|e| Error::Start(format!("reading descriptors: {e:#}")))?;
+                let mut memories = Vec::with_capacity(captured.memories.len());
+                let mut pages = Vec::with_capacity(captured.memories.len());
+                for (i, (mut memory, data)) in captured.memories.into_iter().enumerate() {
+                    memory.part = first_part + i as u32;
+                    memories.push(memory);
+                    pages.push(data);
+                }
+                let image = memory_image::InstanceImage {
+                    memories,
+                    globals: captured.globals,
+                    tables: captured.tables,
+                    fds,
+                    monotonic_ns,
+                };
+                (ProcessStateImage::Idle(image), pages)
+            }
+        };
         let image = ProcessImage {
             pid: inner.pid,
             argv: inner.argv.clone(),
@@ -277,14 +378,46 @@ impl Frozen<'_> {
             program_name: inner.argv.first().cloned().unwrap_or_default(),
             stdout: inner.stdout.contents(),
             stderr: inner.stderr.contents(),
-            state: ProcessStateImage::Idle(memory_image::InstanceImage {
-                memories,
-                globals: captured.globals,
-                tables: captured.tables,
-                fds,
-                monotonic_ns,
-            }),
+            state,
         };
         Ok((image, pages))
     }
+}
+
+/// Core values as the parameters of a component function (numbers only).
+fn component_args(
+    ty: &wasmtime::component::types::ComponentFunc,
+    args: &[Val],
+) -> Result<Vec<wasmtime::component::Val>, String> {
+    use wasmtime::component::{Type, Val as C};
+    if ty.params().len() != args.len() {
+        return Err(format!("takes {} arguments, {} given", ty.params().len(), args.len()));
+    }
+    ty.params()
+        .zip(args)
+        .map(|((name, ty), arg)| match (ty, arg) {
+            (Type::S32, Val::I32(v)) => Ok(C::S32(*v)),
+            (Type::U32, Val::I32(v)) => Ok(C::U32(*v as u32)),
+            (Type::S64, Val::I64(v)) => Ok(C::S64(*v)),
+            (Type::U64, Val::I64(v)) => Ok(C::U64(*v as u64)),
+            (Type::Float32, Val::F32(v)) => Ok(C::Float32(f32::from_bits(*v))),
+            (Type::Float64, Val::F64(v)) => Ok(C::Float64(f64::from_bits(*v))),
+            (ty, arg) => Err(format!("parameter `{name}` is {ty:?}, given {arg:?}")),
+        })
+        .collect()
+}
+
+/// A component result as a core value, when it is a number.
+fn core_value(value: &wasmtime::component::Val) -> Option<Val> {
+    use wasmtime::component::Val as C;
+    Some(match value {
+        C::S32(v) => Val::I32(*v),
+        C::U32(v) => Val::I32(*v as i32),
+        C::S64(v) => Val::I64(*v),
+        C::U64(v) => Val::I64(*v as i64),
+        C::Float32(v) => Val::F32(v.to_bits()),
+        C::Float64(v) => Val::F64(v.to_bits()),
+        C::Bool(v) => Val::I32(*v as i32),
+        _ => return None,
+    })
 }

@@ -199,6 +199,10 @@ impl Sandbox {
     pub async fn instantiate(&self, command: Command) -> Result<Reactor> {
         let env = merged_env(&self.config.env, &command.env);
         let (program, argv0) = self.load_program(command.program, &env).await?;
+        let program = match program.format() {
+            crate::ProgramFormat::Component => self.host.component_reactor(&program)?,
+            crate::ProgramFormat::Module => program,
+        };
         let mut argv = vec![argv0];
         argv.extend(command.args);
         let reactor = self.start_reactor(program, &argv, &env, command.cwd.as_deref(), Origin::Fresh).await?;

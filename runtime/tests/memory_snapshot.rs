@@ -281,3 +281,42 @@ async fn images_that_do_not_fit_are_refused_with_a_clear_error() {
     let err = MemorySnapshot::open(&host, &d.images, &cut).err().unwrap().to_string();
     assert!(err.contains("truncated") || err.contains("corrupt"), "{err}");
 }
+
+#[tokio::test]
+async fn a_reactor_component_continues_on_a_fresh_instance_with_all_its_core_instances() {
+    let host = host();
+    let d = dirs();
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    let tally = sandbox
+        .instantiate(Command::new(ProgramRef::Bytes {
+            bytes: guest_bytes("tally.component.wasm"),
+            name: "tally".into(),
+        }))
+        .await
+        .unwrap();
+    let mut expected = 0;
+    for k in 1..=5 {
+        expected += k;
+        assert_eq!(tally.call_i32("add", &[k]).await.unwrap(), expected);
+    }
+    // Through the preview1 adapter: its instance's state is part of the snapshot.
+    let before = tally.call("ticks", &[]).await.unwrap()[0].unwrap_i64();
+    let report = sandbox.snapshot_memory(None, &d.images).await.unwrap();
+    let image = memory_image::decode(&d.images.read_image(&report.id).unwrap()).unwrap().header;
+    let ProcessStateImage::IdleComponent(component) = &image.processes[0].state else {
+        panic!("a component image: {:?}", image.processes[0].state)
+    };
+    assert!(component.instances.len() >= 2, "the module and the adapter at least: {}", component.instances.len());
+    assert_eq!(tally.call_i32("add", &[100]).await.unwrap(), expected + 100);
+
+    let snapshot = MemorySnapshot::open(&host, &d.images, &report.id).unwrap();
+    for fork in snapshot.fork(&host, 3, |_| SandboxConfig::default(), None).await.unwrap() {
+        let r = &fork.reactors()[0];
+        assert_eq!(r.call_i32("get", &[]).await.unwrap(), expected);
+        assert_eq!(r.call_i32("add", &[6]).await.unwrap(), expected + 6);
+        let after = r.call("ticks", &[]).await.unwrap()[0].unwrap_i64();
+        assert!(after > before, "monotonic clock went from {before} to {after}");
+    }
+    let err = tally.call_i32("add", &[]).await.unwrap_err().to_string();
+    assert!(err.contains("takes 1 arguments"), "{err}");
+}

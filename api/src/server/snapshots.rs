@@ -166,7 +166,13 @@ impl AppState {
             Ok((store_id, size)) => self.db.complete_snapshot(&snapshot_id, store_id.as_str(), size as i64, now_ms()),
             Err(message) => self.db.fail_snapshot(&snapshot_id, &message, now_ms()),
         };
-        self.snapshots.progress.lock().unwrap().remove(&snapshot_id);
+        // A reader may have read the record just before it changed: it finds the final count
+        // for a while longer, never a count gone back to zero.
+        let (state, id) = (self.clone(), snapshot_id.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            state.snapshots.progress.lock().unwrap().remove(&id);
+        });
         if let Err(e) = recorded {
             tracing::error!(snapshot = %snapshot_id, "cannot record the end of the snapshot: {e}");
         }
