@@ -114,6 +114,7 @@ fn main() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let images = MemorySnapshotStore::open(dir.path()).unwrap();
+        component(&images).await;
         for cow in [true, false] {
             let label = if cow { "copy-on-write restore" } else { "copying restore" };
             // Room for every fork alive at once: a state instance (with the memory) and the
@@ -171,4 +172,40 @@ fn main() {
             }
         }
     });
+}
+
+/// The reactor component (guests/build/tally.component.wasm): it runs on the guest_debug
+/// engine, the price of reaching a component's inner instances.
+async fn component(images: &MemorySnapshotStore) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/build/tally.component.wasm");
+    let bytes: Arc<[u8]> = std::fs::read(&path).unwrap().into();
+    let host = Host::new(HostConfig::default()).unwrap();
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    let tally = sandbox.instantiate(Command::new(ProgramRef::Bytes { bytes, name: "tally".into() })).await.unwrap();
+    let mut calls = Vec::new();
+    for _ in 0..1000 {
+        let started = Instant::now();
+        tally.call_i32("add", &[1]).await.unwrap();
+        calls.push(started.elapsed());
+    }
+    let mut times = Vec::new();
+    let mut id = None;
+    for _ in 0..50 {
+        let started = Instant::now();
+        id = Some(sandbox.snapshot_memory(None, images).await.unwrap().id);
+        times.push(started.elapsed());
+    }
+    let snapshot = MemorySnapshot::open(&host, images, &id.unwrap()).unwrap();
+    let (p50, p99) = restores(&host, &snapshot, 200).await;
+    println!(
+        "== reactor component (tally, {} core instances): call p50 {}; snapshot p50 {:.2} ms; restore (copying) p50 {} p99 {}",
+        match &snapshot.header().processes[0].state {
+            ProcessStateImage::IdleComponent(c) => c.instances.len(),
+            _ => 0,
+        },
+        us(percentile(&mut calls, 0.5)),
+        percentile(&mut times, 0.5).as_secs_f64() * 1e3,
+        us(p50),
+        us(p99)
+    );
 }

@@ -13,11 +13,14 @@
 //!
 //! ```no_run
 //! # async fn demo() -> stasis_runtime::Result<()> {
-//! use stasis_runtime::{Command, Host, HostConfig, MemorySnapshot, MemorySnapshotStore, Sandbox, SandboxConfig};
+//! use stasis_runtime::{
+//!     Command, Host, HostConfig, MemorySnapshot, MemorySnapshotStore, ProgramRef, Sandbox, SandboxConfig,
+//! };
 //! let host = Host::new(HostConfig::default())?;
 //! let images = MemorySnapshotStore::open("/tmp/stasis-images")?;
 //! let sandbox = Sandbox::create(&host, SandboxConfig::default())?;
-//! let counter = sandbox.instantiate(Command::named("/bin/reactor.wasm")).await?;
+//! let wasm: std::sync::Arc<[u8]> = std::fs::read("reactor.wasm").unwrap().into();
+//! let counter = sandbox.instantiate(Command::new(ProgramRef::Bytes { bytes: wasm, name: "reactor".into() })).await?;
 //! counter.call_i32("add", &[5]).await?;
 //! let report = sandbox.snapshot_memory(None, &images).await?;
 //! // Fork it: each sandbox continues from total = 5, independently.
