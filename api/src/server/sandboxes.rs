@@ -601,22 +601,7 @@ pub async fn suspend(
     caller: Caller,
     Path(path): Path<SandboxPath>,
 ) -> ApiResult<Json<SandboxInfo>> {
-    let _transition = state.sandboxes.transitions.lock().await;
-    let row = state.sandbox_row(&caller.namespace, &path.sandbox_id)?;
-    match row.status {
-        SandboxStatus::Suspended => {}
-        SandboxStatus::Terminated => {
-            return Err(ApiError::Conflict(format!("sandbox `{}` is terminated: it cannot be suspended", row.id)));
-        }
-        SandboxStatus::Running => {
-            let live = state.live_sandbox(&caller.namespace, &row.id)?;
-            // In a task of its own: a suspend half done when the client leaves is still done.
-            let suspending = state.clone();
-            tokio::spawn(async move { suspending.suspend(&live).await }).await??;
-        }
-    }
-    let row = state.sandbox_row(&caller.namespace, &row.id)?;
-    Ok(Json(SandboxInfo::new(row, &state.config.public_url)))
+    transition(state, caller, path, Lifecycle::Suspend).await
 }
 
 /// `POST /sandboxes/{id}/resume`: the suspended sandbox runs again, under the same id, with
@@ -634,16 +619,39 @@ pub async fn resume(
     caller: Caller,
     Path(path): Path<SandboxPath>,
 ) -> ApiResult<Json<SandboxInfo>> {
+    transition(state, caller, path, Lifecycle::Resume).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    Suspend,
+    Resume,
+}
+
+/// Suspends or resumes a sandbox (one transition at a time on the server); asking for the
+/// state a sandbox is already in is a no-op.
+async fn transition(
+    state: Arc<AppState>,
+    caller: Caller,
+    path: SandboxPath,
+    to: Lifecycle,
+) -> ApiResult<Json<SandboxInfo>> {
     let _transition = state.sandboxes.transitions.lock().await;
     let row = state.sandbox_row(&caller.namespace, &path.sandbox_id)?;
-    match row.status {
-        SandboxStatus::Running => {}
-        SandboxStatus::Terminated => {
-            return Err(ApiError::Conflict(format!("sandbox `{}` is terminated: it cannot be resumed", row.id)));
+    let verb = if to == Lifecycle::Suspend { "suspended" } else { "resumed" };
+    match (row.status, to) {
+        (SandboxStatus::Terminated, _) => {
+            return Err(ApiError::Conflict(format!("sandbox `{}` is terminated: it cannot be {verb}", row.id)));
         }
-        SandboxStatus::Suspended => {
-            let resuming = state.clone();
-            let resumed = row.clone();
+        (SandboxStatus::Suspended, Lifecycle::Suspend) | (SandboxStatus::Running, Lifecycle::Resume) => {}
+        // In a task of its own: a transition half done when the client leaves is still done.
+        (SandboxStatus::Running, Lifecycle::Suspend) => {
+            let live = state.live_sandbox(&caller.namespace, &row.id)?;
+            let suspending = state.clone();
+            tokio::spawn(async move { suspending.suspend(&live).await }).await??;
+        }
+        (SandboxStatus::Suspended, Lifecycle::Resume) => {
+            let (resuming, resumed) = (state.clone(), row.clone());
             tokio::spawn(async move { resuming.resume(&resumed).await }).await??;
         }
     }
