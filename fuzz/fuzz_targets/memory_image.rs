@@ -14,7 +14,7 @@ use stasis_runtime::memory_image::{self, Image, ImageHeader, PREFIX_LEN, Process
 mod seeds;
 
 fuzz_target!(init: seeds::write_if_asked(seeds::memory_images), |data: &[u8]| {
-    exercise(data);
+    let _ = exercise(data);
     let Some(resealed) = reseal_header(data) else { return };
     let Ok(image) = exercise(&resealed) else { return };
     // Recompute every part's checksum and re-encode, so that `part` decompresses.
