@@ -35,8 +35,9 @@
 //! validated as a whole ([`ImageHeader::validate`]): page runs sorted, inside their memory
 //! and covering exactly their part's decompressed length; parts inside the file, not
 //! overlapping, each covered by a checksum that is verified before it is decompressed
-//! (into a buffer of the declared size, never more). A crafted image is an error, never a
-//! panic or an out-of-bounds write.
+//! (into a buffer of the declared size, never more, and a size zstd could not reach from the
+//! part's length is refused first). A crafted image is an error, never a panic, an
+//! out-of-bounds write or an allocation out of proportion to the file.
 
 use crate::wasi_state::FdTableImage;
 use serde::{Deserialize, Serialize};
@@ -54,6 +55,10 @@ pub const IMAGE_PAGE: u64 = 4096;
 pub const MAX_MEMORY_BYTES: u64 = 16 << 30;
 /// Largest table an image may describe.
 pub const MAX_TABLE_ELEMENTS: u64 = 10_000_000;
+/// Most a zstd frame can expand: an RLE block turns 4 bytes into at most 128 KiB. A part
+/// claiming more than this many times its length is corrupt; decompressing one therefore
+/// never reserves more than this many times the bytes present.
+pub const MAX_ZSTD_RATIO: u64 = 32 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageHeader {
@@ -261,6 +266,9 @@ impl ImageHeader {
                 Some(e) if e <= parts_len => e,
                 _ => return Err(ImageError::Truncated(format!("part {i} runs past the end of the file"))),
             };
+            if part.raw_len > part.len.saturating_mul(MAX_ZSTD_RATIO) {
+                return corrupt(format!("part {i}: {} bytes cannot decompress to {}", part.len, part.raw_len));
+            }
         }
         if end != parts_len {
             return corrupt(format!("{} stray bytes after the last part", parts_len - end));
@@ -499,6 +507,44 @@ mod tests {
         }
     }
 
+    /// A one-byte part claiming the 16 GiB of a full memory used to make `part` reserve
+    /// 16 GiB before zstd looked at the byte.
+    #[test]
+    fn part_claiming_more_than_zstd_can_expand_is_refused_before_allocating() {
+        let pages = MAX_MEMORY_BYTES / IMAGE_PAGE;
+        let part = vec![0x28u8];
+        let header = ImageHeader {
+            engine: "e".into(),
+            created_unix_ms: 1,
+            fs_snapshot: None,
+            processes: vec![ProcessImage {
+                pid: 1,
+                argv: vec![],
+                env: vec![],
+                cwd: None,
+                program: [0; 32],
+                program_name: "r".into(),
+                stdout: vec![],
+                stderr: vec![],
+                state: ProcessStateImage::Idle(InstanceImage {
+                    memories: vec![MemoryImage { size_bytes: MAX_MEMORY_BYTES, runs: vec![(0, pages)], part: 0 }],
+                    globals: vec![],
+                    tables: vec![],
+                    fds: FdTableImage::default(),
+                    monotonic_ns: 0,
+                }),
+            }],
+            parts: vec![PartInfo {
+                offset: 0,
+                len: 1,
+                raw_len: MAX_MEMORY_BYTES,
+                blake3: *blake3::hash(&part).as_bytes(),
+            }],
+        };
+        let err = decode(&encode(&header, &[part])).unwrap_err();
+        assert!(err.to_string().contains("1 bytes cannot decompress to 17179869184"), "{err}");
+    }
+
     #[test]
     fn crafted_runs_and_parts_are_refused() {
         let bytes = sample();
@@ -519,6 +565,9 @@ mod tests {
         let ProcessStateImage::Idle(instance) = &mut header.processes[0].state else { unreachable!() };
         instance.tables[0].elements = vec![(2, 0)];
         assert!(header.validate(parts_len).unwrap_err().to_string().contains("past its size"));
+        let mut header = image.header.clone();
+        header.parts[0].raw_len = header.parts[0].len * MAX_ZSTD_RATIO + 1;
+        assert!(header.validate(parts_len).unwrap_err().to_string().contains("cannot decompress to"));
         assert!(matches!(
             decode(b"STASISFM rest of a manifest, not an image......................"),
             Err(ImageError::NotAnImage(_))
