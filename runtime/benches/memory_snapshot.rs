@@ -4,6 +4,19 @@
 //!
 //! Run: `cargo bench -p stasis-runtime --bench memory_snapshot` after `guests/build.sh`.
 //! `MEMORY_BENCH_FORKS=200` makes the fork runs smaller.
+//!
+//! Figures on the development VM (2 vCPUs, load ~1), 2026-11-29, pages filled with
+//! half-text half-noise bytes (they compress to 85%):
+//! - 1 MiB touched: snapshot p50 3.5 ms (capture 0.23, compress 1.56, durable write
+//!   1.33); image 877 KiB = zstd of the touched pages alone; copy-on-write restore p50
+//!   22 µs (p99 85), copying restore p50 255 µs; 1,000 forks 55 ms (CoW) against 956 ms
+//!   (copying); the 1,000 idle forks add 18 MiB RSS (CoW) against 1,011 MiB (copying).
+//! - 64 MiB touched: snapshot p50 530 ms (most of it compressing and writing 55 MiB);
+//!   CoW restore p50 17 µs against 94 ms copying. Opening the snapshot (verifying,
+//!   decompressing, compiling the state module) costs 60 ms (1 MiB) to 450 ms (64 MiB)
+//!   once; every restore and fork after it is a mapping.
+//! - The reactor component (5 core instances, on the guest_debug engine): call p50
+//!   3.2 µs, snapshot p50 1.0 ms, restore (copying) p50 370 µs.
 
 use stasis_runtime::memory_image::{self, ProcessStateImage};
 use stasis_runtime::{

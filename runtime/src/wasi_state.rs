@@ -14,7 +14,9 @@
 //! highest freed number first, else one past the highest in use), so the restored guest's
 //! next `open` returns the number the original's would have. Files are reopened without
 //! `O_CREAT`/`O_TRUNC`/`O_EXCL` (they exist in the restored tree) through WASI itself, so a
-//! crafted record cannot reach outside the sandbox. Not captured: flags changed later with
+//! crafted record cannot reach outside the sandbox. Directory cursors need nothing: wasip1's
+//! `fd_readdir` takes the cookie from the guest, whose memory the image holds. Not
+//! captured: flags changed later with
 //! `fd_fdstat_set_flags`, and preopens the guest renumbered (opens relative to them are
 //! replayed relative to the preopen's original number).
 
