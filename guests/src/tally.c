@@ -4,8 +4,17 @@
  * holds a host resource (a stream or a descriptor) between calls.
  *   int add(int n)          adds n to a static total, returns the new total
  *   int get(void)           returns the total
- *   long long ticks(void)   CLOCK_MONOTONIC in nanoseconds */
+ *   long long ticks(void)   CLOCK_MONOTONIC in nanoseconds
+ *   int say(int n)          prints "say N" on stdout, returns n: from then on the adapter
+ *                           holds the stdout stream, a host resource */
+#include <stdio.h>
 #include <time.h>
+
+__attribute__((export_name("say"))) int say(int n) {
+    printf("say %d\n", n);
+    fflush(stdout);
+    return n;
+}
 
 static int total = 0;
 

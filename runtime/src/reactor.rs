@@ -342,6 +342,17 @@ impl Frozen<'_> {
         let monotonic_ns = store.data().clock.now_ns();
         let (state, pages) = match instance {
             LiveInstance::Component(_) => {
+                use wasmtime_wasi::WasiView;
+                // The preview1 adapter keeps handles to host resources (streams, descriptors)
+                // in its memory; a restored store would not have them, so the restored
+                // component would trap on its next use of one. Refuse instead.
+                if !store.data_mut().ctx().table.is_empty() {
+                    return Err(Error::NotQuiescent(format!(
+                        "reactor component {} holds host resources (streams or descriptors) between calls; \
+                         restoring those is not supported yet",
+                        inner.pid
+                    )));
+                }
                 let (instances, pages) =
                     crate::component_state::capture(&mut *store, first_part).map_err(Error::Restore)?;
                 (ProcessStateImage::IdleComponent(ComponentImage { instances, monotonic_ns }), pages)

@@ -319,4 +319,11 @@ async fn a_reactor_component_continues_on_a_fresh_instance_with_all_its_core_ins
     }
     let err = tally.call_i32("add", &[]).await.unwrap_err().to_string();
     assert!(err.contains("takes 1 arguments"), "{err}");
+
+    // Once it printed, the adapter holds the stdout stream between calls: a snapshot would
+    // restore without it, so it is refused rather than resumed broken.
+    assert_eq!(tally.call_i32("say", &[3]).await.unwrap(), 3);
+    assert_eq!(tally.stdout().contents(), b"say 3\n");
+    let err = sandbox.snapshot_memory(None, &d.images).await.unwrap_err();
+    assert!(matches!(err, Error::NotQuiescent(_)) && err.to_string().contains("host resources"), "{err}");
 }
