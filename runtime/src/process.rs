@@ -145,12 +145,12 @@ pub(crate) struct KillSwitch {
 }
 
 impl KillSwitch {
-    pub(crate) fn kill(&self) {
+    fn kill(&self) {
         self.killed.store(true, Ordering::SeqCst);
         self.notify.notify_waiters();
     }
 
-    pub(crate) async fn wait(&self) {
+    async fn wait(&self) {
         loop {
             let notified = self.notify.notified();
             if self.killed.load(Ordering::SeqCst) {
@@ -405,6 +405,13 @@ async fn run_guest(program: Arc<Program>, state: ProcessState, slot: &mut Option
                     "the module exports no `_start() -> ()` function: it is not a WASI command".into(),
                 );
             };
+            // The snapshot rewrite turned the module's start section into an export; run it
+            // where instantiation would have.
+            if let Ok(init) = instance.get_typed_func::<(), ()>(&mut *store, crate::state_export::START_EXPORT)
+                && let Err(e) = init.call_async(&mut *store, ()).await
+            {
+                return classify(e, store);
+            }
             start.call_async(&mut *store, ()).await
         }
         ProgramEntry::Component(pre) => match pre.instantiate_async(&mut *store).await {

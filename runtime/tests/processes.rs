@@ -205,6 +205,31 @@ async fn progress_output_can_be_followed_live() {
 }
 
 #[tokio::test]
+async fn a_start_section_runs_before_start() {
+    // Prints "start\n" from its start function, then "main\n" from `_start`.
+    let wasm = wat::parse_str(
+        r#"(module
+            (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (data (i32.const 16) "start\n")
+            (data (i32.const 32) "main\n")
+            (func $print (param $at i32) (param $len i32)
+                (i32.store (i32.const 0) (local.get $at))
+                (i32.store (i32.const 4) (local.get $len))
+                (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))))
+            (func $init (call $print (i32.const 16) (i32.const 6)))
+            (start $init)
+            (func (export "_start") (call $print (i32.const 32) (i32.const 5))))"#,
+    )
+    .unwrap();
+    let host = host();
+    let sb = sandbox(&host, Limits::default());
+    let p = sb.spawn(Command::new(ProgramRef::Bytes { bytes: wasm.into(), name: "started".into() })).await.unwrap();
+    assert_eq!(p.wait().await, ExitStatus::Exited(0));
+    assert_eq!(text(p.stdout().contents()), "start\nmain\n");
+}
+
+#[tokio::test]
 async fn bad_programs_get_clear_errors() {
     let host = host();
     let sb = sandbox(&host, Limits::default());
