@@ -149,13 +149,13 @@ pub fn resume_variant(rewritten: &[u8]) -> Result<(Vec<u8>, StateShape), ResumeE
 }
 
 /// The state module of one captured instance; `None` when the captured state cannot be
-/// expressed as one (then the copying restore is used). `pages(part)` gives a memory's
-/// stored pages in run order.
-pub fn state_module<'a>(
+/// expressed as one (then the copying restore is used). `parts` are the image's
+/// decompressed parts (a memory's stored pages in run order).
+pub fn state_module(
     shape: &StateShape,
     layout: &StateLayout,
     image: &InstanceImage,
-    pages: impl Fn(u32) -> &'a [u8],
+    parts: &[Vec<u8>],
 ) -> Option<Vec<u8>> {
     if image.memories.len() != shape.memories.len()
         || image.globals.len() != shape.globals.len()
@@ -200,7 +200,7 @@ pub fn state_module<'a>(
     }
     let mut data = DataSection::new();
     for (i, captured) in image.memories.iter().enumerate() {
-        let bytes = pages(captured.part);
+        let bytes = parts.get(captured.part as usize)?;
         let mut at = 0usize;
         for &(start, count) in &captured.runs {
             let len = (count * IMAGE_PAGE) as usize;

@@ -9,7 +9,7 @@
 use crate::memory_image::{GlobalValue, IMAGE_PAGE, MemoryImage, TableImage};
 use crate::state_export::{self, GlobalKind, StateLayout};
 use std::collections::HashMap;
-use wasmtime::{AsContextMut, Func, Instance, Memory, Ref, Val};
+use wasmtime::{AsContextMut, Func, Instance, Memory, Ref, Table, Val};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -35,21 +35,80 @@ fn memory(store: &mut impl AsContextMut, instance: &Instance, index: u32) -> Res
     instance.get_memory(store.as_context_mut(), &name).ok_or(StateError::MissingExport(name))
 }
 
-/// Function identity -> index, for every function a table or global can hold.
-fn func_indices(store: &mut impl AsContextMut, instance: &Instance, layout: &StateLayout) -> HashMap<usize, u32> {
-    let mut map = HashMap::with_capacity(layout.table_funcs.len());
+/// The functions a table or global can hold, by index (the rewrite exports them).
+fn table_funcs(store: &mut impl AsContextMut, instance: &Instance, layout: &StateLayout) -> HashMap<u32, Func> {
+    let mut funcs = HashMap::with_capacity(layout.table_funcs.len());
     for &index in &layout.table_funcs {
         if let Some(func) = instance.get_func(store.as_context_mut(), &state_export::func_export(index)) {
-            map.insert(func.to_raw(store.as_context_mut()) as usize, index);
+            funcs.insert(index, func);
         }
     }
-    map
+    funcs
 }
 
-fn func_by_index(store: &mut impl AsContextMut, instance: &Instance, index: u32) -> Result<Func, StateError> {
-    instance
-        .get_func(store.as_context_mut(), &state_export::func_export(index))
-        .ok_or_else(|| StateError::Mismatch(format!("function {index} cannot be in a table of this program")))
+/// Function identity (`Func::to_raw`) -> the number a snapshot stores for it.
+pub(crate) fn func_numbers<'a>(
+    store: &mut impl AsContextMut,
+    funcs: impl IntoIterator<Item = (u32, &'a Func)>,
+) -> HashMap<usize, u32> {
+    let mut numbers = HashMap::new();
+    for (number, func) in funcs {
+        numbers.entry(func.to_raw(store.as_context_mut()) as usize).or_insert(number);
+    }
+    numbers
+}
+
+/// A memory's image (its part numbered `part`) and its non-zero pages.
+pub(crate) fn memory_image(data: &[u8], part: u32) -> (MemoryImage, Vec<u8>) {
+    let (runs, pages) = crate::memory_image::nonzero_pages(data);
+    (MemoryImage { size_bytes: data.len() as u64, runs, part }, pages)
+}
+
+/// A global's value as stored; a function reference by its number in `numbers`.
+pub(crate) fn global_value(
+    store: &mut impl AsContextMut,
+    value: Val,
+    numbers: &HashMap<usize, u32>,
+    what: &str,
+) -> Result<GlobalValue, StateError> {
+    Ok(match value {
+        Val::I32(v) => GlobalValue::I32(v),
+        Val::I64(v) => GlobalValue::I64(v),
+        Val::F32(v) => GlobalValue::F32(v),
+        Val::F64(v) => GlobalValue::F64(v),
+        Val::V128(v) => GlobalValue::V128(v.as_u128()),
+        Val::FuncRef(None) | Val::ExternRef(None) | Val::AnyRef(None) | Val::ExnRef(None) | Val::ContRef(None) => {
+            GlobalValue::NullRef
+        }
+        Val::FuncRef(Some(f)) => {
+            let raw = f.to_raw(store.as_context_mut()) as usize;
+            GlobalValue::Func(*numbers.get(&raw).ok_or_else(|| StateError::ForeignReference(what.to_string()))?)
+        }
+        _ => return Err(StateError::ForeignReference(what.to_string())),
+    })
+}
+
+/// A table's size and non-null elements, functions by their number in `numbers`.
+pub(crate) fn table_image(
+    store: &mut impl AsContextMut,
+    table: &Table,
+    numbers: &HashMap<usize, u32>,
+    what: &str,
+) -> Result<TableImage, StateError> {
+    let size = table.size(store.as_context_mut());
+    let mut elements = Vec::new();
+    for i in 0..size {
+        match table.get(store.as_context_mut(), i) {
+            Some(Ref::Func(None) | Ref::Extern(None) | Ref::Any(None) | Ref::Exn(None)) | None => {}
+            Some(Ref::Func(Some(f))) => {
+                let raw = f.to_raw(store.as_context_mut()) as usize;
+                let number = numbers.get(&raw).ok_or_else(|| StateError::ForeignReference(what.to_string()))?;
+                elements.push((i, *number));
+            }
+            Some(_) => return Err(StateError::ForeignReference(what.to_string())),
+        }
+    }
+    Ok(TableImage { size, elements })
 }
 
 pub(crate) fn capture(
@@ -61,67 +120,39 @@ pub(crate) fn capture(
     let mut memories = Vec::with_capacity(layout.memories.len());
     for index in 0..layout.memories.len() as u32 {
         let memory = memory(store, instance, index)?;
-        let data = memory.data(store.as_context_mut());
-        let (runs, pages) = crate::memory_image::nonzero_pages(data);
-        memories.push((MemoryImage { size_bytes: data.len() as u64, runs, part: index }, pages));
+        memories.push(memory_image(memory.data(store.as_context_mut()), index));
     }
-    let funcs = func_indices(store, instance, layout);
+    let funcs = table_funcs(store, instance, layout);
+    let numbers = func_numbers(store, funcs.iter().map(|(&index, func)| (index, func)));
     let mut globals = Vec::with_capacity(layout.globals.len());
-    for (index, info) in layout.globals.iter().enumerate() {
+    for index in 0..layout.globals.len() {
         let name = state_export::global_export(index as u32);
         let global = instance.get_global(store.as_context_mut(), &name).ok_or(StateError::MissingExport(name))?;
-        let what = format!("global {index}");
-        let value = match (global.get(store.as_context_mut()), info.ty) {
-            (Val::I32(v), _) => GlobalValue::I32(v),
-            (Val::I64(v), _) => GlobalValue::I64(v),
-            (Val::F32(v), _) => GlobalValue::F32(v),
-            (Val::F64(v), _) => GlobalValue::F64(v),
-            (Val::V128(v), _) => GlobalValue::V128(v.as_u128()),
-            (Val::FuncRef(None), _) => GlobalValue::NullRef,
-            (Val::FuncRef(Some(f)), _) => {
-                let raw = f.to_raw(store.as_context_mut()) as usize;
-                funcs
-                    .get(&raw)
-                    .map(|&i| GlobalValue::Func(i))
-                    .ok_or_else(|| StateError::ForeignReference(what.clone()))?
-            }
-            (Val::ExternRef(None) | Val::AnyRef(None) | Val::ExnRef(None) | Val::ContRef(None), _) => {
-                GlobalValue::NullRef
-            }
-            _ => return Err(StateError::ForeignReference(what)),
-        };
-        globals.push(value);
+        let value = global.get(store.as_context_mut());
+        globals.push(global_value(store, value, &numbers, &format!("global {index}"))?);
     }
     let mut tables = Vec::with_capacity(layout.tables.len());
     for index in 0..layout.tables.len() as u32 {
         let name = state_export::table_export(index);
         let table = instance.get_table(store.as_context_mut(), &name).ok_or(StateError::MissingExport(name))?;
-        let size = table.size(store.as_context_mut());
-        let mut elements = Vec::new();
-        for i in 0..size {
-            match table.get(store.as_context_mut(), i) {
-                Some(Ref::Func(None) | Ref::Extern(None) | Ref::Any(None) | Ref::Exn(None)) | None => {}
-                Some(Ref::Func(Some(f))) => {
-                    let raw = f.to_raw(store.as_context_mut()) as usize;
-                    let func = funcs.get(&raw).ok_or_else(|| StateError::ForeignReference(format!("table {index}")))?;
-                    elements.push((i, *func));
-                }
-                Some(_) => return Err(StateError::ForeignReference(format!("table {index}"))),
-            }
-        }
-        tables.push(TableImage { size, elements });
+        tables.push(table_image(store, &table, &numbers, &format!("table {index}"))?);
     }
     Ok(CapturedInstance { memories, globals, tables })
 }
 
+/// The stored (decompressed) pages of part `index` of an image.
+pub(crate) fn part(parts: &[Vec<u8>], index: u32) -> Result<&[u8], StateError> {
+    parts.get(index as usize).map(Vec::as_slice).ok_or_else(|| StateError::Mismatch(format!("no part {index}")))
+}
+
 /// Writes captured state into a fresh instance of the same program (its start function
-/// not run). `pages(i)` yields memory i's non-zero pages in run order.
+/// not run); `parts` are the image's decompressed parts.
 pub(crate) fn restore(
     mut store: impl AsContextMut,
     instance: &Instance,
     layout: &StateLayout,
     memories: &[MemoryImage],
-    mut pages: impl FnMut(u32) -> Result<Vec<u8>, StateError>,
+    parts: &[Vec<u8>],
     globals: &[GlobalValue],
     tables: &[TableImage],
 ) -> Result<(), StateError> {
@@ -143,37 +174,20 @@ pub(crate) fn restore(
     for (index, image) in memories.iter().enumerate() {
         let index = index as u32;
         let memory = memory(store, instance, index)?;
-        let what = || format!("memory {index}");
-        let write_err = |reason: String| StateError::Write { what: what(), reason };
-        let current = memory.data_size(store.as_context_mut()) as u64;
-        let page_size = memory.page_size(store.as_context_mut());
-        if image.size_bytes < current || !image.size_bytes.is_multiple_of(page_size) {
-            return Err(StateError::Mismatch(format!(
-                "memory {index} is {} bytes in the image, which a fresh instance ({current} bytes, {page_size}-byte pages) cannot have",
-                image.size_bytes
-            )));
-        }
-        if image.size_bytes > current {
-            memory.grow(store.as_context_mut(), (image.size_bytes - current) / page_size).map_err(|e| {
-                StateError::Mismatch(format!(
-                    "memory {index} cannot grow to the image's {} bytes: {e:#}",
-                    image.size_bytes
-                ))
-            })?;
-        }
-        let data = memory.data_mut(store.as_context_mut());
         // What instantiation wrote (data segments) must go where the image has zeros.
-        match &layout.data_ranges {
+        let clear = |data: &mut [u8], fresh: usize| match &layout.data_ranges {
             Some(ranges) => {
                 for (_, range) in ranges.iter().filter(|(m, _)| *m == index) {
                     let end = (range.end as usize).min(data.len());
                     data[(range.start as usize).min(end)..end].fill(0);
                 }
             }
-            None => data[..current as usize].fill(0),
-        }
-        write_runs(data, image, &pages(image.part)?).map_err(write_err)?;
+            None => data[..fresh].fill(0),
+        };
+        write_memory(store, &memory, image, part(parts, image.part)?, &format!("memory {index}"), clear)?;
     }
+    let funcs = table_funcs(store, instance, layout);
+    let func = |index: u32| func_by_index(&funcs, index);
     for (index, (value, info)) in globals.iter().zip(&layout.globals).enumerate() {
         let name = state_export::global_export(index as u32);
         let global = instance.get_global(store.as_context_mut(), &name).ok_or(StateError::MissingExport(name))?;
@@ -184,7 +198,7 @@ pub(crate) fn restore(
             (GlobalValue::F64(v), GlobalKind::F64) => Val::F64(v),
             (GlobalValue::V128(v), GlobalKind::V128) => Val::V128(v.into()),
             (GlobalValue::NullRef, GlobalKind::FuncRef) => Val::FuncRef(None),
-            (GlobalValue::Func(i), GlobalKind::FuncRef) => Val::FuncRef(Some(func_by_index(store, instance, i)?)),
+            (GlobalValue::Func(i), GlobalKind::FuncRef) => Val::FuncRef(Some(func(i)?)),
             (GlobalValue::NullRef, GlobalKind::OtherRef) => global.get(store.as_context_mut()),
             (value, ty) => {
                 return Err(StateError::Mismatch(format!(
@@ -203,6 +217,13 @@ pub(crate) fn restore(
     restore_tables(store, instance, layout, tables)
 }
 
+fn func_by_index(funcs: &HashMap<u32, Func>, index: u32) -> Result<Func, StateError> {
+    funcs
+        .get(&index)
+        .cloned()
+        .ok_or_else(|| StateError::Mismatch(format!("function {index} cannot be in a table of this program")))
+}
+
 /// Sets every table to its captured contents (growing it first).
 pub(crate) fn restore_tables(
     mut store: impl AsContextMut,
@@ -218,43 +239,94 @@ pub(crate) fn restore_tables(
             layout.tables.len()
         )));
     }
+    let funcs = table_funcs(store, instance, layout);
     for (index, image) in tables.iter().enumerate() {
         let name = state_export::table_export(index as u32);
         let table = instance.get_table(store.as_context_mut(), &name).ok_or(StateError::MissingExport(name))?;
         let what = format!("table {index}");
-        let write_err = |e: wasmtime::Error| StateError::Write { what: what.clone(), reason: format!("{e:#}") };
-        let current = table.size(store.as_context_mut());
-        if image.size < current {
-            return Err(StateError::Mismatch(format!(
-                "{what} has {} elements in the image, fewer than a fresh instance's {current}",
-                image.size
-            )));
-        }
         if !layout.tables[index].funcref {
-            // Only null references of other types are ever captured.
+            // Only null references of other types are ever captured: grow, keep nulls.
+            let current = table.size(store.as_context_mut());
+            if image.size < current {
+                return Err(StateError::Mismatch(format!(
+                    "{what} has {} elements in the image, fewer than a fresh instance's {current}",
+                    image.size
+                )));
+            }
             if image.size > current {
                 let null = table.get(store.as_context_mut(), 0).unwrap_or(Ref::Extern(None));
-                table.grow(store.as_context_mut(), image.size - current, null).map_err(write_err)?;
+                table
+                    .grow(store.as_context_mut(), image.size - current, null)
+                    .map_err(|e| StateError::Write { what: what.clone(), reason: format!("{e:#}") })?;
             }
             continue;
         }
-        let null = Ref::Func(None);
-        if image.size > current {
-            table.grow(store.as_context_mut(), image.size - current, null.clone()).map_err(|e| {
-                StateError::Mismatch(format!("{what} cannot grow to the image's {} elements: {e:#}", image.size))
-            })?;
-        }
-        let mut next = image.elements.iter().peekable();
-        for i in 0..image.size {
-            let value = match next.peek() {
-                Some(&&(at, func)) if at == i => {
-                    next.next();
-                    Ref::Func(Some(func_by_index(store, instance, func)?))
-                }
-                _ => null.clone(),
-            };
-            table.set(store.as_context_mut(), i, value).map_err(write_err)?;
-        }
+        write_table(store, &table, image, &what, |i| func_by_index(&funcs, i))?;
+    }
+    Ok(())
+}
+
+/// Grows a fresh instance's memory to the image's size, clears what the fresh instance
+/// holds (`clear(data, fresh_len)`: the image's zero pages must read as zeros) and copies
+/// the stored pages (`bytes`, in run order) in.
+pub(crate) fn write_memory(
+    store: &mut impl AsContextMut,
+    memory: &Memory,
+    image: &MemoryImage,
+    bytes: &[u8],
+    what: &str,
+    clear: impl FnOnce(&mut [u8], usize),
+) -> Result<(), StateError> {
+    let current = memory.data_size(store.as_context_mut()) as u64;
+    let page_size = memory.page_size(store.as_context_mut());
+    if image.size_bytes < current || !image.size_bytes.is_multiple_of(page_size) {
+        return Err(StateError::Mismatch(format!(
+            "{what} is {} bytes in the image, which a fresh instance ({current} bytes, {page_size}-byte pages) cannot have",
+            image.size_bytes
+        )));
+    }
+    if image.size_bytes > current {
+        memory.grow(store.as_context_mut(), (image.size_bytes - current) / page_size).map_err(|e| {
+            StateError::Mismatch(format!("{what} cannot grow to the image's {} bytes: {e:#}", image.size_bytes))
+        })?;
+    }
+    let data = memory.data_mut(store.as_context_mut());
+    clear(data, current as usize);
+    write_runs(data, image, bytes).map_err(|reason| StateError::Write { what: what.to_string(), reason })
+}
+
+/// Grows a fresh instance's function table to the image's size and sets every element:
+/// the image's functions (`func(number)`) and nulls elsewhere.
+pub(crate) fn write_table(
+    store: &mut impl AsContextMut,
+    table: &Table,
+    image: &TableImage,
+    what: &str,
+    func: impl Fn(u32) -> Result<Func, StateError>,
+) -> Result<(), StateError> {
+    let write_err = |e: wasmtime::Error| StateError::Write { what: what.to_string(), reason: format!("{e:#}") };
+    let current = table.size(store.as_context_mut());
+    if image.size < current {
+        return Err(StateError::Mismatch(format!(
+            "{what} has {} elements in the image, fewer than a fresh instance's {current}",
+            image.size
+        )));
+    }
+    if image.size > current {
+        table.grow(store.as_context_mut(), image.size - current, Ref::Func(None)).map_err(|e| {
+            StateError::Mismatch(format!("{what} cannot grow to the image's {} elements: {e:#}", image.size))
+        })?;
+    }
+    let mut next = image.elements.iter().peekable();
+    for i in 0..image.size {
+        let value = match next.peek() {
+            Some(&&(at, number)) if at == i => {
+                next.next();
+                Ref::Func(Some(func(number)?))
+            }
+            _ => Ref::Func(None),
+        };
+        table.set(store.as_context_mut(), i, value).map_err(write_err)?;
     }
     Ok(())
 }

@@ -8,8 +8,9 @@
 //! with an error naming the process.
 //!
 //! The store keeps images in `images/ID.img` and every program once, by content, in
-//! `modules/HASH.wasm`; an image names its programs by hash. Both are written to a
-//! temporary name, fsynced and renamed, so a crash leaves a complete image or none.
+//! `modules/HASH.wasm`; an image names its programs by hash. Both are written with
+//! `write_atomically` (a temporary file, fsynced and renamed), so a crash leaves a complete
+//! image or none.
 //!
 //! ```no_run
 //! # async fn demo() -> stasis_runtime::Result<()> {
@@ -31,11 +32,11 @@
 //! # Ok(()) }
 //! ```
 
+use crate::code_cache::write_atomically;
 use crate::cow_restore;
 use crate::error::{Error, Result};
 use crate::fs_snapshot::{FsSnapshotStore, SnapshotId};
 use crate::host::{Host, Program, ResumeProgram};
-use crate::instance_state::StateError;
 use crate::limits::MemoryLimitExceeded;
 use crate::memory_image::{self, ExitRecord, ImageHeader, PartInfo, ProcessImage, ProcessStateImage};
 use crate::process::{ExitStatus, Process};
@@ -65,9 +66,10 @@ impl MemorySnapshotStore {
         for sub in [&store.images, &store.modules] {
             std::fs::create_dir_all(sub).map_err(io_error(format!("cannot create `{}`", sub.display())))?;
             for entry in std::fs::read_dir(sub).map_err(io_error(format!("cannot list `{}`", sub.display())))? {
-                let path = entry.map_err(io_error("listing the image store"))?.path();
-                if path.extension().is_some_and(|e| e == "tmp") {
-                    let _ = std::fs::remove_file(path);
+                let entry = entry.map_err(io_error("listing the image store"))?;
+                // `write_atomically`'s temporary files, left by a crash mid-write.
+                if entry.file_name().to_string_lossy().starts_with(".tmp") {
+                    let _ = std::fs::remove_file(entry.path());
                 }
             }
         }
@@ -88,7 +90,7 @@ impl MemorySnapshotStore {
         if path.exists() {
             return Ok(());
         }
-        write_durably(&path, program.bytes()).map_err(io_error(format!("cannot store `{}`", path.display())))
+        write_atomically(&path, program.bytes()).map_err(io_error(format!("cannot store `{}`", path.display())))
     }
 
     /// A stored program's bytes, checked against its name.
@@ -119,7 +121,7 @@ impl MemorySnapshotStore {
         if path.exists() {
             return Err(Error::InvalidArgument(format!("memory image {} already exists", id.as_str())));
         }
-        write_durably(&path, bytes).map_err(io_error(format!("cannot write `{}`", path.display())))
+        write_atomically(&path, bytes).map_err(io_error(format!("cannot write `{}`", path.display())))
     }
 
     pub fn contains(&self, id: &SnapshotId) -> bool {
@@ -131,17 +133,6 @@ impl MemorySnapshotStore {
         let path = self.image_path(id);
         std::fs::remove_file(&path).map_err(io_error(format!("cannot delete `{}`", path.display())))
     }
-}
-
-/// Writes to `path.tmp`, fsyncs, renames, fsyncs the directory.
-fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 /// What [`Sandbox::snapshot_memory`] did.
@@ -309,14 +300,11 @@ fn state_module(
     host: &Host,
     program: &Program,
     instance: &memory_image::InstanceImage,
-    parts: &[Arc<Vec<u8>>],
+    parts: &[Vec<u8>],
 ) -> Option<(wasmtime::Module, Arc<ResumeProgram>)> {
     let resume = program.resume_program()?;
     let layout = program.layout.as_ref()?;
-    let empty: &[u8] = &[];
-    let bytes = cow_restore::state_module(&resume.shape, layout, instance, |part| {
-        parts.get(part as usize).map(|p| p.as_slice()).unwrap_or(empty)
-    })?;
+    let bytes = cow_restore::state_module(&resume.shape, layout, instance, parts)?;
     let module = wasmtime::Module::new(host.engine(), &bytes).ok()?;
     Some((module, resume))
 }
@@ -326,7 +314,7 @@ pub struct MemorySnapshot {
     id: SnapshotId,
     header: ImageHeader,
     /// Decompressed parts, by index.
-    parts: Vec<Arc<Vec<u8>>>,
+    parts: Vec<Vec<u8>>,
     /// Programs of the idle processes, by process index.
     programs: Vec<Option<Arc<Program>>>,
     /// Per process: its compiled state module and the program's resume variant, when the
@@ -358,8 +346,7 @@ impl MemorySnapshot {
                 host.engine_fingerprint()
             )));
         }
-        let parts =
-            (0..image.header.parts.len() as u32).map(|i| image.part(i).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+        let parts = (0..image.header.parts.len() as u32).map(|i| image.part(i)).collect::<Result<Vec<_>, _>>()?;
         let mut programs = Vec::with_capacity(image.header.processes.len());
         for process in &image.header.processes {
             programs.push(match &process.state {
@@ -444,28 +431,9 @@ impl MemorySnapshot {
                         &process.stderr,
                     ));
                 }
-                (ProcessStateImage::Idle(instance), Some(program)) => {
+                (ProcessStateImage::Idle(_) | ProcessStateImage::IdleComponent(_), Some(program)) => {
                     let cow = self.cow[index].as_ref().map(|(module, resume)| (module, &**resume));
-                    let pages = |part: u32| -> Result<Vec<u8>, StateError> {
-                        self.parts
-                            .get(part as usize)
-                            .map(|p| p.to_vec())
-                            .ok_or_else(|| StateError::Mismatch(format!("no part {part}")))
-                    };
-                    let origin = Origin::Image { image: process, instance, pages: &pages, cow };
-                    let reactor = sandbox
-                        .start_reactor(program.clone(), &process.argv, &process.env, process.cwd.as_deref(), origin)
-                        .await?;
-                    sandbox.adopt_reactor(reactor);
-                }
-                (ProcessStateImage::IdleComponent(component), Some(program)) => {
-                    let pages = |part: u32| -> Result<Vec<u8>, StateError> {
-                        self.parts
-                            .get(part as usize)
-                            .map(|p| p.to_vec())
-                            .ok_or_else(|| StateError::Mismatch(format!("no part {part}")))
-                    };
-                    let origin = Origin::ComponentImage { image: process, component, pages: &pages };
+                    let origin = Origin::Image { image: process, parts: &self.parts, cow };
                     let reactor = sandbox
                         .start_reactor(program.clone(), &process.argv, &process.env, process.cwd.as_deref(), origin)
                         .await?;

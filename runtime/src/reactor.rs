@@ -10,7 +10,7 @@ use crate::cow_restore;
 use crate::error::{Error, Result};
 use crate::host::{Program, ProgramEntry, ResumeProgram};
 use crate::instance_state::{self, StateError};
-use crate::memory_image::{self, ComponentImage, InstanceImage, ProcessImage, ProcessStateImage};
+use crate::memory_image::{self, ComponentImage, ProcessImage, ProcessStateImage};
 use crate::pause::{ProcessPhase, RunPhase};
 use crate::process::{ProcessState, configure_store, next_pid, program_engine};
 use crate::state_export;
@@ -48,7 +48,7 @@ enum LiveInstance {
 struct Live {
     store: Store<ProcessState>,
     instance: LiveInstance,
-    /// Set when a call trapped or was cut short: the instance may hold half-done state.
+    /// Set when a call trapped: the instance may hold half-done state.
     poisoned: Option<String>,
 }
 
@@ -68,20 +68,14 @@ pub(crate) struct ReactorLaunch {
 pub(crate) enum Origin<'a> {
     /// Run its start function and `_initialize`.
     Fresh,
-    /// Continue from a snapshot; `pages(part)` yields a memory's stored pages.
+    /// Continue from a snapshot: `image` is an idle process (module or component) and
+    /// `parts` the decompressed parts of its image.
     Image {
         image: &'a ProcessImage,
-        instance: &'a InstanceImage,
-        pages: &'a (dyn Fn(u32) -> Result<Vec<u8>, StateError> + Sync),
+        parts: &'a [Vec<u8>],
         /// The state module and resume variant, when the restore can map memory
         /// copy-on-write (see `cow_restore`); `None` copies the state in.
         cow: Option<(&'a wasmtime::Module, &'a ResumeProgram)>,
-    },
-    /// Continue a reactor component from a snapshot.
-    ComponentImage {
-        image: &'a ProcessImage,
-        component: &'a ComponentImage,
-        pages: &'a (dyn Fn(u32) -> Result<Vec<u8>, StateError> + Sync),
     },
 }
 
@@ -92,15 +86,14 @@ impl Reactor {
         let stderr = OutputBuffer::new(limits.output_buffer);
         let clock = match &origin {
             Origin::Fresh => SnapshotClock::starting_at(0),
-            Origin::Image { image, instance, .. } => {
+            Origin::Image { image, .. } => {
                 stdout.append(&image.stdout);
                 stderr.append(&image.stderr);
-                SnapshotClock::starting_at(instance.monotonic_ns)
-            }
-            Origin::ComponentImage { image, component, .. } => {
-                stdout.append(&image.stdout);
-                stderr.append(&image.stderr);
-                SnapshotClock::starting_at(component.monotonic_ns)
+                SnapshotClock::starting_at(match &image.state {
+                    ProcessStateImage::Idle(instance) => instance.monotonic_ns,
+                    ProcessStateImage::IdleComponent(component) => component.monotonic_ns,
+                    ProcessStateImage::Exited(_) => 0,
+                })
             }
         };
         wasi.stdout(stdout.clone()).stderr(stderr.clone()).monotonic_clock(clock.clone());
@@ -112,17 +105,13 @@ impl Reactor {
             (Some(layout), ProgramEntry::Command(pre)) => (layout.clone(), pre),
             (_, ProgramEntry::ComponentReactor(pre)) => {
                 let instance = pre.instantiate_async(&mut store).await.map_err(started)?;
-                match origin {
-                    Origin::Fresh => {}
-                    Origin::ComponentImage { component, pages, .. } => {
-                        crate::component_state::restore(&mut store, &component.instances, pages)
-                            .map_err(Error::Restore)?;
-                    }
-                    Origin::Image { .. } => {
+                if let Origin::Image { image, parts, .. } = origin {
+                    let ProcessStateImage::IdleComponent(component) = &image.state else {
                         return Err(Error::Restore(StateError::Mismatch(
                             "the image holds a core module's state, the program is a component".into(),
                         )));
-                    }
+                    };
+                    crate::component_state::restore(&mut store, &component.instances, parts).map_err(Error::Restore)?;
                 }
                 let live = Live { store, instance: LiveInstance::Component(instance), poisoned: None };
                 return Ok(Reactor::new(live, phase, argv, env, cwd, program, stdout, stderr));
@@ -172,12 +161,12 @@ impl Reactor {
                     }
                 }
             }
-            Origin::ComponentImage { .. } => {
-                return Err(Error::Restore(StateError::Mismatch(
-                    "the image holds a component's state, the program is a core module".into(),
-                )));
-            }
-            Origin::Image { instance: image, pages, cow, .. } => {
+            Origin::Image { image, parts, cow } => {
+                let ProcessStateImage::Idle(image) = &image.state else {
+                    return Err(Error::Restore(StateError::Mismatch(
+                        "the image holds a component's state, the program is a core module".into(),
+                    )));
+                };
                 if cow.is_some() {
                     // Memories and globals came with the state module; element segments
                     // refilled the tables, which the image now overrides.
@@ -189,7 +178,7 @@ impl Reactor {
                         &instance,
                         &layout,
                         &image.memories,
-                        pages,
+                        parts,
                         &image.globals,
                         &image.tables,
                     )
