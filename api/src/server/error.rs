@@ -34,6 +34,18 @@ pub enum ApiError {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// The error answers every data-plane route can give, documented once for all of them.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // Never built: it only describes answers in the OpenAPI document.
+pub enum DataPlaneErrors {
+    #[response(status = 400, description = "No sandbox named by the header")]
+    NoSandbox(ErrorBody),
+    #[response(status = 401, description = "No valid API key")]
+    Unauthorized(ErrorBody),
+    #[response(status = 404, description = "Unknown sandbox (or another namespace's), or unknown process")]
+    NotFound(ErrorBody),
+}
+
 /// The body of every error answer.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {

@@ -5,7 +5,7 @@
 //! to a host file. No path is checked here, because none needs to be.
 
 use super::AppState;
-use super::error::{ApiError, ApiResult, ErrorBody};
+use super::error::{ApiError, ApiResult, DataPlaneErrors, ErrorBody};
 #[allow(unused_imports)] // types named in the OpenAPI annotations
 use super::model::*;
 use super::model::{DirectoryEntry, ListDirectoryResponse, PathQuery};
@@ -95,7 +95,7 @@ fn path_of(query: &PathQuery) -> &str {
     tag = "files",
     summary = "Read a file",
     params(("path" = String, Query, description = "Absolute path in the sandbox")),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), DataPlaneErrors)
 )]
 pub async fn read_file(SandboxTarget(live): SandboxTarget, Query(query): Query<PathQuery>) -> ApiResult<Response> {
     let path = path_of(&query).to_string();
@@ -136,7 +136,7 @@ pub async fn read_file(SandboxTarget(live): SandboxTarget, Query(query): Query<P
     summary = "Write a file (raw bytes)",
     params(("path" = String, Query, description = "Absolute path in the sandbox")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 204, description = "Written"), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody), (status = 413, description = "File too large", body = ErrorBody))
+    responses((status = 204, description = "Written"), DataPlaneErrors, (status = 413, description = "File too large", body = ErrorBody))
 )]
 pub async fn write_file(
     State(state): State<Arc<AppState>>,
@@ -199,7 +199,7 @@ pub async fn write_file(
     tag = "files",
     summary = "Delete a file or directory",
     params(("path" = String, Query, description = "Absolute path in the sandbox")),
-    responses((status = 204, description = "Deleted"), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+    responses((status = 204, description = "Deleted"), DataPlaneErrors)
 )]
 pub async fn delete_file(SandboxTarget(live): SandboxTarget, Query(query): Query<PathQuery>) -> ApiResult<StatusCode> {
     let path = path_of(&query).to_string();
@@ -224,7 +224,7 @@ pub async fn delete_file(SandboxTarget(live): SandboxTarget, Query(query): Query
     tag = "files",
     summary = "List a directory",
     params(("path" = String, Query, description = "Absolute path in the sandbox")),
-    responses((status = 200, body = ListDirectoryResponse), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+    responses((status = 200, body = ListDirectoryResponse), DataPlaneErrors)
 )]
 pub async fn list_directory(
     SandboxTarget(live): SandboxTarget,

@@ -5,7 +5,7 @@
 //! end is reported the way a Linux daemon would report the matching one (a trap is
 //! SIGABRT, running out of memory is the OOM killer's SIGKILL).
 
-use super::error::{ApiError, ApiResult, ErrorBody};
+use super::error::{ApiError, ApiResult, DataPlaneErrors, ErrorBody};
 use super::extract::{JsonBody, body_error};
 #[allow(unused_imports)] // types named in the OpenAPI annotations
 use super::model::*;
@@ -347,7 +347,7 @@ pub async fn list_processes(SandboxTarget(live): SandboxTarget) -> Json<ListProc
     tag = "processes",
     summary = "Get a process",
     params(("pid" = String, Path, description = "Process id")),
-    responses((status = 200, body = ProcessInfo), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+    responses((status = 200, body = ProcessInfo), DataPlaneErrors)
 )]
 pub async fn get_process(SandboxTarget(live): SandboxTarget, Path(pid): Path<PidPath>) -> ApiResult<Json<ProcessInfo>> {
     Ok(Json(live.processes.get(&pid.pid)?.info()))
@@ -359,7 +359,7 @@ pub async fn get_process(SandboxTarget(live): SandboxTarget, Path(pid): Path<Pid
     tag = "processes",
     summary = "Kill a process",
     params(("pid" = String, Path, description = "Process id")),
-    responses((status = 200, body = ProcessInfo), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+    responses((status = 200, body = ProcessInfo), DataPlaneErrors)
 )]
 pub async fn kill_process(
     SandboxTarget(live): SandboxTarget,
@@ -381,7 +381,7 @@ const TERMINATING_SIGNALS: [i32; 6] = [1, 2, 3, 6, 9, 15];
     summary = "Send a signal",
     params(("pid" = String, Path, description = "Process id")),
     request_body = SignalRequest,
-    responses((status = 200, body = SignalResponse), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+    responses((status = 200, body = SignalResponse), DataPlaneErrors)
 )]
 pub async fn signal_process(
     SandboxTarget(live): SandboxTarget,
@@ -413,7 +413,7 @@ pub const MAX_STDIN_WRITE: usize = stasis_runtime::stdio::STDIN_PIPE_CAPACITY;
     summary = "Write to stdin (raw bytes)",
     params(("pid" = String, Path, description = "Process id")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 200, description = "Written", body = Object), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody))
+    responses((status = 200, description = "Written", body = Object), DataPlaneErrors, (status = 413, description = "Body too large", body = ErrorBody))
 )]
 pub async fn write_stdin(
     SandboxTarget(live): SandboxTarget,
@@ -436,7 +436,7 @@ pub async fn write_stdin(
     tag = "processes",
     summary = "Close stdin",
     params(("pid" = String, Path, description = "Process id")),
-    responses((status = 200, description = "Closed", body = Object), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+    responses((status = 200, description = "Closed", body = Object), DataPlaneErrors)
 )]
 pub async fn close_stdin(
     SandboxTarget(live): SandboxTarget,
@@ -468,7 +468,7 @@ fn stdin_error(entry: &ProcEntry, e: StdinError) -> ApiError {
     tag = "processes",
     summary = "Captured stdout so far",
     params(("pid" = String, Path, description = "Process id")),
-    responses((status = 200, body = OutputResponse), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+    responses((status = 200, body = OutputResponse), DataPlaneErrors)
 )]
 pub async fn get_stdout(
     SandboxTarget(live): SandboxTarget,
@@ -484,7 +484,7 @@ pub async fn get_stdout(
     tag = "processes",
     summary = "Captured stderr so far",
     params(("pid" = String, Path, description = "Process id")),
-    responses((status = 200, body = OutputResponse), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+    responses((status = 200, body = OutputResponse), DataPlaneErrors)
 )]
 pub async fn get_stderr(
     SandboxTarget(live): SandboxTarget,
@@ -502,7 +502,7 @@ pub async fn get_stderr(
     tag = "processes",
     summary = "Captured stdout and stderr so far",
     params(("pid" = String, Path, description = "Process id")),
-    responses((status = 200, body = OutputResponse), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+    responses((status = 200, body = OutputResponse), DataPlaneErrors)
 )]
 pub async fn get_output(
     SandboxTarget(live): SandboxTarget,
@@ -518,7 +518,7 @@ pub async fn get_output(
     tag = "processes",
     summary = "Follow stdout as server-sent events",
     params(("pid" = String, Path, description = "Process id")),
-    responses((status = 200, content_type = "text/event-stream", body = OutputEvent), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+    responses((status = 200, content_type = "text/event-stream", body = OutputEvent), DataPlaneErrors)
 )]
 pub async fn follow_stdout(SandboxTarget(live): SandboxTarget, Path(pid): Path<PidPath>) -> ApiResult<EventStream> {
     let entry = live.processes.get(&pid.pid)?;
@@ -531,7 +531,7 @@ pub async fn follow_stdout(SandboxTarget(live): SandboxTarget, Path(pid): Path<P
     tag = "processes",
     summary = "Follow stderr as server-sent events",
     params(("pid" = String, Path, description = "Process id")),
-    responses((status = 200, content_type = "text/event-stream", body = OutputEvent), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+    responses((status = 200, content_type = "text/event-stream", body = OutputEvent), DataPlaneErrors)
 )]
 pub async fn follow_stderr(SandboxTarget(live): SandboxTarget, Path(pid): Path<PidPath>) -> ApiResult<EventStream> {
     let entry = live.processes.get(&pid.pid)?;
@@ -544,7 +544,7 @@ pub async fn follow_stderr(SandboxTarget(live): SandboxTarget, Path(pid): Path<P
     tag = "processes",
     summary = "Follow stdout and stderr as server-sent events",
     params(("pid" = String, Path, description = "Process id")),
-    responses((status = 200, content_type = "text/event-stream", body = OutputEvent), (status = 400, description = "No sandbox named by the header", body = ErrorBody), (status = 401, description = "No valid API key", body = ErrorBody), (status = 404, description = "Unknown sandbox, or another namespace's", body = ErrorBody), (status = 404, description = "Unknown sandbox or process", body = ErrorBody))
+    responses((status = 200, content_type = "text/event-stream", body = OutputEvent), DataPlaneErrors)
 )]
 pub async fn follow_output(SandboxTarget(live): SandboxTarget, Path(pid): Path<PidPath>) -> ApiResult<EventStream> {
     let entry = live.processes.get(&pid.pid)?;
