@@ -38,6 +38,7 @@ pub mod sandbox;
 mod sandbox_snapshot;
 pub mod state_export;
 pub mod stdio;
+pub mod unwind;
 pub mod wasi_state;
 
 pub use code_cache::ProgramFormat;

@@ -234,7 +234,7 @@ pub fn rewrite(wasm: &[u8]) -> Result<(Vec<u8>, StateLayout), RewriteError> {
 }
 
 /// Where a section goes in a module (the binary format's order, which is not the id order).
-fn section_rank(id: u8) -> u8 {
+pub(crate) fn section_rank(id: u8) -> u8 {
     match id {
         1 => 1,   // type
         2 => 2,   // import

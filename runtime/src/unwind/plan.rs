@@ -1,0 +1,518 @@
+//! What the transform must do to each function, found before anything is emitted.
+//!
+//! Three passes: a call-graph scan decides which functions can be on the stack at a
+//! suspension (`may_suspend`); a structural pass over each of those finds its sites and
+//! which control structures contain one ("open" structures); a pass under wasmparser's
+//! validator records the operand-stack types at every place the emitter needs them.
+
+use super::UnwindError;
+use std::collections::HashMap;
+use wasmparser::{BlockType, FuncType, FunctionBody, Operator, ValType};
+
+/// Facts about the module the passes need.
+pub(crate) struct ModuleInfo {
+    /// Function types by type index (`None` for struct/array types).
+    pub types: Vec<Option<FuncType>>,
+    /// Type index of every function, imports first.
+    pub func_types: Vec<u32>,
+    /// `(module, name)` of every imported function.
+    pub func_imports: Vec<(String, String)>,
+}
+
+impl ModuleInfo {
+    pub fn func_type(&self, type_index: u32) -> Result<&FuncType, UnwindError> {
+        self.types
+            .get(type_index as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| UnwindError::Unsupported { feature: format!("type {type_index} is not a function type"), func: None })
+    }
+
+    pub fn type_of_func(&self, func: u32) -> Result<&FuncType, UnwindError> {
+        self.func_type(self.func_types[func as usize])
+    }
+
+    pub fn block_signature(&self, ty: BlockType) -> Result<(Vec<ValType>, Vec<ValType>), UnwindError> {
+        Ok(match ty {
+            BlockType::Empty => (vec![], vec![]),
+            BlockType::Type(t) => (vec![], vec![t]),
+            BlockType::FuncType(index) => {
+                let f = self.func_type(index)?;
+                (f.params().to_vec(), f.results().to_vec())
+            }
+        })
+    }
+}
+
+/// Call-graph summary of one defined function.
+#[derive(Default)]
+pub(crate) struct CallSummary {
+    pub direct_callees: Vec<u32>,
+    pub indirect: bool,
+    pub loops: bool,
+}
+
+pub(crate) fn summarize(body: &FunctionBody<'_>) -> Result<CallSummary, UnwindError> {
+    let mut summary = CallSummary::default();
+    let mut ops = body.get_operators_reader()?;
+    while !ops.eof() {
+        match ops.read()? {
+            Operator::Call { function_index } | Operator::ReturnCall { function_index } => {
+                summary.direct_callees.push(function_index)
+            }
+            Operator::CallIndirect { .. }
+            | Operator::ReturnCallIndirect { .. }
+            | Operator::CallRef { .. }
+            | Operator::ReturnCallRef { .. } => summary.indirect = true,
+            Operator::Loop { .. } => summary.loops = true,
+            _ => {}
+        }
+    }
+    Ok(summary)
+}
+
+/// Which functions can be on the stack when the guest suspends: blocking imports, loops
+/// (when preemption is on), indirect calls (any target might suspend), and their callers.
+pub(crate) fn may_suspend(
+    imports: usize,
+    blocking_import: impl Fn(usize) -> bool,
+    summaries: &[CallSummary],
+    preempt_loops: bool,
+) -> Vec<bool> {
+    let total = imports + summaries.len();
+    let mut suspends: Vec<bool> = (0..total).map(|f| f < imports && blocking_import(f)).collect();
+    let any_root = suspends.iter().any(|&s| s) || (preempt_loops && summaries.iter().any(|s| s.loops));
+    for (i, s) in summaries.iter().enumerate() {
+        if (preempt_loops && s.loops) || (any_root && s.indirect) {
+            suspends[imports + i] = true;
+        }
+    }
+    let mut changed = true;
+    while changed {
+        changed = false;
+        for (i, s) in summaries.iter().enumerate() {
+            let f = imports + i;
+            if !suspends[f] && s.direct_callees.iter().any(|&c| suspends.get(c as usize).copied().unwrap_or(false)) {
+                suspends[f] = true;
+                changed = true;
+            }
+        }
+    }
+    suspends
+}
+
+/// A sequence of instructions: the function body, or one arm of a structure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct SeqId {
+    /// Index into `FuncPlan::structures`, or `None` for the function body.
+    pub structure: Option<usize>,
+    /// 1 for the `else` arm of an `if`.
+    pub arm: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StructKind {
+    Block,
+    Loop,
+    If,
+    TryTable,
+}
+
+/// A suspension point.
+#[derive(Debug)]
+pub(crate) struct Site {
+    /// Operator index: the call, or the `loop` whose header holds a preemption check.
+    pub op: usize,
+    pub loop_check: bool,
+    pub seq: SeqId,
+    /// Whether other sites follow in the same sequence (then the site is skipped while
+    /// rewinding to a later one).
+    pub skippable: bool,
+    /// The current frame's operand stack before the call (arguments included), or the
+    /// loop's parameters for a preemption check.
+    pub frame: Vec<ValType>,
+    /// Arguments and results of the callee (empty for a preemption check).
+    pub params: Vec<ValType>,
+    pub results: Vec<ValType>,
+    /// A call through a table: its index operand sits above the arguments.
+    pub indirect: bool,
+    /// A host import: its arguments are kept in locals so a rewind can repeat the call.
+    pub import: bool,
+    /// `return_call*`: emitted as a call followed by `return`.
+    pub tail: bool,
+}
+
+impl Site {
+    /// The values below the call's operands: what must be saved and restored around it.
+    pub fn saved(&self) -> &[ValType] {
+        let operands = self.params.len() + self.indirect as usize;
+        &self.frame[..self.frame.len() - operands]
+    }
+}
+
+/// A control structure of the original function.
+#[derive(Debug)]
+pub(crate) struct Structure {
+    pub kind: StructKind,
+    pub start: usize,
+    pub else_op: Option<usize>,
+    pub end: usize,
+    pub seq: SeqId,
+    /// Ids of the sites inside (a structure with any is "open").
+    pub first_site: u32,
+    pub site_end: u32,
+    /// First site id after the `then` arm.
+    pub then_end: u32,
+    /// Other sites follow in the enclosing sequence: skip the structure while rewinding to them.
+    pub skippable: bool,
+    /// Block parameters (plus the condition, for `if`) and results.
+    pub inputs: Vec<ValType>,
+    pub results: Vec<ValType>,
+    /// Values of the enclosing frame below the inputs, bottom first: kept in locals
+    /// while the structure runs, so that every site sees only its own frame.
+    pub spill: Vec<ValType>,
+}
+
+impl Structure {
+    pub fn open(&self) -> bool {
+        self.site_end > self.first_site
+    }
+}
+
+/// Instructions between two items of a sequence that a rewind must skip.
+#[derive(Debug)]
+pub(crate) struct Guard {
+    pub start: usize,
+    pub end: usize,
+    pub params: Vec<ValType>,
+    pub results: Vec<ValType>,
+    /// The open structure that follows, whose spilled values the guard stores.
+    pub spill_for: Option<usize>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct FuncPlan {
+    pub sites: Vec<Site>,
+    pub structures: Vec<Structure>,
+    pub site_at: HashMap<usize, usize>,
+    pub structure_at: HashMap<usize, usize>,
+    pub guards: Vec<Guard>,
+    pub guard_at: HashMap<usize, usize>,
+    /// Number of operators in the body.
+    pub ops: usize,
+}
+
+/// The structural pass: sites, structures, sequences, guards (types come later).
+pub(crate) fn plan_function(
+    info: &ModuleInfo,
+    body: &FunctionBody<'_>,
+    func: u32,
+    suspends: &[bool],
+    blocking_imports: usize,
+    preempt_loops: bool,
+) -> Result<FuncPlan, UnwindError> {
+    struct Frame {
+        structure: Option<usize>,
+        arm: u8,
+        reachable: bool,
+        entered_reachable: bool,
+    }
+    let unsupported = |feature: &str| UnwindError::Unsupported { feature: feature.into(), func: Some(func) };
+    let mut plan = FuncPlan::default();
+    let mut frames = vec![Frame { structure: None, arm: 0, reachable: true, entered_reachable: true }];
+    let mut ops = body.get_operators_reader()?;
+    let mut index = 0usize;
+    let seq_of = |frames: &[Frame]| {
+        let top = frames.last().expect("frame");
+        SeqId { structure: top.structure, arm: top.arm }
+    };
+    while !ops.eof() {
+        let op = ops.read()?;
+        let reachable = frames.last().is_some_and(|f| f.reachable);
+        let call_site = |plan: &mut FuncPlan, callee_type: &FuncType, indirect: bool, import: bool, tail: bool| {
+            let id = plan.sites.len();
+            plan.site_at.insert(index, id);
+            plan.sites.push(Site {
+                op: index,
+                loop_check: false,
+                seq: seq_of(&frames),
+                skippable: false,
+                frame: vec![],
+                params: callee_type.params().to_vec(),
+                results: callee_type.results().to_vec(),
+                indirect,
+                import,
+                tail,
+            });
+        };
+        match op {
+            Operator::Block { blockty } | Operator::Loop { blockty } | Operator::If { blockty } => {
+                let kind = match op {
+                    Operator::Block { .. } => StructKind::Block,
+                    Operator::Loop { .. } => StructKind::Loop,
+                    _ => StructKind::If,
+                };
+                open_structure(&mut plan, info, kind, blockty, index, seq_of(&frames))?;
+                frames.push(Frame {
+                    structure: Some(plan.structures.len() - 1),
+                    arm: 0,
+                    reachable,
+                    entered_reachable: reachable,
+                });
+                if kind == StructKind::Loop && preempt_loops && reachable {
+                    let id = plan.sites.len();
+                    plan.sites.push(Site {
+                        op: index,
+                        loop_check: true,
+                        seq: seq_of(&frames),
+                        skippable: false,
+                        frame: vec![],
+                        params: vec![],
+                        results: vec![],
+                        indirect: false,
+                        import: false,
+                        tail: false,
+                    });
+                    let _ = id;
+                }
+            }
+            Operator::TryTable { try_table } => {
+                open_structure(&mut plan, info, StructKind::TryTable, try_table.ty, index, seq_of(&frames))?;
+                frames.push(Frame {
+                    structure: Some(plan.structures.len() - 1),
+                    arm: 0,
+                    reachable,
+                    entered_reachable: reachable,
+                });
+            }
+            Operator::Else => {
+                let top = frames.last_mut().expect("if frame");
+                let s = top.structure.expect("else inside if");
+                plan.structures[s].else_op = Some(index);
+                plan.structures[s].then_end = plan.sites.len() as u32;
+                top.arm = 1;
+                top.reachable = top.entered_reachable;
+            }
+            Operator::End => {
+                let top = frames.pop().expect("frame");
+                if let Some(s) = top.structure {
+                    let st = &mut plan.structures[s];
+                    st.end = index;
+                    st.site_end = plan.sites.len() as u32;
+                    if st.else_op.is_none() {
+                        st.then_end = st.site_end;
+                    }
+                    if let Some(parent) = frames.last_mut() {
+                        parent.reachable = top.entered_reachable;
+                    }
+                }
+            }
+            Operator::Call { function_index } | Operator::ReturnCall { function_index } if reachable => {
+                if suspends[function_index as usize] {
+                    let ty = info.type_of_func(function_index)?.clone();
+                    let import = (function_index as usize) < blocking_imports;
+                    call_site(&mut plan, &ty, false, import, matches!(op, Operator::ReturnCall { .. }));
+                }
+                if matches!(op, Operator::ReturnCall { .. }) {
+                    frames.last_mut().expect("frame").reachable = false;
+                }
+            }
+            Operator::CallIndirect { type_index, .. } | Operator::ReturnCallIndirect { type_index, .. }
+                if reachable =>
+            {
+                let ty = info.func_type(type_index)?.clone();
+                call_site(&mut plan, &ty, true, false, matches!(op, Operator::ReturnCallIndirect { .. }));
+                if matches!(op, Operator::ReturnCallIndirect { .. }) {
+                    frames.last_mut().expect("frame").reachable = false;
+                }
+            }
+            Operator::CallRef { .. } | Operator::ReturnCallRef { .. } if reachable => {
+                return Err(unsupported("`call_ref` in a function that can suspend"));
+            }
+            Operator::Try { .. } | Operator::Catch { .. } | Operator::CatchAll | Operator::Delegate { .. } | Operator::Rethrow { .. } => {
+                return Err(unsupported("legacy exception handling (`try`/`catch`/`delegate`)"));
+            }
+            Operator::Br { .. }
+            | Operator::BrTable { .. }
+            | Operator::Return
+            | Operator::Unreachable
+            | Operator::Throw { .. }
+            | Operator::ThrowRef
+            | Operator::ReturnCall { .. }
+            | Operator::ReturnCallIndirect { .. }
+            | Operator::ReturnCallRef { .. } => frames.last_mut().expect("frame").reachable = false,
+            _ => {}
+        }
+        index += 1;
+    }
+    plan.ops = index;
+    // Site ids are textual order; structures learnt their ranges as they closed. Loop
+    // checks were numbered when their loop opened, which is textual order too.
+    for (id, site) in plan.sites.iter().enumerate() {
+        if !site.loop_check {
+            debug_assert_eq!(plan.site_at[&site.op], id);
+        }
+    }
+    mark_sequences(&mut plan);
+    Ok(plan)
+}
+
+fn open_structure(
+    plan: &mut FuncPlan,
+    info: &ModuleInfo,
+    kind: StructKind,
+    blockty: BlockType,
+    index: usize,
+    seq: SeqId,
+) -> Result<(), UnwindError> {
+    let (mut inputs, results) = info.block_signature(blockty)?;
+    if kind == StructKind::If {
+        inputs.push(ValType::I32);
+    }
+    let first = plan.sites.len() as u32;
+    plan.structures.push(Structure {
+        kind,
+        start: index,
+        else_op: None,
+        end: 0,
+        seq,
+        first_site: first,
+        site_end: first,
+        then_end: first,
+        skippable: false,
+        inputs,
+        results,
+        spill: vec![],
+    });
+    Ok(())
+}
+
+/// An item of a sequence: a site or an open structure, with the operator range it covers.
+#[derive(Clone, Copy)]
+struct Item {
+    start: usize,
+    resume: usize,
+    site: Option<usize>,
+    structure: Option<usize>,
+}
+
+/// Decides which items are skippable and where guards go, sequence by sequence.
+fn mark_sequences(plan: &mut FuncPlan) {
+    let mut items: HashMap<SeqId, Vec<Item>> = HashMap::new();
+    for (id, site) in plan.sites.iter().enumerate() {
+        // A preemption check sits right after its `loop`, before the loop's first operator.
+        let (start, resume) = if site.loop_check { (site.op + 1, site.op + 1) } else { (site.op, site.op + 1) };
+        items.entry(site.seq).or_default().push(Item { start, resume, site: Some(id), structure: None });
+    }
+    for (id, st) in plan.structures.iter().enumerate() {
+        if st.open() {
+            items.entry(st.seq).or_default().push(Item { start: st.start, resume: st.end + 1, site: None, structure: Some(id) });
+        }
+    }
+    for (seq, mut list) in items {
+        // Loop checks come before anything else at their position.
+        list.sort_by_key(|item| (item.start, item.site.is_none() as u8));
+        let seq_start = match seq.structure {
+            None => 0,
+            Some(s) if seq.arm == 1 => plan.structures[s].else_op.expect("else arm") + 1,
+            Some(s) => plan.structures[s].start + 1,
+        };
+        let mut cursor = seq_start;
+        let last = list.len() - 1;
+        for (n, item) in list.iter().enumerate() {
+            if let Some(site) = item.site {
+                plan.sites[site].skippable = n < last;
+            }
+            if let Some(s) = item.structure {
+                plan.structures[s].skippable = n < last;
+            }
+            if item.start > cursor || item.structure.is_some() {
+                plan.guard_at.insert(cursor, plan.guards.len());
+                plan.guards.push(Guard {
+                    start: cursor,
+                    end: item.start,
+                    params: vec![],
+                    results: vec![],
+                    spill_for: item.structure,
+                });
+            }
+            if let Some(s) = item.structure {
+                plan.structure_at.insert(plan.structures[s].start, s);
+            }
+            cursor = item.resume;
+        }
+    }
+}
+
+/// Operand-stack types of the current frame before each operator in `at`.
+pub(crate) fn frame_types_at(
+    validator: &mut wasmparser::FuncValidator<wasmparser::ValidatorResources>,
+    body: &FunctionBody<'_>,
+    at: &std::collections::BTreeSet<usize>,
+    func: u32,
+) -> Result<HashMap<usize, Vec<ValType>>, UnwindError> {
+    let mut reader = body.get_binary_reader();
+    validator.read_locals(&mut reader)?;
+    let mut ops = body.get_operators_reader()?;
+    let mut found = HashMap::new();
+    let mut index = 0usize;
+    while !ops.eof() {
+        let (op, offset) = ops.read_with_offset()?;
+        if at.contains(&index) {
+            let height = validator.operand_stack_height() as usize;
+            let base = validator.get_control_frame(0).map(|f| f.height).unwrap_or(0);
+            let mut types = Vec::with_capacity(height - base);
+            for depth in (0..height - base).rev() {
+                match validator.get_operand_type(depth) {
+                    Some(Some(ty)) => types.push(ty),
+                    _ => {
+                        return Err(UnwindError::Unsupported {
+                            feature: "a suspension point in unreachable code".into(),
+                            func: Some(func),
+                        });
+                    }
+                }
+            }
+            found.insert(index, types);
+        }
+        validator.op(offset, &op)?;
+        index += 1;
+    }
+    Ok(found)
+}
+
+/// Fills in the types of sites, structures and guards.
+pub(crate) fn type_plan(plan: &mut FuncPlan, types: &HashMap<usize, Vec<ValType>>) {
+    for site in &mut plan.sites {
+        let at = if site.loop_check { site.op + 1 } else { site.op };
+        site.frame = types[&at].clone();
+    }
+    for st in &mut plan.structures {
+        if st.open() {
+            let frame = &types[&st.start];
+            st.spill = frame[..frame.len() - st.inputs.len()].to_vec();
+        }
+    }
+    for guard in &mut plan.guards {
+        guard.params = types[&guard.start].clone();
+        guard.results = match guard.spill_for {
+            Some(s) => plan.structures[s].inputs.clone(),
+            None => types[&guard.end].clone(),
+        };
+    }
+}
+
+/// Operators whose frame types `type_plan` needs.
+pub(crate) fn typed_positions(plan: &FuncPlan) -> std::collections::BTreeSet<usize> {
+    let mut at = std::collections::BTreeSet::new();
+    for site in &plan.sites {
+        at.insert(if site.loop_check { site.op + 1 } else { site.op });
+    }
+    for st in plan.structures.iter().filter(|s| s.open()) {
+        at.insert(st.start);
+    }
+    for guard in &plan.guards {
+        at.insert(guard.start);
+        at.insert(guard.end);
+    }
+    at
+}

@@ -1,0 +1,296 @@
+//! What the transform adds next to the instrumented functions: the unwind stack (its own
+//! memory, and a table for function references), the state globals, new function types,
+//! and the small functions that push and pop values and answer preemption checks.
+
+use super::{ARMED, FAILED, NORMAL, REWINDING, UNWINDING, UnwindError};
+use std::collections::HashMap;
+use wasm_encoder::{BlockType, Function, Instruction, MemArg};
+use wasmparser::{RefType, ValType};
+
+/// Largest unwind stack, in 64 KiB pages (so `memory.size << 16` never overflows).
+pub(crate) const STACK_MAX_PAGES: u64 = 16_384;
+
+/// Value classes the unwind stack holds, in the order of `Helpers::push`/`pop`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    I32 = 0,
+    I64 = 1,
+    F32 = 2,
+    F64 = 3,
+    V128 = 4,
+    FuncRef = 5,
+}
+
+const CLASSES: [Class; 6] = [Class::I32, Class::I64, Class::F32, Class::F64, Class::V128, Class::FuncRef];
+
+pub(crate) enum SaveClass {
+    Value(Class),
+    /// A reference that cannot be written out: saved only when null (as `exnref` between
+    /// a `catch_ref` and its `throw_ref`, which is never live at a blocking call in practice).
+    NullOnly,
+}
+
+pub(crate) fn save_class(ty: ValType) -> Result<SaveClass, String> {
+    Ok(match ty {
+        ValType::I32 => SaveClass::Value(Class::I32),
+        ValType::I64 => SaveClass::Value(Class::I64),
+        ValType::F32 => SaveClass::Value(Class::F32),
+        ValType::F64 => SaveClass::Value(Class::F64),
+        ValType::V128 => SaveClass::Value(Class::V128),
+        ValType::Ref(r) if r == RefType::FUNCREF => SaveClass::Value(Class::FuncRef),
+        ValType::Ref(r) if r.is_nullable() => SaveClass::NullOnly,
+        ValType::Ref(r) => return Err(format!("a non-nullable `{r}` local or operand")),
+    })
+}
+
+fn class_type(class: Class) -> ValType {
+    match class {
+        Class::I32 => ValType::I32,
+        Class::I64 => ValType::I64,
+        Class::F32 => ValType::F32,
+        Class::F64 => ValType::F64,
+        Class::V128 => ValType::V128,
+        Class::FuncRef => ValType::Ref(RefType::FUNCREF),
+    }
+}
+
+/// Indices of everything the transform adds.
+#[derive(Debug, Clone)]
+pub(crate) struct Helpers {
+    pub state: u32,
+    pub sp: u32,
+    pub ref_sp: u32,
+    pub memory: u32,
+    pub table: u32,
+    pub yield_fn: u32,
+    pub fail: u32,
+    pub push: [u32; 6],
+    pub pop: [u32; 6],
+}
+
+impl Helpers {
+    /// Lays the additions out after the module's own functions, globals, memories, tables.
+    pub fn new(functions: u32, globals: u32, memories: u32, tables: u32) -> Self {
+        let push = std::array::from_fn(|i| functions + 2 + i as u32);
+        let pop = std::array::from_fn(|i| functions + 8 + i as u32);
+        Helpers {
+            state: globals,
+            sp: globals + 1,
+            ref_sp: globals + 2,
+            memory: memories,
+            table: tables,
+            yield_fn: functions,
+            fail: functions + 1,
+            push,
+            pop,
+        }
+    }
+
+    /// The helper functions, in index order, with their types.
+    pub fn functions(&self, types: &mut TypeInterner) -> Result<Vec<(u32, Function)>, UnwindError> {
+        let mut out = Vec::new();
+        out.push((types.intern(&[], &[])?, self.yield_body()));
+        out.push((types.intern(&[], &[])?, self.fail_body()));
+        for class in CLASSES {
+            out.push((types.intern(&[class_type(class)], &[])?, self.push_body(class)));
+        }
+        for class in CLASSES {
+            out.push((types.intern(&[], &[class_type(class)])?, self.pop_body(class)));
+        }
+        Ok(out)
+    }
+
+    fn yield_body(&self) -> Function {
+        use Instruction as I;
+        let mut f = Function::new([]);
+        for i in [
+            // Rewinding arrived at the innermost frame: carry on from here.
+            I::GlobalGet(self.state),
+            I::I32Const(REWINDING),
+            I::I32Eq,
+            I::If(BlockType::Empty),
+            I::I32Const(NORMAL),
+            I::GlobalSet(self.state),
+            I::Return,
+            I::End,
+            // The host armed a stop: unwind from here.
+            I::GlobalGet(self.state),
+            I::I32Const(ARMED),
+            I::I32Eq,
+            I::If(BlockType::Empty),
+            I::I32Const(UNWINDING),
+            I::GlobalSet(self.state),
+            I::End,
+            I::End,
+        ] {
+            f.instruction(&i);
+        }
+        f
+    }
+
+    fn fail_body(&self) -> Function {
+        let mut f = Function::new([]);
+        for i in [Instruction::I32Const(FAILED), Instruction::GlobalSet(self.state), Instruction::Unreachable, Instruction::End] {
+            f.instruction(&i);
+        }
+        f
+    }
+
+    fn push_body(&self, class: Class) -> Function {
+        use Instruction as I;
+        let mut f = Function::new([]);
+        let mut body = Vec::new();
+        if class == Class::FuncRef {
+            body.extend([
+                I::GlobalGet(self.ref_sp),
+                I::TableSize(self.table),
+                I::I32GeU,
+                I::If(BlockType::Empty),
+                I::RefNull(wasm_encoder::HeapType::FUNC),
+                I::I32Const(64),
+                I::TableGrow(self.table),
+                I::I32Const(-1),
+                I::I32Eq,
+                I::If(BlockType::Empty),
+                I::Call(self.fail),
+                I::End,
+                I::End,
+                I::GlobalGet(self.ref_sp),
+                I::LocalGet(0),
+                I::TableSet(self.table),
+                I::GlobalGet(self.ref_sp),
+                I::I32Const(1),
+                I::I32Add,
+                I::GlobalSet(self.ref_sp),
+            ]);
+        } else {
+            let slot = if class == Class::V128 { 16 } else { 8 };
+            body.extend([
+                I::GlobalGet(self.sp),
+                I::I32Const(16),
+                I::I32Add,
+                I::MemorySize(self.memory),
+                I::I32Const(16),
+                I::I32Shl,
+                I::I32GtU,
+                I::If(BlockType::Empty),
+                I::I32Const(1),
+                I::MemoryGrow(self.memory),
+                I::I32Const(-1),
+                I::I32Eq,
+                I::If(BlockType::Empty),
+                I::Call(self.fail),
+                I::End,
+                I::End,
+                I::GlobalGet(self.sp),
+                I::LocalGet(0),
+                self.store(class),
+                I::GlobalGet(self.sp),
+                I::I32Const(slot),
+                I::I32Add,
+                I::GlobalSet(self.sp),
+            ]);
+        }
+        body.push(I::End);
+        for i in &body {
+            f.instruction(i);
+        }
+        f
+    }
+
+    fn pop_body(&self, class: Class) -> Function {
+        use Instruction as I;
+        let mut f = Function::new([]);
+        let (sp, slot) = match class {
+            Class::FuncRef => (self.ref_sp, 1),
+            Class::V128 => (self.sp, 16),
+            _ => (self.sp, 8),
+        };
+        let mut body = vec![
+            // A stack emptier than the frames expect means a corrupt image: stop cleanly.
+            I::GlobalGet(sp),
+            I::I32Const(slot),
+            I::I32LtU,
+            I::If(BlockType::Empty),
+            I::Call(self.fail),
+            I::End,
+            I::GlobalGet(sp),
+            I::I32Const(slot),
+            I::I32Sub,
+            I::GlobalSet(sp),
+            I::GlobalGet(sp),
+        ];
+        if class == Class::FuncRef {
+            body.push(I::TableGet(self.table));
+        } else {
+            body.push(self.load(class));
+        }
+        body.push(I::End);
+        for i in &body {
+            f.instruction(i);
+        }
+        f
+    }
+
+    fn memarg(&self, align: u32) -> MemArg {
+        MemArg { offset: 0, align, memory_index: self.memory }
+    }
+
+    fn store(&self, class: Class) -> Instruction<'static> {
+        match class {
+            Class::I32 => Instruction::I32Store(self.memarg(2)),
+            Class::I64 => Instruction::I64Store(self.memarg(3)),
+            Class::F32 => Instruction::F32Store(self.memarg(2)),
+            Class::F64 => Instruction::F64Store(self.memarg(3)),
+            Class::V128 => Instruction::V128Store(self.memarg(4)),
+            Class::FuncRef => unreachable!("function references go to the table"),
+        }
+    }
+
+    fn load(&self, class: Class) -> Instruction<'static> {
+        match class {
+            Class::I32 => Instruction::I32Load(self.memarg(2)),
+            Class::I64 => Instruction::I64Load(self.memarg(3)),
+            Class::F32 => Instruction::F32Load(self.memarg(2)),
+            Class::F64 => Instruction::F64Load(self.memarg(3)),
+            Class::V128 => Instruction::V128Load(self.memarg(4)),
+            Class::FuncRef => unreachable!("function references come from the table"),
+        }
+    }
+}
+
+/// Function types the instrumentation needs beyond the module's own, appended to its
+/// type section (each in a rec group of its own, so existing indices do not move).
+pub(crate) struct TypeInterner {
+    first: u32,
+    added: Vec<(Vec<ValType>, Vec<ValType>)>,
+    index: HashMap<(Vec<ValType>, Vec<ValType>), u32>,
+}
+
+impl TypeInterner {
+    pub fn new(existing: u32) -> Self {
+        TypeInterner { first: existing, added: Vec::new(), index: HashMap::new() }
+    }
+
+    pub fn intern(&mut self, params: &[ValType], results: &[ValType]) -> Result<u32, UnwindError> {
+        let key = (params.to_vec(), results.to_vec());
+        if let Some(&index) = self.index.get(&key) {
+            return Ok(index);
+        }
+        let index = self.first + self.added.len() as u32;
+        self.added.push(key.clone());
+        self.index.insert(key, index);
+        Ok(index)
+    }
+
+    pub fn encode_into(&self, section: &mut wasm_encoder::TypeSection) -> Result<(), UnwindError> {
+        use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
+        let enc = |t: &ValType| RoundtripReencoder.val_type(*t).map_err(|e| UnwindError::Encode(format!("{e:?}")));
+        for (params, results) in &self.added {
+            let params = params.iter().map(enc).collect::<Result<Vec<_>, _>>()?;
+            let results = results.iter().map(enc).collect::<Result<Vec<_>, _>>()?;
+            section.ty().function(params, results);
+        }
+        Ok(())
+    }
+}
