@@ -301,7 +301,9 @@ impl<'a, 'p> Emitter<'a, 'p> {
                         if self.plan.structure_at.get(&index) == Some(&id) {
                             self.open_structure(id, op)?;
                         } else {
+                            // `try_table` catch labels count frames outside it.
                             let instruction = self.convert(op)?;
+                            let instruction = self.relabel(instruction);
                             self.push(instruction);
                             self.frames.push(Frame::Original);
                         }
