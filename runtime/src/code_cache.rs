@@ -49,11 +49,15 @@ impl Hasher for Blake3Hasher {
 }
 
 impl CodeCache {
-    pub(crate) fn new(engine: &Engine, dir: Option<PathBuf>) -> Self {
+    pub(crate) fn new(engine: &Engine, dir: Option<PathBuf>, checkpoints: bool) -> Self {
         let mut hasher = Blake3Hasher(blake3::Hasher::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
         // Core modules are compiled as rewritten by `state_export`: a new rewrite is new code.
         hasher.write(crate::state_export::REWRITE_VERSION.as_bytes());
+        // Modules compiled through the unwind transform differ, and so do their images.
+        if checkpoints {
+            hasher.write(crate::unwind::TRANSFORM_VERSION.as_bytes());
+        }
         let engine_key = hasher.0.finalize().to_hex()[..16].to_string();
         CodeCache { dir, engine_key }
     }

@@ -35,6 +35,11 @@ pub struct HostConfig {
     /// Restore memory snapshots by mapping their pages copy-on-write (see `cow_restore`);
     /// `false` copies them into fresh instances (for comparison, and a fallback).
     pub copy_on_write_restore: bool,
+    /// Load core modules through the unwind transform, so running commands can be
+    /// captured ([`crate::Process::checkpoint`], memory snapshots of busy sandboxes). Costs
+    /// code size and a little speed (see `unwind`); a module the transform cannot handle
+    /// runs without it. Part of the engine fingerprint images record.
+    pub checkpoints: bool,
 }
 
 /// Default size of the instance pool.
@@ -42,7 +47,12 @@ pub const DEFAULT_MAX_PROCESSES: u32 = 500;
 
 impl Default for HostConfig {
     fn default() -> Self {
-        HostConfig { code_cache_dir: None, max_processes: Some(DEFAULT_MAX_PROCESSES), copy_on_write_restore: true }
+        HostConfig {
+            code_cache_dir: None,
+            max_processes: Some(DEFAULT_MAX_PROCESSES),
+            copy_on_write_restore: true,
+            checkpoints: false,
+        }
     }
 }
 
@@ -52,9 +62,43 @@ pub struct Host {
     pub(crate) inner: Arc<HostInner>,
 }
 
+impl HostInner {
+    /// A core module as Stasis compiles it: through the unwind transform when the host
+    /// takes checkpoints (unless the module uses something the transform cannot handle:
+    /// then it runs without), then the state-export rewrite.
+    fn prepare(
+        &self,
+        bytes: &[u8],
+        what: &str,
+    ) -> Result<(Vec<u8>, StateLayout, Option<crate::unwind::UnwindLayout>)> {
+        let invalid = |reason: String| Error::InvalidProgram { what: what.to_string(), reason };
+        let (source, unwind) = if self.checkpoint_linker.is_some() {
+            match crate::unwind::instrument(bytes, &crate::checkpoint::blocking_imports()) {
+                Ok((instrumented, layout)) => (std::borrow::Cow::Owned(instrumented), Some(layout)),
+                Err(crate::unwind::UnwindError::Unsupported { feature, func }) => {
+                    tracing::warn!(program = what, ?func, "running without checkpoint support: the transform does not support {feature}");
+                    (std::borrow::Cow::Borrowed(bytes), None)
+                }
+                Err(e) => return Err(invalid(e.to_string())),
+            }
+        } else {
+            (std::borrow::Cow::Borrowed(bytes), None)
+        };
+        let (rewritten, layout) = state_export::rewrite(&source).map_err(|e| invalid(e.to_string()))?;
+        Ok((rewritten, layout, unwind))
+    }
+
+    fn prepare_module(&self, bytes: &[u8]) -> Result<(Vec<u8>, StateLayout)> {
+        self.prepare(bytes, "program").map(|(bytes, layout, _)| (bytes, layout))
+    }
+}
+
 pub(crate) struct HostInner {
     pub(crate) engine: Engine,
     pub(crate) core_linker: Linker<ProcessState>,
+    /// `core_linker` with the blocking imports made suspension-aware (see `checkpoint`),
+    /// for programs loaded through the unwind transform.
+    checkpoint_linker: Option<Linker<ProcessState>>,
     component_linker: ComponentLinker<ProcessState>,
     /// The wasip1 helper that records and replays descriptors (see `wasi_state`).
     pub(crate) wasi_helper: InstancePre<ProcessState>,
@@ -79,6 +123,8 @@ pub struct Program {
     bytes: Arc<[u8]>,
     /// For core modules: the state the snapshot rewrite exported (see `state_export`).
     pub(crate) layout: Option<Arc<StateLayout>>,
+    /// Where the unwind transform put its state, when the program went through it.
+    pub(crate) unwind: Option<crate::unwind::UnwindLayout>,
     pub(crate) entry: ProgramEntry,
     wasi_helper: InstancePre<ProcessState>,
     host: Weak<HostInner>,
@@ -140,7 +186,7 @@ impl Program {
                 if !cow_restore::supported(layout) {
                     return None;
                 }
-                let (rewritten, _) = state_export::rewrite(&self.bytes).ok()?;
+                let (rewritten, _) = host.prepare_module(&self.bytes).ok()?;
                 let (variant, shape) = cow_restore::resume_variant(&rewritten).ok()?;
                 let key = blake3::Hasher::new().update(b"resume:").update(self.hash.as_bytes()).finalize();
                 match host.code_cache.load_or_compile(&host.engine, &variant, &key, ProgramFormat::Module) {
@@ -189,6 +235,8 @@ fn engine_config(pool_size: Option<u32>) -> Config {
             .total_tables(processes * 4)
             .total_stacks(processes)
             .max_memories_per_module(2)
+            // The unwind transform adds a table (saved function references) to a module.
+            .max_tables_per_module(2)
             // Small guests touch little memory: clearing it with memset beats madvise.
             .linear_memory_keep_resident(1 << 20)
             .table_keep_resident(64 << 10);
@@ -208,16 +256,29 @@ impl Host {
         wasi_state::add_recording_shadows(&mut core_linker, wasi_helper.clone()).map_err(setup)?;
         core_linker.allow_shadowing(false);
         guest_imports::add_to_linker(&mut core_linker).map_err(setup)?;
+        let checkpoint_linker = if config.checkpoints {
+            let mut real = Linker::new(&engine);
+            wasmtime_wasi::p1::add_to_linker_async(&mut real, |s: &mut ProcessState| &mut s.wasi).map_err(setup)?;
+            let gate = wasmtime::Module::new(&engine, crate::checkpoint::GATE_WAT).map_err(setup)?;
+            let mut linker = core_linker.clone();
+            linker.allow_shadowing(true);
+            crate::checkpoint::add_blocking_shadows(&mut linker, real, gate).map_err(setup)?;
+            linker.allow_shadowing(false);
+            Some(linker)
+        } else {
+            None
+        };
         let mut component_linker = ComponentLinker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker).map_err(|e| Error::Start(format!("{e:#}")))?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_ticker(engine.clone(), ticker_stop.clone());
-        let code_cache = CodeCache::new(&engine, config.code_cache_dir.clone());
+        let code_cache = CodeCache::new(&engine, config.code_cache_dir.clone(), config.checkpoints);
         Ok(Host {
             inner: Arc::new(HostInner {
                 engine,
                 core_linker,
+                checkpoint_linker,
                 component_linker,
                 wasi_helper,
                 code_cache,
@@ -256,15 +317,15 @@ impl Host {
         }
         let format = detect_format(bytes, what)?;
         let invalid = |reason: String| Error::InvalidProgram { what: what.to_string(), reason };
-        let (layout, compiled) = match format {
+        let (layout, unwind, compiled) = match format {
             ProgramFormat::Module => {
-                let (rewritten, layout) = state_export::rewrite(bytes).map_err(|e| invalid(e.to_string()))?;
+                let (rewritten, layout, unwind) = self.inner.prepare(bytes, what)?;
                 let compiled = self
                     .inner
                     .code_cache
                     .load_or_compile(&self.inner.engine, &rewritten, &hash, format)
                     .map_err(|e| invalid(format!("{e:#}")))?;
-                (Some(Arc::new(layout)), compiled)
+                (Some(Arc::new(layout)), unwind, compiled)
             }
             ProgramFormat::Component => {
                 let compiled = self
@@ -272,13 +333,17 @@ impl Host {
                     .code_cache
                     .load_or_compile(&self.inner.engine, bytes, &hash, format)
                     .map_err(|e| invalid(format!("{e:#}")))?;
-                (None, compiled)
+                (None, None, compiled)
             }
         };
         let link_error = |e: wasmtime::Error| Error::Link { what: what.to_string(), reason: format!("{e:#}") };
         let entry = match compiled {
             Compiled::Module(module) => {
-                ProgramEntry::Command(self.inner.core_linker.instantiate_pre(&module).map_err(link_error)?)
+                let linker = match (&unwind, &self.inner.checkpoint_linker) {
+                    (Some(_), Some(linker)) => linker,
+                    _ => &self.inner.core_linker,
+                };
+                ProgramEntry::Command(linker.instantiate_pre(&module).map_err(link_error)?)
             }
             Compiled::Component(component) => {
                 let pre = self.inner.component_linker.instantiate_pre(&component).map_err(link_error)?;
@@ -293,6 +358,7 @@ impl Host {
             hash,
             bytes: bytes.into(),
             layout,
+            unwind,
             entry,
             wasi_helper: self.inner.wasi_helper.clone(),
             host: Arc::downgrade(&self.inner),
@@ -313,7 +379,7 @@ impl Host {
                 let mut linker = ComponentLinker::new(&engine);
                 wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| format!("{e:#}"))?;
                 spawn_ticker(engine.clone(), self.inner.ticker_stop.clone());
-                let code_cache = CodeCache::new(&engine, self.inner.code_cache_dir.clone());
+                let code_cache = CodeCache::new(&engine, self.inner.code_cache_dir.clone(), false);
                 Ok(DebugEngine { engine, linker, code_cache })
             })
             .as_ref()
@@ -342,6 +408,7 @@ impl Host {
             hash: program.hash,
             bytes: program.bytes.clone(),
             layout: None,
+            unwind: None,
             entry: ProgramEntry::ComponentReactor(pre),
             wasi_helper: self.inner.wasi_helper.clone(),
             host: Arc::downgrade(&self.inner),

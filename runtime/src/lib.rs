@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod checkpoint;
 pub mod civil_time;
 mod code_cache;
 mod component_state;
@@ -46,6 +47,7 @@ pub use error::{Error, Result};
 pub use host::{EPOCH_TICK, Host, HostConfig, Program, detect_format};
 pub use limits::Limits;
 pub use memory_snapshot::{MemorySnapshot, MemorySnapshotReport, MemorySnapshotStore};
+pub use checkpoint::{AfterCheckpoint, ProcessCheckpoint};
 pub use pause::PauseGuard;
 pub use process::{ExitStatus, OutputMode, Process, StdinMode};
 pub use reactor::Reactor;

@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 pub const MAGIC: [u8; 8] = *b"STASISMI";
-pub const VERSION: (u16, u16) = (1, 0);
+pub const VERSION: (u16, u16) = (1, 1);
 pub const PREFIX_LEN: usize = 52;
 /// Largest header accepted: descriptors, globals and run lists of many processes fit in a
 /// fraction of this.
@@ -95,6 +95,25 @@ pub enum ProcessStateImage {
     /// A reactor component between calls: every core instance inside it, in the order
     /// `Store::debug_all_instances` lists them.
     IdleComponent(ComponentImage),
+    /// A command stopped mid-run by the unwind transform (format 1.1): its frames are in
+    /// the transform's stack memory, part of the instance.
+    Suspended(SuspendedImage),
+}
+
+/// A running command, unwound (see `checkpoint`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuspendedImage {
+    pub instance: InstanceImage,
+    /// Deadlines (monotonic ns) of the sleep it was in, per `poll_oneoff` subscription.
+    pub sleep_deadlines: Vec<u64>,
+    /// Stdin written but not yet read, and whether it was closed.
+    pub stdin: Vec<u8>,
+    pub stdin_closed: bool,
+    /// A standalone image carries the program itself in this part (otherwise the module
+    /// store has it).
+    pub program_part: Option<u32>,
+    /// `(host directory, guest path)` the process had (standalone images).
+    pub preopens: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,6 +140,8 @@ pub enum ExitRecord {
     TimedOut { limit_ms: u64, cpu: bool },
     Killed,
     StartFailed(String),
+    /// Stopped for a checkpoint (format 1.1).
+    Checkpointed,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -186,6 +207,35 @@ pub enum ImageError {
     Truncated(String),
     #[error("memory image is corrupt: {0}")]
     Corrupt(String),
+}
+
+/// Compresses `raw_parts` and encodes them with a header listing `processes`.
+pub fn encode_with_parts(
+    engine: &str,
+    fs_snapshot: Option<String>,
+    processes: Vec<ProcessImage>,
+    raw_parts: &[Vec<u8>],
+) -> Vec<u8> {
+    let mut parts = Vec::with_capacity(raw_parts.len());
+    let mut infos: Vec<PartInfo> = Vec::with_capacity(raw_parts.len());
+    let mut offset = 0;
+    for raw in raw_parts {
+        let (info, compressed) = make_part(raw, offset);
+        offset += info.len;
+        infos.push(info);
+        parts.push(compressed);
+    }
+    let header = ImageHeader {
+        engine: engine.to_string(),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        fs_snapshot,
+        processes,
+        parts: infos,
+    };
+    encode(&header, &parts)
 }
 
 /// Encodes a header and its parts (already compressed, in header order) into a file.
@@ -278,6 +328,15 @@ impl ImageHeader {
             let states: Vec<(&[MemoryImage], &[TableImage])> = match &process.state {
                 ProcessStateImage::Exited(_) => continue,
                 ProcessStateImage::Idle(instance) => vec![(&instance.memories, &instance.tables)],
+                ProcessStateImage::Suspended(suspended) => {
+                    if let Some(part) = suspended.program_part {
+                        match used_parts.get_mut(part as usize) {
+                            Some(used) if !*used => *used = true,
+                            _ => return corrupt(format!("process {}: program part {part} is missing or shared", process.pid)),
+                        }
+                    }
+                    vec![(&suspended.instance.memories, &suspended.instance.tables)]
+                }
                 ProcessStateImage::IdleComponent(component) => {
                     component.instances.iter().map(|i| (&i.memories[..], &i.tables[..])).collect()
                 }

@@ -38,7 +38,9 @@ use crate::error::{Error, Result};
 use crate::fs_snapshot::{FsSnapshotStore, SnapshotId};
 use crate::host::{Host, Program, ResumeProgram};
 use crate::limits::MemoryLimitExceeded;
-use crate::memory_image::{self, ExitRecord, ImageHeader, PartInfo, ProcessImage, ProcessStateImage};
+use crate::memory_image::{self, ExitRecord, ImageHeader, ProcessImage, ProcessStateImage, SuspendedImage};
+use crate::checkpoint::ProcessCheckpoint;
+use crate::process::{ResumeFrom, StdinMode};
 use crate::process::{ExitStatus, Process};
 use crate::reactor::Origin;
 use crate::sandbox::{Sandbox, SandboxConfig};
@@ -174,9 +176,10 @@ impl Sandbox {
         source: &str,
     ) -> Result<MemorySnapshotReport> {
         let processes = self.processes();
-        if let Some(running) = processes.iter().find(|p| p.status().is_none()) {
+        if let Some(running) = processes.iter().find(|p| p.status().is_none() && !p.checkpointable()) {
             return Err(Error::NotQuiescent(format!(
-                "process {} (`{}`) is running; memory snapshots capture processes that have exited or reactors between calls (capturing a running command needs the mid-execution transform)",
+                "process {} (`{}`) is running and its program was loaded without checkpoint support \
+                 (a host with `checkpoints` on captures running commands)",
                 running.pid(),
                 running.argv().join(" ")
             )));
@@ -187,6 +190,18 @@ impl Sandbox {
             frozen.push(reactor.freeze().await);
         }
         let held = Instant::now();
+        // Running commands are stopped and held unwound until the tree is captured, so
+        // that processes and files are one moment. A process that ends meanwhile is
+        // recorded as ended.
+        let mut running = Vec::new();
+        let mut ended = Vec::new();
+        for process in processes.iter().filter(|p| p.status().is_none()) {
+            match process.checkpoint_held().await {
+                Ok(checkpoint) => running.push((process.clone(), checkpoint)),
+                Err(_) if process.wait_timeout(Duration::from_secs(1)).await.is_some() => ended.push(process.clone()),
+                Err(e) => return Err(e),
+            }
+        }
         let fs_snapshot = match (self.root(), fs_store) {
             (None, _) => None,
             (Some(_), Some(store)) => Some(self.snapshot_filesystem(store, source.to_string()).await?.id),
@@ -200,10 +215,24 @@ impl Sandbox {
             None => SnapshotId::generate(SystemTime::now())?,
         };
         let mut images_of = Vec::with_capacity(processes.len() + frozen.len());
-        for process in &processes {
+        let mut raw_parts = Vec::new();
+        for process in processes.iter().filter(|p| p.status().is_some() && !running.iter().any(|(r, _)| r.pid() == p.pid())) {
             images_of.push(exited_image(process));
         }
-        let mut raw_parts = Vec::new();
+        let mut programs = Vec::new();
+        for (process, checkpoint) in running {
+            let ProcessCheckpoint { mut image, parts, .. } = checkpoint;
+            if let ProcessStateImage::Suspended(state) = &mut image.state {
+                for memory in &mut state.instance.memories {
+                    memory.part += raw_parts.len() as u32;
+                }
+            }
+            raw_parts.extend(parts);
+            images_of.push(image);
+            programs.extend(process.program().cloned());
+            // Dropping the checkpoint released the process: it rewinds and goes on.
+        }
+        let _ = ended;
         for reactor in &mut frozen {
             let (image, pages) = reactor.capture(raw_parts.len() as u32).await?;
             images_of.push(image);
@@ -214,32 +243,16 @@ impl Sandbox {
         for reactor in &reactors {
             images.put_module(reactor.program())?;
         }
+        for program in &programs {
+            images.put_module(program)?;
+        }
 
         let memory_bytes = raw_parts.iter().map(|p| p.len() as u64).sum();
         let engine = self.host().engine_fingerprint().to_string();
         let fs_id = fs_snapshot.as_ref().map(|id| id.as_str().to_string());
         let encoding = Instant::now();
         let bytes = tokio::task::spawn_blocking(move || {
-            let mut parts = Vec::with_capacity(raw_parts.len());
-            let mut infos: Vec<PartInfo> = Vec::with_capacity(raw_parts.len());
-            let mut offset = 0;
-            for raw in &raw_parts {
-                let (info, compressed) = memory_image::make_part(raw, offset);
-                offset += info.len;
-                infos.push(info);
-                parts.push(compressed);
-            }
-            let header = ImageHeader {
-                engine,
-                created_unix_ms: SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0),
-                fs_snapshot: fs_id,
-                processes: images_of,
-                parts: infos,
-            };
-            memory_image::encode(&header, &parts)
+            memory_image::encode_with_parts(&engine, fs_id, images_of, &raw_parts)
         })
         .await
         .map_err(|e| Error::Start(format!("image encoding task failed: {e}")))?;
@@ -278,6 +291,7 @@ fn exited_image(process: &Process) -> ProcessImage {
             ExitStatus::TimedOut { limit, cpu } => ExitRecord::TimedOut { limit_ms: limit.as_millis() as u64, cpu },
             ExitStatus::Killed => ExitRecord::Killed,
             ExitStatus::StartFailed(why) => ExitRecord::StartFailed(why),
+            ExitStatus::Checkpointed => ExitRecord::Checkpointed,
         }),
     }
 }
@@ -292,6 +306,7 @@ fn exit_status(record: &ExitRecord) -> ExitStatus {
         ExitRecord::TimedOut { limit_ms, cpu } => ExitStatus::TimedOut { limit: Duration::from_millis(limit_ms), cpu },
         ExitRecord::Killed => ExitStatus::Killed,
         ExitRecord::StartFailed(why) => ExitStatus::StartFailed(why),
+        ExitRecord::Checkpointed => ExitStatus::Checkpointed,
     }
 }
 
@@ -314,7 +329,7 @@ pub struct MemorySnapshot {
     id: SnapshotId,
     header: ImageHeader,
     /// Decompressed parts, by index.
-    parts: Vec<Vec<u8>>,
+    parts: Arc<Vec<Vec<u8>>>,
     /// Programs of the idle processes, by process index.
     programs: Vec<Option<Arc<Program>>>,
     /// Per process: its compiled state module and the program's resume variant, when the
@@ -351,8 +366,17 @@ impl MemorySnapshot {
         for process in &image.header.processes {
             programs.push(match &process.state {
                 ProcessStateImage::Exited(_) => None,
-                ProcessStateImage::Idle(_) | ProcessStateImage::IdleComponent(_) => {
-                    let bytes = images.module(&process.program)?;
+                ProcessStateImage::Idle(_) | ProcessStateImage::IdleComponent(_) | ProcessStateImage::Suspended(_) => {
+                    let bytes = match &process.state {
+                        ProcessStateImage::Suspended(SuspendedImage { program_part: Some(part), .. }) => {
+                            let bytes = parts[*part as usize].clone();
+                            if blake3::hash(&bytes).as_bytes() != &process.program {
+                                return Err(Error::InvalidArgument("the image's program does not match its hash".into()));
+                            }
+                            bytes
+                        }
+                        _ => images.module(&process.program)?,
+                    };
                     let what = format!("program `{}` of the image", process.program_name.escape_debug());
                     let program = host.load(&bytes, &what)?;
                     Some(match (&process.state, program.format()) {
@@ -373,7 +397,7 @@ impl MemorySnapshot {
                 _ => None,
             });
         }
-        Ok(MemorySnapshot { id, header: image.header, parts, programs, cow })
+        Ok(MemorySnapshot { id, header: image.header, parts: Arc::new(parts), programs, cow })
     }
 
     pub fn id(&self) -> &SnapshotId {
@@ -439,8 +463,19 @@ impl MemorySnapshot {
                         .await?;
                     sandbox.adopt_reactor(reactor);
                 }
-                (ProcessStateImage::Idle(_) | ProcessStateImage::IdleComponent(_), None) => {
-                    unreachable!("programs are loaded for idle processes")
+                (ProcessStateImage::Suspended(suspended), Some(program)) => {
+                    let resume = ResumeFrom {
+                        image: suspended.clone(),
+                        parts: self.parts.clone(),
+                        stdout: process.stdout.clone(),
+                        stderr: process.stderr.clone(),
+                    };
+                    let stdin = if suspended.stdin_closed { StdinMode::Closed } else { StdinMode::Pipe };
+                    let process = sandbox.resume_process(program.clone(), process.argv.clone(), stdin, resume).await?;
+                    sandbox.adopt_process(process);
+                }
+                (ProcessStateImage::Idle(_) | ProcessStateImage::IdleComponent(_) | ProcessStateImage::Suspended(_), None) => {
+                    unreachable!("programs are loaded for live processes")
                 }
             }
         }

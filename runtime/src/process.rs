@@ -5,10 +5,12 @@
 //! yields to the executor (so a busy guest never starves the others), its CPU time is
 //! counted, and kill requests and CPU limits take effect.
 
+use crate::checkpoint::{AfterCheckpoint, CheckpointControl, Checkpointing, ProcessCheckpoint};
 use crate::host::{Program, ProgramEntry};
 use crate::limits::{Limits, MemoryLimitExceeded, StoreLimiter};
 use crate::pause::{ProcessPhase, RunPhase};
 use crate::stdio::{OutputBuffer, StdinPipe};
+use crate::memory_image::SuspendedImage;
 use crate::wasi_state::{FdTracker, HasFdTracker, SnapshotClock};
 use std::fmt;
 use std::sync::Arc;
@@ -29,6 +31,8 @@ pub(crate) struct ProcessState {
     phase: Arc<ProcessPhase>,
     pub(crate) fds: FdTracker,
     pub(crate) clock: SnapshotClock,
+    /// For programs with the unwind transform: what a checkpoint needs (see `checkpoint`).
+    pub(crate) checkpoint: Option<Checkpointing>,
 }
 
 impl HasFdTracker for ProcessState {
@@ -58,6 +62,7 @@ impl ProcessState {
             phase,
             fds: FdTracker::new(descriptors),
             clock,
+            checkpoint: None,
         };
         (state, kill)
     }
@@ -84,6 +89,8 @@ pub enum ExitStatus {
     Killed,
     /// The program could not be started (missing entry point, failed instantiation).
     StartFailed(String),
+    /// Stopped for a checkpoint ([`AfterCheckpoint::Stop`]): it continues from its image.
+    Checkpointed,
 }
 
 /// Exit codes a shell sees, following the conventions of the wasmtime CLI and coreutils.
@@ -107,6 +114,7 @@ impl ExitStatus {
             ExitStatus::MemoryLimit(_) | ExitStatus::Killed => exit_codes::KILLED,
             ExitStatus::TimedOut { .. } => exit_codes::TIMEOUT,
             ExitStatus::StartFailed(_) => exit_codes::STASIS_ERROR,
+            ExitStatus::Checkpointed => 0,
         }
     }
 
@@ -126,6 +134,7 @@ impl fmt::Display for ExitStatus {
             ExitStatus::TimedOut { limit, cpu: true } => write!(f, "timed out after {limit:?} of CPU time"),
             ExitStatus::Killed => write!(f, "killed"),
             ExitStatus::StartFailed(why) => write!(f, "could not start: {why}"),
+            ExitStatus::Checkpointed => write!(f, "stopped at a checkpoint"),
         }
     }
 }
@@ -197,6 +206,16 @@ pub(crate) struct Launch {
     pub(crate) phase: Arc<ProcessPhase>,
     /// Descriptors the process starts with: stdio and the preopens.
     pub(crate) descriptors: u32,
+    /// Continue a suspended process from its image instead of starting afresh.
+    pub(crate) resume: Option<Arc<ResumeFrom>>,
+}
+
+/// A suspended process's state, to continue it on a fresh instance.
+pub(crate) struct ResumeFrom {
+    pub(crate) image: SuspendedImage,
+    pub(crate) parts: Arc<Vec<Vec<u8>>>,
+    pub(crate) stdout: Vec<u8>,
+    pub(crate) stderr: Vec<u8>,
 }
 
 /// A handle to a running or finished process. Cloning it is cheap; all clones see the
@@ -215,6 +234,9 @@ struct ProcessInner {
     stderr: OutputBuffer,
     kill: Arc<KillSwitch>,
     status: watch::Receiver<Option<ExitStatus>>,
+    /// For programs with checkpoint support.
+    checkpoint: Option<Arc<CheckpointControl>>,
+    program: Option<Arc<Program>>,
 }
 
 static NEXT_PID: AtomicU64 = AtomicU64::new(1);
@@ -237,9 +259,18 @@ impl Process {
             argv,
             phase,
             descriptors,
+            resume,
         } = launch;
         let stdout = OutputBuffer::new(limits.output_buffer);
         let stderr = OutputBuffer::new(limits.output_buffer);
+        if let Some(resume) = &resume {
+            stdout.append(&resume.stdout);
+            stderr.append(&resume.stderr);
+        }
+        let checkpointable = program.unwind.is_some();
+        // A checkpointable process reads stdin from a pipe the host can watch, so that a
+        // blocked read can be interrupted by a checkpoint.
+        let mut watched_stdin = None;
         let pipe = match stdin {
             StdinMode::Closed => None,
             StdinMode::Pipe => Some(StdinPipe::new()),
@@ -248,7 +279,14 @@ impl Process {
                 // A fresh pipe accepts up to its capacity; larger inputs are cut by `write`'s error.
                 let _ = pipe.write(&bytes);
                 pipe.close();
-                wasi.stdin(pipe);
+                wasi.stdin(pipe.clone());
+                watched_stdin = Some(pipe);
+                None
+            }
+            StdinMode::Inherit if checkpointable => {
+                let pipe = crate::stdio::host_stdin_pipe();
+                wasi.stdin(pipe.clone());
+                watched_stdin = Some(pipe);
                 None
             }
             StdinMode::Inherit => {
@@ -258,6 +296,14 @@ impl Process {
         };
         if let Some(pipe) = &pipe {
             wasi.stdin(pipe.read_by(phase.clone()));
+            watched_stdin = Some(pipe.clone());
+        }
+        if let (Some(resume), Some(pipe)) = (&resume, &watched_stdin) {
+            // Unread input of the suspended process comes first.
+            pipe.prepend(&resume.image.stdin);
+            if resume.image.stdin_closed {
+                pipe.close();
+            }
         }
         match stdout_mode {
             OutputMode::Capture => wasi.stdout(stdout.clone()),
@@ -268,9 +314,13 @@ impl Process {
             OutputMode::Inherit => wasi.inherit_stderr(),
         };
 
-        let clock = SnapshotClock::starting_at(0);
+        let clock = SnapshotClock::starting_at(resume.as_ref().map_or(0, |r| r.image.instance.monotonic_ns));
         wasi.monotonic_clock(clock.clone());
-        let (state, kill) = ProcessState::new(wasi.build_p1(), &limits, phase.clone(), clock, descriptors);
+        let (mut state, kill) = ProcessState::new(wasi.build_p1(), &limits, phase.clone(), clock, descriptors);
+        let control = checkpointable.then(|| Arc::new(CheckpointControl::default()));
+        if let Some(control) = &control {
+            state.checkpoint = Some(Checkpointing::new(control.clone(), watched_stdin));
+        }
         let (status_tx, status_rx) = watch::channel(None);
         let process = Process {
             inner: Arc::new(ProcessInner {
@@ -282,13 +332,15 @@ impl Process {
                 stderr: stderr.clone(),
                 kill: kill.clone(),
                 status: status_rx,
+                checkpoint: control.clone(),
+                program: Some(program.clone()),
             }),
         };
 
         let timeout = limits.timeout;
         tokio::spawn(async move {
             let mut store = None;
-            let run = run_guest(program, state, &mut store);
+            let run = run_guest(program, state, &mut store, resume);
             let status = tokio::select! {
                 biased;
                 _ = kill.wait() => ExitStatus::Killed,
@@ -296,6 +348,9 @@ impl Process {
                 status = run => status,
             };
             phase.set(RunPhase::Exited);
+            if let Some(control) = &control {
+                control.fail_pending(&format!("the process ended ({status}) before it could be captured"));
+            }
             stdout.close();
             stderr.close();
             let _ = status_tx.send(Some(status));
@@ -325,8 +380,55 @@ impl Process {
                 stderr: err,
                 kill: Arc::default(),
                 status,
+                checkpoint: None,
+                program: None,
             }),
         }
+    }
+
+    /// Whether the process can be captured while it runs (its program was loaded with
+    /// checkpoint support, see [`crate::HostConfig::checkpoints`]).
+    pub fn checkpointable(&self) -> bool {
+        self.inner.checkpoint.is_some()
+    }
+
+    /// Stops the running process at its next suspension point (a blocking read, a sleep,
+    /// a loop header), captures it, then continues or ends it as `then` says.
+    pub async fn checkpoint(&self, then: AfterCheckpoint) -> crate::Result<ProcessCheckpoint> {
+        self.capture(false, then).await
+    }
+
+    /// Captures the process and keeps it stopped until the checkpoint is released.
+    pub(crate) async fn checkpoint_held(&self) -> crate::Result<ProcessCheckpoint> {
+        self.capture(true, AfterCheckpoint::Continue).await
+    }
+
+    async fn capture(&self, hold: bool, then: AfterCheckpoint) -> crate::Result<ProcessCheckpoint> {
+        let (Some(control), Some(program)) = (&self.inner.checkpoint, &self.inner.program) else {
+            return Err(crate::Error::NotQuiescent(format!(
+                "process {} (`{}`) is running and its program was loaded without checkpoint support",
+                self.pid(),
+                self.argv().join(" ")
+            )));
+        };
+        if self.status().is_some() {
+            return Err(crate::Error::NotQuiescent(format!("process {} has ended", self.pid())));
+        }
+        let (captured, release) = control.request(hold, then).await?;
+        let image = crate::checkpoint::suspended_process_image(
+            self.pid(),
+            self.argv(),
+            program,
+            self.stdout().contents(),
+            self.stderr().contents(),
+            captured.state,
+        );
+        Ok(ProcessCheckpoint { image, parts: captured.parts, release })
+    }
+
+    /// The program the process runs (`None` for records of ended processes).
+    pub fn program(&self) -> Option<&Arc<Program>> {
+        self.inner.program.as_ref()
     }
 
     /// Host-unique process id.
@@ -391,7 +493,12 @@ async fn sleep_or_forever(limit: Option<Duration>) {
 
 /// Runs the guest to its end. The store is left in `slot` so the caller decides when
 /// to pay for its teardown.
-async fn run_guest(program: Arc<Program>, state: ProcessState, slot: &mut Option<Store<ProcessState>>) -> ExitStatus {
+async fn run_guest(
+    program: Arc<Program>,
+    state: ProcessState,
+    slot: &mut Option<Store<ProcessState>>,
+    resume: Option<Arc<ResumeFrom>>,
+) -> ExitStatus {
     let store = slot.insert(Store::new(program_engine(&program), state));
     configure_store(store);
     let result = match &program.entry {
@@ -405,14 +512,29 @@ async fn run_guest(program: Arc<Program>, state: ProcessState, slot: &mut Option
                     "the module exports no `_start() -> ()` function: it is not a WASI command".into(),
                 );
             };
-            // The snapshot rewrite turned the module's start section into an export; run it
-            // where instantiation would have.
-            if let Ok(init) = instance.get_typed_func::<(), ()>(&mut *store, crate::state_export::START_EXPORT)
+            if let Some(resume) = &resume {
+                if let Err(e) = crate::checkpoint::restore_into(&mut *store, &instance, &program, &resume.image, &resume.parts) {
+                    return ExitStatus::StartFailed(format!("restoring the process: {e}"));
+                }
+                if let Err(e) = crate::wasi_state::restore(&mut *store, program.host_helper(), &resume.image.instance.fds).await {
+                    return ExitStatus::StartFailed(format!("rebuilding descriptors: {e:#}"));
+                }
+            } else if let Ok(init) = instance.get_typed_func::<(), ()>(&mut *store, crate::state_export::START_EXPORT)
                 && let Err(e) = init.call_async(&mut *store, ()).await
             {
+                // The snapshot rewrite turned the module's start section into an export; it
+                // runs where instantiation would have (never again on a resume).
                 return classify(e, store);
             }
-            start.call_async(&mut *store, ()).await
+            if program.unwind.is_some() {
+                match crate::checkpoint::run_start(store, &instance, &program, start).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => return ExitStatus::Checkpointed,
+                    Err(e) => Err(e),
+                }
+            } else {
+                start.call_async(&mut *store, ()).await
+            }
         }
         ProgramEntry::Component(pre) => match pre.instantiate_async(&mut *store).await {
             Ok(command) => match command.wasi_cli_run().call_run(&mut *store).await {
@@ -447,6 +569,8 @@ pub(crate) fn configure_store(store: &mut Store<ProcessState>) {
         if state.max_cpu_ticks.is_some_and(|max| state.cpu_ticks > max) {
             return Err(CpuLimitExceeded.into());
         }
+        Checkpointing::arm(&mut ctx);
+        let state = ctx.data_mut();
         if state.phase.is_paused() {
             let phase = state.phase.clone();
             return Ok(UpdateDeadline::YieldCustom(1, Box::pin(async move { phase.park_if_paused().await })));

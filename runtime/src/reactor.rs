@@ -92,7 +92,7 @@ impl Reactor {
                 SnapshotClock::starting_at(match &image.state {
                     ProcessStateImage::Idle(instance) => instance.monotonic_ns,
                     ProcessStateImage::IdleComponent(component) => component.monotonic_ns,
-                    ProcessStateImage::Exited(_) => 0,
+                    ProcessStateImage::Exited(_) | ProcessStateImage::Suspended(_) => 0,
                 })
             }
         };

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::host::{Host, Program};
 use crate::limits::Limits;
 use crate::pause::{PauseGate, PauseGuard};
-use crate::process::{Launch, OutputMode, Process, StdinMode};
+use crate::process::{Launch, OutputMode, Process, ResumeFrom, StdinMode};
 use crate::reactor::{Origin, Reactor, ReactorLaunch};
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
@@ -174,11 +174,35 @@ impl Sandbox {
             argv,
             phase: self.gate.register(),
             descriptors,
+            resume: None,
         });
         let mut processes = self.processes.lock().unwrap();
         processes.insert(process.pid(), process.clone());
         forget_oldest_exited(&mut processes);
         Ok(process)
+    }
+
+    /// Continues a suspended process (from a memory snapshot) in this sandbox.
+    pub(crate) async fn resume_process(
+        &self,
+        program: Arc<Program>,
+        argv: Vec<String>,
+        stdin: StdinMode,
+        resume: ResumeFrom,
+    ) -> Result<Process> {
+        let (wasi, descriptors) = self.wasi_builder(&argv, &[], None)?;
+        Ok(Process::start(Launch {
+            program,
+            wasi,
+            limits: self.config.limits.clone(),
+            stdin,
+            stdout: OutputMode::Capture,
+            stderr: OutputMode::Capture,
+            argv,
+            phase: self.gate.register(),
+            descriptors,
+            resume: Some(Arc::new(resume)),
+        }))
     }
 
     /// Loads what a command names, and the argv[0] it runs as.

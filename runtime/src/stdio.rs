@@ -244,6 +244,20 @@ impl StdinPipe {
         self.inner.lock().unwrap().pending.iter().copied().collect()
     }
 
+    /// Puts `bytes` before whatever is pending (a resumed process's unread input).
+    pub(crate) fn prepend(&self, bytes: &[u8]) {
+        let mut state = self.inner.lock().unwrap();
+        for &b in bytes.iter().rev() {
+            state.pending.push_front(b);
+        }
+        wake_all(&mut state);
+    }
+
+    /// Resolves when a read would not block: bytes are pending, or the pipe is closed.
+    pub(crate) async fn readable(&self) {
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await
+    }
+
     /// Takes up to `max` pending bytes; `None` means end of file, `Some(empty)` means
     /// nothing yet (registering `cx`'s waker when given).
     fn take(&self, max: usize, cx: Option<&mut Context<'_>>) -> Option<Vec<u8>> {
@@ -270,6 +284,33 @@ impl StdinPipe {
             Poll::Pending
         }
     }
+}
+
+/// A pipe fed from this host process's own stdin by a reader thread: a guest reading it
+/// can be interrupted (by a checkpoint), which a read of the real stdin cannot.
+pub(crate) fn host_stdin_pipe() -> StdinPipe {
+    let pipe = StdinPipe::new();
+    let feed = pipe.clone();
+    let spawned = std::thread::Builder::new().name("stasis-stdin".into()).spawn(move || {
+        use std::io::Read;
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    while let Err(StdinError::Full { .. }) = feed.write(&buf[..n]) {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+            }
+        }
+        feed.close();
+    });
+    if spawned.is_err() {
+        pipe.close();
+    }
+    pipe
 }
 
 fn wake_all(state: &mut StdinState) {

@@ -127,7 +127,7 @@ impl SnapshotId {
         if ok { Ok(SnapshotId(s.to_string())) } else { Err(SnapshotError::InvalidId(s.escape_debug().to_string())) }
     }
 
-    pub(crate) fn generate(at: SystemTime) -> Result<Self> {
+    pub fn generate(at: SystemTime) -> Result<Self> {
         let ms = at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let mut rnd = [0u8; 8];
         getrandom::fill(&mut rnd).map_err(|e| io_error("cannot get random bytes", io::Error::other(e)))?;

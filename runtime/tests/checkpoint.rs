@@ -1,0 +1,148 @@
+//! Mid-execution snapshots of real guests: a C program blocked reading stdin, one
+//! sleeping, a CPU-bound loop and the MicroPython REPL, captured while running and
+//! continued on fresh instances with the same output as an uninterrupted run.
+
+mod common;
+
+use common::guest_bytes;
+use stasis_runtime::{
+    AfterCheckpoint, Command, ExitStatus, Host, HostConfig, MemorySnapshot, MemorySnapshotStore, Process, ProgramRef,
+    Sandbox, SandboxConfig, StdinMode,
+};
+use std::time::{Duration, Instant};
+
+fn checkpoint_host() -> Host {
+    Host::new(HostConfig { checkpoints: true, ..HostConfig::default() }).unwrap()
+}
+
+fn command(guest: &str, args: &[&str]) -> Command {
+    let name = guest.trim_end_matches(".wasm").to_string();
+    Command::new(ProgramRef::Bytes { bytes: guest_bytes(guest), name }).args(args.iter().copied())
+}
+
+async fn wait_for_output(process: &Process, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&process.stdout().contents()).contains(needle) {
+        assert!(Instant::now() < deadline, "no `{needle}` in {:?}", String::from_utf8_lossy(&process.stdout().contents()));
+        assert!(process.status().is_none(), "ended early: {:?}", process.status());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Snapshots the sandbox (its running process included) and restores it on a fresh
+/// sandbox of the same host; the restored process continues.
+async fn snapshot_and_restore(host: &Host, sandbox: &Sandbox) -> (Sandbox, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = MemorySnapshotStore::open(tmp.path().join("memory")).unwrap();
+    let report = sandbox.snapshot_memory(None, &images).await.unwrap();
+    let snapshot = MemorySnapshot::open(host, &images, &report.id).unwrap();
+    let restored = snapshot.restore(host, SandboxConfig::default(), None).await.unwrap();
+    (restored, tmp)
+}
+
+fn only_process(sandbox: &Sandbox) -> Process {
+    let processes = sandbox.processes();
+    assert_eq!(processes.len(), 1);
+    processes[0].clone()
+}
+
+#[tokio::test]
+async fn a_stdin_counter_blocked_in_a_read_continues_on_a_fresh_instance() {
+    let host = checkpoint_host();
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    let process = sandbox.spawn(command("counter.wasm", &[]).stdin(StdinMode::Pipe)).await.unwrap();
+    assert!(process.checkpointable());
+    process.stdin().unwrap().write(b"5\n").unwrap();
+    wait_for_output(&process, "total=5").await;
+
+    let (restored, _tmp) = snapshot_and_restore(&host, &sandbox).await;
+    // The original keeps running too: two independent continuations.
+    process.stdin().unwrap().write(b"1\n").unwrap();
+    process.stdin().unwrap().close();
+    assert_eq!(process.wait().await, ExitStatus::Exited(0));
+    assert_eq!(common::text(process.stdout().contents()), "total=5\ntotal=6\nfinal=6\n");
+
+    let resumed = only_process(&restored);
+    assert!(resumed.status().is_none(), "the restored process is running");
+    let stdin = resumed.stdin().expect("a restored process has a stdin pipe");
+    stdin.write(b"7\n").unwrap();
+    stdin.close();
+    assert_eq!(resumed.wait().await, ExitStatus::Exited(0));
+    assert_eq!(common::text(resumed.stdout().contents()), "total=5\ntotal=12\nfinal=12\n");
+}
+
+#[tokio::test]
+async fn a_cpu_bound_loop_stopped_anywhere_prints_what_an_uninterrupted_run_prints() {
+    let host = checkpoint_host();
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    let uninterrupted = sandbox.spawn(command("cpuloop.wasm", &["12"])).await.unwrap();
+    assert_eq!(uninterrupted.wait().await, ExitStatus::Exited(0));
+    let expected = uninterrupted.stdout().contents();
+
+    // Stopped twice in place (it rewinds and goes on), then once for good and resumed
+    // on a fresh instance.
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    let process = sandbox.spawn(command("cpuloop.wasm", &["12"])).await.unwrap();
+    wait_for_output(&process, "progress 2/12").await;
+    let checkpoint = process.checkpoint(AfterCheckpoint::Continue).await.unwrap();
+    assert!(!checkpoint.parts.is_empty());
+    wait_for_output(&process, "progress 4/12").await;
+    process.checkpoint(AfterCheckpoint::Continue).await.unwrap();
+    wait_for_output(&process, "progress 6/12").await;
+    let (restored, _tmp) = snapshot_and_restore(&host, &sandbox).await;
+    assert_eq!(process.wait().await, ExitStatus::Exited(0));
+    assert_eq!(process.stdout().contents(), expected);
+
+    let resumed = only_process(&restored);
+    assert_eq!(resumed.wait().await, ExitStatus::Exited(0));
+    assert_eq!(common::text(resumed.stdout().contents()), common::text(expected));
+}
+
+#[tokio::test]
+async fn a_sleep_interrupted_by_a_checkpoint_sleeps_what_was_left() {
+    let host = checkpoint_host();
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    let process = sandbox.spawn(command("sleeper.wasm", &["600"])).await.unwrap();
+    wait_for_output(&process, "sleeping").await;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let checkpoint = process.checkpoint(AfterCheckpoint::Stop).await.unwrap();
+    assert_eq!(process.wait().await, ExitStatus::Checkpointed);
+    assert!(started.elapsed() < Duration::from_millis(500), "the checkpoint waited for the sleep");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let images = MemorySnapshotStore::open(tmp.path()).unwrap();
+    let bytes = stasis_runtime::checkpoint::encode_standalone(host.engine_fingerprint(), &checkpoint, &guest_bytes("sleeper.wasm"), vec![]);
+    let id = stasis_runtime::fs_snapshot::SnapshotId::generate(std::time::SystemTime::now()).unwrap();
+    images.write_image(&id, &bytes).unwrap();
+    let snapshot = MemorySnapshot::open(&host, &images, &id).unwrap();
+    let resumed_at = Instant::now();
+    let restored = snapshot.restore(&host, SandboxConfig::default(), None).await.unwrap();
+    let resumed = only_process(&restored);
+    assert_eq!(resumed.wait().await, ExitStatus::Exited(0));
+    let slept = resumed_at.elapsed();
+    assert_eq!(common::text(resumed.stdout().contents()), "sleeping\nawake\n");
+    // About 400 ms were left of the 600 ms sleep: not the whole sleep again, not nothing.
+    assert!(slept >= Duration::from_millis(300) && slept < Duration::from_millis(580), "slept {slept:?} after the restore");
+}
+
+#[tokio::test]
+async fn the_micropython_repl_remembers_x_across_a_restore() {
+    let host = checkpoint_host();
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    let process = sandbox.spawn(command("micropython.wasm", &["-i"]).stdin(StdinMode::Pipe)).await.unwrap();
+    assert!(process.checkpointable(), "MicroPython goes through the transform");
+    process.stdin().unwrap().write(b"x = 6*7\n").unwrap();
+    // Let the REPL take the line and block on the next read.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (restored, _tmp) = snapshot_and_restore(&host, &sandbox).await;
+    process.kill();
+
+    let resumed = only_process(&restored);
+    let stdin = resumed.stdin().unwrap();
+    stdin.write(b"print(x)\n").unwrap();
+    stdin.close();
+    let status = resumed.wait().await;
+    let out = common::text(resumed.stdout().contents());
+    assert!(out.contains("42"), "stdout {out:?}, status {status:?}, stderr {:?}", String::from_utf8_lossy(&resumed.stderr().contents()));
+}
