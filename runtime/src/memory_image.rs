@@ -9,7 +9,7 @@
 //! |    8 |    2 | format version, major (u16, little-endian)                    |
 //! |   10 |    2 | format version, minor (u16, little-endian)                    |
 //! |   12 |    8 | header length H (u64, little-endian), <= MAX_HEADER_LEN       |
-//! |   20 |   32 | blake3 hash of the header                                     |
+//! |   20 |   32 | blake3 of the version (4 bytes, from 1.1) and the header      |
 //! +------+------+---------------------------------------------------------------+
 //! |   52 |    H | header: bincode 2 (standard config) of [`ImageHeader`]:       |
 //! |      |      |   engine fingerprint, creation time, filesystem snapshot id,  |
@@ -247,12 +247,22 @@ pub fn encode(header: &ImageHeader, parts: &[Vec<u8>]) -> Vec<u8> {
     out.extend_from_slice(&VERSION.0.to_le_bytes());
     out.extend_from_slice(&VERSION.1.to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(blake3::hash(&body).as_bytes());
+    out.extend_from_slice(header_checksum(VERSION.1, &body).as_bytes());
     out.extend_from_slice(&body);
     for part in parts {
         out.extend_from_slice(part);
     }
     out
+}
+
+/// The header's checksum. From format 1.1 it covers the version too, so that a flipped
+/// minor version cannot pass for an older format.
+fn header_checksum(minor: u16, body: &[u8]) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    if minor >= 1 {
+        hasher.update(&VERSION.0.to_le_bytes()).update(&minor.to_le_bytes());
+    }
+    hasher.update(body).finalize()
 }
 
 /// A decoded image: the header, validated, and the bytes its parts live in.
@@ -291,7 +301,7 @@ pub fn decode(bytes: &[u8]) -> Result<Image<'_>, ImageError> {
         return Err(ImageError::Truncated(format!("header of {header_len} bytes, {} present", rest.len())));
     }
     let (body, parts) = rest.split_at(header_len as usize);
-    if blake3::hash(body).as_bytes() != &bytes[20..52] {
+    if header_checksum(minor, body).as_bytes() != &bytes[20..52] {
         return Err(ImageError::Corrupt("header checksum mismatch".into()));
     }
     let (header, used): (ImageHeader, usize) = bincode::serde::decode_from_slice(body, bincode_config())
