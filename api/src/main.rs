@@ -21,6 +21,8 @@ struct Cli {
 enum Commands {
     /// Run a WASI program (core wasip1 module or wasip2 component) with this terminal's stdio.
     Run(run::RunArgs),
+    /// Continue a guest from an image written by `stasis run --checkpoint-out`.
+    Resume(run::ResumeArgs),
     /// Filesystem snapshots: create, list, restore, delete, export, import.
     Snapshot(snapshot_cmd::SnapshotArgs),
     /// Serve the REST API (Tensorlake-compatible sandboxes, processes, files, snapshots).
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Commands::Run(args) => run::main(args),
+        Commands::Resume(args) => run::resume_main(args),
         Commands::Snapshot(args) => snapshot_cmd::main(args),
         Commands::Serve(args) => serve_cmd::main(args),
         Commands::Keys(args) => keys_cmd::main(args),

@@ -1,9 +1,12 @@
-//! `stasis run`: a drop-in for `wasmtime run` on WASI commands, with Stasis limits.
+//! `stasis run`: a drop-in for `wasmtime run` on WASI commands, with Stasis limits, and
+//! checkpoints of the running guest; `stasis resume`: continue one.
 
 use clap::Args;
+use stasis_runtime::memory_image::ProcessStateImage;
 use stasis_runtime::process::exit_codes;
 use stasis_runtime::{
-    Command, ExitStatus, Host, HostConfig, Limits, Mount, OutputMode, ProgramRef, Sandbox, SandboxConfig, StdinMode,
+    AfterCheckpoint, Command, ExitStatus, Host, HostConfig, Limits, MemorySnapshot, Mount, OutputMode, ProgramRef,
+    RestoredStdio, Sandbox, SandboxConfig, StdinMode,
 };
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,6 +34,18 @@ pub struct RunArgs {
     /// Compile without reading or writing the code cache.
     #[arg(long)]
     no_cache: bool,
+    /// Write an image of the running guest to `--checkpoint-out` after this long, e.g. `2s`.
+    #[arg(long, value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
+    checkpoint_after: Option<Duration>,
+    /// Write an image to `--checkpoint-out` each time this process receives SIGUSR1.
+    #[arg(long)]
+    checkpoint_on_signal: bool,
+    /// Where checkpoint images go (each one replaces the last, atomically).
+    #[arg(long, value_name = "FILE")]
+    checkpoint_out: Option<PathBuf>,
+    /// Stop the guest once its image is written (exit code 0), instead of letting it go on.
+    #[arg(long)]
+    checkpoint_and_stop: bool,
     /// The program, then its arguments.
     #[arg(value_name = "FILE.wasm", required = true, num_args = 1.., allow_hyphen_values = true)]
     program_and_args: Vec<String>,
@@ -76,23 +91,26 @@ async fn run(args: RunArgs) -> Result<ExitStatus, String> {
 
     let mounts = args.dirs.iter().map(|d| parse_dir(d)).collect::<Result<Vec<_>, _>>()?;
     let env = args.envs.iter().map(|e| parse_env(e)).collect::<Result<Vec<_>, _>>()?;
+    let checkpoints = args.checkpoint_after.is_some() || args.checkpoint_on_signal;
+    let out = match (checkpoints, args.checkpoint_out) {
+        (true, Some(out)) => Some(out),
+        (true, None) => return Err("--checkpoint-after and --checkpoint-on-signal need --checkpoint-out FILE".into()),
+        (false, Some(_)) | (false, None) if args.checkpoint_and_stop => {
+            return Err("--checkpoint-and-stop needs --checkpoint-after or --checkpoint-on-signal".into());
+        }
+        (false, Some(_)) => return Err("--checkpoint-out needs --checkpoint-after or --checkpoint-on-signal".into()),
+        (false, None) => None,
+    };
     let bytes = std::fs::read(&file).map_err(|e| format!("cannot read `{file}`: {e}"))?;
 
-    let code_cache_dir = if args.no_cache { None } else { args.cache_dir.or_else(default_cache_dir) };
-    // One process: a pool would only cost address-space setup.
-    let host = Host::new(HostConfig { code_cache_dir, max_processes: None, ..HostConfig::default() })
-        .map_err(|e| e.to_string())?;
+    let host = local_host(args.no_cache, args.cache_dir, checkpoints)?;
     let program = host.load(&bytes, &format!("`{file}`")).map_err(|e| e.to_string())?;
-    let sandbox = Sandbox::create(
-        &host,
-        SandboxConfig {
-            mounts,
-            limits: Limits { max_memory: args.max_memory, timeout: args.timeout, ..Limits::default() },
-            inline_file_io: true,
-            ..SandboxConfig::default()
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    if checkpoints {
+        program.checkpoint_support().map_err(|why| format!("cannot checkpoint `{file}`: {why}"))?;
+    }
+    let preopens: Vec<(String, String)> =
+        mounts.iter().map(|m| (m.host.to_string_lossy().into_owned(), m.guest.clone())).collect();
+    let sandbox = local_sandbox(&host, mounts, args.max_memory, args.timeout)?;
     let mut command = Command::new(ProgramRef::Loaded { program, name: file });
     command.args = guest_args;
     command.env = env;
@@ -100,7 +118,128 @@ async fn run(args: RunArgs) -> Result<ExitStatus, String> {
     command.stdout = OutputMode::Inherit;
     command.stderr = OutputMode::Inherit;
     let process = sandbox.spawn(command).await.map_err(|e| e.to_string())?;
+    let Some(out) = out else { return Ok(process.wait().await) };
+
+    let then = if args.checkpoint_and_stop { AfterCheckpoint::Stop } else { AfterCheckpoint::Continue };
+    let mut signals = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .map_err(|e| format!("cannot listen for SIGUSR1: {e}"))?;
+    let after = async {
+        match args.checkpoint_after {
+            Some(delay) => tokio::time::sleep(delay).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(after);
+    let mut after_done = false;
+    loop {
+        tokio::select! {
+            status = process.wait() => return Ok(status),
+            _ = &mut after, if !after_done => after_done = true,
+            Some(()) = signals.recv(), if args.checkpoint_on_signal => {}
+        }
+        match process.checkpoint(then).await {
+            Ok(checkpoint) => {
+                let image = stasis_runtime::checkpoint::encode_standalone(
+                    host.engine_fingerprint(),
+                    &checkpoint,
+                    &bytes,
+                    preopens.clone(),
+                );
+                write_image(&out, &image)?;
+                eprintln!("stasis: checkpoint written to {} ({} bytes)", out.display(), image.len());
+            }
+            // It ended first: its status is what matters.
+            Err(_) if process.status().is_some() => {}
+            Err(e) => return Err(format!("checkpoint failed: {e}")),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ResumeArgs {
+    /// Host directories, as `stasis run --dir` takes them; by default the ones recorded in
+    /// the image, in the same order (the guest's open files refer to them by position).
+    #[arg(long = "dir", value_name = "HOST[::GUEST]")]
+    dirs: Vec<String>,
+    #[arg(long, value_name = "BYTES", value_parser = stasis_runtime::limits::parse_byte_size)]
+    max_memory: Option<u64>,
+    #[arg(long, value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
+    timeout: Option<Duration>,
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    #[arg(long)]
+    no_cache: bool,
+    /// An image written by `stasis run --checkpoint-out`.
+    #[arg(value_name = "FILE")]
+    image: PathBuf,
+}
+
+/// Continues a checkpointed guest with this terminal's stdio; returns its exit code.
+pub fn resume_main(args: ResumeArgs) -> u8 {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(resume(args)) {
+        Ok(status) => report(&status),
+        Err(message) => fail(&message),
+    }
+}
+
+async fn resume(args: ResumeArgs) -> Result<ExitStatus, String> {
+    let shown = args.image.display().to_string();
+    let bytes = std::fs::read(&args.image).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    let host = local_host(args.no_cache, args.cache_dir, true)?;
+    let snapshot = MemorySnapshot::from_standalone(&host, &bytes).map_err(|e| format!("`{shown}`: {e}"))?;
+    let recorded: Vec<(String, String)> = match snapshot.header().processes.first().map(|p| &p.state) {
+        Some(ProcessStateImage::Suspended(state)) if snapshot.header().processes.len() == 1 => state.preopens.clone(),
+        _ => return Err(format!("`{shown}` is not the image of one running program")),
+    };
+    let mounts = if args.dirs.is_empty() {
+        recorded.iter().map(|(host, guest)| parse_dir(&format!("{host}::{guest}"))).collect::<Result<Vec<_>, _>>()?
+    } else {
+        let mounts = args.dirs.iter().map(|d| parse_dir(d)).collect::<Result<Vec<_>, _>>()?;
+        let guests: Vec<&str> = mounts.iter().map(|m| m.guest.as_str()).collect();
+        let expected: Vec<&str> = recorded.iter().map(|(_, g)| g.as_str()).collect();
+        if guests != expected {
+            return Err(format!("the image was taken with --dir guest paths {expected:?}; given {guests:?}"));
+        }
+        mounts
+    };
+    let sandbox = local_sandbox(&host, mounts, args.max_memory, args.timeout)?;
+    snapshot.restore_processes_with(&sandbox, RestoredStdio::Inherit).await.map_err(|e| format!("`{shown}`: {e}"))?;
+    let process = sandbox.processes().into_iter().next().ok_or("the image holds no process")?;
     Ok(process.wait().await)
+}
+
+/// The host of a local run: one process, so no instance pool.
+fn local_host(no_cache: bool, cache_dir: Option<PathBuf>, checkpoints: bool) -> Result<Host, String> {
+    let code_cache_dir = if no_cache { None } else { cache_dir.or_else(default_cache_dir) };
+    Host::new(HostConfig { code_cache_dir, max_processes: None, checkpoints, ..HostConfig::default() })
+        .map_err(|e| e.to_string())
+}
+
+fn local_sandbox(
+    host: &Host,
+    mounts: Vec<Mount>,
+    max_memory: Option<u64>,
+    timeout: Option<Duration>,
+) -> Result<Sandbox, String> {
+    Sandbox::create(
+        host,
+        SandboxConfig {
+            mounts,
+            limits: Limits { max_memory, timeout, ..Limits::default() },
+            inline_file_io: true,
+            ..SandboxConfig::default()
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn write_image(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
+    stasis_runtime::write_atomically(path, bytes)
+        .map_err(|e| format!("cannot write the checkpoint to {}: {e}", path.display()))
 }
 
 /// `HOST` or `HOST::GUEST`, as `wasmtime run --dir` takes it.

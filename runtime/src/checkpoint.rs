@@ -190,7 +190,11 @@ pub(crate) const GATE_WAT: &str = r#"(module
   (func (export "poll_oneoff") (param i32 i32 i32 i32) (result i32)
     local.get 0 local.get 1 local.get 2 local.get 3 call $poll))"#;
 
-async fn gate(caller: &mut Caller<'_, ProcessState>, real: &Linker<ProcessState>, module: &wasmtime::Module) -> wasmtime::Result<Gate> {
+async fn gate(
+    caller: &mut Caller<'_, ProcessState>,
+    real: &Linker<ProcessState>,
+    module: &wasmtime::Module,
+) -> wasmtime::Result<Gate> {
     if let Some(gate) = caller.data().checkpoint.as_ref().and_then(|c| c.gate.clone()) {
         return Ok(gate);
     }
@@ -200,9 +204,7 @@ async fn gate(caller: &mut Caller<'_, ProcessState>, real: &Linker<ProcessState>
         .ok_or_else(|| wasmtime::format_err!("the guest exports no `memory`"))?;
     let mut imports = vec![memory.into()];
     for name in ["fd_read", "poll_oneoff"] {
-        imports.push(
-            real.get(&mut *caller, "wasi_snapshot_preview1", name)?,
-        );
+        imports.push(real.get(&mut *caller, "wasi_snapshot_preview1", name)?);
     }
     let instance = Instance::new_async(&mut *caller, module, &imports).await?;
     let gate = Gate {
@@ -430,7 +432,12 @@ pub(crate) async fn run_start(
         };
         let captured = capture(&mut *store, instance, program).await;
         let failed = captured.is_err();
-        let (release_tx, release_rx) = if request.hold { let (t, r) = oneshot::channel(); (Some(t), Some(r)) } else { (None, None) };
+        let (release_tx, release_rx) = if request.hold {
+            let (t, r) = oneshot::channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
         let _ = request.reply.send(captured.map(|c| (c, release_tx)));
         if let Some(release) = release_rx {
             let _ = release.await;
@@ -443,7 +450,11 @@ pub(crate) async fn run_start(
 }
 
 /// Captures an unwound instance.
-async fn capture(store: &mut wasmtime::Store<ProcessState>, instance: &Instance, program: &Program) -> Result<Captured> {
+async fn capture(
+    store: &mut wasmtime::Store<ProcessState>,
+    instance: &Instance,
+    program: &Program,
+) -> Result<Captured> {
     let layout = program.layout.clone().expect("core programs have a state layout");
     let captured = instance_state::capture(&mut *store, instance, &layout).map_err(Error::Restore)?;
     let fds = wasi_state::capture(&mut *store, program.host_helper())
@@ -490,7 +501,9 @@ pub(crate) fn restore_into(
 ) -> Result<()> {
     let layout = program.layout.clone().expect("core programs have a state layout");
     let unwind = program.unwind.as_ref().ok_or_else(|| {
-        Error::InvalidArgument("the image holds a running process; its program was loaded without checkpoint support".into())
+        Error::InvalidArgument(
+            "the image holds a running process; its program was loaded without checkpoint support".into(),
+        )
     })?;
     let i = &image.instance;
     instance_state::restore(&mut store, instance, &layout, &i.memories, parts, &i.globals, &i.tables)
@@ -503,9 +516,7 @@ pub(crate) fn restore_into(
             "the image's process was not stopped at a suspension point".into(),
         )));
     }
-    state
-        .set(&mut store, Val::I32(REWINDING))
-        .map_err(|e| Error::Start(format!("{e:#}")))?;
+    state.set(&mut store, Val::I32(REWINDING)).map_err(|e| Error::Start(format!("{e:#}")))?;
     if let Some(cp) = store.as_context_mut().data_mut().checkpoint.as_mut() {
         cp.deadlines = (!image.sleep_deadlines.is_empty()).then(|| image.sleep_deadlines.clone());
     }
@@ -536,7 +547,12 @@ pub(crate) fn suspended_process_image(
 
 /// A standalone image file of one process (for `stasis run --checkpoint-out`): the
 /// program's bytes travel inside it, as an extra part.
-pub fn encode_standalone(engine: &str, checkpoint: &ProcessCheckpoint, program: &[u8], preopens: Vec<(String, String)>) -> Vec<u8> {
+pub fn encode_standalone(
+    engine: &str,
+    checkpoint: &ProcessCheckpoint,
+    program: &[u8],
+    preopens: Vec<(String, String)>,
+) -> Vec<u8> {
     let mut image = checkpoint.image.clone();
     let mut raw_parts = checkpoint.parts.clone();
     if let ProcessStateImage::Suspended(state) = &mut image.state {

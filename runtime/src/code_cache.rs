@@ -121,7 +121,7 @@ impl CodeCache {
 
 /// Writes `bytes` to `path` through a temporary file in the same directory, fsynced and
 /// renamed, so `path` either does not exist or holds all of `bytes`.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;

@@ -70,19 +70,19 @@ impl HostInner {
         &self,
         bytes: &[u8],
         what: &str,
-    ) -> Result<(Vec<u8>, StateLayout, Option<crate::unwind::UnwindLayout>)> {
+    ) -> Result<(Vec<u8>, StateLayout, std::result::Result<crate::unwind::UnwindLayout, Option<String>>)> {
         let invalid = |reason: String| Error::InvalidProgram { what: what.to_string(), reason };
         let (source, unwind) = if self.checkpoint_linker.is_some() {
             match crate::unwind::instrument(bytes, &crate::checkpoint::blocking_imports()) {
-                Ok((instrumented, layout)) => (std::borrow::Cow::Owned(instrumented), Some(layout)),
-                Err(crate::unwind::UnwindError::Unsupported { feature, func }) => {
-                    tracing::warn!(program = what, ?func, "running without checkpoint support: the transform does not support {feature}");
-                    (std::borrow::Cow::Borrowed(bytes), None)
+                Ok((instrumented, layout)) => (std::borrow::Cow::Owned(instrumented), Ok(layout)),
+                Err(e @ crate::unwind::UnwindError::Unsupported { .. }) => {
+                    tracing::warn!(program = what, "running without checkpoint support: {e}");
+                    (std::borrow::Cow::Borrowed(bytes), Err(Some(e.to_string())))
                 }
                 Err(e) => return Err(invalid(e.to_string())),
             }
         } else {
-            (std::borrow::Cow::Borrowed(bytes), None)
+            (std::borrow::Cow::Borrowed(bytes), Err(None))
         };
         let (rewritten, layout) = state_export::rewrite(&source).map_err(|e| invalid(e.to_string()))?;
         Ok((rewritten, layout, unwind))
@@ -125,6 +125,8 @@ pub struct Program {
     pub(crate) layout: Option<Arc<StateLayout>>,
     /// Where the unwind transform put its state, when the program went through it.
     pub(crate) unwind: Option<crate::unwind::UnwindLayout>,
+    /// Why a host with checkpoints on runs this program without them.
+    checkpoint_refusal: Option<String>,
     pub(crate) entry: ProgramEntry,
     wasi_helper: InstancePre<ProcessState>,
     host: Weak<HostInner>,
@@ -205,6 +207,18 @@ impl Program {
     /// The descriptor helper of the host that loaded the program.
     pub(crate) fn host_helper(&self) -> &InstancePre<ProcessState> {
         &self.wasi_helper
+    }
+
+    /// Whether running processes of this program can be captured; the error says why not.
+    pub fn checkpoint_support(&self) -> std::result::Result<&crate::unwind::UnwindLayout, String> {
+        match (&self.unwind, &self.checkpoint_refusal) {
+            (Some(layout), _) => Ok(layout),
+            (None, Some(why)) => Err(why.clone()),
+            (None, None) if self.format() == ProgramFormat::Component => {
+                Err("components cannot be captured while running yet (only core modules)".into())
+            }
+            (None, None) => Err("the host was started without checkpoint support".into()),
+        }
     }
 
     pub fn format(&self) -> ProgramFormat {
@@ -333,14 +347,14 @@ impl Host {
                     .code_cache
                     .load_or_compile(&self.inner.engine, bytes, &hash, format)
                     .map_err(|e| invalid(format!("{e:#}")))?;
-                (None, None, compiled)
+                (None, Err(None), compiled)
             }
         };
         let link_error = |e: wasmtime::Error| Error::Link { what: what.to_string(), reason: format!("{e:#}") };
         let entry = match compiled {
             Compiled::Module(module) => {
                 let linker = match (&unwind, &self.inner.checkpoint_linker) {
-                    (Some(_), Some(linker)) => linker,
+                    (Ok(_), Some(linker)) => linker,
                     _ => &self.inner.core_linker,
                 };
                 ProgramEntry::Command(linker.instantiate_pre(&module).map_err(link_error)?)
@@ -358,7 +372,8 @@ impl Host {
             hash,
             bytes: bytes.into(),
             layout,
-            unwind,
+            checkpoint_refusal: unwind.as_ref().err().cloned().flatten(),
+            unwind: unwind.ok(),
             entry,
             wasi_helper: self.inner.wasi_helper.clone(),
             host: Arc::downgrade(&self.inner),
@@ -409,6 +424,7 @@ impl Host {
             bytes: program.bytes.clone(),
             layout: None,
             unwind: None,
+            checkpoint_refusal: None,
             entry: ProgramEntry::ComponentReactor(pre),
             wasi_helper: self.inner.wasi_helper.clone(),
             host: Arc::downgrade(&self.inner),

@@ -42,12 +42,12 @@ pub mod stdio;
 pub mod unwind;
 pub mod wasi_state;
 
-pub use code_cache::ProgramFormat;
+pub use checkpoint::{AfterCheckpoint, ProcessCheckpoint};
+pub use code_cache::{ProgramFormat, write_atomically};
 pub use error::{Error, Result};
 pub use host::{EPOCH_TICK, Host, HostConfig, Program, detect_format};
 pub use limits::Limits;
-pub use memory_snapshot::{MemorySnapshot, MemorySnapshotReport, MemorySnapshotStore};
-pub use checkpoint::{AfterCheckpoint, ProcessCheckpoint};
+pub use memory_snapshot::{MemorySnapshot, MemorySnapshotReport, MemorySnapshotStore, RestoredStdio};
 pub use pause::PauseGuard;
 pub use process::{ExitStatus, OutputMode, Process, StdinMode};
 pub use reactor::Reactor;

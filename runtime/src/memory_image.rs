@@ -135,9 +135,18 @@ pub struct CoreStateImage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExitRecord {
     Exited(i32),
-    Trapped { trap: String, backtrace: String },
-    MemoryLimit { requested: u64, limit: u64 },
-    TimedOut { limit_ms: u64, cpu: bool },
+    Trapped {
+        trap: String,
+        backtrace: String,
+    },
+    MemoryLimit {
+        requested: u64,
+        limit: u64,
+    },
+    TimedOut {
+        limit_ms: u64,
+        cpu: bool,
+    },
     Killed,
     StartFailed(String),
     /// Stopped for a checkpoint (format 1.1).
@@ -342,7 +351,12 @@ impl ImageHeader {
                     if let Some(part) = suspended.program_part {
                         match used_parts.get_mut(part as usize) {
                             Some(used) if !*used => *used = true,
-                            _ => return corrupt(format!("process {}: program part {part} is missing or shared", process.pid)),
+                            _ => {
+                                return corrupt(format!(
+                                    "process {}: program part {part} is missing or shared",
+                                    process.pid
+                                ));
+                            }
                         }
                     }
                     vec![(&suspended.instance.memories, &suspended.instance.tables)]

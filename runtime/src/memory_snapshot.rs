@@ -32,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+use crate::checkpoint::ProcessCheckpoint;
 use crate::code_cache::write_atomically;
 use crate::cow_restore;
 use crate::error::{Error, Result};
@@ -39,9 +40,8 @@ use crate::fs_snapshot::{FsSnapshotStore, SnapshotId};
 use crate::host::{Host, Program, ResumeProgram};
 use crate::limits::MemoryLimitExceeded;
 use crate::memory_image::{self, ExitRecord, ImageHeader, ProcessImage, ProcessStateImage, SuspendedImage};
-use crate::checkpoint::ProcessCheckpoint;
-use crate::process::{ResumeFrom, StdinMode};
 use crate::process::{ExitStatus, Process};
+use crate::process::{OutputMode, ResumeFrom, StdinMode};
 use crate::reactor::Origin;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use std::io;
@@ -216,7 +216,9 @@ impl Sandbox {
         };
         let mut images_of = Vec::with_capacity(processes.len() + frozen.len());
         let mut raw_parts = Vec::new();
-        for process in processes.iter().filter(|p| p.status().is_some() && !running.iter().any(|(r, _)| r.pid() == p.pid())) {
+        for process in
+            processes.iter().filter(|p| p.status().is_some() && !running.iter().any(|(r, _)| r.pid() == p.pid()))
+        {
             images_of.push(exited_image(process));
         }
         let mut programs = Vec::new();
@@ -251,11 +253,10 @@ impl Sandbox {
         let engine = self.host().engine_fingerprint().to_string();
         let fs_id = fs_snapshot.as_ref().map(|id| id.as_str().to_string());
         let encoding = Instant::now();
-        let bytes = tokio::task::spawn_blocking(move || {
-            memory_image::encode_with_parts(&engine, fs_id, images_of, &raw_parts)
-        })
-        .await
-        .map_err(|e| Error::Start(format!("image encoding task failed: {e}")))?;
+        let bytes =
+            tokio::task::spawn_blocking(move || memory_image::encode_with_parts(&engine, fs_id, images_of, &raw_parts))
+                .await
+                .map_err(|e| Error::Start(format!("image encoding task failed: {e}")))?;
         let encode = encoding.elapsed();
         let writing = Instant::now();
         images.write_image(&id, &bytes)?;
@@ -324,6 +325,15 @@ fn state_module(
     Some((module, resume))
 }
 
+/// Where restored running processes read and write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoredStdio {
+    /// A stdin pipe (closed if the original's was) and captured output.
+    Capture,
+    /// This host process's own stdio (for the CLI).
+    Inherit,
+}
+
 /// An image read, verified and decompressed once, ready to be restored any number of times.
 pub struct MemorySnapshot {
     id: SnapshotId,
@@ -352,6 +362,21 @@ impl MemorySnapshot {
         id: SnapshotId,
         bytes: &[u8],
     ) -> Result<MemorySnapshot> {
+        Self::decode(host, Some(images), id, bytes)
+    }
+
+    /// A standalone image of one process (`stasis run --checkpoint-out`): it carries its
+    /// program, so no module store is needed.
+    pub fn from_standalone(host: &Host, bytes: &[u8]) -> Result<MemorySnapshot> {
+        Self::decode(host, None, SnapshotId::generate(SystemTime::now())?, bytes)
+    }
+
+    fn decode(
+        host: &Host,
+        images: Option<&MemorySnapshotStore>,
+        id: SnapshotId,
+        bytes: &[u8],
+    ) -> Result<MemorySnapshot> {
         let image = memory_image::decode(bytes)?;
         if image.header.engine != host.engine_fingerprint() {
             return Err(Error::InvalidArgument(format!(
@@ -371,11 +396,15 @@ impl MemorySnapshot {
                         ProcessStateImage::Suspended(SuspendedImage { program_part: Some(part), .. }) => {
                             let bytes = parts[*part as usize].clone();
                             if blake3::hash(&bytes).as_bytes() != &process.program {
-                                return Err(Error::InvalidArgument("the image's program does not match its hash".into()));
+                                return Err(Error::InvalidArgument(
+                                    "the image's program does not match its hash".into(),
+                                ));
                             }
                             bytes
                         }
-                        _ => images.module(&process.program)?,
+                        _ => images
+                            .ok_or_else(|| Error::InvalidArgument("the image does not carry its programs".into()))?
+                            .module(&process.program)?,
                     };
                     let what = format!("program `{}` of the image", process.program_name.escape_debug());
                     let program = host.load(&bytes, &what)?;
@@ -444,6 +473,11 @@ impl MemorySnapshot {
     /// Restores the snapshot's processes into `sandbox`, whose tree the caller has already
     /// restored from [`ImageHeader::fs_snapshot`].
     pub async fn restore_processes(&self, sandbox: &Sandbox) -> Result<()> {
+        self.restore_processes_with(sandbox, RestoredStdio::Capture).await
+    }
+
+    /// [`MemorySnapshot::restore_processes`], with running processes given `stdio`.
+    pub async fn restore_processes_with(&self, sandbox: &Sandbox, stdio: RestoredStdio) -> Result<()> {
         for (index, (process, program)) in self.header.processes.iter().zip(&self.programs).enumerate() {
             match (&process.state, program) {
                 (ProcessStateImage::Exited(record), _) => {
@@ -470,11 +504,19 @@ impl MemorySnapshot {
                         stdout: process.stdout.clone(),
                         stderr: process.stderr.clone(),
                     };
-                    let stdin = if suspended.stdin_closed { StdinMode::Closed } else { StdinMode::Pipe };
-                    let process = sandbox.resume_process(program.clone(), process.argv.clone(), stdin, resume).await?;
+                    let (stdin, output) = match stdio {
+                        RestoredStdio::Capture if suspended.stdin_closed => (StdinMode::Closed, OutputMode::Capture),
+                        RestoredStdio::Capture => (StdinMode::Pipe, OutputMode::Capture),
+                        RestoredStdio::Inherit => (StdinMode::Inherit, OutputMode::Inherit),
+                    };
+                    let process =
+                        sandbox.resume_process(program.clone(), process.argv.clone(), stdin, output, resume).await?;
                     sandbox.adopt_process(process);
                 }
-                (ProcessStateImage::Idle(_) | ProcessStateImage::IdleComponent(_) | ProcessStateImage::Suspended(_), None) => {
+                (
+                    ProcessStateImage::Idle(_) | ProcessStateImage::IdleComponent(_) | ProcessStateImage::Suspended(_),
+                    None,
+                ) => {
                     unreachable!("programs are loaded for live processes")
                 }
             }

@@ -8,9 +8,9 @@
 use crate::checkpoint::{AfterCheckpoint, CheckpointControl, Checkpointing, ProcessCheckpoint};
 use crate::host::{Program, ProgramEntry};
 use crate::limits::{Limits, MemoryLimitExceeded, StoreLimiter};
+use crate::memory_image::SuspendedImage;
 use crate::pause::{ProcessPhase, RunPhase};
 use crate::stdio::{OutputBuffer, StdinPipe};
-use crate::memory_image::SuspendedImage;
 use crate::wasi_state::{FdTracker, HasFdTracker, SnapshotClock};
 use std::fmt;
 use std::sync::Arc;
@@ -513,10 +513,14 @@ async fn run_guest(
                 );
             };
             if let Some(resume) = &resume {
-                if let Err(e) = crate::checkpoint::restore_into(&mut *store, &instance, &program, &resume.image, &resume.parts) {
+                if let Err(e) =
+                    crate::checkpoint::restore_into(&mut *store, &instance, &program, &resume.image, &resume.parts)
+                {
                     return ExitStatus::StartFailed(format!("restoring the process: {e}"));
                 }
-                if let Err(e) = crate::wasi_state::restore(&mut *store, program.host_helper(), &resume.image.instance.fds).await {
+                if let Err(e) =
+                    crate::wasi_state::restore(&mut *store, program.host_helper(), &resume.image.instance.fds).await
+                {
                     return ExitStatus::StartFailed(format!("rebuilding descriptors: {e:#}"));
                 }
             } else if let Ok(init) = instance.get_typed_func::<(), ()>(&mut *store, crate::state_export::START_EXPORT)

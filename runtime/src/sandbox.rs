@@ -188,6 +188,7 @@ impl Sandbox {
         program: Arc<Program>,
         argv: Vec<String>,
         stdin: StdinMode,
+        output: OutputMode,
         resume: ResumeFrom,
     ) -> Result<Process> {
         let (wasi, descriptors) = self.wasi_builder(&argv, &[], None)?;
@@ -196,8 +197,8 @@ impl Sandbox {
             wasi,
             limits: self.config.limits.clone(),
             stdin,
-            stdout: OutputMode::Capture,
-            stderr: OutputMode::Capture,
+            stdout: output,
+            stderr: output,
             argv,
             phase: self.gate.register(),
             descriptors,

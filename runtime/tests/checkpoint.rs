@@ -23,7 +23,11 @@ fn command(guest: &str, args: &[&str]) -> Command {
 async fn wait_for_output(process: &Process, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !String::from_utf8_lossy(&process.stdout().contents()).contains(needle) {
-        assert!(Instant::now() < deadline, "no `{needle}` in {:?}", String::from_utf8_lossy(&process.stdout().contents()));
+        assert!(
+            Instant::now() < deadline,
+            "no `{needle}` in {:?}",
+            String::from_utf8_lossy(&process.stdout().contents())
+        );
         assert!(process.status().is_none(), "ended early: {:?}", process.status());
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -112,7 +116,12 @@ async fn a_sleep_interrupted_by_a_checkpoint_sleeps_what_was_left() {
 
     let tmp = tempfile::tempdir().unwrap();
     let images = MemorySnapshotStore::open(tmp.path()).unwrap();
-    let bytes = stasis_runtime::checkpoint::encode_standalone(host.engine_fingerprint(), &checkpoint, &guest_bytes("sleeper.wasm"), vec![]);
+    let bytes = stasis_runtime::checkpoint::encode_standalone(
+        host.engine_fingerprint(),
+        &checkpoint,
+        &guest_bytes("sleeper.wasm"),
+        vec![],
+    );
     let id = stasis_runtime::fs_snapshot::SnapshotId::generate(std::time::SystemTime::now()).unwrap();
     images.write_image(&id, &bytes).unwrap();
     let snapshot = MemorySnapshot::open(&host, &images, &id).unwrap();
@@ -123,7 +132,10 @@ async fn a_sleep_interrupted_by_a_checkpoint_sleeps_what_was_left() {
     let slept = resumed_at.elapsed();
     assert_eq!(common::text(resumed.stdout().contents()), "sleeping\nawake\n");
     // About 400 ms were left of the 600 ms sleep: not the whole sleep again, not nothing.
-    assert!(slept >= Duration::from_millis(300) && slept < Duration::from_millis(580), "slept {slept:?} after the restore");
+    assert!(
+        slept >= Duration::from_millis(300) && slept < Duration::from_millis(580),
+        "slept {slept:?} after the restore"
+    );
 }
 
 #[tokio::test]
@@ -144,5 +156,9 @@ async fn the_micropython_repl_remembers_x_across_a_restore() {
     stdin.close();
     let status = resumed.wait().await;
     let out = common::text(resumed.stdout().contents());
-    assert!(out.contains("42"), "stdout {out:?}, status {status:?}, stderr {:?}", String::from_utf8_lossy(&resumed.stderr().contents()));
+    assert!(
+        out.contains("42"),
+        "stdout {out:?}, status {status:?}, stderr {:?}",
+        String::from_utf8_lossy(&resumed.stderr().contents())
+    );
 }

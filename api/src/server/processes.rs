@@ -120,6 +120,13 @@ impl Outcome {
                 reason: "oom_killed",
                 message: Some(format!("stasis: {e}")),
             },
+            ExitStatus::Checkpointed => Outcome {
+                status: "exited",
+                exit_code: Some(0),
+                signal: None,
+                reason: "checkpointed",
+                message: Some("stasis: stopped at a checkpoint".into()),
+            },
             ExitStatus::StartFailed(why) => Outcome {
                 status: "exited",
                 exit_code: Some(status.code()),

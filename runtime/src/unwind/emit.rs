@@ -160,7 +160,12 @@ impl<'a, 'p> Emitter<'a, 'p> {
         })
     }
 
-    fn open_synthetic(&mut self, kind: fn(BlockType) -> Instruction<'a>, params: &[ValType], results: &[ValType]) -> Result<(), UnwindError> {
+    fn open_synthetic(
+        &mut self,
+        kind: fn(BlockType) -> Instruction<'a>,
+        params: &[ValType],
+        results: &[ValType],
+    ) -> Result<(), UnwindError> {
         let bt = self.block_type(params, results)?;
         self.push(kind(bt));
         self.frames.push(Frame::Synthetic);
@@ -186,9 +191,9 @@ impl<'a, 'p> Emitter<'a, 'p> {
             ValType::F32 => Instruction::F32Const(0.0f32.into()),
             ValType::F64 => Instruction::F64Const(0.0f64.into()),
             ValType::V128 => Instruction::V128Const(0),
-            ValType::Ref(r) if r.is_nullable() => {
-                Instruction::RefNull(RoundtripReencoder.heap_type(r.heap_type()).map_err(|e| UnwindError::Encode(format!("{e:?}")))?)
-            }
+            ValType::Ref(r) if r.is_nullable() => Instruction::RefNull(
+                RoundtripReencoder.heap_type(r.heap_type()).map_err(|e| UnwindError::Encode(format!("{e:?}")))?,
+            ),
             ValType::Ref(_) => {
                 return Err(UnwindError::Unsupported {
                     feature: "a non-nullable reference live across a suspension point".into(),
@@ -256,9 +261,10 @@ impl<'a, 'p> Emitter<'a, 'p> {
             I::BrIf(d) => I::BrIf(self.map_depth(d)),
             I::BrOnNull(d) => I::BrOnNull(self.map_depth(d)),
             I::BrOnNonNull(d) => I::BrOnNonNull(self.map_depth(d)),
-            I::BrTable(targets, default) => {
-                I::BrTable(targets.iter().map(|&d| self.map_depth(d)).collect::<Vec<_>>().into(), self.map_depth(default))
-            }
+            I::BrTable(targets, default) => I::BrTable(
+                targets.iter().map(|&d| self.map_depth(d)).collect::<Vec<_>>().into(),
+                self.map_depth(default),
+            ),
             I::BrOnCast { relative_depth, from_ref_type, to_ref_type } => {
                 I::BrOnCast { relative_depth: self.map_depth(relative_depth), from_ref_type, to_ref_type }
             }
@@ -294,7 +300,10 @@ impl<'a, 'p> Emitter<'a, 'p> {
                 self.emit_site(site, Some(&op))?;
             } else {
                 match &op {
-                    Operator::Block { .. } | Operator::Loop { .. } | Operator::If { .. } | Operator::TryTable { .. } => {
+                    Operator::Block { .. }
+                    | Operator::Loop { .. }
+                    | Operator::If { .. }
+                    | Operator::TryTable { .. } => {
                         let id = structure_counter;
                         structure_counter += 1;
                         open.push(Some(id));

@@ -136,7 +136,10 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
                         TypeRef::Global(_) => globals += 1,
                         TypeRef::Memory(m) => {
                             if m.shared {
-                                return Err(UnwindError::Unsupported { feature: "shared memory (threads)".into(), func: None });
+                                return Err(UnwindError::Unsupported {
+                                    feature: "shared memory (threads)".into(),
+                                    func: None,
+                                });
                             }
                             memories += 1
                         }
@@ -185,8 +188,7 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
         .iter()
         .map(|(m, n)| options.blocking_imports.iter().any(|(bm, bn)| bm == m && bn == n))
         .collect();
-    let summaries =
-        bodies.iter().map(|(_, body)| plan::summarize(body)).collect::<Result<Vec<_>, _>>()?;
+    let summaries = bodies.iter().map(|(_, body)| plan::summarize(body)).collect::<Result<Vec<_>, _>>()?;
     let suspends = plan::may_suspend(imports, |f| blocking[f], &summaries, options.preempt_loops);
 
     let helpers = support::Helpers::new((imports + defined) as u32, globals, memories, tables);

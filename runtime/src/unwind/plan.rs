@@ -21,10 +21,10 @@ pub(crate) struct ModuleInfo {
 
 impl ModuleInfo {
     pub fn func_type(&self, type_index: u32) -> Result<&FuncType, UnwindError> {
-        self.types
-            .get(type_index as usize)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| UnwindError::Unsupported { feature: format!("type {type_index} is not a function type"), func: None })
+        self.types.get(type_index as usize).and_then(Option::as_ref).ok_or_else(|| UnwindError::Unsupported {
+            feature: format!("type {type_index} is not a function type"),
+            func: None,
+        })
     }
 
     pub fn type_of_func(&self, func: u32) -> Result<&FuncType, UnwindError> {
@@ -328,7 +328,11 @@ pub(crate) fn plan_function(
             Operator::CallRef { .. } | Operator::ReturnCallRef { .. } if reachable => {
                 return Err(unsupported("`call_ref` in a function that can suspend"));
             }
-            Operator::Try { .. } | Operator::Catch { .. } | Operator::CatchAll | Operator::Delegate { .. } | Operator::Rethrow { .. } => {
+            Operator::Try { .. }
+            | Operator::Catch { .. }
+            | Operator::CatchAll
+            | Operator::Delegate { .. }
+            | Operator::Rethrow { .. } => {
                 return Err(unsupported("legacy exception handling (`try`/`catch`/`delegate`)"));
             }
             Operator::Br { .. }
@@ -405,7 +409,12 @@ fn mark_sequences(plan: &mut FuncPlan) {
     }
     for (id, st) in plan.structures.iter().enumerate() {
         if st.open() {
-            items.entry(st.seq).or_default().push(Item { start: st.start, resume: st.end + 1, site: None, structure: Some(id) });
+            items.entry(st.seq).or_default().push(Item {
+                start: st.start,
+                resume: st.end + 1,
+                site: None,
+                structure: Some(id),
+            });
         }
     }
     for (seq, mut list) in items {

@@ -130,7 +130,12 @@ impl Helpers {
 
     fn fail_body(&self) -> Function {
         let mut f = Function::new([]);
-        for i in [Instruction::I32Const(FAILED), Instruction::GlobalSet(self.state), Instruction::Unreachable, Instruction::End] {
+        for i in [
+            Instruction::I32Const(FAILED),
+            Instruction::GlobalSet(self.state),
+            Instruction::Unreachable,
+            Instruction::End,
+        ] {
             f.instruction(&i);
         }
         f

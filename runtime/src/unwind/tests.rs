@@ -98,7 +98,8 @@ fn run(p: &Prepared, arg: i32, stop_at: Option<u32>, fresh: bool) -> (Vec<Val>, 
         return (results, log, store.data().calls);
     }
     assert_eq!(state.get(&mut store).unwrap_i32(), UNWINDING, "the guest did not unwind at call {stop_at:?}");
-    let (mut store, instance) = if fresh { copy_to_fresh(p, &mut store, &instance, &linker) } else { (store, instance) };
+    let (mut store, instance) =
+        if fresh { copy_to_fresh(p, &mut store, &instance, &linker) } else { (store, instance) };
     let state = global(&mut store, &instance, p.layout.state_global);
     state.set(&mut store, Val::I32(REWINDING)).unwrap();
     let func = instance.get_func(&mut store, "run").unwrap();
