@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::host::Program;
 use crate::instance_state;
 use crate::memory_image::{self, InstanceImage, ProcessImage, ProcessStateImage, SuspendedImage};
+use crate::pause::RunPhase;
 use crate::process::ProcessState;
 use crate::stdio::StdinPipe;
 use crate::unwind::{self, ARMED, NORMAL, REWINDING, UNWINDING};
@@ -431,6 +432,10 @@ pub(crate) async fn run_start(
             continue;
         };
         let captured = capture(&mut *store, instance, program).await;
+        // No wasm runs until the rewind: a sandbox pause (the tree's snapshot) must not
+        // wait for this process. (After the capture: its helper calls move the phase.)
+        let phase = store.data().phase.clone();
+        phase.set(RunPhase::Parked);
         let failed = captured.is_err();
         let (release_tx, release_rx) = if request.hold {
             let (t, r) = oneshot::channel();
@@ -445,6 +450,8 @@ pub(crate) async fn run_start(
         if request.then == AfterCheckpoint::Stop && !failed {
             return Ok(false);
         }
+        phase.park_if_paused().await;
+        phase.set(RunPhase::Wasm);
         state.set(&mut *store, Val::I32(REWINDING))?;
     }
 }

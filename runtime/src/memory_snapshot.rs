@@ -156,6 +156,9 @@ pub struct MemorySnapshotReport {
     pub write: Duration,
 }
 
+/// How long a memory snapshot waits for a running command to reach a stop point.
+const STOP_POINT_WAIT: Duration = Duration::from_secs(10);
+
 impl Sandbox {
     /// Takes a memory snapshot (see the module docs). `fs_store` is required when the
     /// sandbox has a tree. The sandbox keeps running.
@@ -196,10 +199,22 @@ impl Sandbox {
         let mut running = Vec::new();
         let mut ended = Vec::new();
         for process in processes.iter().filter(|p| p.status().is_none()) {
-            match process.checkpoint_held().await {
-                Ok(checkpoint) => running.push((process.clone(), checkpoint)),
-                Err(_) if process.wait_timeout(Duration::from_secs(1)).await.is_some() => ended.push(process.clone()),
-                Err(e) => return Err(e),
+            // A process stuck in a host call that cannot be interrupted (a write to a
+            // full pipe) would hold the snapshot forever: give up after a while.
+            let held = tokio::time::timeout(STOP_POINT_WAIT, process.checkpoint_held()).await;
+            match held {
+                Ok(Ok(checkpoint)) => running.push((process.clone(), checkpoint)),
+                Ok(Err(_)) if process.wait_timeout(Duration::from_secs(1)).await.is_some() => {
+                    ended.push(process.clone())
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(Error::NotQuiescent(format!(
+                        "process {} (`{}`) did not reach a point where it can be stopped within {STOP_POINT_WAIT:?}",
+                        process.pid(),
+                        process.argv().join(" ")
+                    )));
+                }
             }
         }
         let fs_snapshot = match (self.root(), fs_store) {

@@ -28,7 +28,7 @@ pub(crate) struct ProcessState {
     kill: Arc<KillSwitch>,
     cpu_ticks: u64,
     max_cpu_ticks: Option<u64>,
-    phase: Arc<ProcessPhase>,
+    pub(crate) phase: Arc<ProcessPhase>,
     pub(crate) fds: FdTracker,
     pub(crate) clock: SnapshotClock,
     /// For programs with the unwind transform: what a checkpoint needs (see `checkpoint`).

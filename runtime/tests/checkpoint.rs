@@ -162,3 +162,34 @@ async fn the_micropython_repl_remembers_x_across_a_restore() {
         String::from_utf8_lossy(&resumed.stderr().contents())
     );
 }
+
+#[tokio::test]
+async fn a_sandbox_with_a_tree_is_captured_with_its_running_processes() {
+    use stasis_runtime::fs_snapshot::FsSnapshotStore;
+    let host = checkpoint_host();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let fs = std::sync::Arc::new(FsSnapshotStore::open(tmp.path().join("fs")).unwrap());
+    let images = MemorySnapshotStore::open(tmp.path().join("memory")).unwrap();
+    let sandbox = Sandbox::create(&host, SandboxConfig { root: Some(root), ..SandboxConfig::default() }).unwrap();
+    let process = sandbox.spawn(command("counter.wasm", &[]).stdin(StdinMode::Pipe)).await.unwrap();
+    process.stdin().unwrap().write(b"5\n").unwrap();
+    wait_for_output(&process, "total=5").await;
+    let sleeper = sandbox.spawn(command("sleeper.wasm", &["60000"])).await.unwrap();
+    wait_for_output(&sleeper, "sleeping").await;
+    let report = tokio::time::timeout(Duration::from_secs(20), sandbox.snapshot_memory(Some(fs.clone()), &images))
+        .await
+        .expect("the snapshot finishes")
+        .unwrap();
+    let snapshot = MemorySnapshot::open(&host, &images, &report.id).unwrap();
+    let config = SandboxConfig { root: Some(tmp.path().join("restored")), ..SandboxConfig::default() };
+    let restored = snapshot.restore(&host, config, Some(&fs)).await.unwrap();
+    let running: Vec<Process> = restored.processes().into_iter().filter(|p| p.status().is_none()).collect();
+    assert_eq!(running.len(), 2);
+    sleeper.kill();
+    process.kill();
+    for p in running {
+        p.kill();
+    }
+}

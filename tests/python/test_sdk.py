@@ -130,12 +130,25 @@ def test_memory_snapshot_restores_files_and_ended_processes(server, sandbox):
     Sandbox.delete_snapshot(snap.snapshot_id, **server)
 
 
-def test_memory_snapshot_of_a_running_process_is_refused(sandbox):
-    sandbox.start_process("micropython", ["-c", "while True: pass"])
-    with pytest.raises(RemoteAPIError) as err:
-        sandbox.checkpoint(checkpoint_type=CheckpointType.MEMORY)
-    assert err.value.status_code == 409
-    assert "running" in str(err.value)
+def test_memory_snapshot_captures_a_running_process(server, sandbox):
+    script = "import sys\ntotal = 0\nfor line in sys.stdin:\n    total += int(line)\n    print(total)"
+    proc = sandbox.start_process("micropython", ["-c", script], stdin_mode=StdinMode.PIPE)
+    sandbox.write_stdin(proc.pid, b"40\n")
+    for _ in range(400):
+        if sandbox.get_stdout(proc.pid).value.lines == ["40"]:
+            break
+        time.sleep(0.05)
+    snap = sandbox.checkpoint(checkpoint_type=CheckpointType.MEMORY)
+    assert snap.status == SnapshotStatus.COMPLETED
+    restored = Sandbox.create(snapshot_id=snap.snapshot_id, **server)
+    try:
+        [resumed] = [p for p in restored.list_processes() if p.status == ProcessStatus.RUNNING]
+        restored.write_stdin(resumed.pid, b"2\n")
+        restored.close_stdin(resumed.pid)
+        assert [e.line for e in restored.follow_stdout(resumed.pid)] == ["40", "42"]
+    finally:
+        restored.terminate()
+    Sandbox.delete_snapshot(snap.snapshot_id, **server)
 
 
 def test_suspend_and_resume(server, sandbox):

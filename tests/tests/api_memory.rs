@@ -4,7 +4,7 @@ use serde_json::json;
 use stasis_tests::TestServer;
 
 #[test]
-fn memory_snapshots_bring_back_files_and_ended_processes_and_refuse_running_ones() {
+fn memory_snapshots_bring_back_files_and_ended_processes() {
     let server = TestServer::start();
     let api = server.client(&server.key("team"));
     let id = api.create_sandbox(json!({}));
@@ -35,14 +35,54 @@ fn memory_snapshots_bring_back_files_and_ended_processes_and_refuse_running_ones
     let (_, out, _) = rb.run("micropython", &["-c", "print(open('/home/user/notes.txt').read())"]);
     assert_eq!(out, "kept\n");
 
-    // A command still running cannot be captured (yet): 409, naming it.
-    sb.post("/api/v1/processes", json!({"command": "sleeper", "args": ["60000"]})).expect(200);
-    let reply = api.post(&format!("/sandboxes/{id}/snapshot"), json!({"snapshot_type": "memory"})).expect(409);
-    assert!(reply.text().contains("sleeper"), "{}", reply.text());
-    api.post(&format!("/sandboxes/{id}/snapshot"), json!({"snapshot_type": "filesystem"})).expect(202);
-
     api.delete(&format!("/snapshots/{snap_id}")).expect(204);
     api.post("/sandboxes", json!({"snapshot_id": snap_id})).expect(404);
+}
+
+#[test]
+fn running_commands_are_captured_and_continue_in_the_restored_sandbox() {
+    let server = TestServer::start();
+    let api = server.client(&server.key("team"));
+    let id = api.create_sandbox(json!({}));
+    let sb = api.sandbox(&id);
+    let started = sb.post("/api/v1/processes", json!({"command": "counter", "stdin_mode": "pipe"})).expect(200).json();
+    let pid = started["pid"].as_u64().unwrap();
+    sb.request("POST", &format!("/api/v1/processes/{pid}/stdin"), b"5\n").expect(200);
+    wait_for_line(&sb, pid, "total=5");
+    sb.post("/api/v1/processes", json!({"command": "sleeper", "args": ["60000"]})).expect(200);
+
+    // Both are running: the snapshot stops them where they wait, captures them, and lets
+    // them go on.
+    let snap = api.snapshot(&id, json!({"snapshot_type": "memory"}));
+    assert_eq!(snap["status"].as_str(), Some("completed"), "{snap}");
+    sb.request("POST", &format!("/api/v1/processes/{pid}/stdin"), b"1\n").expect(200);
+    wait_for_line(&sb, pid, "total=6");
+
+    let restored = api.create_sandbox(json!({"snapshot_id": snap["id"]}));
+    let rb = api.sandbox(&restored);
+    let processes = rb.get("/api/v1/processes").expect(200).json();
+    let list = processes["processes"].as_array().unwrap().clone();
+    let running: Vec<&str> =
+        list.iter().filter(|p| p["status"] == "running").filter_map(|p| p["command"].as_str()).collect();
+    assert_eq!(running.len(), 2, "{processes}");
+    let counter = list.iter().find(|p| p["command"] == "counter").unwrap()["pid"].as_u64().unwrap();
+    rb.request("POST", &format!("/api/v1/processes/{counter}/stdin"), b"7\n").expect(200);
+    rb.request("POST", &format!("/api/v1/processes/{counter}/stdin/close"), b"").expect(200);
+    wait_for_line(&rb, counter, "final=12");
+    let stdout = rb.get(&format!("/api/v1/processes/{counter}/stdout")).expect(200).json();
+    assert_eq!(stdout["lines"], json!(["total=5", "total=12", "final=12"]), "{stdout}");
+}
+
+fn wait_for_line(sb: &stasis_tests::Api, pid: u64, line: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let stdout = sb.get(&format!("/api/v1/processes/{pid}/stdout")).expect(200).json();
+        if stdout["lines"].as_array().unwrap().iter().any(|l| l == line) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no `{line}` in {stdout}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[test]

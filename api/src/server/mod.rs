@@ -195,6 +195,8 @@ impl AppState {
         let host = Host::new(HostConfig {
             code_cache_dir: Some(paths.code_cache()),
             max_processes: Some(config.max_processes),
+            // Memory snapshots and suspend capture running commands too.
+            checkpoints: true,
             ..HostConfig::default()
         })?;
         Ok(Arc::new(AppState {

@@ -204,13 +204,21 @@ pub async fn start_in(
         process.kill();
         return Err(ApiError::Conflict(format!("sandbox `{}` is terminated", live.id)));
     }
-    let entry = Arc::new(ProcEntry {
-        process: process.clone(),
-        command: req.command,
-        args: req.args,
-        started_at: now_ms(),
-        end: Mutex::default(),
-    });
+    Ok(track(state, live, process, req.command, req.args, now_ms(), timeout))
+}
+
+/// Lists a running process in the sandbox's process table and the database, and records
+/// its end when it comes (killing it at `timeout`).
+fn track(
+    state: &Arc<AppState>,
+    live: &LiveSandbox,
+    process: Process,
+    command: String,
+    args: Vec<String>,
+    started_at: i64,
+    timeout: Option<Duration>,
+) -> Arc<ProcEntry> {
+    let entry = Arc::new(ProcEntry { process: process.clone(), command, args, started_at, end: Mutex::default() });
     live.processes.insert(entry.clone());
     if let Err(e) = state.db.insert_process(&live.id, process.pid(), &entry.command, &entry.args, entry.started_at) {
         tracing::warn!(sandbox = %live.id, pid = process.pid(), "cannot record the process: {e}");
@@ -240,20 +248,24 @@ pub async fn start_in(
             tracing::warn!(sandbox = %sandbox_id, pid = process.pid(), "cannot record the end of the process: {e}");
         }
     });
-    Ok(entry)
+    entry
 }
 
-/// Lists the processes a memory snapshot brought back (ended, with their output) in the
-/// sandbox's process table and the database.
-pub fn adopt_restored(state: &AppState, live: &LiveSandbox) {
+/// Lists the processes a memory snapshot brought back in the sandbox's process table and
+/// the database: ended ones with their output, running ones watched like new ones.
+pub fn adopt_restored(state: &Arc<AppState>, live: &LiveSandbox) {
     for process in live.sandbox.processes() {
-        let Some(status) = process.status() else { continue };
         let argv = process.argv();
         let now = now_ms();
+        let (command, args) = (argv.first().cloned().unwrap_or_default(), argv.iter().skip(1).cloned().collect());
+        let Some(status) = process.status() else {
+            track(state, live, process, command, args, now, None);
+            continue;
+        };
         let entry = Arc::new(ProcEntry {
             process: process.clone(),
-            command: argv.first().cloned().unwrap_or_default(),
-            args: argv.iter().skip(1).cloned().collect(),
+            command,
+            args,
             started_at: now,
             end: Mutex::new(EntryEnd { ended_at: Some(now), timed_out: false }),
         });

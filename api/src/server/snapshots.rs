@@ -186,16 +186,21 @@ impl AppState {
     }
 }
 
-/// A memory snapshot needs every command ended: say which one is not.
+/// A memory snapshot captures running commands whose program can be stopped mid-run
+/// (core modules through the unwind transform); say which one cannot.
 pub fn refuse_running(live: &LiveSandbox) -> ApiResult<()> {
-    match live.sandbox.processes().into_iter().find(|p| p.status().is_none()) {
+    let stuck = live.sandbox.processes().into_iter().find(|p| p.status().is_none() && !p.checkpointable());
+    match stuck {
         None => Ok(()),
-        Some(p) => Err(ApiError::Conflict(format!(
-            "process {} (`{}`) is running: a memory snapshot needs every process ended \
-             (capturing a running command is not supported yet); wait for it or kill it",
-            p.pid(),
-            p.argv().join(" ")
-        ))),
+        Some(p) => {
+            let why =
+                p.program().map(|program| program.checkpoint_support().err().unwrap_or_default()).unwrap_or_default();
+            Err(ApiError::Conflict(format!(
+                "process {} (`{}`) is running and cannot be captured mid-run ({why}); wait for it or kill it",
+                p.pid(),
+                p.argv().join(" ")
+            )))
+        }
     }
 }
 
