@@ -364,7 +364,8 @@ pub(crate) async fn restore<T: HasFdTracker>(
                 f.open.rights_inheriting,
                 f.open.fdflags,
             ),
-            None => (FIRST_PREOPEN, ".", 0, OFLAGS_DIRECTORY, u64::MAX, u64::MAX, 0),
+            // Placeholders ask for no rights: a directory opened for writing is refused.
+            None => (FIRST_PREOPEN, ".", 0, OFLAGS_DIRECTORY, 0, 0, 0),
         };
         if path.len() > (HELPER_PAGE - SCRATCH_PATH) as usize {
             return Err(FdRestoreError::Inconsistent(format!("descriptor {fd}: path too long")).into());
