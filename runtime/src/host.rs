@@ -62,6 +62,10 @@ pub struct Host {
     pub(crate) inner: Arc<HostInner>,
 }
 
+/// A module's way through the unwind transform: its layout, or why it did not go through
+/// (`None`: the host takes no checkpoints).
+type UnwindOutcome = std::result::Result<crate::unwind::UnwindLayout, Option<String>>;
+
 impl HostInner {
     /// A core module as Stasis compiles it: through the unwind transform when the host
     /// takes checkpoints (unless the module uses something the transform cannot handle:
@@ -70,7 +74,7 @@ impl HostInner {
         &self,
         bytes: &[u8],
         what: &str,
-    ) -> Result<(Vec<u8>, StateLayout, std::result::Result<crate::unwind::UnwindLayout, Option<String>>)> {
+    ) -> Result<(Vec<u8>, StateLayout, UnwindOutcome)> {
         let invalid = |reason: String| Error::InvalidProgram { what: what.to_string(), reason };
         let (source, unwind) = if self.checkpoint_linker.is_some() {
             match crate::unwind::instrument(bytes, &crate::checkpoint::blocking_imports()) {
