@@ -1,0 +1,216 @@
+//! Mid-execution snapshot figures (issue 6), side by side in one process:
+//! - the unwind transform's time and code-size growth on hello, MicroPython and (when
+//!   `WASI_PYTHON_WASM` names its `python.wasm`) CPython;
+//! - the normal-speed tax: the same CPU-bound guests on the same engine configuration,
+//!   loaded plain and through the transform;
+//! - the idle MicroPython REPL (it has run `x = 6*7` and waits for its next line):
+//!   snapshot p50, image size, warm restore p50, and the memory of 1,000 idle forks.
+//!
+//! Run: `cargo bench -p stasis-runtime --bench checkpoint` after `guests/build.sh`.
+//! `CHECKPOINT_BENCH_FORKS=200` makes the fork run smaller.
+
+use stasis_runtime::unwind::instrument;
+use stasis_runtime::{
+    Command, Host, HostConfig, MemorySnapshot, MemorySnapshotStore, Process, ProgramRef, Sandbox, SandboxConfig,
+    StdinMode,
+};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn guest(name: &str) -> Arc<[u8]> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/build").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run guests/build.sh)", path.display())).into()
+}
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+/// (RSS, PSS) of this process in MiB.
+fn memory_mib() -> (f64, f64) {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+fn transform_figures() {
+    println!("## transform: time and code size");
+    let mut programs: Vec<(String, Arc<[u8]>)> =
+        vec![("hello".into(), guest("hello.wasm")), ("micropython".into(), guest("micropython.wasm"))];
+    match std::env::var("WASI_PYTHON_WASM") {
+        Ok(path) => programs.push(("wasi-python".into(), std::fs::read(&path).expect("WASI_PYTHON_WASM").into())),
+        Err(_) => println!("(CPython skipped: set WASI_PYTHON_WASM to the wasi-python package's python.wasm)"),
+    }
+    for (name, bytes) in programs {
+        let start = Instant::now();
+        let (out, layout) = instrument(&bytes, &stasis_runtime::checkpoint::blocking_imports()).unwrap();
+        let took = start.elapsed();
+        println!(
+            "{name}: {:.1} MB/s, {} for {} KiB -> {} KiB (+{:.0}%), {}/{} functions instrumented, {} sites",
+            bytes.len() as f64 / took.as_secs_f64() / 1e6,
+            ms(took),
+            bytes.len() / 1024,
+            out.len() / 1024,
+            (out.len() as f64 / bytes.len() as f64 - 1.0) * 100.0,
+            layout.instrumented,
+            layout.defined,
+            layout.sites
+        );
+    }
+}
+
+async fn run_to_end(host: &Host, program: &str, args: &[&str]) -> Duration {
+    let sandbox = Sandbox::create(host, SandboxConfig::default()).unwrap();
+    let command =
+        Command::new(ProgramRef::Bytes { bytes: guest(program), name: program.into() }).args(args.iter().copied());
+    let start = Instant::now();
+    let process = sandbox.spawn(command).await.unwrap();
+    let status = process.wait().await;
+    assert!(status.success(), "{program}: {status}");
+    start.elapsed()
+}
+
+async fn tax_figures(plain: &Host, checkpoints: &Host) {
+    println!("\n## normal-speed tax (same engine configuration, median of 7 runs, alternating)");
+    let loop_py = "i = 0\nh = 0\nwhile i < 300000:\n    h = (h * 31 + i) % 1000003\n    i += 1\nprint(h)";
+    let cases: [(&str, &[&str]); 2] = [("cpuloop.wasm", &["20", "100"]), ("micropython.wasm", &["-c", loop_py])];
+    for (program, args) in cases {
+        // Load (and compile) both first.
+        run_to_end(plain, program, args).await;
+        run_to_end(checkpoints, program, args).await;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..7 {
+            a.push(run_to_end(plain, program, args).await);
+            b.push(run_to_end(checkpoints, program, args).await);
+        }
+        let (a, b) = (percentile(&mut a, 0.5), percentile(&mut b, 0.5));
+        println!(
+            "{program}: plain {}, with the transform {}: {:+.1}%",
+            ms(a),
+            ms(b),
+            (b.as_secs_f64() / a.as_secs_f64() - 1.0) * 100.0
+        );
+    }
+}
+
+async fn wait_for(process: &Process, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !String::from_utf8_lossy(&process.stdout().contents()).contains(needle) {
+        assert!(Instant::now() < deadline, "no {needle:?} from the REPL");
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn repl_figures(host: &Host) {
+    println!("\n## idle MicroPython REPL (after `x = 6*7`, waiting for its next line)");
+    let tmp = tempfile::tempdir().unwrap();
+    let images = MemorySnapshotStore::open(tmp.path()).unwrap();
+    let sandbox = Sandbox::create(host, SandboxConfig::default()).unwrap();
+    let command = Command::new(ProgramRef::Bytes { bytes: guest("micropython.wasm"), name: "micropython".into() })
+        .args(["-i"])
+        .stdin(StdinMode::Pipe);
+    let cold = Instant::now();
+    let process = sandbox.spawn(command.clone()).await.unwrap();
+    process.stdin().unwrap().write(b"x = 6*7\nprint('ready')\n").unwrap();
+    wait_for(&process, "ready").await;
+    let cold = cold.elapsed();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let mut samples = Vec::new();
+    let mut last = None;
+    for _ in 0..50 {
+        let start = Instant::now();
+        let report = sandbox.snapshot_memory(None, &images).await.unwrap();
+        samples.push(start.elapsed());
+        if let Some(old) = last.replace(report.clone()) {
+            images.delete(&old.id).unwrap();
+        }
+    }
+    let report = last.unwrap();
+    println!(
+        "snapshot p50 {} (p99 {}): stop and capture {}, encode {}, durable write {}; image {} KiB ({} KiB of non-zero memory)",
+        ms(percentile(&mut samples, 0.5)),
+        ms(percentile(&mut samples, 0.99)),
+        ms(report.hold),
+        ms(report.encode),
+        ms(report.write),
+        report.image_bytes / 1024,
+        report.memory_bytes / 1024
+    );
+
+    let opening = Instant::now();
+    let snapshot = MemorySnapshot::open(host, &images, &report.id).unwrap();
+    println!("opening the snapshot (verify, decompress): {}", ms(opening.elapsed()));
+    let (mut restore, mut respond) = (Vec::new(), Vec::new());
+    for _ in 0..50 {
+        let start = Instant::now();
+        let restored = snapshot.restore(host, SandboxConfig::default(), None).await.unwrap();
+        restore.push(start.elapsed());
+        let p = restored.processes().into_iter().find(|p| p.status().is_none()).unwrap();
+        p.stdin().unwrap().write(b"print(x)\n").unwrap();
+        wait_for(&p, "42").await;
+        respond.push(start.elapsed());
+        p.kill();
+    }
+    println!(
+        "warm restore p50 {} (p99 {}); restore to the answer of `print(x)` p50 {}; a cold start to the same point: {}",
+        us(percentile(&mut restore, 0.5)),
+        us(percentile(&mut restore, 0.99)),
+        ms(percentile(&mut respond, 0.5)),
+        ms(cold)
+    );
+
+    let forks: usize = std::env::var("CHECKPOINT_BENCH_FORKS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let (rss0, pss0) = memory_mib();
+    let start = Instant::now();
+    let mut kept = Vec::with_capacity(forks);
+    for _ in 0..forks {
+        kept.push(snapshot.restore(host, SandboxConfig::default(), None).await.unwrap());
+    }
+    // Let every fork rewind to its blocked read.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let took = start.elapsed();
+    let (rss1, pss1) = memory_mib();
+    println!(
+        "{forks} idle forks: {} ({} each), RSS +{:.0} MiB, PSS +{:.0} MiB ({:.2} MiB RSS each)",
+        ms(took),
+        us(took / forks as u32),
+        rss1 - rss0,
+        pss1 - pss0,
+        (rss1 - rss0) / forks as f64
+    );
+    let answering = kept[forks / 2].processes().into_iter().find(|p| p.status().is_none()).unwrap();
+    answering.stdin().unwrap().write(b"print(x)\n").unwrap();
+    wait_for(&answering, "42").await;
+    for sandbox in kept {
+        sandbox.kill_all();
+    }
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        transform_figures();
+        let plain = Host::new(HostConfig { max_processes: None, ..HostConfig::default() }).unwrap();
+        let checkpoints = Host::new(HostConfig { max_processes: None, checkpoints: true, ..HostConfig::default() }).unwrap();
+        tax_figures(&plain, &checkpoints).await;
+        repl_figures(&checkpoints).await;
+    });
+}
