@@ -209,7 +209,8 @@ fn main() {
     runtime.block_on(async {
         transform_figures();
         let plain = Host::new(HostConfig { max_processes: None, ..HostConfig::default() }).unwrap();
-        let checkpoints = Host::new(HostConfig { max_processes: None, checkpoints: true, ..HostConfig::default() }).unwrap();
+        let checkpoints =
+            Host::new(HostConfig { max_processes: None, checkpoints: true, ..HostConfig::default() }).unwrap();
         tax_figures(&plain, &checkpoints).await;
         repl_figures(&checkpoints).await;
     });

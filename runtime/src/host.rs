@@ -70,11 +70,7 @@ impl HostInner {
     /// A core module as Stasis compiles it: through the unwind transform when the host
     /// takes checkpoints (unless the module uses something the transform cannot handle:
     /// then it runs without), then the state-export rewrite.
-    fn prepare(
-        &self,
-        bytes: &[u8],
-        what: &str,
-    ) -> Result<(Vec<u8>, StateLayout, UnwindOutcome)> {
+    fn prepare(&self, bytes: &[u8], what: &str) -> Result<(Vec<u8>, StateLayout, UnwindOutcome)> {
         let invalid = |reason: String| Error::InvalidProgram { what: what.to_string(), reason };
         let (source, unwind) = if self.checkpoint_linker.is_some() {
             match crate::unwind::instrument(bytes, &crate::checkpoint::blocking_imports()) {

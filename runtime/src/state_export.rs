@@ -291,10 +291,10 @@ fn table_info(t: wasmparser::TableType, imported: bool) -> TableInfo {
     TableInfo { imported, funcref: t.element_type.is_func_ref(), minimum: t.initial }
 }
 
-fn collect_ref_funcs(
+pub(crate) fn collect_ref_funcs(
     expr: &wasmparser::ConstExpr<'_>,
     funcs: &mut std::collections::BTreeSet<u32>,
-) -> Result<(), RewriteError> {
+) -> Result<(), wasmparser::BinaryReaderError> {
     for op in expr.get_operators_reader() {
         if let Operator::RefFunc { function_index } = op? {
             funcs.insert(function_index);

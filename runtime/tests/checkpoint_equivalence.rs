@@ -174,17 +174,16 @@ async fn interrupted(world: &mut World, s: &Scenario, seed: u64) -> (Outcome, us
     let (mut sandbox, mut root, mut process) = (sandbox, root, process);
     let mut stops = 0;
     let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    let stop =
-        async |world: &mut World, sandbox: &mut Sandbox, root: &mut PathBuf, process: &mut Process| match world
-            .stop_and_continue(sandbox, process)
-            .await
-        {
-            Some((s, r, p)) => {
-                (*sandbox, *root, *process) = (s, r, p);
-                true
-            }
-            None => false,
-        };
+    let stop = async |world: &mut World, sandbox: &mut Sandbox, root: &mut PathBuf, process: &mut Process| match world
+        .stop_and_continue(sandbox, process)
+        .await
+    {
+        Some((s, r, p)) => {
+            (*sandbox, *root, *process) = (s, r, p);
+            true
+        }
+        None => false,
+    };
     for line in s.stdin {
         // Blocked waiting for this line: stop there, then give it the line.
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -48,6 +48,11 @@ pub(crate) struct Emitter<'a, 'p> {
     spill_locals: HashMap<usize, Vec<u32>>,
     scratch: HashMap<ValType, Vec<u32>>,
     active_guard: Option<usize>,
+    /// Skippable structures just entered whose exit checks are still to be emitted: a
+    /// chain of nested blocks (a `switch`) gets one test of the state, not one per level.
+    pending_exits: Vec<usize>,
+    /// Index in `frames` of each open original structure's frame.
+    frame_of: HashMap<usize, usize>,
     loop_site_at: HashMap<usize, usize>,
     else_of: HashMap<usize, usize>,
     results: Vec<ValType>,
@@ -89,6 +94,8 @@ impl<'a, 'p> Emitter<'a, 'p> {
             spill_locals: HashMap::new(),
             scratch: HashMap::new(),
             active_guard: None,
+            pending_exits: Vec::new(),
+            frame_of: HashMap::new(),
             loop_site_at: plan.sites.iter().enumerate().filter(|(_, s)| s.loop_check).map(|(i, s)| (s.op, i)).collect(),
             else_of: plan.structures.iter().enumerate().filter_map(|(i, s)| Some((s.else_op?, i))).collect(),
             results: results.to_vec(),
@@ -295,6 +302,9 @@ impl<'a, 'p> Emitter<'a, 'p> {
         let mut index = 0usize;
         while !ops.eof() {
             let op = ops.read()?;
+            if !self.continues_chain(index, &op) {
+                self.flush_exits()?;
+            }
             self.guard_boundaries(index)?;
             if let Some(&site) = self.plan.site_at.get(&index) {
                 self.emit_site(site, Some(&op))?;
@@ -320,6 +330,12 @@ impl<'a, 'p> Emitter<'a, 'p> {
                     Operator::Else => {
                         debug_assert!(self.active_guard.is_none() || !self.else_of.contains_key(&index));
                         self.push(Instruction::Else);
+                        // Rewinding to a site after the `if` enters its `else` arm: leave it.
+                        if let Some(&id) = self.else_of.get(&index)
+                            && self.plan.structures[id].skippable
+                        {
+                            self.pending_exits.push(id);
+                        }
                     }
                     Operator::End => match open.pop() {
                         Some(Some(id)) => self.close_structure(id)?,
@@ -401,11 +417,10 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.close_guard(g)?;
         }
         if let Some(&g) = self.plan.guard_at.get(&index) {
-            let guard = &self.plan.guards[g];
-            let spill = guard.spill_for.map_or(0, |s| self.plan.structures[s].spill.len());
-            if guard.start == guard.end && spill == 0 {
+            if self.trivial_guard(g) {
                 return Ok(());
             }
+            let guard = &self.plan.guards[g];
             let (params, results) = (guard.params.clone(), guard.results.clone());
             // Runs unless rewinding (state 2): `ARMED` and `NORMAL` both execute it.
             self.push(Instruction::GlobalGet(self.helpers.state));
@@ -470,11 +485,58 @@ impl<'a, 'p> Emitter<'a, 'p> {
         self.push(Instruction::I32LtU);
     }
 
+    /// Whether operator `index` opens a structure whose exit check can join the pending
+    /// ones (so nothing is emitted between them).
+    fn continues_chain(&self, index: usize, op: &Operator<'_>) -> bool {
+        matches!(op, Operator::Block { .. } | Operator::TryTable { .. })
+            && self.plan.site_at.get(&index).is_none()
+            && self.plan.structure_at.get(&index).is_some_and(|&id| self.plan.structures[id].skippable)
+            && self.active_guard.is_none()
+            && self.plan.guard_at.get(&index).is_none_or(|&g| self.trivial_guard(g))
+    }
+
+    /// A guard with nothing to skip and nothing to spill: it emits nothing.
+    fn trivial_guard(&self, g: usize) -> bool {
+        let guard = &self.plan.guards[g];
+        let spill = guard.spill_for.map_or(0, |s| self.plan.structures[s].spill.len());
+        guard.start == guard.end && spill == 0
+    }
+
+    /// Emits the exit checks of the structures just entered: while rewinding to a site
+    /// outside one of them, branch out of it (the outermost such one).
+    fn flush_exits(&mut self) -> Result<(), UnwindError> {
+        if self.pending_exits.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending_exits);
+        self.state_is(REWINDING);
+        self.push(Instruction::If(BlockType::Empty));
+        self.frames.push(Frame::Synthetic);
+        for id in pending {
+            let st = &self.plan.structures[id];
+            let (first, end, results) = (st.first_site, st.site_end, st.results.clone());
+            self.in_range(first, end);
+            self.push(Instruction::I32Eqz);
+            self.push(Instruction::If(BlockType::Empty));
+            self.frames.push(Frame::Synthetic);
+            for ty in results {
+                self.dummy(ty)?;
+            }
+            let depth = self.frames.len() - 1 - self.frame_of[&id];
+            self.push(Instruction::Br(depth as u32));
+            self.close_synthetic();
+        }
+        self.close_synthetic();
+        Ok(())
+    }
+
     fn open_structure(&mut self, id: usize, op: Operator<'a>) -> Result<(), UnwindError> {
         let st = &self.plan.structures[id];
         let (kind, first, end, then_end, skippable) = (st.kind, st.first_site, st.site_end, st.then_end, st.skippable);
         let (inputs, results) = (st.inputs.clone(), st.results.clone());
-        if skippable {
+        // Only loops need a wrapper to be skipped (a branch to a loop's label re-enters
+        // it); other structures are left by a branch from inside (`flush_exits`).
+        if skippable && kind == StructKind::Loop {
             // Enter unless rewinding to a site outside.
             self.push(Instruction::GlobalGet(self.helpers.state));
             self.push(Instruction::I32Const(REWINDING));
@@ -497,6 +559,10 @@ impl<'a, 'p> Emitter<'a, 'p> {
         let instruction = self.relabel(instruction);
         self.push(instruction);
         self.frames.push(Frame::Original);
+        self.frame_of.insert(id, self.frames.len() - 1);
+        if skippable && matches!(kind, StructKind::Block | StructKind::TryTable) {
+            self.pending_exits.push(id);
+        }
         if kind == StructKind::Loop
             && let Some(&site) = self.loop_site_at.get(&st_start(self.plan, id))
         {
@@ -513,7 +579,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             return Ok(());
         }
         let (inputs, results, skippable) = (st.inputs.len(), st.results.clone(), st.skippable);
-        if skippable {
+        if skippable && st.kind == StructKind::Loop {
             self.push(Instruction::Else);
             self.drop_n(inputs);
             for &ty in &results {

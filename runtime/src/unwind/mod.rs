@@ -34,7 +34,7 @@ mod emit;
 mod plan;
 mod support;
 
-use crate::state_export::section_rank;
+use crate::state_export::{collect_ref_funcs, section_rank};
 use std::ops::Range;
 use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
 use wasm_encoder::{
@@ -107,6 +107,9 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
     let mut table_reader = None;
     let mut memory_reader = None;
     let mut global_reader = None;
+    // Functions a table can hold: element segments and `ref.func` in global initializers
+    // (`ref.func` in code is in the call summaries).
+    let mut table_funcs = std::collections::BTreeSet::new();
 
     for payload in Parser::new(0).parse_all(wasm) {
         let payload = payload?;
@@ -169,7 +172,26 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
             }
             Payload::GlobalSection(reader) => {
                 globals += reader.count();
+                for global in reader.clone() {
+                    collect_ref_funcs(&global?.init_expr, &mut table_funcs)?;
+                }
                 global_reader = Some(reader.clone());
+            }
+            Payload::ElementSection(reader) => {
+                for element in reader.clone() {
+                    match element?.items {
+                        wasmparser::ElementItems::Functions(funcs) => {
+                            for func in funcs {
+                                table_funcs.insert(func?);
+                            }
+                        }
+                        wasmparser::ElementItems::Expressions(_, exprs) => {
+                            for expr in exprs {
+                                collect_ref_funcs(&expr?, &mut table_funcs)?;
+                            }
+                        }
+                    }
+                }
             }
             _ => {}
         }
@@ -189,7 +211,8 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
         .map(|(m, n)| options.blocking_imports.iter().any(|(bm, bn)| bm == m && bn == n))
         .collect();
     let summaries = bodies.iter().map(|(_, body)| plan::summarize(body)).collect::<Result<Vec<_>, _>>()?;
-    let suspends = plan::may_suspend(imports, |f| blocking[f], &summaries, options.preempt_loops);
+    let suspension = plan::Suspension::compute(&info, |f| blocking[f], &summaries, &table_funcs, options.preempt_loops);
+    let suspends = &suspension.functions;
 
     let helpers = support::Helpers::new((imports + defined) as u32, globals, memories, tables);
     let mut types = support::TypeInterner::new(info.types.len() as u32);
@@ -202,7 +225,7 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
             code.raw(&wasm[body.range()]);
             continue;
         }
-        let mut plan = plan::plan_function(&info, &body, index, &suspends, imports, options.preempt_loops)?;
+        let mut plan = plan::plan_function(&info, &body, index, &suspension, imports, options.preempt_loops)?;
         let at = plan::typed_positions(&plan);
         let mut validator = func.into_validator(Default::default());
         let frame_types = plan::frame_types_at(&mut validator, &body, &at, index)?;

@@ -47,7 +47,12 @@ impl ModuleInfo {
 #[derive(Default)]
 pub(crate) struct CallSummary {
     pub direct_callees: Vec<u32>,
-    pub indirect: bool,
+    /// Type indices of its calls through tables.
+    pub indirect_types: Vec<u32>,
+    /// It calls a function reference (any candidate might be the callee).
+    pub call_ref: bool,
+    /// Functions it takes references to (they can end up in a table).
+    pub ref_funcs: Vec<u32>,
     pub loops: bool,
 }
 
@@ -56,14 +61,15 @@ pub(crate) fn summarize(body: &FunctionBody<'_>) -> Result<CallSummary, UnwindEr
     let mut ops = body.get_operators_reader()?;
     while !ops.eof() {
         match ops.read()? {
+            Operator::Loop { .. } => summary.loops = true,
             Operator::Call { function_index } | Operator::ReturnCall { function_index } => {
                 summary.direct_callees.push(function_index)
             }
-            Operator::CallIndirect { .. }
-            | Operator::ReturnCallIndirect { .. }
-            | Operator::CallRef { .. }
-            | Operator::ReturnCallRef { .. } => summary.indirect = true,
-            Operator::Loop { .. } => summary.loops = true,
+            Operator::CallIndirect { type_index, .. } | Operator::ReturnCallIndirect { type_index, .. } => {
+                summary.indirect_types.push(type_index)
+            }
+            Operator::CallRef { .. } | Operator::ReturnCallRef { .. } => summary.call_ref = true,
+            Operator::RefFunc { function_index } => summary.ref_funcs.push(function_index),
             _ => {}
         }
     }
@@ -71,33 +77,67 @@ pub(crate) fn summarize(body: &FunctionBody<'_>) -> Result<CallSummary, UnwindEr
 }
 
 /// Which functions can be on the stack when the guest suspends: blocking imports, loops
-/// (when preemption is on), indirect calls (any target might suspend), and their callers.
-pub(crate) fn may_suspend(
-    imports: usize,
-    blocking_import: impl Fn(usize) -> bool,
-    summaries: &[CallSummary],
-    preempt_loops: bool,
-) -> Vec<bool> {
-    let total = imports + summaries.len();
-    let mut suspends: Vec<bool> = (0..total).map(|f| f < imports && blocking_import(f)).collect();
-    let any_root = suspends.iter().any(|&s| s) || (preempt_loops && summaries.iter().any(|s| s.loops));
-    for (i, s) in summaries.iter().enumerate() {
-        if (preempt_loops && s.loops) || (any_root && s.indirect) {
-            suspends[imports + i] = true;
-        }
-    }
-    let mut changed = true;
-    while changed {
-        changed = false;
+/// (when preemption is on), and their callers, direct or through a table. A call through a
+/// table can only reach a function that can be in one (element segments, `ref.func`) and
+/// has the call's signature, so only those are followed.
+pub(crate) struct Suspension {
+    pub functions: Vec<bool>,
+    /// Signatures of table-reachable functions that can suspend.
+    signatures: std::collections::HashSet<FuncType>,
+    any_reference: bool,
+}
+
+impl Suspension {
+    pub fn compute(
+        info: &ModuleInfo,
+        blocking_import: impl Fn(usize) -> bool,
+        summaries: &[CallSummary],
+        table_funcs: &std::collections::BTreeSet<u32>,
+        preempt_loops: bool,
+    ) -> Suspension {
+        let imports = info.func_imports.len();
+        let total = imports + summaries.len();
+        let mut functions: Vec<bool> = (0..total).map(|f| f < imports && blocking_import(f)).collect();
         for (i, s) in summaries.iter().enumerate() {
-            let f = imports + i;
-            if !suspends[f] && s.direct_callees.iter().any(|&c| suspends.get(c as usize).copied().unwrap_or(false)) {
-                suspends[f] = true;
-                changed = true;
+            functions[imports + i] |= preempt_loops && s.loops;
+        }
+        let mut candidates: Vec<u32> = table_funcs.iter().copied().filter(|&f| (f as usize) < total).collect();
+        for s in summaries {
+            candidates.extend(s.ref_funcs.iter().copied().filter(|&f| (f as usize) < total));
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        let signature = |f: u32| info.type_of_func(f).ok().cloned();
+        let mut result = Suspension { functions, signatures: Default::default(), any_reference: false };
+        loop {
+            result.signatures =
+                candidates.iter().filter(|&&f| result.functions[f as usize]).filter_map(|&f| signature(f)).collect();
+            result.any_reference = !result.signatures.is_empty();
+            let mut changed = false;
+            for (i, s) in summaries.iter().enumerate() {
+                let f = imports + i;
+                if result.functions[f] {
+                    continue;
+                }
+                let suspends =
+                    s.direct_callees.iter().any(|&c| result.functions.get(c as usize).copied().unwrap_or(false))
+                        || s.indirect_types.iter().any(|&t| result.indirect(info, t))
+                        || (s.call_ref && result.any_reference);
+                if suspends {
+                    result.functions[f] = true;
+                    changed = true;
+                }
+            }
+            if !changed {
+                return result;
             }
         }
     }
-    suspends
+
+    /// Whether a call through a table with this type can reach a function that suspends.
+    pub fn indirect(&self, info: &ModuleInfo, type_index: u32) -> bool {
+        info.func_type(type_index).map_or(true, |t| self.signatures.contains(t))
+    }
 }
 
 /// A sequence of instructions: the function body, or one arm of a structure.
@@ -206,10 +246,11 @@ pub(crate) fn plan_function(
     info: &ModuleInfo,
     body: &FunctionBody<'_>,
     func: u32,
-    suspends: &[bool],
+    suspension: &Suspension,
     blocking_imports: usize,
     preempt_loops: bool,
 ) -> Result<FuncPlan, UnwindError> {
+    let suspends = &suspension.functions;
     struct Frame {
         structure: Option<usize>,
         arm: u8,
@@ -319,13 +360,15 @@ pub(crate) fn plan_function(
             Operator::CallIndirect { type_index, .. } | Operator::ReturnCallIndirect { type_index, .. }
                 if reachable =>
             {
-                let ty = info.func_type(type_index)?.clone();
-                call_site(&mut plan, &ty, true, false, matches!(op, Operator::ReturnCallIndirect { .. }));
+                if suspension.indirect(info, type_index) {
+                    let ty = info.func_type(type_index)?.clone();
+                    call_site(&mut plan, &ty, true, false, matches!(op, Operator::ReturnCallIndirect { .. }));
+                }
                 if matches!(op, Operator::ReturnCallIndirect { .. }) {
                     frames.last_mut().expect("frame").reachable = false;
                 }
             }
-            Operator::CallRef { .. } | Operator::ReturnCallRef { .. } if reachable => {
+            Operator::CallRef { .. } | Operator::ReturnCallRef { .. } if reachable && suspension.any_reference => {
                 return Err(unsupported("`call_ref` in a function that can suspend"));
             }
             Operator::Try { .. }

@@ -417,3 +417,23 @@ fn recursion_unwinds_every_frame() {
     );
     check_every_stop(&wat, 7);
 }
+
+#[test]
+fn calls_through_tables_follow_only_signatures_that_can_suspend() {
+    let wat = format!(
+        r#"(module {IMPORTS}
+        (type $ii (func (param i32) (result i32)))
+        (type $ll (func (param i64) (result i64)))
+        (table 2 funcref)
+        (elem (i32.const 0) $pure $blocker)
+        (func $pure (type $ii) local.get 0 i32.const 1 i32.add)
+        (func $blocker (type $ll) local.get 0 i32.wrap_i64 call $block i64.extend_i32_s)
+        (func (export "run") (param i32) (result i32) local.get 0 i32.const 0 call_indirect (type $ii))
+        (func (export "run64") (param i64) (result i64) local.get 0 i32.const 1 call_indirect (type $ll)))"#
+    );
+    let wasm = wat::parse_str(&wat).unwrap();
+    let options = UnwindOptions { blocking_imports: vec![("env".into(), "block".into())], preempt_loops: false };
+    let (_, layout) = instrument(&wasm, &options).unwrap();
+    // $blocker and run64 (its signature reaches $blocker); run's only call cannot suspend.
+    assert_eq!((layout.instrumented, layout.sites), (2, 2));
+}
