@@ -489,7 +489,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
     /// ones (so nothing is emitted between them).
     fn continues_chain(&self, index: usize, op: &Operator<'_>) -> bool {
         matches!(op, Operator::Block { .. } | Operator::TryTable { .. })
-            && self.plan.site_at.get(&index).is_none()
+            && !self.plan.site_at.contains_key(&index)
             && self.plan.structure_at.get(&index).is_some_and(|&id| self.plan.structures[id].skippable)
             && self.active_guard.is_none()
             && self.plan.guard_at.get(&index).is_none_or(|&g| self.trivial_guard(g))
