@@ -2,7 +2,7 @@
 //!
 //! Settings come from the flags, else from the optional TOML file given with `--config`
 //! (its keys mirror the flags: `listen`, `data_dir`, `public_url`, `max_file_size`,
-//! `max_processes`, `shutdown_grace`), else from the defaults.
+//! `max_processes`, `shutdown_grace`, `checkpoints`), else from the defaults.
 
 use crate::server::ServerConfig;
 use clap::Args;
@@ -20,7 +20,8 @@ const DEFAULT_SHUTDOWN_GRACE: &str = "30s";
 #[derive(Args, Debug, Default)]
 pub struct ServeArgs {
     /// A TOML file of settings (keys as the flags, with `_`: `listen`, `data_dir`,
-    /// `public_url`, `max_file_size`, `max_processes`, `shutdown_grace`); flags win.
+    /// `public_url`, `max_file_size`, `max_processes`, `shutdown_grace`, `checkpoints`);
+    /// flags win.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
     /// Where Stasis keeps its database, images, sandboxes and snapshots [default: .stasis].
@@ -42,6 +43,10 @@ pub struct ServeArgs {
     /// How long shutdown waits for snapshots in progress, e.g. `30s` [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
     shutdown_grace: Option<Duration>,
+    /// Run programs without the unwind transform: faster compute-heavy guests (MicroPython
+    /// ~1.8x), but memory snapshots and suspend then refuse sandboxes with running commands.
+    #[arg(long)]
+    no_checkpoints: bool,
 }
 
 /// The config file, as written.
@@ -54,6 +59,7 @@ struct ConfigFile {
     max_file_size: Option<SizeSetting>,
     max_processes: Option<u32>,
     shutdown_grace: Option<String>,
+    checkpoints: Option<bool>,
 }
 
 /// `max_file_size = "512M"` or a number of bytes.
@@ -122,6 +128,7 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
         max_file_bytes,
         max_processes,
         shutdown_grace,
+        checkpoints: !args.no_checkpoints && file.checkpoints.unwrap_or(true),
     })
 }
 
@@ -185,6 +192,9 @@ mod tests {
         assert_eq!(config.max_processes, 9);
         assert_eq!(config.public_url.as_deref(), Some("http://b"));
         assert_eq!(with_file("max_file_size = 100", ServeArgs::default()).unwrap().max_file_bytes, 100);
+        assert!(config.checkpoints, "on by default");
+        assert!(!with_file("checkpoints = false", ServeArgs::default()).unwrap().checkpoints);
+        assert!(!resolve(ServeArgs { no_checkpoints: true, ..Default::default() }).unwrap().checkpoints);
     }
 
     #[test]

@@ -122,6 +122,8 @@ pub struct ServerConfig {
     pub max_processes: u32,
     /// How long shutdown waits for snapshots in progress before it fails them.
     pub shutdown_grace: Duration,
+    /// Programs go through the unwind transform, so running commands can be captured.
+    pub checkpoints: bool,
 }
 
 /// What handlers see of the configuration.
@@ -196,7 +198,7 @@ impl AppState {
             code_cache_dir: Some(paths.code_cache()),
             max_processes: Some(config.max_processes),
             // Memory snapshots and suspend capture running commands too.
-            checkpoints: true,
+            checkpoints: config.checkpoints,
             ..HostConfig::default()
         })?;
         Ok(Arc::new(AppState {
