@@ -8,6 +8,15 @@
 //!
 //! Run: `cargo bench -p stasis-runtime --bench checkpoint` after `guests/build.sh`.
 //! `CHECKPOINT_BENCH_FORKS=200` makes the fork run smaller.
+//!
+//! Figures on the development VM (2 vCPUs), 2026-11-29:
+//! - transform: hello 23 -> 34 KiB (+46%) in 3.3 ms; MicroPython 362 -> 773 KiB (+114%)
+//!   in 58 ms (6.4 MB/s), 1,208 of 1,486 functions instrumented, 5,440 sites;
+//! - tax: cpuloop (C, CPU-bound) -0.1% (460 ms both); MicroPython running a Python loop
+//!   +76% (115 -> 203 ms);
+//! - idle REPL: snapshot p50 1.8 ms (p99 5.0), image 48 KiB (96 KiB of non-zero memory);
+//!   warm restore p50 16 µs; restore to the answer of `print(x)` 1.1 ms; 1,000 idle forks
+//!   in 525 ms, RSS +156 MiB (0.16 MiB each).
 
 use stasis_runtime::unwind::instrument;
 use stasis_runtime::{
