@@ -75,6 +75,40 @@ impl CodeCache {
         self.dir.as_ref().map(|dir| dir.join(format!("{}-{}.{ext}", hash.to_hex(), self.engine_key)))
     }
 
+    /// The compiled artifact of program `hash`, if the cache has a loadable one.
+    pub(crate) fn cached(&self, engine: &Engine, hash: &blake3::Hash, format: ProgramFormat) -> Option<Compiled> {
+        let path = self.artifact_path(hash, format)?;
+        if !path.exists() {
+            return None;
+        }
+        // Safety: artifacts are written by this cache (atomically) for this engine key.
+        let loaded = unsafe {
+            match format {
+                ProgramFormat::Module => Module::deserialize_file(engine, &path).map(Compiled::Module),
+                ProgramFormat::Component => Component::deserialize_file(engine, &path).map(Compiled::Component),
+            }
+        };
+        loaded.ok()
+    }
+
+    /// Reads what was stored next to program `hash`'s artifact with [`CodeCache::store_note`]
+    /// (e.g. the layouts the load-time rewrites produced, so a cached load skips them).
+    pub(crate) fn note<T: serde::de::DeserializeOwned>(&self, hash: &blake3::Hash) -> Option<T> {
+        let path = self.artifact_path(hash, ProgramFormat::Module)?.with_extension("note");
+        let bytes = std::fs::read(path).ok()?;
+        bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).ok().map(|(value, _)| value)
+    }
+
+    pub(crate) fn store_note<T: serde::Serialize>(&self, hash: &blake3::Hash, value: &T) {
+        let Some(path) = self.artifact_path(hash, ProgramFormat::Module).map(|p| p.with_extension("note")) else {
+            return;
+        };
+        let Ok(bytes) = bincode::serde::encode_to_vec(value, bincode::config::standard()) else { return };
+        if let Err(err) = write_atomically(&path, &bytes) {
+            tracing::warn!(path = %path.display(), "cannot store the program's layout: {err}");
+        }
+    }
+
     /// Loads the compiled artifact for `bytes`, compiling and storing it on a miss.
     pub(crate) fn load_or_compile(
         &self,

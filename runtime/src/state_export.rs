@@ -45,7 +45,7 @@ pub fn func_export(index: u32) -> String {
 }
 
 /// What the rewrite learned about a module's state, in index order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StateLayout {
     pub memories: Vec<MemoryInfo>,
     pub globals: Vec<GlobalInfo>,
@@ -59,7 +59,7 @@ pub struct StateLayout {
     pub data_ranges: Option<Vec<(u32, Range<u64>)>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryInfo {
     pub imported: bool,
     pub memory64: bool,
@@ -69,7 +69,7 @@ pub struct MemoryInfo {
     pub page_size_log2: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GlobalInfo {
     pub imported: bool,
     pub mutable: bool,
@@ -77,7 +77,7 @@ pub struct GlobalInfo {
 }
 
 /// The global types a snapshot can hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum GlobalKind {
     I32,
     I64,
@@ -90,7 +90,7 @@ pub enum GlobalKind {
     OtherRef,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TableInfo {
     pub imported: bool,
     pub funcref: bool,

@@ -193,3 +193,29 @@ async fn a_sandbox_with_a_tree_is_captured_with_its_running_processes() {
         p.kill();
     }
 }
+
+#[tokio::test]
+async fn a_second_host_on_the_same_code_cache_skips_the_transform_and_still_checkpoints() {
+    let cache = tempfile::tempdir().unwrap();
+    let config =
+        || HostConfig { checkpoints: true, code_cache_dir: Some(cache.path().to_path_buf()), ..HostConfig::default() };
+    let first = Host::new(config()).unwrap();
+    first.load(&guest_bytes("counter.wasm"), "counter").unwrap();
+    let notes = std::fs::read_dir(cache.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "note"))
+        .count();
+    assert_eq!(notes, 1, "the layouts are stored next to the compiled code");
+
+    let second = Host::new(config()).unwrap();
+    let sandbox = Sandbox::create(&second, SandboxConfig::default()).unwrap();
+    let process = sandbox.spawn(command("counter.wasm", &[]).stdin(StdinMode::Pipe)).await.unwrap();
+    assert!(process.program().unwrap().checkpoint_support().is_ok());
+    process.stdin().unwrap().write(b"2\n").unwrap();
+    wait_for_output(&process, "total=2").await;
+    process.checkpoint(AfterCheckpoint::Continue).await.unwrap();
+    process.stdin().unwrap().write(b"3\n").unwrap();
+    process.stdin().unwrap().close();
+    assert_eq!(process.wait().await, ExitStatus::Exited(0));
+    assert_eq!(common::text(process.stdout().contents()), "total=2\ntotal=5\nfinal=5\n");
+}

@@ -62,7 +62,7 @@ pub struct UnwindOptions {
 }
 
 /// Where the transform put its state, for the host.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UnwindLayout {
     pub state_global: u32,
     pub sp_global: u32,
