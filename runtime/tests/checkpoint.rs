@@ -219,3 +219,43 @@ async fn a_second_host_on_the_same_code_cache_skips_the_transform_and_still_chec
     assert_eq!(process.wait().await, ExitStatus::Exited(0));
     assert_eq!(common::text(process.stdout().contents()), "total=2\ntotal=5\nfinal=5\n");
 }
+
+/// A crafted image whose unwind stack is garbage (its checksums made to match) restores
+/// into a process that fails inside its sandbox, never the host.
+#[tokio::test]
+async fn a_crafted_unwind_stack_fails_the_guest_not_the_host() {
+    use stasis_runtime::memory_image::ProcessStateImage;
+    let host = checkpoint_host();
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    let process = sandbox.spawn(command("counter.wasm", &[]).stdin(StdinMode::Pipe)).await.unwrap();
+    process.stdin().unwrap().write(b"5\n").unwrap();
+    wait_for_output(&process, "total=5").await;
+    let mut checkpoint = process.checkpoint(AfterCheckpoint::Stop).await.unwrap();
+    let ProcessStateImage::Suspended(state) = &checkpoint.image.state else { panic!("not suspended") };
+    let layout = process.program().unwrap().checkpoint_support().unwrap().clone();
+    let part = state.instance.memories[layout.stack_memory as usize].part as usize;
+    let mut seed = 0x9E3779B97F4A7C15u64;
+    for byte in checkpoint.parts[part].iter_mut() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        *byte = seed as u8;
+    }
+    let bytes = stasis_runtime::checkpoint::encode_standalone(
+        host.engine_fingerprint(),
+        &checkpoint,
+        &guest_bytes("counter.wasm"),
+        vec![],
+    );
+    let snapshot = MemorySnapshot::from_standalone(&host, &bytes).unwrap();
+    let restored = snapshot.restore(&host, SandboxConfig::default(), None).await.unwrap();
+    let resumed = only_process(&restored);
+    if let Some(stdin) = resumed.stdin() {
+        stdin.close();
+    }
+    let status = tokio::time::timeout(Duration::from_secs(20), resumed.wait()).await.expect("it ends");
+    assert!(!status.success() || !common::text(resumed.stdout().contents()).contains("final=5"), "{status}");
+    // The host goes on: a fresh process runs normally.
+    let again = sandbox.spawn(command("counter.wasm", &[]).stdin(StdinMode::Bytes(b"1\n".to_vec()))).await.unwrap();
+    assert_eq!(again.wait().await, ExitStatus::Exited(0));
+}
