@@ -21,19 +21,8 @@ pub struct RunArgs {
     /// Set an environment variable for the guest; `NAME` alone passes the host's value.
     #[arg(long = "env", value_name = "NAME[=VAL]")]
     envs: Vec<String>,
-    /// Most linear memory the guest may use, e.g. `64M`, `1G`, `65536`.
-    #[arg(long, value_name = "BYTES", value_parser = stasis_runtime::limits::parse_byte_size)]
-    max_memory: Option<u64>,
-    /// Wall-clock limit, e.g. `2s`, `500ms`, `1m`.
-    #[arg(long, value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
-    timeout: Option<Duration>,
-    /// Directory for compiled code (default: `$STASIS_CACHE_DIR`, else `$XDG_CACHE_HOME/stasis`,
-    /// else `~/.cache/stasis`).
-    #[arg(long, value_name = "DIR")]
-    cache_dir: Option<PathBuf>,
-    /// Compile without reading or writing the code cache.
-    #[arg(long)]
-    no_cache: bool,
+    #[command(flatten)]
+    local: LocalArgs,
     /// Write an image of the running guest to `--checkpoint-out` after this long, e.g. `2s`.
     #[arg(long, value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
     checkpoint_after: Option<Duration>,
@@ -103,14 +92,14 @@ async fn run(args: RunArgs) -> Result<ExitStatus, String> {
     };
     let bytes = std::fs::read(&file).map_err(|e| format!("cannot read `{file}`: {e}"))?;
 
-    let host = local_host(args.no_cache, args.cache_dir, checkpoints)?;
+    let host = local_host(&args.local, checkpoints)?;
     let program = host.load(&bytes, &format!("`{file}`")).map_err(|e| e.to_string())?;
     if checkpoints {
         program.checkpoint_support().map_err(|why| format!("cannot checkpoint `{file}`: {why}"))?;
     }
     let preopens: Vec<(String, String)> =
         mounts.iter().map(|m| (m.host.to_string_lossy().into_owned(), m.guest.clone())).collect();
-    let sandbox = local_sandbox(&host, mounts, args.max_memory, args.timeout)?;
+    let sandbox = local_sandbox(&host, mounts, &args.local)?;
     let mut command = Command::new(ProgramRef::Loaded { program, name: file });
     command.args = guest_args;
     command.env = env;
@@ -155,20 +144,32 @@ async fn run(args: RunArgs) -> Result<ExitStatus, String> {
     }
 }
 
+/// Limits and the code cache: what `run` and `resume` share.
+#[derive(Args, Debug)]
+pub struct LocalArgs {
+    /// Most linear memory the guest may use, e.g. `64M`, `1G`, `65536`.
+    #[arg(long, value_name = "BYTES", value_parser = stasis_runtime::limits::parse_byte_size)]
+    max_memory: Option<u64>,
+    /// Wall-clock limit, e.g. `2s`, `500ms`, `1m`.
+    #[arg(long, value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
+    timeout: Option<Duration>,
+    /// Directory for compiled code (default: `$STASIS_CACHE_DIR`, else `$XDG_CACHE_HOME/stasis`,
+    /// else `~/.cache/stasis`).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Compile without reading or writing the code cache.
+    #[arg(long)]
+    no_cache: bool,
+}
+
 #[derive(Args, Debug)]
 pub struct ResumeArgs {
     /// Host directories, as `stasis run --dir` takes them; by default the ones recorded in
     /// the image, in the same order (the guest's open files refer to them by position).
     #[arg(long = "dir", value_name = "HOST[::GUEST]")]
     dirs: Vec<String>,
-    #[arg(long, value_name = "BYTES", value_parser = stasis_runtime::limits::parse_byte_size)]
-    max_memory: Option<u64>,
-    #[arg(long, value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
-    timeout: Option<Duration>,
-    #[arg(long, value_name = "DIR")]
-    cache_dir: Option<PathBuf>,
-    #[arg(long)]
-    no_cache: bool,
+    #[command(flatten)]
+    local: LocalArgs,
     /// An image written by `stasis run --checkpoint-out`.
     #[arg(value_name = "FILE")]
     image: PathBuf,
@@ -189,7 +190,7 @@ pub fn resume_main(args: ResumeArgs) -> u8 {
 async fn resume(args: ResumeArgs) -> Result<ExitStatus, String> {
     let shown = args.image.display().to_string();
     let bytes = std::fs::read(&args.image).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
-    let host = local_host(args.no_cache, args.cache_dir, true)?;
+    let host = local_host(&args.local, true)?;
     let snapshot = MemorySnapshot::from_standalone(&host, &bytes).map_err(|e| format!("`{shown}`: {e}"))?;
     let recorded: Vec<(String, String)> = match snapshot.header().processes.first().map(|p| &p.state) {
         Some(ProcessStateImage::Suspended(state)) if snapshot.header().processes.len() == 1 => state.preopens.clone(),
@@ -206,30 +207,25 @@ async fn resume(args: ResumeArgs) -> Result<ExitStatus, String> {
         }
         mounts
     };
-    let sandbox = local_sandbox(&host, mounts, args.max_memory, args.timeout)?;
+    let sandbox = local_sandbox(&host, mounts, &args.local)?;
     snapshot.restore_processes_with(&sandbox, RestoredStdio::Inherit).await.map_err(|e| format!("`{shown}`: {e}"))?;
     let process = sandbox.processes().into_iter().next().ok_or("the image holds no process")?;
     Ok(process.wait().await)
 }
 
 /// The host of a local run: one process, so no instance pool.
-fn local_host(no_cache: bool, cache_dir: Option<PathBuf>, checkpoints: bool) -> Result<Host, String> {
-    let code_cache_dir = if no_cache { None } else { cache_dir.or_else(default_cache_dir) };
+fn local_host(local: &LocalArgs, checkpoints: bool) -> Result<Host, String> {
+    let code_cache_dir = if local.no_cache { None } else { local.cache_dir.clone().or_else(default_cache_dir) };
     Host::new(HostConfig { code_cache_dir, max_processes: None, checkpoints, ..HostConfig::default() })
         .map_err(|e| e.to_string())
 }
 
-fn local_sandbox(
-    host: &Host,
-    mounts: Vec<Mount>,
-    max_memory: Option<u64>,
-    timeout: Option<Duration>,
-) -> Result<Sandbox, String> {
+fn local_sandbox(host: &Host, mounts: Vec<Mount>, local: &LocalArgs) -> Result<Sandbox, String> {
     Sandbox::create(
         host,
         SandboxConfig {
             mounts,
-            limits: Limits { max_memory, timeout, ..Limits::default() },
+            limits: Limits { max_memory: local.max_memory, timeout: local.timeout, ..Limits::default() },
             inline_file_io: true,
             ..SandboxConfig::default()
         },

@@ -18,6 +18,9 @@
 //!   warm restore p50 16 µs; restore to the answer of `print(x)` 1.1 ms; 1,000 idle forks
 //!   in 525 ms, RSS +156 MiB (0.16 MiB each).
 
+mod common;
+
+use common::{memory_mib, ms, percentile, us};
 use stasis_runtime::unwind::instrument;
 use stasis_runtime::{
     Command, Host, HostConfig, MemorySnapshot, MemorySnapshotStore, Process, ProgramRef, Sandbox, SandboxConfig,
@@ -30,33 +33,6 @@ use std::time::{Duration, Instant};
 fn guest(name: &str) -> Arc<[u8]> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/build").join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run guests/build.sh)", path.display())).into()
-}
-
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
-}
-
-fn us(d: Duration) -> String {
-    format!("{:.0} µs", d.as_secs_f64() * 1e6)
-}
-
-/// (RSS, PSS) of this process in MiB.
-fn memory_mib() -> (f64, f64) {
-    let text = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    (field("Rss:"), field("Pss:"))
 }
 
 fn transform_figures() {

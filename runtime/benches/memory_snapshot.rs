@@ -18,6 +18,9 @@
 //! - The reactor component (5 core instances, on the guest_debug engine): call p50
 //!   3.2 µs, snapshot p50 1.0 ms, restore (copying) p50 370 µs.
 
+mod common;
+
+use common::{memory_mib, percentile, us};
 use stasis_runtime::memory_image::{self, ProcessStateImage};
 use stasis_runtime::{
     Command, Host, HostConfig, MemorySnapshot, MemorySnapshotStore, ProgramRef, Sandbox, SandboxConfig,
@@ -29,29 +32,6 @@ use std::time::{Duration, Instant};
 fn reactor_bytes() -> Arc<[u8]> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/build/reactor.wasm");
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run guests/build.sh)", path.display())).into()
-}
-
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn us(d: Duration) -> String {
-    format!("{:.1} µs", d.as_secs_f64() * 1e6)
-}
-
-/// (RSS, PSS) of this process in MiB, from /proc/self/smaps_rollup.
-fn memory_mib() -> (f64, f64) {
-    let text = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    (field("Rss:"), field("Pss:"))
 }
 
 struct Taken {
