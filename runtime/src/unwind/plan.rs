@@ -97,16 +97,32 @@ impl Suspension {
     ) -> Suspension {
         let imports = info.func_imports.len();
         let total = imports + summaries.len();
-        let mut functions: Vec<bool> = (0..total).map(|f| f < imports && blocking_import(f)).collect();
-        for (i, s) in summaries.iter().enumerate() {
-            functions[imports + i] |= preempt_loops && s.loops;
-        }
+        let functions: Vec<bool> = (0..total).map(|f| f < imports && blocking_import(f)).collect();
         let mut candidates: Vec<u32> = table_funcs.iter().copied().filter(|&f| (f as usize) < total).collect();
         for s in summaries {
             candidates.extend(s.ref_funcs.iter().copied().filter(|&f| (f as usize) < total));
         }
         candidates.sort_unstable();
         candidates.dedup();
+        let mut result = Self::propagate(info, summaries, &candidates, functions);
+        // Loops become stop points of their own only in a program that cannot otherwise
+        // stop: where blocking calls are reachable, the functions on their way (an
+        // interpreter's dispatch loop, a `main` loop that reads) get loop checks anyway,
+        // and making every loop a root would instrument nearly every function (MicroPython
+        // ran 2x slower). A call-free loop elsewhere then runs to its end before the stop.
+        let blocking_reachable = result.functions[imports..].iter().any(|&f| f);
+        if preempt_loops && !blocking_reachable {
+            let mut functions = result.functions;
+            for (i, s) in summaries.iter().enumerate() {
+                functions[imports + i] |= s.loops;
+            }
+            result = Self::propagate(info, summaries, &candidates, functions);
+        }
+        result
+    }
+
+    fn propagate(info: &ModuleInfo, summaries: &[CallSummary], candidates: &[u32], functions: Vec<bool>) -> Suspension {
+        let imports = info.func_imports.len();
         let signature = |f: u32| info.type_of_func(f).ok().cloned();
         let mut result = Suspension { functions, signatures: Default::default(), any_reference: false };
         loop {
