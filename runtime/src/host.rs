@@ -235,6 +235,9 @@ fn engine_config(pool_size: Option<u32>) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.wasm_exceptions(true);
+    // The unwind transform hints its checks unlikely, so Cranelift moves the unwind and
+    // rewind paths out of the way of the normal one.
+    config.wasm_branch_hinting(true);
     if let Some(processes) = pool_size {
         // Pooling keeps instance slots, memories and fiber stacks mapped between
         // processes: spawn-to-exit of a small guest halves (issue 2's benchmark), at the

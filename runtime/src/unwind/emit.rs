@@ -57,6 +57,9 @@ pub(crate) struct Emitter<'a, 'p> {
     else_of: HashMap<usize, usize>,
     results: Vec<ValType>,
     param_count: usize,
+    /// Branch hints: (index in `out` of an instrumentation `if`, whether it is taken).
+    /// Cranelift lays the unlikely arm out of line, so the normal path stays compact.
+    hints: Vec<(usize, bool)>,
 }
 
 fn enc(ty: ValType) -> Result<wasm_encoder::ValType, UnwindError> {
@@ -100,6 +103,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             else_of: plan.structures.iter().enumerate().filter_map(|(i, s)| Some((s.else_op?, i))).collect(),
             results: results.to_vec(),
             param_count: params.len(),
+            hints: Vec::new(),
         };
         for &local in &emitter.saved.clone() {
             save_class(emitter.locals[local as usize])
@@ -157,6 +161,12 @@ impl<'a, 'p> Emitter<'a, 'p> {
 
     fn push(&mut self, instruction: Instruction<'a>) {
         self.out.push(instruction);
+    }
+
+    /// The next instruction is an instrumentation `if` whose condition is almost always
+    /// `taken` (or not) in normal running.
+    fn hint(&mut self, taken: bool) {
+        self.hints.push((self.out.len(), taken));
     }
 
     fn block_type(&mut self, params: &[ValType], results: &[ValType]) -> Result<BlockType, UnwindError> {
@@ -294,7 +304,11 @@ impl<'a, 'p> Emitter<'a, 'p> {
         }
     }
 
-    pub(crate) fn emit(mut self, body: &FunctionBody<'a>) -> Result<Function, UnwindError> {
+    /// The instrumented function and its branch hints (offsets from the body's start).
+    pub(crate) fn emit(
+        mut self,
+        body: &FunctionBody<'a>,
+    ) -> Result<(Function, Vec<wasm_encoder::BranchHint>), UnwindError> {
         self.prologue()?;
         let mut open: Vec<Option<usize>> = Vec::new();
         let mut structure_counter = 0usize;
@@ -361,10 +375,19 @@ impl<'a, 'p> Emitter<'a, 'p> {
             }
         }
         let mut function = Function::new(groups);
-        for instruction in &self.out {
+        let mut hints = Vec::with_capacity(self.hints.len());
+        let mut next_hint = self.hints.iter().peekable();
+        for (i, instruction) in self.out.iter().enumerate() {
+            if let Some(&&(at, taken)) = next_hint.peek()
+                && at == i
+            {
+                let offset = function.byte_len() as u32;
+                hints.push(wasm_encoder::BranchHint { branch_func_offset: offset, branch_hint_value: taken as u32 });
+                next_hint.next();
+            }
             function.instruction(instruction);
         }
-        Ok(function)
+        Ok((function, hints))
     }
 
     fn convert(&self, op: Operator<'a>) -> Result<Instruction<'a>, UnwindError> {
@@ -373,6 +396,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
 
     fn prologue(&mut self) -> Result<(), UnwindError> {
         self.state_is(REWINDING);
+        self.hint(false);
         self.push(Instruction::If(BlockType::Empty));
         self.push(Instruction::Call(self.helpers.pop[0]));
         self.push(Instruction::LocalSet(self.target));
@@ -426,6 +450,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.push(Instruction::GlobalGet(self.helpers.state));
             self.push(Instruction::I32Const(REWINDING));
             self.push(Instruction::I32Ne);
+            self.hint(true);
             self.open_synthetic(Instruction::If, &params, &results)?;
             self.active_guard = Some(g);
             if guard.end == index {
@@ -510,6 +535,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
         }
         let pending = std::mem::take(&mut self.pending_exits);
         self.state_is(REWINDING);
+        self.hint(false);
         self.push(Instruction::If(BlockType::Empty));
         self.frames.push(Frame::Synthetic);
         for id in pending {
@@ -543,11 +569,13 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.push(Instruction::I32Ne);
             self.in_range(first, end);
             self.push(Instruction::I32Or);
+            self.hint(true);
             self.open_synthetic(Instruction::If, &inputs, &results)?;
         }
         if kind == StructKind::If {
             // While rewinding, the arm holding the target decides, not the condition.
             self.state_is(REWINDING);
+            self.hint(false);
             self.open_synthetic(Instruction::If, &[ValType::I32], &[ValType::I32])?;
             self.push(Instruction::Drop);
             self.push(Instruction::LocalGet(self.target));
@@ -610,6 +638,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
         if loop_check {
             // The cheap test every iteration pays: state is 0 unless the host armed a stop.
             self.push(Instruction::GlobalGet(self.helpers.state));
+            self.hint(false);
             self.open_synthetic(Instruction::If, &frame, &frame)?;
         }
         if skippable {
@@ -620,6 +649,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.push(Instruction::I32Const(id as i32));
             self.push(Instruction::I32Eq);
             self.push(Instruction::I32Or);
+            self.hint(true);
             self.open_synthetic(Instruction::If, &frame, &after)?;
         }
         let mut arg_locals = Vec::with_capacity(params.len());
@@ -635,6 +665,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             // Rewinding to this site: replace the skipped code's placeholders with the
             // operands saved at the unwind.
             self.state_is(REWINDING);
+            self.hint(false);
             self.open_synthetic(Instruction::If, &frame, &frame)?;
             self.drop_n(frame.len());
             for &ty in &saved {
@@ -673,6 +704,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
         };
         self.push(call);
         self.state_is(UNWINDING);
+        self.hint(false);
         self.open_synthetic(Instruction::If, &after, &after)?;
         self.drop_n(results.len());
         for &ty in saved.iter().rev() {

@@ -217,6 +217,7 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
     let helpers = support::Helpers::new((imports + defined) as u32, globals, memories, tables);
     let mut types = support::TypeInterner::new(info.types.len() as u32);
     let mut code = CodeSection::new();
+    let mut branch_hints = wasm_encoder::BranchHints::new();
     let mut instrumented = 0u32;
     let mut sites = 0u32;
     for (i, (func, body)) in bodies.into_iter().enumerate() {
@@ -232,7 +233,11 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
         plan::type_plan(&mut plan, &frame_types);
         let ty = info.type_of_func(index)?.clone();
         let emitter = emit::Emitter::new(&plan, &helpers, &mut types, index, ty.params(), ty.results(), &body)?;
-        code.function(&emitter.emit(&body)?);
+        let (function, hints) = emitter.emit(&body)?;
+        code.function(&function);
+        if !hints.is_empty() {
+            branch_hints.function_hints(index, hints);
+        }
         instrumented += 1;
         sites += plan.sites.len() as u32;
     }
@@ -316,11 +321,18 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
     ordered.sort_by_key(|(id, _)| section_rank(*id));
     let mut module = wasm_encoder::Module::new();
     for (id, data) in ordered {
+        if id == wasm_encoder::SectionId::Code as u8 {
+            // The proposal puts branch hints before the code they describe.
+            module.section(&branch_hints);
+        }
         module.section(&RawSection { id, data });
     }
     // Custom sections (names, producers) go last: their original neighbours may be gone.
+    // Branch hints the module had described the code before the transform: dropped.
     for (id, range) in sections.iter().filter(|(id, _)| *id == 0) {
-        module.section(&RawSection { id: *id, data: &wasm[range.clone()] });
+        if !custom_section_named(&wasm[range.clone()], BRANCH_HINTS) {
+            module.section(&RawSection { id: *id, data: &wasm[range.clone()] });
+        }
     }
     let layout = UnwindLayout {
         state_global: helpers.state,
@@ -333,6 +345,14 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
         sites,
     };
     Ok((module.finish(), layout))
+}
+
+const BRANCH_HINTS: &str = "metadata.code.branch_hint";
+
+/// Whether custom section contents (name first) are the section `name`.
+fn custom_section_named(contents: &[u8], name: &str) -> bool {
+    let mut reader = wasmparser::BinaryReader::new(contents, 0);
+    reader.read_string().is_ok_and(|n| n == name)
 }
 
 fn is_rebuilt(id: u8) -> bool {

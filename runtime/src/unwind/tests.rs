@@ -437,3 +437,29 @@ fn calls_through_tables_follow_only_signatures_that_can_suspend() {
     // $blocker and run64 (its signature reaches $blocker); run's only call cannot suspend.
     assert_eq!((layout.instrumented, layout.sites), (2, 2));
 }
+
+#[test]
+fn instrumentation_checks_are_hinted_for_the_compiler() {
+    let wat = format!(
+        r#"(module {IMPORTS}
+        (func $leaf (param i32) (result i32) local.get 0)
+        (func (export "run") (param i32) (result i32) local.get 0 call $leaf call $block))"#
+    );
+    let wasm = wat::parse_str(&wat).unwrap();
+    let options = UnwindOptions { blocking_imports: vec![("env".into(), "block".into())], preempt_loops: false };
+    let (out, _) = instrument(&wasm, &options).unwrap();
+    let mut sections = 0;
+    for payload in Parser::new(0).parse_all(&out) {
+        if let Payload::CustomSection(reader) = payload.unwrap()
+            && let wasmparser::KnownCustom::BranchHints(hints) = reader.as_known()
+        {
+            sections += 1;
+            let functions: Vec<_> = hints.into_iter().map(|f| f.unwrap()).collect();
+            assert_eq!(functions.len(), 1, "only the instrumented function has hints");
+            let hints: Vec<_> = functions[0].hints.clone().into_iter().map(|h| h.unwrap()).collect();
+            assert!(hints.len() >= 3, "prologue, prelude and unwind check: {hints:?}");
+            assert!(hints.windows(2).all(|w| w[0].func_offset < w[1].func_offset));
+        }
+    }
+    assert_eq!(sections, 1);
+}
