@@ -80,6 +80,7 @@ pub(crate) struct Captured {
 }
 
 struct Request {
+    id: u64,
     hold: bool,
     then: AfterCheckpoint,
     reply: oneshot::Sender<Result<(Captured, Option<oneshot::Sender<()>>)>>,
@@ -91,6 +92,7 @@ pub(crate) struct CheckpointControl {
     requested: AtomicBool,
     wake: Notify,
     request: Mutex<Option<Request>>,
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 impl CheckpointControl {
@@ -116,16 +118,32 @@ impl CheckpointControl {
         then: AfterCheckpoint,
     ) -> Result<(Captured, Option<oneshot::Sender<()>>)> {
         let (reply, answer) = oneshot::channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut slot = self.request.lock().unwrap();
             if slot.is_some() {
                 return Err(Error::NotQuiescent("a checkpoint of this process is already in progress".into()));
             }
-            *slot = Some(Request { hold, then, reply });
+            *slot = Some(Request { id, hold, then, reply });
         }
         self.requested.store(true, Ordering::SeqCst);
         self.wake.notify_waiters();
-        answer.await.map_err(|_| Error::NotQuiescent("the process ended before it could be captured".into()))?
+        // A caller that gives up (a timeout drops this future) withdraws its request, so
+        // the process is not stopped for nobody and the next request is not refused.
+        struct Withdraw<'a>(&'a CheckpointControl, u64);
+        impl Drop for Withdraw<'_> {
+            fn drop(&mut self) {
+                let mut slot = self.0.request.lock().unwrap();
+                if slot.as_ref().is_some_and(|r| r.id == self.1) {
+                    *slot = None;
+                    self.0.requested.store(false, Ordering::SeqCst);
+                }
+            }
+        }
+        let withdraw = Withdraw(self, id);
+        let answer = answer.await;
+        std::mem::forget(withdraw);
+        answer.map_err(|_| Error::NotQuiescent("the process ended before it could be captured".into()))?
     }
 
     fn take(&self) -> Option<Request> {

@@ -259,3 +259,26 @@ async fn a_crafted_unwind_stack_fails_the_guest_not_the_host() {
     let again = sandbox.spawn(command("counter.wasm", &[]).stdin(StdinMode::Bytes(b"1\n".to_vec()))).await.unwrap();
     assert_eq!(again.wait().await, ExitStatus::Exited(0));
 }
+
+/// A call-free loop in a program that can also block is not a stop point (see `unwind`):
+/// a checkpoint waits for it, and one given up on is withdrawn rather than left pending.
+#[tokio::test]
+async fn a_checkpoint_given_up_on_is_withdrawn() {
+    let wat = r#"(module
+        (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+        (memory (export "memory") 1)
+        (func (export "reader") (result i32) i32.const 0 i32.const 0 i32.const 0 i32.const 0 call $read)
+        (func $spin loop br 0 end)
+        (func (export "_start") call $spin))"#;
+    let host = checkpoint_host();
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    let bytes: std::sync::Arc<[u8]> = wat::parse_str(wat).unwrap().into();
+    let process = sandbox.spawn(Command::new(ProgramRef::Bytes { bytes, name: "spin".into() })).await.unwrap();
+    for _ in 0..2 {
+        let attempt = tokio::time::timeout(Duration::from_millis(200), process.checkpoint(AfterCheckpoint::Continue));
+        assert!(attempt.await.is_err(), "the spinning loop has no stop point");
+    }
+    assert!(process.status().is_none());
+    process.kill();
+    assert_eq!(process.wait().await, ExitStatus::Killed);
+}
