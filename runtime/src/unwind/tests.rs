@@ -334,14 +334,19 @@ fn calls_through_tables_and_exceptions() {
 fn preemption_at_loop_headers_of_a_cpu_bound_loop() {
     let wat = format!(
         r#"(module {IMPORTS}
+        (func $mix (param $h i32) (param $i i32) (result i32)
+            local.get $h
+            i32.const 31
+            i32.mul
+            local.get $i
+            i32.xor)
         (func (export "run") (param $n i32) (result i32)
             (local $i i32) (local $h i32)
+            ;; A loop that calls something gets a stop check at its header.
             loop $l
                 local.get $h
-                i32.const 31
-                i32.mul
                 local.get $i
-                i32.xor
+                call $mix
                 local.set $h
                 local.get $i
                 i32.const 1
