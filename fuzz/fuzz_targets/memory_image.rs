@@ -49,7 +49,16 @@ fn exercise(data: &[u8]) -> Result<Image<'_>, memory_image::ImageError> {
 /// What a restore does with a validated header: sum the runs, index the parts.
 fn walk(header: &ImageHeader) {
     for process in &header.processes {
-        let ProcessStateImage::Idle(instance) = &process.state else { continue };
+        let instance = match &process.state {
+            ProcessStateImage::Idle(instance) => instance,
+            ProcessStateImage::Suspended(suspended) => {
+                if let Some(part) = suspended.program_part {
+                    assert!((part as usize) < header.parts.len());
+                }
+                &suspended.instance
+            }
+            _ => continue,
+        };
         for memory in &instance.memories {
             let pages = memory.stored_pages();
             assert!(pages <= memory.size_bytes / memory_image::IMAGE_PAGE);
@@ -76,7 +85,8 @@ fn reseal_header(data: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     let body = &data[PREFIX_LEN..PREFIX_LEN + header_len as usize];
-    let hash = blake3::hash(body);
+    let minor = u16::from_le_bytes([data[10], data[11]]);
+    let hash = memory_image::header_checksum(minor, body);
     if hash.as_bytes() == &data[20..52] {
         return None; // already decoded as it is
     }

@@ -266,7 +266,7 @@ pub fn encode(header: &ImageHeader, parts: &[Vec<u8>]) -> Vec<u8> {
 
 /// The header's checksum. From format 1.1 it covers the version too, so that a flipped
 /// minor version cannot pass for an older format.
-fn header_checksum(minor: u16, body: &[u8]) -> blake3::Hash {
+pub fn header_checksum(minor: u16, body: &[u8]) -> blake3::Hash {
     let mut hasher = blake3::Hasher::new();
     if minor >= 1 {
         hasher.update(&VERSION.0.to_le_bytes()).update(&minor.to_le_bytes());
