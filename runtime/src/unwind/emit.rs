@@ -113,15 +113,22 @@ impl<'a, 'p> Emitter<'a, 'p> {
         if plan.sites.iter().any(|s| s.indirect) {
             emitter.index_local = Some(emitter.saved_local(ValType::I32));
         }
-        let mut needed: HashMap<ValType, usize> = HashMap::new();
+        // In order of first use, so the output (local numbers, hence the saved frame
+        // layout) is the same on every host: images move between them.
+        let mut needed: Vec<(ValType, usize)> = Vec::new();
         for site in plan.sites.iter().filter(|s| s.import) {
-            let mut counts: HashMap<ValType, usize> = HashMap::new();
+            let mut counts: Vec<(ValType, usize)> = Vec::new();
             for &ty in &site.params {
-                *counts.entry(ty).or_default() += 1;
+                match counts.iter_mut().find(|(t, _)| *t == ty) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((ty, 1)),
+                }
             }
             for (ty, n) in counts {
-                let entry = needed.entry(ty).or_default();
-                *entry = (*entry).max(n);
+                match needed.iter_mut().find(|(t, _)| *t == ty) {
+                    Some((_, most)) => *most = (*most).max(n),
+                    None => needed.push((ty, n)),
+                }
             }
         }
         for (ty, n) in needed {

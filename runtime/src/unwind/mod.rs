@@ -49,8 +49,10 @@ pub const REWINDING: i32 = 2;
 pub const ARMED: i32 = 3;
 pub const FAILED: i32 = 4;
 
-/// Part of the compiled-code key: change it whenever the transform's output changes.
-pub const TRANSFORM_VERSION: &str = "unwind-1";
+/// Part of the compiled-code key and of the engine fingerprint images record: change it
+/// whenever the transform's output changes (site numbers are what a rewind follows, so an
+/// image must never resume on code from another version). A unit test pins the output.
+pub const TRANSFORM_VERSION: &str = "unwind-2";
 
 #[derive(Debug, Clone, Default)]
 pub struct UnwindOptions {

@@ -468,3 +468,47 @@ fn instrumentation_checks_are_hinted_for_the_compiler() {
     }
     assert_eq!(sections, 1);
 }
+
+/// Pins the transform's output: when this fails, bump `TRANSFORM_VERSION` (so that images
+/// and compiled code of the old output are not used with the new), then update the hash.
+#[test]
+fn the_transform_version_names_its_output() {
+    let wat = format!(
+        r#"(module {IMPORTS}
+        (type $un (func (param i32) (result i32)))
+        (table 1 funcref)
+        (elem (i32.const 0) $f)
+        (func $f (type $un) local.get 0 i64.extend_i32_u call $log local.get 0 call $block)
+        (func (export "run") (param $x i32) (result i32) (local $i i32)
+            i32.const 5
+            block (result i32)
+                loop $l
+                    local.get $x
+                    i32.const 0
+                    call_indirect (type $un)
+                    local.set $x
+                    local.get $i
+                    i32.const 1
+                    i32.add
+                    local.tee $i
+                    i32.const 3
+                    i32.lt_u
+                    br_if $l
+                end
+                local.get $x
+            end
+            i32.add))"#
+    );
+    let wasm = wat::parse_str(&wat).unwrap();
+    // Two blocking imports of different parameter types: their argument locals must be
+    // numbered the same way every time.
+    let blocking = vec![("env".into(), "block".into()), ("env".into(), "log".into())];
+    let options = UnwindOptions { blocking_imports: blocking, preempt_loops: true };
+    let (out, _) = instrument(&wasm, &options).unwrap();
+    let hash = blake3::hash(&out).to_hex().to_string();
+    assert_eq!(
+        (TRANSFORM_VERSION, hash.as_str()),
+        ("unwind-2", "8bf5435f5376554ac5685e7799643776c0646a36c00b9739dae9ed271778a4ef"),
+        "the transform's output changed"
+    );
+}
