@@ -209,11 +209,14 @@ pub(crate) const GATE_WAT: &str = r#"(module
   (func (export "poll_oneoff") (param i32 i32 i32 i32) (result i32)
     local.get 0 local.get 1 local.get 2 local.get 3 call $poll))"#;
 
-async fn gate(
-    caller: &mut Caller<'_, ProcessState>,
-    real: &Linker<ProcessState>,
-    module: &wasmtime::Module,
-) -> wasmtime::Result<Gate> {
+/// What a process's [`Gate`] is built from: the linker with the real functions, and the
+/// compiled gate module.
+struct GateSource {
+    real: Linker<ProcessState>,
+    module: wasmtime::Module,
+}
+
+async fn gate(caller: &mut Caller<'_, ProcessState>, source: &GateSource) -> wasmtime::Result<Gate> {
     if let Some(gate) = caller.data().checkpoint.as_ref().and_then(|c| c.gate.clone()) {
         return Ok(gate);
     }
@@ -223,9 +226,9 @@ async fn gate(
         .ok_or_else(|| wasmtime::format_err!("the guest exports no `memory`"))?;
     let mut imports = vec![memory.into()];
     for name in ["fd_read", "poll_oneoff"] {
-        imports.push(real.get(&mut *caller, "wasi_snapshot_preview1", name)?);
+        imports.push(source.real.get(&mut *caller, "wasi_snapshot_preview1", name)?);
     }
-    let instance = Instance::new_async(&mut *caller, module, &imports).await?;
+    let instance = Instance::new_async(&mut *caller, &source.module, &imports).await?;
     let gate = Gate {
         fd_read: instance.get_typed_func(&mut *caller, "fd_read")?,
         poll_oneoff: instance.get_typed_func(&mut *caller, "poll_oneoff")?,
@@ -296,13 +299,13 @@ pub(crate) fn add_blocking_shadows(
     real: Linker<ProcessState>,
     gate_module: wasmtime::Module,
 ) -> wasmtime::Result<()> {
-    let real = Arc::new(real);
-    let (read_real, read_module) = (real.clone(), gate_module.clone());
+    let source = Arc::new(GateSource { real, module: gate_module });
+    let read_source = source.clone();
     linker.func_wrap_async(
         "wasi_snapshot_preview1",
         "fd_read",
         move |mut caller: Caller<'_, ProcessState>, (fd, iovs, len, nread): (i32, i32, i32, i32)| {
-            let (real, module) = (read_real.clone(), read_module.clone());
+            let source = read_source.clone();
             Box::new(async move {
                 if let Entry::Unwind = entry(&mut caller) {
                     return Ok(0);
@@ -313,7 +316,7 @@ pub(crate) fn add_blocking_shadows(
                 {
                     return Ok(0);
                 }
-                let gate = gate(&mut caller, &real, &module).await?;
+                let gate = gate(&mut caller, &source).await?;
                 gate.fd_read.call_async(&mut caller, (fd, iovs, len, nread)).await
             })
         },
@@ -322,7 +325,7 @@ pub(crate) fn add_blocking_shadows(
         "wasi_snapshot_preview1",
         "poll_oneoff",
         move |mut caller: Caller<'_, ProcessState>, (subs, events, count, nevents): (i32, i32, i32, i32)| {
-            let (real, module) = (real.clone(), gate_module.clone());
+            let source = source.clone();
             Box::new(async move {
                 let rewound = match entry(&mut caller) {
                     Entry::Unwind => return Ok(0),
@@ -331,7 +334,7 @@ pub(crate) fn add_blocking_shadows(
                 match clock_deadlines(&mut caller, subs, count, rewound) {
                     Some(deadlines) => sleep_until(&mut caller, deadlines, subs, events, nevents).await,
                     None => {
-                        let gate = gate(&mut caller, &real, &module).await?;
+                        let gate = gate(&mut caller, &source).await?;
                         gate.poll_oneoff.call_async(&mut caller, (subs, events, count, nevents)).await
                     }
                 }
@@ -549,7 +552,7 @@ pub(crate) fn restore_into(
     Ok(())
 }
 
-/// Images of the processes of `sandbox`'s running commands, for a memory snapshot.
+/// The image record of a captured running process.
 pub(crate) fn suspended_process_image(
     pid: u64,
     argv: &[String],

@@ -75,34 +75,38 @@ impl CodeCache {
         self.dir.as_ref().map(|dir| dir.join(format!("{}-{}.{ext}", hash.to_hex(), self.engine_key)))
     }
 
+    /// Maps the stored artifact at `path`.
+    fn load_artifact(engine: &Engine, path: &Path, format: ProgramFormat) -> wasmtime::Result<Compiled> {
+        // SAFETY: the artifact was produced by this engine configuration (the key is
+        // in its name) and the cache directory is host-private; see the module docs.
+        unsafe {
+            match format {
+                ProgramFormat::Module => Module::deserialize_file(engine, path).map(Compiled::Module),
+                ProgramFormat::Component => Component::deserialize_file(engine, path).map(Compiled::Component),
+            }
+        }
+    }
+
     /// The compiled artifact of program `hash`, if the cache has a loadable one.
     pub(crate) fn cached(&self, engine: &Engine, hash: &blake3::Hash, format: ProgramFormat) -> Option<Compiled> {
-        let path = self.artifact_path(hash, format)?;
-        if !path.exists() {
-            return None;
-        }
-        // Safety: artifacts are written by this cache (atomically) for this engine key.
-        let loaded = unsafe {
-            match format {
-                ProgramFormat::Module => Module::deserialize_file(engine, &path).map(Compiled::Module),
-                ProgramFormat::Component => Component::deserialize_file(engine, &path).map(Compiled::Component),
-            }
-        };
-        loaded.ok()
+        let path = self.artifact_path(hash, format).filter(|p| p.exists())?;
+        Self::load_artifact(engine, &path, format).ok()
+    }
+
+    /// Where the note of a core module's artifact lives (see [`CodeCache::note`]).
+    fn note_path(&self, hash: &blake3::Hash) -> Option<PathBuf> {
+        self.artifact_path(hash, ProgramFormat::Module).map(|p| p.with_extension("note"))
     }
 
     /// Reads what was stored next to program `hash`'s artifact with [`CodeCache::store_note`]
     /// (e.g. the layouts the load-time rewrites produced, so a cached load skips them).
     pub(crate) fn note<T: serde::de::DeserializeOwned>(&self, hash: &blake3::Hash) -> Option<T> {
-        let path = self.artifact_path(hash, ProgramFormat::Module)?.with_extension("note");
-        let bytes = std::fs::read(path).ok()?;
+        let bytes = std::fs::read(self.note_path(hash)?).ok()?;
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).ok().map(|(value, _)| value)
     }
 
     pub(crate) fn store_note<T: serde::Serialize>(&self, hash: &blake3::Hash, value: &T) {
-        let Some(path) = self.artifact_path(hash, ProgramFormat::Module).map(|p| p.with_extension("note")) else {
-            return;
-        };
+        let Some(path) = self.note_path(hash) else { return };
         let Ok(bytes) = bincode::serde::encode_to_vec(value, bincode::config::standard()) else { return };
         if let Err(err) = write_atomically(&path, &bytes) {
             tracing::warn!(path = %path.display(), "cannot store the program's layout: {err}");
@@ -121,15 +125,7 @@ impl CodeCache {
         if let Some(path) = &path
             && path.exists()
         {
-            // SAFETY: the artifact was produced by this engine configuration (the key is
-            // in its name) and the cache directory is host-private; see the module docs.
-            let loaded = unsafe {
-                match format {
-                    ProgramFormat::Module => Module::deserialize_file(engine, path).map(Compiled::Module),
-                    ProgramFormat::Component => Component::deserialize_file(engine, path).map(Compiled::Component),
-                }
-            };
-            match loaded {
+            match Self::load_artifact(engine, path, format) {
                 Ok(compiled) => return Ok(compiled),
                 Err(err) => tracing::warn!(path = %path.display(), "discarding unloadable compiled artifact: {err}"),
             }

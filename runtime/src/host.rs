@@ -274,12 +274,11 @@ impl Host {
         core_linker.allow_shadowing(false);
         guest_imports::add_to_linker(&mut core_linker).map_err(setup)?;
         let checkpoint_linker = if config.checkpoints {
-            let mut real = Linker::new(&engine);
-            wasmtime_wasi::p1::add_to_linker_async(&mut real, |s: &mut ProcessState| &mut s.wasi).map_err(setup)?;
             let gate = wasmtime::Module::new(&engine, crate::checkpoint::GATE_WAT).map_err(setup)?;
             let mut linker = core_linker.clone();
             linker.allow_shadowing(true);
-            crate::checkpoint::add_blocking_shadows(&mut linker, real, gate).map_err(setup)?;
+            // `core_linker` keeps the real `fd_read` and `poll_oneoff` the shadows call.
+            crate::checkpoint::add_blocking_shadows(&mut linker, core_linker.clone(), gate).map_err(setup)?;
             linker.allow_shadowing(false);
             Some(linker)
         } else {

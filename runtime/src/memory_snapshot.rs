@@ -195,18 +195,15 @@ impl Sandbox {
         let held = Instant::now();
         // Running commands are stopped and held unwound until the tree is captured, so
         // that processes and files are one moment. A process that ends meanwhile is
-        // recorded as ended.
+        // recorded as ended, with the others that have.
         let mut running = Vec::new();
-        let mut ended = Vec::new();
         for process in processes.iter().filter(|p| p.status().is_none()) {
             // A process stuck in a host call that cannot be interrupted (a write to a
             // full pipe) would hold the snapshot forever: give up after a while.
-            let held = tokio::time::timeout(STOP_POINT_WAIT, process.checkpoint_held()).await;
-            match held {
+            let attempt = tokio::time::timeout(STOP_POINT_WAIT, process.checkpoint_held()).await;
+            match attempt {
                 Ok(Ok(checkpoint)) => running.push((process.clone(), checkpoint)),
-                Ok(Err(_)) if process.wait_timeout(Duration::from_secs(1)).await.is_some() => {
-                    ended.push(process.clone())
-                }
+                Ok(Err(_)) if process.wait_timeout(Duration::from_secs(1)).await.is_some() => {}
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     return Err(Error::NotQuiescent(format!(
@@ -249,7 +246,6 @@ impl Sandbox {
             programs.extend(process.program().cloned());
             // Dropping the checkpoint released the process: it rewinds and goes on.
         }
-        let _ = ended;
         for reactor in &mut frozen {
             let (image, pages) = reactor.capture(raw_parts.len() as u32).await?;
             images_of.push(image);

@@ -599,7 +599,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.pending_exits.push(id);
         }
         if kind == StructKind::Loop
-            && let Some(&site) = self.loop_site_at.get(&st_start(self.plan, id))
+            && let Some(&site) = self.loop_site_at.get(&self.plan.structures[id].start)
         {
             self.emit_site(site, None)?;
         }
@@ -740,8 +740,4 @@ impl<'a, 'p> Emitter<'a, 'p> {
         }
         Ok(())
     }
-}
-
-fn st_start(plan: &FuncPlan, id: usize) -> usize {
-    plan.structures[id].start
 }
