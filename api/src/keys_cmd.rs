@@ -20,6 +20,15 @@ enum KeysCommand {
         #[command(flatten)]
         data: DataDirArg,
     },
+    /// Add an existing key (read from stdin, as `keys create` printed it on another node),
+    /// so that one key works on every node of a deployment.
+    Add {
+        /// The namespace the key gives access to (the same as on the other nodes).
+        #[arg(long)]
+        namespace: String,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
 }
 
 pub fn main(args: KeysArgs) -> u8 {
@@ -32,6 +41,20 @@ pub fn main(args: KeysArgs) -> u8 {
                     println!("{key}");
                     0
                 }
+                Err(e) => {
+                    eprintln!("stasis: error: {e:#}");
+                    1
+                }
+            }
+        }
+        KeysCommand::Add { namespace, data } => {
+            let mut key = String::new();
+            let added = std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut key)
+                .map_err(|e| anyhow::anyhow!("cannot read the key from stdin: {e}"))
+                .and_then(|_| DataPaths::new(data.data_dir).open_db())
+                .and_then(|db| crate::server::add_key(&db, &namespace, key.trim()));
+            match added {
+                Ok(()) => 0,
                 Err(e) => {
                     eprintln!("stasis: error: {e:#}");
                     1

@@ -2,11 +2,13 @@
 //!
 //! Settings come from the flags, else from the optional TOML file given with `--config`
 //! (its keys mirror the flags: `listen`, `data_dir`, `public_url`, `max_file_size`,
-//! `max_processes`, `shutdown_grace`, `checkpoints`), else from the defaults.
+//! `max_processes`, `shutdown_grace`, `checkpoints`, `remote`, `remote_endpoint`,
+//! `remote_region`, `cache_size`), else from the defaults.
 
 use crate::server::ServerConfig;
 use clap::Args;
 use serde::Deserialize;
+use stasis_runtime::RemoteConfig;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,8 +22,8 @@ const DEFAULT_SHUTDOWN_GRACE: &str = "30s";
 #[derive(Args, Debug, Default)]
 pub struct ServeArgs {
     /// A TOML file of settings (keys as the flags, with `_`: `listen`, `data_dir`,
-    /// `public_url`, `max_file_size`, `max_processes`, `shutdown_grace`, `checkpoints`);
-    /// flags win.
+    /// `public_url`, `max_file_size`, `max_processes`, `shutdown_grace`, `checkpoints`,
+    /// `remote`, `remote_endpoint`, `remote_region`, `cache_size`); flags win.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
     /// Where Stasis keeps its database, images, sandboxes and snapshots [default: .stasis].
@@ -47,6 +49,21 @@ pub struct ServeArgs {
     /// ~1.8x), but memory snapshots and suspend then refuse sandboxes with running commands.
     #[arg(long)]
     no_checkpoints: bool,
+    /// Share snapshots with other nodes through object storage: `s3://BUCKET[/PREFIX]`, or
+    /// `file:///PATH` for a directory every node mounts. S3 credentials come from the
+    /// environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
+    #[arg(long, value_name = "URL")]
+    remote: Option<String>,
+    /// The S3-compatible server to use instead of AWS, e.g. `http://127.0.0.1:3900`.
+    #[arg(long, value_name = "URL")]
+    remote_endpoint: Option<String>,
+    /// The S3 region (Garage: the `s3_region` of its config).
+    #[arg(long, value_name = "NAME")]
+    remote_region: Option<String>,
+    /// With `--remote`: how much of the shared snapshots this node keeps on local disk,
+    /// e.g. `20G`; the least recently used are dropped past it [default: unbounded].
+    #[arg(long, value_name = "BYTES", value_parser = stasis_runtime::limits::parse_byte_size)]
+    cache_size: Option<u64>,
 }
 
 /// The config file, as written.
@@ -60,6 +77,10 @@ struct ConfigFile {
     max_processes: Option<u32>,
     shutdown_grace: Option<String>,
     checkpoints: Option<bool>,
+    remote: Option<String>,
+    remote_endpoint: Option<String>,
+    remote_region: Option<String>,
+    cache_size: Option<SizeSetting>,
 }
 
 /// `max_file_size = "512M"` or a number of bytes.
@@ -121,6 +142,21 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
     if max_processes == 0 {
         return Err("max_processes must be at least 1".into());
     }
+    let cache_bytes = match (args.cache_size, file.cache_size) {
+        (Some(bytes), _) | (None, Some(SizeSetting::Bytes(bytes))) => Some(bytes),
+        (None, Some(SizeSetting::Text(text))) => Some(
+            stasis_runtime::limits::parse_byte_size(&text).map_err(|e| bad("cache_size", &format!("{text:?}"), e))?,
+        ),
+        (None, None) => None,
+    };
+    let remote = args.remote.or(file.remote).map(|url| RemoteConfig {
+        endpoint: args.remote_endpoint.or(file.remote_endpoint),
+        region: args.remote_region.or(file.remote_region),
+        ..RemoteConfig::new(url)
+    });
+    if remote.is_none() && cache_bytes.is_some() {
+        return Err("cache_size applies to snapshots shared through `remote`, which is not set".into());
+    }
     Ok(ServerConfig {
         data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
         listen,
@@ -129,6 +165,8 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
         max_processes,
         shutdown_grace,
         checkpoints: !args.no_checkpoints && file.checkpoints.unwrap_or(true),
+        remote,
+        cache_bytes,
     })
 }
 
@@ -195,6 +233,14 @@ mod tests {
         assert!(config.checkpoints, "on by default");
         assert!(!with_file("checkpoints = false", ServeArgs::default()).unwrap().checkpoints);
         assert!(!resolve(ServeArgs { no_checkpoints: true, ..Default::default() }).unwrap().checkpoints);
+        assert!(config.remote.is_none(), "snapshots stay on this node by default");
+        let text = "remote = \"s3://b/p\"\nremote_endpoint = \"http://127.0.0.1:3900\"\ncache_size = \"1G\"\n";
+        let config = with_file(text, ServeArgs::default()).unwrap();
+        let remote = config.remote.unwrap();
+        assert_eq!((remote.url.as_str(), remote.endpoint.as_deref()), ("s3://b/p", Some("http://127.0.0.1:3900")));
+        assert_eq!(config.cache_bytes, Some(1 << 30));
+        let e = with_file("cache_size = \"1G\"", ServeArgs::default()).unwrap_err();
+        assert!(e.contains("`remote`, which is not set"), "{e}");
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub enum Error {
     /// A memory snapshot that cannot be taken now (a process mid-execution).
     #[error("cannot take a memory snapshot: {0}")]
     NotQuiescent(String),
+    /// The shared object store (see `remote`) failed or holds something it should not.
+    #[error("object storage: {0}")]
+    Remote(String),
     /// The guest could not be started (WASI context construction and the like).
     #[error("cannot start the guest: {0}")]
     Start(String),

@@ -35,6 +35,7 @@ mod memory_snapshot;
 pub mod pause;
 pub mod process;
 mod reactor;
+pub mod remote;
 pub mod sandbox;
 mod sandbox_snapshot;
 pub mod state_export;
@@ -51,6 +52,7 @@ pub use memory_snapshot::{MemorySnapshot, MemorySnapshotReport, MemorySnapshotSt
 pub use pause::PauseGuard;
 pub use process::{ExitStatus, OutputMode, Process, StdinMode};
 pub use reactor::Reactor;
+pub use remote::{PullStats, PushStats, RemoteConfig, RemoteStore};
 pub use sandbox::{Command, Mount, ProgramRef, Sandbox, SandboxConfig};
 pub use sandbox_snapshot::FsSnapshotReport;
 pub use stdio::{OutputBuffer, OutputChunk, StdinPipe};

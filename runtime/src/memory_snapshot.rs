@@ -95,6 +95,40 @@ impl MemorySnapshotStore {
         write_atomically(&path, program.bytes()).map_err(io_error(format!("cannot store `{}`", path.display())))
     }
 
+    /// Keeps program bytes that arrived from elsewhere under their blake3 `hash`, after
+    /// checking them against it.
+    pub fn put_module_bytes(&self, hash: &[u8; 32], bytes: &[u8]) -> Result<()> {
+        if blake3::hash(bytes).as_bytes() != hash {
+            return Err(Error::InvalidArgument(format!(
+                "program {} does not match its hash",
+                blake3::Hash::from_bytes(*hash).to_hex()
+            )));
+        }
+        let path = self.module_path(hash);
+        if path.exists() {
+            return Ok(());
+        }
+        write_atomically(&path, bytes).map_err(io_error(format!("cannot store `{}`", path.display())))
+    }
+
+    pub fn has_module(&self, hash: &[u8; 32]) -> bool {
+        self.module_path(hash).exists()
+    }
+
+    /// The programs an image names by hash (those it does not carry itself), each once.
+    pub fn programs_of(image: &[u8]) -> Result<Vec<[u8; 32]>> {
+        let image = memory_image::decode(image)?;
+        let mut out = Vec::new();
+        for p in &image.header.processes {
+            let carried =
+                matches!(&p.state, ProcessStateImage::Suspended(SuspendedImage { program_part: Some(_), .. }));
+            if !matches!(p.state, ProcessStateImage::Exited(_)) && !carried && !out.contains(&p.program) {
+                out.push(p.program);
+            }
+        }
+        Ok(out)
+    }
+
     /// A stored program's bytes, checked against its name.
     pub fn module(&self, hash: &[u8; 32]) -> Result<Vec<u8>> {
         let path = self.module_path(hash);

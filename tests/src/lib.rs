@@ -1,5 +1,7 @@
 //! Helpers for end-to-end tests: where the built binary and the built guests are.
 
+pub mod garage;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -68,6 +70,11 @@ pub struct TestServer {
 impl TestServer {
     /// A fresh data directory whose `default` image holds [`IMAGE_GUESTS`] under `/bin`.
     pub fn start() -> TestServer {
+        Self::start_opts(&[], &[])
+    }
+
+    /// [`start`](Self::start) with extra `stasis serve` arguments and environment.
+    pub fn start_opts(args: &[&str], env: &[(&str, String)]) -> TestServer {
         let tmp = tempfile::tempdir().unwrap();
         let data_dir = tmp.path().join("data");
         let image = tmp.path().join("image");
@@ -83,7 +90,7 @@ impl TestServer {
         let cache = workspace_root().join("target/stasis-test-code-cache");
         std::fs::create_dir_all(&cache).unwrap();
         std::os::unix::fs::symlink(&cache, data_dir.join("cache")).unwrap();
-        let mut server = TestServer::start_in(&data_dir);
+        let mut server = TestServer::spawn(&data_dir, args, env);
         server._tmp = Some(tmp);
         server
     }
@@ -95,6 +102,11 @@ impl TestServer {
 
     /// A server with extra `stasis serve` arguments.
     pub fn start_with(data_dir: &Path, args: &[&str]) -> TestServer {
+        Self::spawn(data_dir, args, &[])
+    }
+
+    /// A server on `data_dir` with extra arguments and environment.
+    pub fn spawn(data_dir: &Path, args: &[&str], env: &[(&str, String)]) -> TestServer {
         std::fs::create_dir_all(data_dir).unwrap();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("server.log")).unwrap();
         let mut child = Command::new(stasis_bin())
@@ -102,6 +114,7 @@ impl TestServer {
             .arg(data_dir)
             .args(args)
             .env("STASIS_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -132,6 +145,14 @@ impl TestServer {
         let key = text(&out.stdout);
         assert_eq!(key.lines().count(), 1, "the key alone on stdout: {key:?}");
         key.trim().to_string()
+    }
+
+    /// Adds a key created on another node (`stasis keys add`).
+    pub fn add_key(&self, namespace: &str, key: &str) {
+        let mut cmd = Command::new(stasis_bin());
+        cmd.args(["keys", "add", "--namespace", namespace, "--data-dir"]).arg(&self.data_dir);
+        let out = run_with_stdin(cmd, format!("{key}\n").as_bytes());
+        assert!(out.status.success(), "stasis keys add: {}", text(&out.stderr));
     }
 
     /// A client with `key`.
@@ -290,6 +311,20 @@ impl Api {
             }
         }
         (exit, stdout, stderr)
+    }
+
+    /// Waits until process `pid` of this client's sandbox has printed `line`.
+    #[track_caller]
+    pub fn wait_for_line(&self, pid: u64, line: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let stdout = self.get(&format!("/api/v1/processes/{pid}/stdout")).expect(200).json();
+            if stdout["lines"].as_array().unwrap().iter().any(|l| l == line) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "no `{line}` in {stdout}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// Takes a snapshot of `sandbox` and waits for it to leave `in_progress`; returns its record.

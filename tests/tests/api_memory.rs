@@ -48,7 +48,7 @@ fn running_commands_are_captured_and_continue_in_the_restored_sandbox() {
     let started = sb.post("/api/v1/processes", json!({"command": "counter", "stdin_mode": "pipe"})).expect(200).json();
     let pid = started["pid"].as_u64().unwrap();
     sb.request("POST", &format!("/api/v1/processes/{pid}/stdin"), b"5\n").expect(200);
-    wait_for_line(&sb, pid, "total=5");
+    sb.wait_for_line(pid, "total=5");
     sb.post("/api/v1/processes", json!({"command": "sleeper", "args": ["60000"]})).expect(200);
 
     // Both are running: the snapshot stops them where they wait, captures them, and lets
@@ -56,7 +56,7 @@ fn running_commands_are_captured_and_continue_in_the_restored_sandbox() {
     let snap = api.snapshot(&id, json!({"snapshot_type": "memory"}));
     assert_eq!(snap["status"].as_str(), Some("completed"), "{snap}");
     sb.request("POST", &format!("/api/v1/processes/{pid}/stdin"), b"1\n").expect(200);
-    wait_for_line(&sb, pid, "total=6");
+    sb.wait_for_line(pid, "total=6");
 
     let restored = api.create_sandbox(json!({"snapshot_id": snap["id"]}));
     let rb = api.sandbox(&restored);
@@ -68,21 +68,9 @@ fn running_commands_are_captured_and_continue_in_the_restored_sandbox() {
     let counter = list.iter().find(|p| p["command"] == "counter").unwrap()["pid"].as_u64().unwrap();
     rb.request("POST", &format!("/api/v1/processes/{counter}/stdin"), b"7\n").expect(200);
     rb.request("POST", &format!("/api/v1/processes/{counter}/stdin/close"), b"").expect(200);
-    wait_for_line(&rb, counter, "final=12");
+    rb.wait_for_line(counter, "final=12");
     let stdout = rb.get(&format!("/api/v1/processes/{counter}/stdout")).expect(200).json();
     assert_eq!(stdout["lines"], json!(["total=5", "total=12", "final=12"]), "{stdout}");
-}
-
-fn wait_for_line(sb: &stasis_tests::Api, pid: u64, line: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let stdout = sb.get(&format!("/api/v1/processes/{pid}/stdout")).expect(200).json();
-        if stdout["lines"].as_array().unwrap().iter().any(|l| l == line) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "no `{line}` in {stdout}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -35,6 +35,16 @@ pub fn create_key(db: &Db, namespace: &str) -> anyhow::Result<String> {
     Ok(key)
 }
 
+/// Adds a key made elsewhere (another node's `create_key`) for `namespace`.
+pub fn add_key(db: &Db, namespace: &str, key: &str) -> anyhow::Result<()> {
+    validate_namespace(namespace).map_err(anyhow::Error::msg)?;
+    if !super::ids::is_api_key(key) {
+        anyhow::bail!("not a Stasis API key: expected `stasis_` followed by 64 lowercase hex digits");
+    }
+    db.insert_key(&hash_key(key), namespace, super::time::now_ms())?;
+    Ok(())
+}
+
 /// Known keys, by hash. Keys created while the server runs (by `stasis keys create` on
 /// the same database) are found on their first use.
 #[derive(Default)]

@@ -69,6 +69,11 @@ CREATE TABLE IF NOT EXISTS snapshots (
 );
 CREATE INDEX IF NOT EXISTS snapshots_by_namespace ON snapshots (namespace, created_at);
 CREATE INDEX IF NOT EXISTS snapshots_by_sandbox ON snapshots (sandbox_id, created_at);
+CREATE TABLE IF NOT EXISTS cached_snapshots (
+    store_id TEXT PRIMARY KEY,      -- a shared snapshot's local copy in the stores
+    bytes INTEGER NOT NULL,
+    last_used INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS suspensions (
     sandbox_id TEXT PRIMARY KEY,    -- a suspended sandbox
     store_id TEXT NOT NULL,         -- its memory snapshot (image and tree) in the stores
@@ -488,6 +493,30 @@ impl Db {
 
     pub fn delete_snapshot(&self, id: &str) -> rusqlite::Result<()> {
         self.with(|c| c.execute("DELETE FROM snapshots WHERE id = ?1", [id]).map(drop))
+    }
+
+    /// Records a use of a shared snapshot's local copy.
+    pub fn touch_cached(&self, store_id: &str, bytes: i64, at: i64) -> rusqlite::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO cached_snapshots (store_id, bytes, last_used) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (store_id) DO UPDATE SET bytes = ?2, last_used = ?3",
+                params![store_id, bytes, at],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Local copies of shared snapshots, least recently used first: (store id, bytes).
+    pub fn cached_by_use(&self) -> rusqlite::Result<Vec<(String, i64)>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT store_id, bytes FROM cached_snapshots ORDER BY last_used, store_id")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+        })
+    }
+
+    pub fn drop_cached(&self, store_id: &str) -> rusqlite::Result<()> {
+        self.with(|c| c.execute("DELETE FROM cached_snapshots WHERE store_id = ?1", [store_id]).map(drop))
     }
 
     /// Ids of the snapshots still being taken.

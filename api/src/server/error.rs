@@ -27,6 +27,10 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// A service this node depends on (the shared object store) failed; the message says
+    /// which and why, without credentials or host paths.
+    #[error("{0}")]
+    Unavailable(String),
     /// A failure of the server itself: logged in full, never shown.
     #[error("{0:#}")]
     Internal(anyhow::Error),
@@ -65,6 +69,7 @@ impl IntoResponse for ApiError {
             ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", m),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m),
             ApiError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
             ApiError::Internal(e) => {
                 let incident = super::ids::incident();
                 tracing::error!(incident, "internal error: {e:#}");

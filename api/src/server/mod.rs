@@ -24,10 +24,11 @@ mod model;
 mod openapi;
 mod processes;
 mod sandboxes;
+mod shared;
 mod snapshots;
 mod time;
 
-pub use auth::create_key;
+pub use auth::{add_key, create_key};
 
 use axum::Router;
 use axum::body::Body;
@@ -124,6 +125,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Programs go through the unwind transform, so running commands can be captured.
     pub checkpoints: bool,
+    /// Object storage shared with other nodes: snapshots are pushed there and pulled from it.
+    pub remote: Option<stasis_runtime::RemoteConfig>,
+    /// Local bytes of shared snapshots kept as a cache (`None`: no bound).
+    pub cache_bytes: Option<u64>,
 }
 
 /// What handlers see of the configuration.
@@ -184,9 +189,18 @@ impl AppState {
         let store_dir = paths.snapshot_store();
         let memory_dir = paths.memory_store();
         let referenced: HashSet<String> = db.referenced_store_ids()?.into_iter().collect();
+        let shared = match &config.remote {
+            Some(remote) => {
+                let store = stasis_runtime::RemoteStore::open(remote)?;
+                tracing::info!("snapshots are shared through {}", store.describe());
+                Some(shared::Shared::new(store, config.cache_bytes))
+            }
+            None => None,
+        };
         let snapshots = tokio::task::spawn_blocking(move || -> anyhow::Result<snapshots::Snapshots> {
             let store = FsSnapshotStore::open(&store_dir)?;
-            let snapshots = snapshots::Snapshots::new(store, stasis_runtime::MemorySnapshotStore::open(&memory_dir)?);
+            let images = stasis_runtime::MemorySnapshotStore::open(&memory_dir)?;
+            let snapshots = snapshots::Snapshots::new(store, images, shared);
             let swept = snapshots.sweep_unreferenced(&referenced)?;
             if swept > 0 {
                 tracing::info!("deleted {swept} stored snapshots that no record refers to");

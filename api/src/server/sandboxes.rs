@@ -133,14 +133,16 @@ impl AppState {
             }
         }
         let mut memory = None;
+        // A restore reads the stores: deletes and cache evictions wait until the tree is built.
+        let mut store_guard = None;
         let (origin, image, resources, snapshot_id) = match &req.snapshot_id {
             Some(snapshot_id) => {
                 if req.image.is_some() {
                     return Err(ApiError::BadRequest("give `image` or `snapshot_id`, not both".into()));
                 }
                 let snap = self
-                    .db
-                    .snapshot(namespace, snapshot_id)?
+                    .find_snapshot(namespace, snapshot_id)
+                    .await?
                     .ok_or_else(|| ApiError::NotFound(format!("snapshot `{snapshot_id}` not found")))?;
                 let store_id = match (snap.status, &snap.store_id) {
                     (SnapshotStatus::Completed, Some(store_id)) => store_id,
@@ -152,6 +154,8 @@ impl AppState {
                     }
                 };
                 let id = SnapshotId::parse(store_id).map_err(ApiError::internal)?;
+                store_guard = Some(self.snapshots.store_lock.read().await);
+                self.ensure_local(&id, snap.size_bytes.unwrap_or(0)).await?;
                 if snap.snapshot_type == "memory" {
                     memory = Some(self.open_memory_snapshot(&id).await?);
                 }
@@ -177,6 +181,7 @@ impl AppState {
         // going away mid-request) frees the tree.
         let mut tree = TreeGuard(Some(dir.clone()));
         self.build_tree(&dir, origin).await?;
+        drop(store_guard);
         let sandbox = Sandbox::create(&self.host, sandbox_config(&dir, resources)).map_err(ApiError::internal)?;
         if let Some(memory) = &memory {
             memory.restore_processes(&sandbox).await.map_err(|e| self.restore_error(&e))?;
@@ -248,12 +253,9 @@ impl AppState {
         ApiError::internal(anyhow::anyhow!(super::snapshots::public_error(self, "restoring the memory snapshot", e)))
     }
 
+    /// Builds a sandbox tree from an image, or from a snapshot (the caller then holds the
+    /// store lock, read, to keep deletes out meanwhile).
     async fn build_tree(&self, dir: &FsPath, origin: Origin) -> ApiResult<()> {
-        // A restore reads the snapshot store: keep deletes out meanwhile.
-        let _store = match &origin {
-            Origin::Snapshot { .. } => Some(self.snapshots.store_lock.read().await),
-            Origin::Image(_) => None,
-        };
         let dir = dir.to_path_buf();
         let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -350,10 +352,12 @@ impl AppState {
             .suspension(&row.id)?
             .ok_or_else(|| ApiError::internal(anyhow::anyhow!("suspended sandbox {} has no snapshot", row.id)))?;
         let id = SnapshotId::parse(&store_id).map_err(ApiError::internal)?;
+        let store_guard = self.snapshots.store_lock.read().await;
         let memory = self.open_memory_snapshot(&id).await?;
         let dir = self.paths.sandboxes().join(&row.id);
         let mut tree = TreeGuard(Some(dir.clone()));
         self.build_tree(&dir, Origin::Snapshot { store: self.snapshots.store.clone(), id }).await?;
+        drop(store_guard);
         let sandbox = Sandbox::create(&self.host, sandbox_config(&dir, row.resources)).map_err(ApiError::internal)?;
         memory.restore_processes(&sandbox).await.map_err(|e| self.restore_error(&e))?;
         self.db.resume_sandbox(&row.id)?;

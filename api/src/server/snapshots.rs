@@ -37,7 +37,9 @@ use tokio::sync::{RwLock, watch};
 pub struct Snapshots {
     pub store: Arc<FsSnapshotStore>,
     /// Memory images (and the programs they name), by the id of their tree's snapshot.
-    pub images: MemorySnapshotStore,
+    pub images: Arc<MemorySnapshotStore>,
+    /// Object storage shared with other nodes (`--remote`), if any.
+    pub shared: Option<super::shared::Shared>,
     /// Read: captures and restores; write: deletes.
     pub store_lock: RwLock<()>,
     in_flight: watch::Sender<usize>,
@@ -55,10 +57,11 @@ impl Drop for InFlight<'_> {
 }
 
 impl Snapshots {
-    pub fn new(store: FsSnapshotStore, images: MemorySnapshotStore) -> Self {
+    pub fn new(store: FsSnapshotStore, images: MemorySnapshotStore, shared: Option<super::shared::Shared>) -> Self {
         Snapshots {
             store: Arc::new(store),
-            images,
+            images: Arc::new(images),
+            shared,
             store_lock: RwLock::new(()),
             in_flight: watch::channel(0).0,
             progress: Mutex::default(),
@@ -162,6 +165,20 @@ impl AppState {
                 }
             }
         };
+        // With a shared store, `completed` means "restorable on any node": pushed first.
+        let result = match result {
+            Ok((store_id, size)) => match self.publish_capture(&live, &snapshot_id, &store_id, size as i64).await {
+                Ok(()) => Ok((store_id, size)),
+                Err(message) => {
+                    tracing::warn!(snapshot = %snapshot_id, "{message}");
+                    if let Err(e) = self.snapshots.delete_stored(store_id.as_str()).await {
+                        tracing::warn!(snapshot = %snapshot_id, "cannot delete the unshared capture: {e:?}");
+                    }
+                    Err(message)
+                }
+            },
+            Err(message) => Err(message),
+        };
         let recorded = match result {
             Ok((store_id, size)) => self.db.complete_snapshot(&snapshot_id, store_id.as_str(), size as i64, now_ms()),
             Err(message) => self.db.fail_snapshot(&snapshot_id, &message, now_ms()),
@@ -176,6 +193,24 @@ impl AppState {
         if let Err(e) = recorded {
             tracing::error!(snapshot = %snapshot_id, "cannot record the end of the snapshot: {e}");
         }
+    }
+
+    async fn publish_capture(
+        self: &Arc<Self>,
+        live: &LiveSandbox,
+        snapshot_id: &str,
+        store_id: &SnapshotId,
+        size: i64,
+    ) -> Result<(), String> {
+        if self.snapshots.shared.is_none() {
+            return Ok(());
+        }
+        let row = match self.db.snapshot(&live.namespace, snapshot_id) {
+            Ok(Some(row)) => row,
+            Ok(None) => return Err("the snapshot was deleted while it was being taken".into()),
+            Err(e) => return Err(format!("cannot read the snapshot's record: {e}")),
+        };
+        self.publish(&row, store_id, size, now_ms()).await
     }
 
     /// Marks every snapshot still in progress failed (at shutdown, past the grace period).
@@ -282,7 +317,9 @@ pub async fn create(
     responses((status = 200, body = ListSnapshotsResponse), (status = 401, description = "No valid API key", body = ErrorBody))
 )]
 pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<ListSnapshotsResponse>> {
-    let rows = state.db.snapshots(&caller.namespace, None)?;
+    let mut rows = state.db.snapshots(&caller.namespace, None)?;
+    rows.extend(state.other_nodes_snapshots(&caller.namespace).await?);
+    rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     Ok(Json(ListSnapshotsResponse { snapshots: rows.into_iter().map(|r| state.snapshots.info(r)).collect() }))
 }
 
@@ -307,8 +344,11 @@ pub async fn list_for_sandbox(
     Ok(Json(ListSnapshotsResponse { snapshots: rows.into_iter().map(|r| state.snapshots.info(r)).collect() }))
 }
 
-fn snapshot_row(state: &AppState, caller: &Caller, id: &str) -> ApiResult<SnapshotRow> {
-    state.db.snapshot(&caller.namespace, id)?.ok_or_else(|| ApiError::NotFound(format!("snapshot `{id}` not found")))
+async fn snapshot_row(state: &AppState, caller: &Caller, id: &str) -> ApiResult<SnapshotRow> {
+    state
+        .find_snapshot(&caller.namespace, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("snapshot `{id}` not found")))
 }
 
 #[utoipa::path(
@@ -324,7 +364,7 @@ pub async fn get(
     caller: Caller,
     Path(path): Path<SnapshotPath>,
 ) -> ApiResult<Json<SnapshotInfo>> {
-    Ok(Json(state.snapshots.info(snapshot_row(&state, &caller, &path.snapshot_id)?)))
+    Ok(Json(state.snapshots.info(snapshot_row(&state, &caller, &path.snapshot_id).await?)))
 }
 
 #[utoipa::path(
@@ -340,9 +380,12 @@ pub async fn delete(
     caller: Caller,
     Path(path): Path<SnapshotPath>,
 ) -> ApiResult<StatusCode> {
-    let row = snapshot_row(&state, &caller, &path.snapshot_id)?;
+    let row = snapshot_row(&state, &caller, &path.snapshot_id).await?;
     if row.status == SnapshotStatus::InProgress {
         return Err(ApiError::Conflict(format!("snapshot `{}` is in progress: delete it once it ends", row.id)));
+    }
+    if row.status == SnapshotStatus::Completed {
+        state.unpublish(&row).await?;
     }
     if let Some(store_id) = &row.store_id {
         state.snapshots.delete_stored(store_id).await?;

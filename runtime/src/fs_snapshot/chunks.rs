@@ -128,6 +128,11 @@ impl ChunkStore {
         result
     }
 
+    /// A chunk file's bytes, as stored.
+    pub(crate) fn read_stored(&self, hash: &ChunkHash) -> io::Result<Vec<u8>> {
+        self.subdir(hash.0[0])?.read(Self::file_name(hash))
+    }
+
     pub(crate) fn open_chunk(&self, hash: &ChunkHash) -> io::Result<File> {
         self.subdir(hash.0[0])?.open(Self::file_name(hash))
     }
@@ -170,26 +175,37 @@ impl ChunkStore {
             return Err(ChunkReadError::WrongSize { expected, found: buf.len() as u64 });
         }
         times.read += t.elapsed();
-        if let Chunk::Zstd { .. } = chunk {
-            let t = Instant::now();
-            out.clear();
-            out.reserve_exact(logical_len);
-            // The capacity bounds the output: a crafted frame cannot make it grow.
-            let n = decompressor
-                .decompress_to_buffer(&scratch[..], out)
-                .map_err(|e| ChunkReadError::Corrupt(format!("zstd: {e}")))?;
-            if n != logical_len {
-                return Err(ChunkReadError::Corrupt(format!("decompresses to {n} bytes, expected {logical_len}")));
-            }
-            times.decompress += t.elapsed();
-        }
-        let t = Instant::now();
-        let actual = ChunkHash::of(out);
-        times.hash += t.elapsed();
-        if actual != *hash {
-            return Err(ChunkReadError::HashMismatch { actual });
-        }
+        decode_verified(chunk, logical_len, out, scratch, decompressor, times)?;
         Ok(if matches!(chunk, Chunk::Raw(_)) { Some(file.into_std()) } else { None })
+    }
+
+    /// Checks a chunk's stored bytes (from elsewhere: another host's store) against what the
+    /// manifest says of it, then writes it under its name.
+    pub(crate) fn put_verified(
+        &self,
+        chunk: &Chunk,
+        logical_len: usize,
+        stored: &[u8],
+        marker: &Marker<'_>,
+        decompressor: &mut zstd::bulk::Decompressor<'static>,
+    ) -> Result<(), ChunkReadError> {
+        let (hash, expected) = match chunk {
+            Chunk::Zero => return Ok(()),
+            Chunk::Raw(h) => (h, logical_len as u64),
+            Chunk::Zstd { hash, stored_len } => (hash, u64::from(*stored_len)),
+        };
+        if stored.len() as u64 != expected {
+            return Err(ChunkReadError::WrongSize { expected, found: stored.len() as u64 });
+        }
+        let mut times = ReadTimes::default();
+        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        match chunk {
+            Chunk::Raw(_) => out.extend_from_slice(stored),
+            _ => scratch.extend_from_slice(stored),
+        }
+        decode_verified(chunk, logical_len, &mut out, &scratch, decompressor, &mut times)?;
+        marker.ensure().map_err(ChunkReadError::Io)?;
+        self.write(hash, stored).map_err(ChunkReadError::Io)
     }
 
     /// Every chunk file: (prefix dir, file name, hash, metadata). Names that are not chunk names
@@ -222,6 +238,39 @@ impl ChunkStore {
         }
         Ok(())
     }
+}
+
+/// Decompresses `scratch` into `out` for a zstd chunk (`out` already holds a raw one), then
+/// checks the raw bytes' hash.
+fn decode_verified(
+    chunk: &Chunk,
+    logical_len: usize,
+    out: &mut Vec<u8>,
+    scratch: &[u8],
+    decompressor: &mut zstd::bulk::Decompressor<'static>,
+    times: &mut ReadTimes,
+) -> Result<(), ChunkReadError> {
+    let Some(hash) = chunk.hash() else { return Ok(()) };
+    if let Chunk::Zstd { .. } = chunk {
+        let t = Instant::now();
+        out.clear();
+        out.reserve_exact(logical_len);
+        // The capacity bounds the output: a crafted frame cannot make it grow.
+        let n = decompressor
+            .decompress_to_buffer(scratch, out)
+            .map_err(|e| ChunkReadError::Corrupt(format!("zstd: {e}")))?;
+        if n != logical_len {
+            return Err(ChunkReadError::Corrupt(format!("decompresses to {n} bytes, expected {logical_len}")));
+        }
+        times.decompress += t.elapsed();
+    }
+    let t = Instant::now();
+    let actual = ChunkHash::of(out);
+    times.hash += t.elapsed();
+    if actual != hash {
+        return Err(ChunkReadError::HashMismatch { actual });
+    }
+    Ok(())
 }
 
 /// Where restore's time goes.

@@ -48,9 +48,11 @@ mod capture;
 mod chunks;
 pub mod manifest;
 mod restore;
+mod transfer;
 
 pub use chunks::ReadTimes;
 pub use manifest::{Chunk, ChunkHash, Entry, EntryKind, Manifest, ManifestError, ManifestParts};
+pub use transfer::{ImportStats, StoredChunk};
 
 use cap_std::ambient_authority;
 use cap_std::fs::{Dir, OpenOptions};
@@ -102,6 +104,9 @@ pub enum SnapshotError {
     InvalidArchive(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Fetching a snapshot's parts from elsewhere (object storage) failed.
+    #[error("{0}")]
+    Transfer(String),
 }
 
 pub type Result<T, E = SnapshotError> = std::result::Result<T, E>;

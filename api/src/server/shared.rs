@@ -1,0 +1,277 @@
+//! Snapshots shared between nodes through object storage (`stasis serve --remote URL`).
+//!
+//! Every node keeps its own database and stores; what they share is the object store (see
+//! `stasis_runtime::remote` for its layout). Metadata is shared the same way, not through a
+//! database server: a completed snapshot's record is a small JSON object at
+//! `records/<namespace>/<snapshot id>`, so a deployment needs nothing but the bucket.
+//!
+//! - **Publish.** A capture commits locally, pushes what the object store lacks (only new
+//!   chunks: the store is content-addressed), writes the record, and only then marks the
+//!   snapshot `completed`. A push that fails (after bounded retries) fails the snapshot with
+//!   the store's error; the sandbox is not touched. A node killed mid-push leaves parts that
+//!   no record names, never a record whose parts are missing.
+//! - **Find.** A node asked for a snapshot it has no record of reads the shared record and
+//!   keeps a copy in its database; listings show the namespace's shared records too.
+//! - **Restore.** Before a restore, the snapshot is pulled into this node's stores if they
+//!   lack it (every chunk and blob verified, a bad one fetched once more); afterwards the
+//!   local copy is a cache: a repeated restore reads nothing remote.
+//! - **Cache bound.** With `cache_size`, local copies of shared snapshots past the bound are
+//!   dropped, least recently used first (sizes as the records give them: logical bytes, so
+//!   the bound is conservative); a later restore pulls them again.
+//! - **Delete** removes the record and the descriptor everywhere; chunks and blobs, which
+//!   other snapshots may share, stay in the bucket.
+
+use super::AppState;
+use super::db::{Resources, SnapshotRow, SnapshotStatus};
+use super::error::{ApiError, ApiResult};
+use super::time::now_ms;
+use serde::{Deserialize, Serialize};
+use stasis_runtime::RemoteStore;
+use stasis_runtime::fs_snapshot::SnapshotId;
+use std::sync::Arc;
+
+const RECORD_VERSION: u32 = 1;
+
+/// What other nodes know of a completed snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SharedRecord {
+    version: u32,
+    id: String,
+    namespace: String,
+    sandbox_id: String,
+    snapshot_type: String,
+    store_id: String,
+    size_bytes: i64,
+    base_image: Option<String>,
+    cpus: f64,
+    memory_mb: i64,
+    disk_mb: i64,
+    created_at: i64,
+    completed_at: i64,
+}
+
+impl SharedRecord {
+    fn of(row: &SnapshotRow, store_id: &SnapshotId, size_bytes: i64, completed_at: i64) -> Self {
+        SharedRecord {
+            version: RECORD_VERSION,
+            id: row.id.clone(),
+            namespace: row.namespace.clone(),
+            sandbox_id: row.sandbox_id.clone(),
+            snapshot_type: row.snapshot_type.clone(),
+            store_id: store_id.as_str().to_string(),
+            size_bytes,
+            base_image: row.base_image.clone(),
+            cpus: row.resources.cpus,
+            memory_mb: row.resources.memory_mb,
+            disk_mb: row.resources.disk_mb,
+            created_at: row.created_at,
+            completed_at,
+        }
+    }
+
+    /// A record read from the bucket: anything in it is checked before it is believed.
+    fn parse(bytes: &[u8], namespace: &str) -> Result<Self, String> {
+        let r: SharedRecord = serde_json::from_slice(bytes).map_err(|e| format!("not a snapshot record: {e}"))?;
+        if r.version != RECORD_VERSION {
+            return Err(format!("record version {}; this node reads version {RECORD_VERSION}", r.version));
+        }
+        if r.namespace != namespace {
+            return Err(format!("a record of namespace `{}` filed under `{namespace}`", r.namespace));
+        }
+        if !super::ids::is_snapshot(&r.id) {
+            return Err(format!("malformed snapshot id `{}`", r.id.escape_debug()));
+        }
+        SnapshotId::parse(&r.store_id).map_err(|e| e.to_string())?;
+        if !matches!(r.snapshot_type.as_str(), "filesystem" | "memory") {
+            return Err(format!("unknown snapshot type `{}`", r.snapshot_type.escape_debug()));
+        }
+        if let Some(image) = &r.base_image {
+            super::images::validate_name(image)?;
+        }
+        Ok(r)
+    }
+
+    fn into_row(self) -> SnapshotRow {
+        SnapshotRow {
+            id: self.id,
+            namespace: self.namespace,
+            sandbox_id: self.sandbox_id,
+            snapshot_type: self.snapshot_type,
+            status: SnapshotStatus::Completed,
+            error: None,
+            store_id: Some(self.store_id),
+            size_bytes: Some(self.size_bytes),
+            base_image: self.base_image,
+            resources: Resources { cpus: self.cpus, memory_mb: self.memory_mb, disk_mb: self.disk_mb },
+            created_at: self.created_at,
+            completed_at: Some(self.completed_at),
+        }
+    }
+}
+
+/// This node's link to the shared tier.
+pub struct Shared {
+    pub remote: Arc<RemoteStore>,
+    cache_bytes: Option<u64>,
+    /// One pull at a time: two restores of one snapshot must not import it twice.
+    pulls: tokio::sync::Mutex<()>,
+}
+
+impl Shared {
+    pub fn new(remote: RemoteStore, cache_bytes: Option<u64>) -> Self {
+        Shared { remote: Arc::new(remote), cache_bytes, pulls: tokio::sync::Mutex::new(()) }
+    }
+}
+
+impl AppState {
+    fn unavailable(&self, what: &str, e: stasis_runtime::Error) -> ApiError {
+        tracing::warn!("{what}: {e}");
+        ApiError::Unavailable(super::snapshots::public_error(self, what, &e))
+    }
+
+    fn shared(&self) -> Option<&Shared> {
+        self.snapshots.shared.as_ref()
+    }
+
+    /// Pushes a committed snapshot and writes its record. `Ok` when there is no shared
+    /// tier; the error is the client's message.
+    pub(super) async fn publish(
+        self: &Arc<Self>,
+        row: &SnapshotRow,
+        store_id: &SnapshotId,
+        size_bytes: i64,
+        completed_at: i64,
+    ) -> Result<(), String> {
+        let Some(shared) = self.shared() else { return Ok(()) };
+        let failed = |e: stasis_runtime::Error| format!("upload to {} failed: {e}", shared.remote.describe());
+        let stats =
+            shared.remote.push(&self.snapshots.store, &self.snapshots.images, store_id, None).await.map_err(failed)?;
+        let record = SharedRecord::of(row, store_id, size_bytes, completed_at);
+        let json = serde_json::to_vec(&record).expect("a record serializes");
+        shared.remote.put_record(&row.namespace, &row.id, json).await.map_err(failed)?;
+        tracing::info!(
+            snapshot = %row.id,
+            chunks = stats.chunks,
+            chunks_uploaded = stats.chunks_uploaded,
+            bytes_uploaded = stats.bytes_uploaded,
+            ms = stats.wall.as_millis() as u64,
+            "snapshot shared"
+        );
+        self.cached(store_id.as_str(), size_bytes);
+        Ok(())
+    }
+
+    /// A snapshot's record: this node's, else the shared one (kept in this node's database
+    /// from then on).
+    pub(super) async fn find_snapshot(&self, namespace: &str, id: &str) -> ApiResult<Option<SnapshotRow>> {
+        if let Some(row) = self.db.snapshot(namespace, id)? {
+            return Ok(Some(row));
+        }
+        let Some(shared) = self.shared() else { return Ok(None) };
+        if !super::ids::is_snapshot(id) {
+            return Ok(None);
+        }
+        let Some(bytes) =
+            shared.remote.record(namespace, id).await.map_err(|e| self.unavailable("reading the shared records", e))?
+        else {
+            return Ok(None);
+        };
+        let row = SharedRecord::parse(&bytes, namespace)
+            .map_err(|e| ApiError::internal(anyhow::anyhow!("the shared record of snapshot `{id}`: {e}")))?
+            .into_row();
+        if let Err(e) = self.db.insert_snapshot(&row) {
+            // Another request kept it first.
+            tracing::debug!("keeping the shared record of {id}: {e}");
+        }
+        Ok(self.db.snapshot(namespace, id)?)
+    }
+
+    /// The namespace's shared snapshots this node has no record of.
+    pub(super) async fn other_nodes_snapshots(&self, namespace: &str) -> ApiResult<Vec<SnapshotRow>> {
+        let Some(shared) = self.shared() else { return Ok(Vec::new()) };
+        let records =
+            shared.remote.records(namespace).await.map_err(|e| self.unavailable("listing the shared records", e))?;
+        let mut rows = Vec::new();
+        for bytes in records {
+            match SharedRecord::parse(&bytes, namespace) {
+                Ok(r) if self.db.snapshot(namespace, &r.id)?.is_none() => rows.push(r.into_row()),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("skipping a shared record of namespace {namespace}: {e}"),
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Makes sure this node's stores hold snapshot `store_id`, pulling what they lack. The
+    /// caller holds the store lock (read), so nothing is evicted meanwhile.
+    pub(super) async fn ensure_local(self: &Arc<Self>, store_id: &SnapshotId, size_bytes: i64) -> ApiResult<()> {
+        let Some(shared) = self.shared() else { return Ok(()) };
+        let _one = shared.pulls.lock().await;
+        let stats = shared.remote.pull(&self.snapshots.store, &self.snapshots.images, store_id).await.map_err(|e| {
+            self.unavailable(&format!("fetching snapshot {} from the shared store", store_id.as_str()), e)
+        })?;
+        if !stats.already_local {
+            tracing::info!(
+                store_id = store_id.as_str(),
+                bytes_fetched = stats.bytes_fetched,
+                ms = stats.wall.as_millis() as u64,
+                "shared snapshot fetched"
+            );
+        }
+        self.cached(store_id.as_str(), size_bytes);
+        Ok(())
+    }
+
+    /// Removes a snapshot from the shared tier (record first: no node finds it afterwards).
+    pub(super) async fn unpublish(&self, row: &SnapshotRow) -> ApiResult<()> {
+        let Some(shared) = self.shared() else { return Ok(()) };
+        let what = "deleting the snapshot from the shared store";
+        shared.remote.delete_record(&row.namespace, &row.id).await.map_err(|e| self.unavailable(what, e))?;
+        if let Some(store_id) = &row.store_id {
+            let id = SnapshotId::parse(store_id).map_err(ApiError::internal)?;
+            shared.remote.delete(&id).await.map_err(|e| self.unavailable(what, e))?;
+            self.db.drop_cached(store_id)?;
+        }
+        Ok(())
+    }
+
+    /// Notes a use of a shared snapshot's local copy, then trims the cache to its bound (in
+    /// a task of its own: eviction waits for the store lock the caller may hold).
+    fn cached(self: &Arc<Self>, store_id: &str, size_bytes: i64) {
+        let Some(limit) = self.shared().and_then(|s| s.cache_bytes) else { return };
+        if let Err(e) = self.db.touch_cached(store_id, size_bytes.max(0), now_ms()) {
+            tracing::warn!("cannot record a cache use: {e}");
+            return;
+        }
+        let state = self.clone();
+        let keep = store_id.to_string();
+        tokio::spawn(async move { state.evict(limit, &keep).await });
+    }
+
+    /// Drops local copies of shared snapshots, least recently used first, until the rest fit
+    /// in `limit` bytes; `keep` (just used) stays.
+    async fn evict(&self, limit: u64, keep: &str) {
+        let entries = match self.db.cached_by_use() {
+            Ok(e) => e,
+            Err(e) => return tracing::warn!("cannot read the cache records: {e}"),
+        };
+        let mut total: u64 = entries.iter().map(|(_, bytes)| *bytes as u64).sum();
+        for (store_id, bytes) in entries {
+            if total <= limit {
+                break;
+            }
+            if store_id == keep {
+                continue;
+            }
+            match self.snapshots.delete_stored(&store_id).await {
+                Ok(()) => {
+                    let _ = self.db.drop_cached(&store_id);
+                    total = total.saturating_sub(bytes as u64);
+                    tracing::info!(store_id, bytes, "dropped a shared snapshot's local copy (cache full)");
+                }
+                Err(e) => tracing::warn!(store_id, "cannot drop a cached snapshot: {e:?}"),
+            }
+        }
+    }
+}
