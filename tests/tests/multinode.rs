@@ -221,3 +221,55 @@ fn a_bounded_cache_drops_the_least_recently_used_copy() {
     assert_eq!(count(&b.log(), "shared snapshot fetched"), 3, "the oldest is fetched again: {}", b.log());
     assert_eq!(api_b.sandbox(&again).get("/api/v1/files?path=/home/user/data.bin").expect(200).body, noise(100_000, 1));
 }
+
+/// A command holding 20 MiB of incompressible data that echoes its stdin: its program and
+/// its memory image are both past the multipart threshold (16 MiB).
+fn big_echo_program() -> Vec<u8> {
+    let data: String = noise(20 << 20, 5).iter().map(|b| format!("\\{b:02x}")).collect();
+    let wat = format!(
+        r#"(module
+          (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 400)
+          (data (i32.const 65536) "{data}")
+          (func (export "_start")
+            (i32.store (i32.const 0) (i32.const 1024))
+            (i32.store (i32.const 4) (i32.const 64))
+            (block $done
+              (loop $next
+                (br_if $done (call $read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 16)))
+                (br_if $done (i32.eqz (i32.load (i32.const 16))))
+                (i32.store (i32.const 32) (i32.const 1024))
+                (i32.store (i32.const 36) (i32.load (i32.const 16)))
+                (drop (call $write (i32.const 1) (i32.const 32) (i32.const 1) (i32.const 48)))
+                (br $next)))))"#
+    );
+    wat::parse_str(wat).unwrap()
+}
+
+#[test]
+fn large_programs_and_images_go_up_in_parts_and_come_back_whole() {
+    let Some(garage) = Garage::start() else { return };
+    let (a, _b, api_a, api_b) = two_nodes(&garage, &[]);
+    let id = api_a.create_sandbox(json!({}));
+    let sa = api_a.sandbox(&id);
+    sa.put("/api/v1/files?path=/home/user/echo.wasm", &big_echo_program()).expect(204);
+    let started = sa
+        .post("/api/v1/processes", json!({"command": "/home/user/echo.wasm", "stdin_mode": "pipe"}))
+        .expect(200)
+        .json();
+    let pid = started["pid"].as_u64().unwrap();
+    sa.request("POST", &format!("/api/v1/processes/{pid}/stdin"), b"one\n").expect(200);
+    sa.wait_for_line(pid, "one");
+    let snap = api_a.snapshot(&id, json!({"snapshot_type": "memory"}));
+    assert_eq!(snap["status"], "completed", "{snap}");
+    assert!(snap["size_bytes"].as_u64().unwrap() > 36 << 20, "{snap}");
+    assert!(a.log().contains("blobs_uploaded=3 "), "the manifest, the image, the program: {}", a.log());
+
+    let moved = api_b.create_sandbox(json!({"snapshot_id": snap["id"]}));
+    let mb = api_b.sandbox(&moved);
+    mb.request("POST", &format!("/api/v1/processes/{pid}/stdin"), b"two\n").expect(200);
+    mb.wait_for_line(pid, "two");
+    let stdout = mb.get(&format!("/api/v1/processes/{pid}/stdout")).expect(200).json();
+    assert_eq!(stdout["lines"], json!(["one", "two"]), "{stdout}");
+}

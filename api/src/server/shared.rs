@@ -154,6 +154,7 @@ impl AppState {
             snapshot = %row.id,
             chunks = stats.chunks,
             chunks_uploaded = stats.chunks_uploaded,
+            blobs_uploaded = stats.blobs_uploaded,
             bytes_uploaded = stats.bytes_uploaded,
             ms = stats.wall.as_millis() as u64,
             "snapshot shared"
