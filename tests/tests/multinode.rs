@@ -179,6 +179,8 @@ fn store_faults_fail_cleanly_and_never_show_credentials() {
     let error = failed["error"].as_str().unwrap();
     assert!(error.contains(&format!("upload to s3://stasis at {dead} failed")), "{error}");
     bodies.push_str(&failed.to_string());
+    let listed = api_c.get("/snapshots").expect(200).json();
+    assert_eq!(listed["snapshots"][0]["id"], failed["id"], "the node's own records, store or no store: {listed}");
     let (exit, stdout, _) = api_c.sandbox(&cid).run("hello", &[]);
     assert_eq!((exit["exit_code"].as_i64(), stdout.as_str()), (Some(0), "hello from stasis\n"));
 

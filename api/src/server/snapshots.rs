@@ -131,7 +131,7 @@ pub fn public_error(state: &AppState, what: &str, e: &stasis_runtime::Error) -> 
 impl AppState {
     async fn capture(self: Arc<Self>, live: Arc<LiveSandbox>, snapshot_id: String, memory: bool) {
         let _in_flight = self.snapshots.enter();
-        let _ops = live.ops.lock().await;
+        let ops = live.ops.lock().await;
         let result = if live.is_terminated() {
             Err("the sandbox was terminated before the snapshot started".to_string())
         } else {
@@ -165,6 +165,9 @@ impl AppState {
                 }
             }
         };
+        // The capture is committed here: the sandbox may be snapshotted again or terminated
+        // while it is uploaded.
+        drop(ops);
         // With a shared store, `completed` means "restorable on any node": pushed first.
         let result = match result {
             Ok((store_id, size)) => match self.publish_capture(&live, &snapshot_id, &store_id, size as i64).await {
@@ -318,7 +321,11 @@ pub async fn create(
 )]
 pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<ListSnapshotsResponse>> {
     let mut rows = state.db.snapshots(&caller.namespace, None)?;
-    rows.extend(state.other_nodes_snapshots(&caller.namespace).await?);
+    // The node's own records are listed even while the shared store is unreachable.
+    match state.other_nodes_snapshots(&caller.namespace).await {
+        Ok(shared) => rows.extend(shared),
+        Err(e) => tracing::warn!("listing only this node's snapshots: {e}"),
+    }
     rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     Ok(Json(ListSnapshotsResponse { snapshots: rows.into_iter().map(|r| state.snapshots.info(r)).collect() }))
 }
