@@ -385,10 +385,7 @@ impl RemoteStore {
 
     async fn descriptor(&self, id: &SnapshotId) -> Result<Descriptor> {
         let key = self.descriptor_key(id);
-        let bytes = self
-            .get_small(&key)
-            .await?
-            .ok_or_else(|| Error::Remote(format!("snapshot {} is not in {}", id.as_str(), self.shown)))?;
+        let bytes = self.get_small(&key).await?.ok_or_else(|| Error::Snapshot(SnapshotError::NotFound(id.clone())))?;
         let d: Descriptor = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Remote(format!("`{key}` in {} is not a snapshot descriptor: {e}", self.shown)))?;
         if d.version != DESCRIPTOR_VERSION {
@@ -406,7 +403,8 @@ impl RemoteStore {
     }
 
     /// Brings snapshot `id` into this node's stores (what they lack of it), verifying every
-    /// part. Afterwards the snapshot restores here like one taken here.
+    /// part. Afterwards the snapshot restores here like one taken here. A snapshot the store
+    /// does not have (never shared, or deleted) is `SnapshotError::NotFound`.
     pub async fn pull(
         self: &Arc<Self>,
         fs: &Arc<FsSnapshotStore>,
@@ -414,8 +412,8 @@ impl RemoteStore {
         id: &SnapshotId,
     ) -> Result<PullStats> {
         let started = Instant::now();
-        let d = self.descriptor(id).await?;
         let mut stats = PullStats::default();
+        let d = self.descriptor(id).await?;
         let have_tree = match &d.fs_manifest {
             None => true,
             Some(_) => fs.contains(id).map_err(Error::Snapshot)?,

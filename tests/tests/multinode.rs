@@ -102,6 +102,9 @@ fn snapshots_taken_on_one_node_restore_and_continue_on_another() {
     c.add_key("team", api_a.key.as_deref().unwrap());
     let api_c = c.client(api_a.key.as_deref().unwrap());
     api_c.get(&format!("/snapshots/{fs_id}")).expect(404);
+    // A, which still has its record and its copy, is told as well when it restores.
+    let gone = api_a.post("/sandboxes", json!({"snapshot_id": fs_id})).expect(404);
+    assert!(gone.text().contains("deleted on another node"), "{}", gone.text());
     api_c.get(&format!("/snapshots/{}", second["id"].as_str().unwrap())).expect(200);
     drop(a);
 }
@@ -274,4 +277,24 @@ fn large_programs_and_images_go_up_in_parts_and_come_back_whole() {
     mb.wait_for_line(pid, "two");
     let stdout = mb.get(&format!("/api/v1/processes/{pid}/stdout")).expect(200).json();
     assert_eq!(stdout["lines"], json!(["one", "two"]), "{stdout}");
+}
+
+#[test]
+fn snapshots_taken_before_a_node_joined_the_bucket_still_restore_there() {
+    let Some(garage) = Garage::start() else { return };
+    let mut alone = TestServer::start();
+    let key = alone.key("team");
+    let api = alone.client(&key);
+    let id = api.create_sandbox(json!({}));
+    api.sandbox(&id).put("/api/v1/files?path=/home/user/old.txt", b"local only").expect(204);
+    let snap = api.snapshot(&id, json!({"snapshot_type": "filesystem"}));
+    assert_eq!(snap["status"], "completed", "{snap}");
+    assert_eq!(alone.stop(), Some(0));
+
+    let args: Vec<String> = garage.serve_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let joined = TestServer::spawn(&alone.data_dir, &args, &garage.env());
+    let api = joined.client(&key);
+    let restored = api.create_sandbox(json!({"snapshot_id": snap["id"]}));
+    assert_eq!(api.sandbox(&restored).get("/api/v1/files?path=/home/user/old.txt").expect(200).body, b"local only");
 }

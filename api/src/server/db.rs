@@ -515,6 +515,22 @@ impl Db {
         })
     }
 
+    /// Whether this node shared or fetched snapshot `store_id` (it has a cache record).
+    pub fn is_cached(&self, store_id: &str) -> rusqlite::Result<bool> {
+        self.with(|c| {
+            c.query_row("SELECT 1 FROM cached_snapshots WHERE store_id = ?1", [store_id], |_| Ok(()))
+                .optional()
+                .map(|r| r.is_some())
+        })
+    }
+
+    /// Forgets the completed snapshots stored as `store_id` (deleted on another node).
+    pub fn delete_snapshots_of_store(&self, store_id: &str) -> rusqlite::Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM snapshots WHERE store_id = ?1 AND status = 'completed'", [store_id]).map(drop)
+        })
+    }
+
     pub fn drop_cached(&self, store_id: &str) -> rusqlite::Result<()> {
         self.with(|c| c.execute("DELETE FROM cached_snapshots WHERE store_id = ?1", [store_id]).map(drop))
     }

@@ -27,7 +27,7 @@ use super::error::{ApiError, ApiResult};
 use super::time::now_ms;
 use serde::{Deserialize, Serialize};
 use stasis_runtime::RemoteStore;
-use stasis_runtime::fs_snapshot::SnapshotId;
+use stasis_runtime::fs_snapshot::{SnapshotError, SnapshotId};
 use std::sync::Arc;
 
 const RECORD_VERSION: u32 = 1;
@@ -209,9 +209,16 @@ impl AppState {
     pub(super) async fn ensure_local(self: &Arc<Self>, store_id: &SnapshotId, size_bytes: i64) -> ApiResult<()> {
         let Some(shared) = self.shared() else { return Ok(()) };
         let _one = shared.pulls.lock().await;
-        let stats = shared.remote.pull(&self.snapshots.store, &self.snapshots.images, store_id).await.map_err(|e| {
-            self.unavailable(&format!("fetching snapshot {} from the shared store", store_id.as_str()), e)
-        })?;
+        let stats = match shared.remote.pull(&self.snapshots.store, &self.snapshots.images, store_id).await {
+            Ok(stats) => stats,
+            Err(stasis_runtime::Error::Snapshot(SnapshotError::NotFound(_))) => {
+                return self.not_shared(store_id).await;
+            }
+            Err(e) => {
+                let what = format!("fetching snapshot {} from the shared store", store_id.as_str());
+                return Err(self.unavailable(&what, e));
+            }
+        };
         if !stats.already_local {
             tracing::info!(
                 store_id = store_id.as_str(),
@@ -222,6 +229,33 @@ impl AppState {
         }
         self.cached(store_id.as_str(), size_bytes);
         Ok(())
+    }
+
+    /// A snapshot the shared store does not have. One this node shared or fetched was
+    /// deleted on another node: its record and local copy go too. One taken before this node
+    /// had a shared store lives on here alone.
+    async fn not_shared(self: &Arc<Self>, store_id: &SnapshotId) -> ApiResult<()> {
+        if self.db.is_cached(store_id.as_str())? {
+            self.db.drop_cached(store_id.as_str())?;
+            self.db.delete_snapshots_of_store(store_id.as_str())?;
+            // After the caller lets go of the store lock.
+            let (state, id) = (self.clone(), store_id.as_str().to_string());
+            tokio::spawn(async move {
+                if let Err(e) = state.snapshots.delete_stored(&id).await {
+                    tracing::warn!("cannot drop the local copy of a deleted snapshot: {e:?}");
+                }
+            });
+            return Err(ApiError::NotFound(
+                "the snapshot is no longer in the shared store (deleted on another node)".into(),
+            ));
+        }
+        let (store, images, id) = (self.snapshots.store.clone(), self.snapshots.images.clone(), store_id.clone());
+        let local = tokio::task::spawn_blocking(move || store.contains(&id).unwrap_or(false) || images.contains(&id));
+        if local.await? {
+            Ok(())
+        } else {
+            Err(ApiError::NotFound("the snapshot is neither in the shared store nor on this node".into()))
+        }
     }
 
     /// Removes a snapshot from the shared tier (record first: no node finds it afterwards).
@@ -240,11 +274,13 @@ impl AppState {
     /// Notes a use of a shared snapshot's local copy, then trims the cache to its bound (in
     /// a task of its own: eviction waits for the store lock the caller may hold).
     fn cached(self: &Arc<Self>, store_id: &str, size_bytes: i64) {
-        let Some(limit) = self.shared().and_then(|s| s.cache_bytes) else { return };
+        let Some(shared) = self.shared() else { return };
+        // Recorded even without a bound: it also says that the snapshot was shared.
         if let Err(e) = self.db.touch_cached(store_id, size_bytes.max(0), now_ms()) {
             tracing::warn!("cannot record a cache use: {e}");
             return;
         }
+        let Some(limit) = shared.cache_bytes else { return };
         let state = self.clone();
         let keep = store_id.to_string();
         tokio::spawn(async move { state.evict(limit, &keep).await });
