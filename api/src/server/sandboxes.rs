@@ -155,7 +155,7 @@ impl AppState {
                 };
                 let id = SnapshotId::parse(store_id).map_err(ApiError::internal)?;
                 store_guard = Some(self.snapshots.store_lock.read().await);
-                self.ensure_local(&id, snap.size_bytes.unwrap_or(0)).await?;
+                self.ensure_local(&id, snap.snapshot_type == "memory", snap.size_bytes.unwrap_or(0)).await?;
                 if snap.snapshot_type == "memory" {
                     memory = Some(self.open_memory_snapshot(&id).await?);
                 }

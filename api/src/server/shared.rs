@@ -15,11 +15,18 @@
 //! - **Restore.** Before a restore, the snapshot is pulled into this node's stores if they
 //!   lack it (every chunk and blob verified, a bad one fetched once more); afterwards the
 //!   local copy is a cache: a repeated restore reads nothing remote.
+//! - **Shared here**: `cached_snapshots` has a row for every snapshot this node pushed or
+//!   fetched (with its size and last use); that is what tells a shared snapshot deleted
+//!   elsewhere from one this node never shared.
 //! - **Cache bound.** With `cache_size`, local copies of shared snapshots past the bound are
 //!   dropped, least recently used first (sizes as the records give them: logical bytes, so
 //!   the bound is conservative); a later restore pulls them again.
-//! - **Delete** removes the record and the descriptor everywhere; chunks and blobs, which
-//!   other snapshots may share, stay in the bucket.
+//! - **Delete** removes the record and the descriptor from the bucket; chunks and blobs,
+//!   which other snapshots may share, stay. Another node forgets its record and copy of the
+//!   snapshot when it next lists the namespace's snapshots, or when a restore finds neither a
+//!   copy nor the descriptor (404). Until then a node with a local copy still restores it:
+//!   restores of a cached copy ask the bucket nothing.
+//! - Snapshots a node took before it had a shared store stay on that node, as before.
 
 use super::AppState;
 use super::db::{Resources, SnapshotRow, SnapshotStatus};
@@ -188,31 +195,63 @@ impl AppState {
         Ok(self.db.snapshot(namespace, id)?)
     }
 
-    /// The namespace's shared snapshots this node has no record of.
-    pub(super) async fn other_nodes_snapshots(&self, namespace: &str) -> ApiResult<Vec<SnapshotRow>> {
+    /// Brings this node's view of the namespace's snapshots in line with the shared records:
+    /// returns the shared snapshots it has no record of, and forgets the shared ones that were
+    /// deleted elsewhere (its own records of snapshots it never shared stay).
+    pub(super) async fn sync_shared(self: &Arc<Self>, namespace: &str) -> ApiResult<Vec<SnapshotRow>> {
         let Some(shared) = self.shared() else { return Ok(Vec::new()) };
         let records =
             shared.remote.records(namespace).await.map_err(|e| self.unavailable("listing the shared records", e))?;
         let mut rows = Vec::new();
+        let mut listed = std::collections::HashSet::new();
         for bytes in records {
             match SharedRecord::parse(&bytes, namespace) {
-                Ok(r) if self.db.snapshot(namespace, &r.id)?.is_none() => rows.push(r.into_row()),
-                Ok(_) => {}
+                Ok(r) => {
+                    listed.insert(r.id.clone());
+                    if self.db.snapshot(namespace, &r.id)?.is_none() {
+                        rows.push(r.into_row());
+                    }
+                }
                 Err(e) => tracing::warn!("skipping a shared record of namespace {namespace}: {e}"),
+            }
+        }
+        for row in self.db.snapshots(namespace, None)? {
+            let shared_here = match &row.store_id {
+                Some(store_id) if row.status == SnapshotStatus::Completed => self.db.is_cached(store_id)?,
+                _ => false,
+            };
+            if shared_here && !listed.contains(&row.id) {
+                tracing::info!(snapshot = %row.id, "deleted on another node: forgotten here");
+                self.forget(row.store_id.as_deref().unwrap_or_default())?;
             }
         }
         Ok(rows)
     }
 
-    /// Makes sure this node's stores hold snapshot `store_id`, pulling what they lack. The
-    /// caller holds the store lock (read), so nothing is evicted meanwhile.
-    pub(super) async fn ensure_local(self: &Arc<Self>, store_id: &SnapshotId, size_bytes: i64) -> ApiResult<()> {
+    /// Makes sure this node's stores hold snapshot `store_id` (with its memory image if
+    /// `memory`), pulling what they lack; a local copy is used without asking the shared
+    /// store anything. The caller holds the store lock (read), so nothing is evicted
+    /// meanwhile.
+    pub(super) async fn ensure_local(
+        self: &Arc<Self>,
+        store_id: &SnapshotId,
+        memory: bool,
+        size_bytes: i64,
+    ) -> ApiResult<()> {
         let Some(shared) = self.shared() else { return Ok(()) };
         let _one = shared.pulls.lock().await;
+        let (store, images, id) = (self.snapshots.store.clone(), self.snapshots.images.clone(), store_id.clone());
+        let local = tokio::task::spawn_blocking(move || {
+            store.contains(&id).unwrap_or(false) && (!memory || images.contains(&id))
+        });
+        if local.await? {
+            self.cached(store_id.as_str(), size_bytes);
+            return Ok(());
+        }
         let stats = match shared.remote.pull(&self.snapshots.store, &self.snapshots.images, store_id).await {
             Ok(stats) => stats,
             Err(stasis_runtime::Error::Snapshot(SnapshotError::NotFound(_))) => {
-                return self.not_shared(store_id).await;
+                return self.not_shared(store_id);
             }
             Err(e) => {
                 let what = format!("fetching snapshot {} from the shared store", store_id.as_str());
@@ -231,31 +270,25 @@ impl AppState {
         Ok(())
     }
 
-    /// A snapshot the shared store does not have. One this node shared or fetched was
-    /// deleted on another node: its record and local copy go too. One taken before this node
-    /// had a shared store lives on here alone.
-    async fn not_shared(self: &Arc<Self>, store_id: &SnapshotId) -> ApiResult<()> {
-        if self.db.is_cached(store_id.as_str())? {
-            self.db.drop_cached(store_id.as_str())?;
-            self.db.delete_snapshots_of_store(store_id.as_str())?;
-            // After the caller lets go of the store lock.
-            let (state, id) = (self.clone(), store_id.as_str().to_string());
-            tokio::spawn(async move {
-                if let Err(e) = state.snapshots.delete_stored(&id).await {
-                    tracing::warn!("cannot drop the local copy of a deleted snapshot: {e:?}");
-                }
-            });
-            return Err(ApiError::NotFound(
-                "the snapshot is no longer in the shared store (deleted on another node)".into(),
-            ));
-        }
-        let (store, images, id) = (self.snapshots.store.clone(), self.snapshots.images.clone(), store_id.clone());
-        let local = tokio::task::spawn_blocking(move || store.contains(&id).unwrap_or(false) || images.contains(&id));
-        if local.await? {
-            Ok(())
-        } else {
-            Err(ApiError::NotFound("the snapshot is neither in the shared store nor on this node".into()))
-        }
+    /// A snapshot the shared store does not have (and this node has no copy of): deleted on
+    /// another node. Its record goes too.
+    fn not_shared(self: &Arc<Self>, store_id: &SnapshotId) -> ApiResult<()> {
+        self.forget(store_id.as_str())?;
+        Err(ApiError::NotFound("the snapshot is no longer in the shared store (deleted on another node)".into()))
+    }
+
+    /// Drops this node's record and local copy of a shared snapshot deleted elsewhere.
+    fn forget(self: &Arc<Self>, store_id: &str) -> ApiResult<()> {
+        self.db.drop_cached(store_id)?;
+        self.db.delete_snapshots_of_store(store_id)?;
+        // In a task: the caller may hold the store lock.
+        let (state, id) = (self.clone(), store_id.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = state.snapshots.delete_stored(&id).await {
+                tracing::warn!("cannot drop the local copy of a deleted snapshot: {e:?}");
+            }
+        });
+        Ok(())
     }
 
     /// Removes a snapshot from the shared tier (record first: no node finds it afterwards).

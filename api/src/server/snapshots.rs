@@ -320,12 +320,16 @@ pub async fn create(
     responses((status = 200, body = ListSnapshotsResponse), (status = 401, description = "No valid API key", body = ErrorBody))
 )]
 pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<ListSnapshotsResponse>> {
-    let mut rows = state.db.snapshots(&caller.namespace, None)?;
     // The node's own records are listed even while the shared store is unreachable.
-    match state.other_nodes_snapshots(&caller.namespace).await {
-        Ok(shared) => rows.extend(shared),
-        Err(e) => tracing::warn!("listing only this node's snapshots: {e}"),
-    }
+    let others = match state.sync_shared(&caller.namespace).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!("listing only this node's snapshots: {e}");
+            Vec::new()
+        }
+    };
+    let mut rows = state.db.snapshots(&caller.namespace, None)?;
+    rows.extend(others);
     rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     Ok(Json(ListSnapshotsResponse { snapshots: rows.into_iter().map(|r| state.snapshots.info(r)).collect() }))
 }
