@@ -39,6 +39,10 @@ pub enum Error {
     /// A memory snapshot that cannot be taken now (a process mid-execution).
     #[error("cannot take a memory snapshot: {0}")]
     NotQuiescent(String),
+    /// A memory image taken on a host whose engine configuration differs from this one's
+    /// (another Stasis release, other CPU features, checkpoints on or off).
+    #[error("{0}")]
+    IncompatibleImage(String),
     /// The shared object store (see `remote`) failed or holds something it should not.
     #[error("object storage: {0}")]
     Remote(String),

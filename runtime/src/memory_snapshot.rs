@@ -424,7 +424,7 @@ impl MemorySnapshot {
     ) -> Result<MemorySnapshot> {
         let image = memory_image::decode(bytes)?;
         if image.header.engine != host.engine_fingerprint() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::IncompatibleImage(format!(
                 "memory image {} was taken with another engine configuration ({}); this host runs {}",
                 id.as_str(),
                 image.header.engine,

@@ -299,3 +299,21 @@ fn snapshots_taken_before_a_node_joined_the_bucket_still_restore_there() {
     let restored = api.create_sandbox(json!({"snapshot_id": snap["id"]}));
     assert_eq!(api.sandbox(&restored).get("/api/v1/files?path=/home/user/old.txt").expect(200).body, b"local only");
 }
+
+#[test]
+fn a_node_configured_otherwise_refuses_memory_snapshots_with_the_reason() {
+    let Some(garage) = Garage::start() else { return };
+    let (_a, _b, api_a, _) = two_nodes(&garage, &[]);
+    let other = node(&garage, &["--no-checkpoints"]);
+    other.add_key("team", api_a.key.as_deref().unwrap());
+    let api_other = other.client(api_a.key.as_deref().unwrap());
+    let id = api_a.create_sandbox(json!({}));
+    api_a.sandbox(&id).run("hello", &[]);
+    let mem = api_a.snapshot(&id, json!({"snapshot_type": "memory"}));
+    let fs = api_a.snapshot(&id, json!({"snapshot_type": "filesystem"}));
+    let refused = api_other.post("/sandboxes", json!({"snapshot_id": mem["id"]})).expect(409);
+    assert!(refused.text().contains("another engine configuration"), "{}", refused.text());
+    // Its tree alone restores anywhere.
+    api_other.create_sandbox(json!({"snapshot_id": fs["id"]}));
+    assert_eq!(api_other.get("/sandboxes").expect(200).json()["sandboxes"].as_array().unwrap().len(), 1);
+}

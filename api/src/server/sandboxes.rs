@@ -250,6 +250,10 @@ impl AppState {
 
     fn restore_error(&self, e: &stasis_runtime::Error) -> ApiError {
         tracing::warn!("memory snapshot restore failed: {e}");
+        if let stasis_runtime::Error::IncompatibleImage(why) = e {
+            // Another node's snapshot, from a node that is not configured like this one.
+            return ApiError::Conflict(format!("cannot restore this memory snapshot here: {why}"));
+        }
         ApiError::internal(anyhow::anyhow!(super::snapshots::public_error(self, "restoring the memory snapshot", e)))
     }
 
