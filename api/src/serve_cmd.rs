@@ -3,7 +3,7 @@
 //! Settings come from the flags, else from the optional TOML file given with `--config`
 //! (its keys mirror the flags: `listen`, `data_dir`, `public_url`, `max_file_size`,
 //! `max_processes`, `shutdown_grace`, `checkpoints`, `remote`, `remote_endpoint`,
-//! `remote_region`, `cache_size`), else from the defaults.
+//! `remote_region`, `remote_timeout`, `cache_size`), else from the defaults.
 
 use crate::server::ServerConfig;
 use clap::Args;
@@ -23,7 +23,7 @@ const DEFAULT_SHUTDOWN_GRACE: &str = "30s";
 pub struct ServeArgs {
     /// A TOML file of settings (keys as the flags, with `_`: `listen`, `data_dir`,
     /// `public_url`, `max_file_size`, `max_processes`, `shutdown_grace`, `checkpoints`,
-    /// `remote`, `remote_endpoint`, `remote_region`, `cache_size`); flags win.
+    /// `remote`, `remote_endpoint`, `remote_region`, `remote_timeout`, `cache_size`); flags win.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
     /// Where Stasis keeps its database, images, sandboxes and snapshots [default: .stasis].
@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// The S3 region (Garage: the `s3_region` of its config).
     #[arg(long, value_name = "NAME")]
     remote_region: Option<String>,
+    /// With `--remote`: the longest one request to the object store may take before it is
+    /// retried (3 retries), e.g. `10s` [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
+    remote_timeout: Option<Duration>,
     /// With `--remote`: how much of the shared snapshots this node keeps on local disk,
     /// e.g. `20G`; the least recently used are dropped past it [default: unbounded].
     #[arg(long, value_name = "BYTES", value_parser = stasis_runtime::limits::parse_byte_size)]
@@ -80,6 +84,7 @@ struct ConfigFile {
     remote: Option<String>,
     remote_endpoint: Option<String>,
     remote_region: Option<String>,
+    remote_timeout: Option<String>,
     cache_size: Option<SizeSetting>,
 }
 
@@ -149,13 +154,25 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
         ),
         (None, None) => None,
     };
-    let remote = args.remote.or(file.remote).map(|url| RemoteConfig {
-        endpoint: args.remote_endpoint.or(file.remote_endpoint),
-        region: args.remote_region.or(file.remote_region),
-        ..RemoteConfig::new(url)
+    let remote_timeout = match (args.remote_timeout, file.remote_timeout) {
+        (Some(d), _) => Some(d),
+        (None, Some(text)) => Some(
+            stasis_runtime::limits::parse_duration(&text)
+                .map_err(|e| bad("remote_timeout", &format!("{text:?}"), e))?,
+        ),
+        (None, None) => None,
+    };
+    let remote = args.remote.or(file.remote).map(|url| {
+        let defaults = RemoteConfig::new(url);
+        RemoteConfig {
+            endpoint: args.remote_endpoint.or(file.remote_endpoint),
+            region: args.remote_region.or(file.remote_region),
+            request_timeout: remote_timeout.unwrap_or(defaults.request_timeout),
+            ..defaults
+        }
     });
-    if remote.is_none() && cache_bytes.is_some() {
-        return Err("cache_size applies to snapshots shared through `remote`, which is not set".into());
+    if remote.is_none() && (cache_bytes.is_some() || remote_timeout.is_some()) {
+        return Err("cache_size and remote_timeout apply to snapshots shared through `remote`, which is not set".into());
     }
     Ok(ServerConfig {
         data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
@@ -241,6 +258,8 @@ mod tests {
         assert_eq!(config.cache_bytes, Some(1 << 30));
         let e = with_file("cache_size = \"1G\"", ServeArgs::default()).unwrap_err();
         assert!(e.contains("`remote`, which is not set"), "{e}");
+        let config = with_file("remote = \"file:///srv/x\"\nremote_timeout = \"2s\"", ServeArgs::default()).unwrap();
+        assert_eq!(config.remote.unwrap().request_timeout, Duration::from_secs(2));
     }
 
     #[test]

@@ -188,9 +188,46 @@ fn store_faults_fail_cleanly_and_never_show_credentials() {
     let (exit, stdout, _) = api_c.sandbox(&cid).run("hello", &[]);
     assert_eq!((exit["exit_code"].as_i64(), stdout.as_str()), (Some(0), "hello from stasis\n"));
 
-    for (what, text) in
-        [("node A's log", a.log()), ("node B's log", b.log()), ("node C's log", c.log()), ("replies", bodies)]
-    {
+    // One that accepts connections and never answers: each request times out (1 s here),
+    // is retried 3 times, and the snapshot fails.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for stream in silent.incoming().take(64) {
+            open.push(stream);
+        }
+    });
+    let d = TestServer::start_opts(
+        &[
+            "--remote",
+            "s3://stasis",
+            "--remote-endpoint",
+            &silent_url,
+            "--remote-region",
+            "garage",
+            "--remote-timeout",
+            "1s",
+        ],
+        &garage.env(),
+    );
+    let api_d = d.client(&d.key("team"));
+    let did = api_d.create_sandbox(json!({}));
+    let started = Instant::now();
+    let failed = api_d.snapshot(&did, json!({"snapshot_type": "filesystem"}));
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains(&format!("upload to s3://stasis at {silent_url} failed")), "{error}");
+    bodies.push_str(&failed.to_string());
+
+    for (what, text) in [
+        ("node A's log", a.log()),
+        ("node B's log", b.log()),
+        ("node C's log", c.log()),
+        ("node D's log", d.log()),
+        ("replies", bodies),
+    ] {
         assert!(!text.contains(&garage.secret), "the secret key appears in {what}");
     }
 }
