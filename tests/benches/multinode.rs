@@ -112,6 +112,16 @@ fn throughput(garage: &Garage, rt: &tokio::runtime::Runtime) {
         );
     }
 
+    // The same push into a local directory through the same client code: what Stasis's own
+    // side costs, without Garage sharing the two cores.
+    let dir = RemoteConfig::new(format!("file://{}", tmp.path().join("bucket-dir").display()));
+    let to_dir = rt.block_on(Arc::new(RemoteStore::open(&dir).unwrap()).push(&fs_a, &img_a, &id, None)).unwrap();
+    println!(
+        "upload into a local directory instead: {:.0} MB/s of tree ({:.2} s)",
+        mb_per_s(logical, to_dir.wall),
+        to_dir.wall.as_secs_f64()
+    );
+
     let pulled = rt.block_on(remote().pull(&fs_b, &img_b, &id)).unwrap();
     println!(
         "download: {:.0} MB/s of tree ({:.2} s; {:.0} MB/s on the wire, chunks verified)",
