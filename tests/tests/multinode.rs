@@ -354,3 +354,40 @@ fn a_node_configured_otherwise_refuses_memory_snapshots_with_the_reason() {
     api_other.create_sandbox(json!({"snapshot_id": fs["id"]}));
     assert_eq!(api_other.get("/sandboxes").expect(200).json()["sandboxes"].as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn a_snapshot_whose_record_reached_the_bucket_before_a_crash_is_completed_on_restart() {
+    let Some(garage) = Garage::start() else { return };
+    let mut a = node(&garage, &[]);
+    let key = a.key("team");
+    let api = a.client(&key);
+    let id = api.create_sandbox(json!({}));
+    api.sandbox(&id).put("/api/v1/files?path=/home/user/kept.txt", b"made it").expect(204);
+    let snap = api.snapshot(&id, json!({"snapshot_type": "filesystem"}));
+    let snap_id = snap["id"].as_str().unwrap().to_string();
+    assert_eq!(a.stop(), Some(0));
+
+    // The state a crash between the record's upload and the database update leaves: the
+    // record is in the bucket, the node's row still in progress (and nothing cached yet).
+    let db = rusqlite::Connection::open(a.data_dir.join("stasis.db")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE snapshots SET status = 'in_progress', store_id = NULL, size_bytes = NULL, completed_at = NULL \
+             WHERE id = ?1",
+            [&snap_id],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    db.execute("DELETE FROM cached_snapshots", []).unwrap();
+    drop(db);
+
+    let args: Vec<String> = garage.serve_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a2 = TestServer::spawn(&a.data_dir, &args, &garage.env());
+    let api = a2.client(&key);
+    let record = api.get(&format!("/snapshots/{snap_id}")).expect(200).json();
+    assert_eq!(record["status"], "completed", "{record}");
+    let restored = api.create_sandbox(json!({"snapshot_id": snap_id}));
+    assert_eq!(api.sandbox(&restored).get("/api/v1/files?path=/home/user/kept.txt").expect(200).body, b"made it");
+    assert!(a2.log().contains("1 interrupted snapshots had reached the shared store"), "{}", a2.log());
+}

@@ -515,6 +515,28 @@ impl Db {
         })
     }
 
+    /// Snapshots that [`recover`](Self::recover) at `at` found interrupted.
+    pub fn interrupted_at(&self, at: i64) -> rusqlite::Result<Vec<SnapshotRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE status = 'failed' AND error = ?1 AND completed_at = ?2"
+            ))?;
+            stmt.query_map(params![INTERRUPTED_SNAPSHOT, at], snapshot_row)?.collect()
+        })
+    }
+
+    /// An interrupted snapshot that did complete where it counts (its shared record exists).
+    pub fn complete_interrupted(&self, id: &str, store_id: &str, size_bytes: i64, at: i64) -> rusqlite::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE snapshots SET status = 'completed', error = NULL, store_id = ?2, size_bytes = ?3, \
+                 completed_at = ?4 WHERE id = ?1 AND status = 'failed'",
+                params![id, store_id, size_bytes, at],
+            )
+            .map(drop)
+        })
+    }
+
     /// Whether this node shared or fetched snapshot `store_id` (it has a cache record).
     pub fn is_cached(&self, store_id: &str) -> rusqlite::Result<bool> {
         self.with(|c| {

@@ -165,7 +165,8 @@ impl AppState {
     async fn open(config: &ServerConfig, public_url: String) -> anyhow::Result<Arc<AppState>> {
         let paths = DataPaths::new(config.data_dir.clone());
         let db = paths.open_db()?;
-        let recovery = db.recover(time::now_ms(), "server_restart")?;
+        let recovered_at = time::now_ms();
+        let recovery = db.recover(recovered_at, "server_restart")?;
         if recovery != db::Recovery::default() {
             tracing::info!(
                 "recovered: {} sandboxes marked terminated, {} interrupted snapshots marked failed",
@@ -188,7 +189,6 @@ impl AppState {
         }
         let store_dir = paths.snapshot_store();
         let memory_dir = paths.memory_store();
-        let referenced: HashSet<String> = db.referenced_store_ids()?.into_iter().collect();
         let shared = match &config.remote {
             Some(remote) => {
                 let store = stasis_runtime::RemoteStore::open(remote)?;
@@ -197,6 +197,17 @@ impl AppState {
             }
             None => None,
         };
+        if let Some(shared) = &shared
+            && recovery.snapshots_failed > 0
+        {
+            match shared::reconcile_interrupted(&db, shared, recovered_at).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("{n} interrupted snapshots had reached the shared store: completed"),
+                Err(e) => tracing::warn!("cannot check interrupted snapshots against the shared store: {e:#}"),
+            }
+        }
+        // After the reconciliation: a snapshot it completed keeps its local copy.
+        let referenced: HashSet<String> = db.referenced_store_ids()?.into_iter().collect();
         let snapshots = tokio::task::spawn_blocking(move || -> anyhow::Result<snapshots::Snapshots> {
             let store = FsSnapshotStore::open(&store_dir)?;
             let images = stasis_runtime::MemorySnapshotStore::open(&memory_dir)?;

@@ -117,6 +117,21 @@ impl SharedRecord {
     }
 }
 
+/// After a restart: a snapshot interrupted after its record reached the bucket (the node
+/// died between the two writes) is complete for every other node, so it is here too.
+/// Returns how many were.
+pub async fn reconcile_interrupted(db: &super::db::Db, shared: &Shared, recovered_at: i64) -> anyhow::Result<usize> {
+    let mut completed = 0;
+    for row in db.interrupted_at(recovered_at)? {
+        let Some(bytes) = shared.remote.record(&row.namespace, &row.id).await? else { continue };
+        let record = SharedRecord::parse(&bytes, &row.namespace).map_err(anyhow::Error::msg)?;
+        db.complete_interrupted(&row.id, &record.store_id, record.size_bytes, record.completed_at)?;
+        db.touch_cached(&record.store_id, record.size_bytes, recovered_at)?;
+        completed += 1;
+    }
+    Ok(completed)
+}
+
 /// This node's link to the shared tier.
 pub struct Shared {
     pub remote: Arc<RemoteStore>,
