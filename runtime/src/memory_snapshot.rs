@@ -115,6 +115,40 @@ impl MemorySnapshotStore {
         self.module_path(hash).exists()
     }
 
+    /// Deletes the programs no stored image names; returns how many and their bytes. The
+    /// caller keeps captures and pulls out meanwhile (a capture stores a program before the
+    /// image that names it). An image that cannot be read stops the sweep: its programs
+    /// are unknown.
+    pub fn sweep_programs(&self) -> Result<(u64, u64)> {
+        let ctx = |what: &Path| io_error(format!("cannot list `{}`", what.display()));
+        let mut referenced = std::collections::HashSet::new();
+        for entry in std::fs::read_dir(&self.images).map_err(ctx(&self.images))? {
+            let path = entry.map_err(ctx(&self.images))?.path();
+            if path.extension().is_some_and(|e| e == "img") {
+                let bytes = std::fs::read(&path).map_err(io_error(format!("cannot read `{}`", path.display())))?;
+                referenced.extend(Self::programs_of(&bytes)?);
+            }
+        }
+        let (mut count, mut bytes) = (0, 0);
+        for entry in std::fs::read_dir(&self.modules).map_err(ctx(&self.modules))? {
+            let entry = entry.map_err(ctx(&self.modules))?;
+            let name = entry.file_name();
+            let Some(hash) =
+                name.to_str().and_then(|n| n.strip_suffix(".wasm")).and_then(|h| blake3::Hash::from_hex(h).ok())
+            else {
+                continue;
+            };
+            if !referenced.contains(hash.as_bytes()) {
+                let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                std::fs::remove_file(entry.path())
+                    .map_err(io_error(format!("cannot delete `{}`", entry.path().display())))?;
+                count += 1;
+                bytes += len;
+            }
+        }
+        Ok((count, bytes))
+    }
+
     /// The programs an image names by hash (those it does not carry itself), each once.
     pub fn programs_of(image: &[u8]) -> Result<Vec<[u8; 32]>> {
         let image = memory_image::decode(image)?;

@@ -110,6 +110,13 @@ async fn a_memory_image_and_its_program_travel_together() {
     let snapshot = MemorySnapshot::open(&host, &w.b.images, &report.id).unwrap();
     let restored = snapshot.restore(&host, SandboxConfig::default(), None).await.unwrap();
     assert_eq!(restored.reactors()[0].call_i32("add", &[2]).await.unwrap(), 7);
+
+    // A program stays while an image names it, and goes with the last one.
+    assert_eq!(w.b.images.sweep_programs().unwrap(), (0, 0));
+    w.b.images.delete(&report.id).unwrap();
+    let (count, bytes) = w.b.images.sweep_programs().unwrap();
+    assert_eq!((count, bytes), (1, guest_bytes("reactor.wasm").len() as u64));
+    assert!(files(&w.tmp.path().join("b/memory/modules")).is_empty());
 }
 
 /// Every file under `dir`, recursively.

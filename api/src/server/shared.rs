@@ -20,7 +20,8 @@
 //!   elsewhere from one this node never shared.
 //! - **Cache bound.** With `cache_size`, local copies of shared snapshots past the bound are
 //!   dropped, least recently used first (sizes as the records give them: logical bytes, so
-//!   the bound is conservative); a later restore pulls them again.
+//!   the bound is conservative), and then the programs no remaining image names; a later
+//!   restore pulls them again.
 //! - **Delete** removes the record and the descriptor from the bucket; chunks and blobs,
 //!   which other snapshots may share, stay. Another node forgets its record and copy of the
 //!   snapshot when it next lists the namespace's snapshots, or when a restore finds neither a
@@ -342,6 +343,7 @@ impl AppState {
             Err(e) => return tracing::warn!("cannot read the cache records: {e}"),
         };
         let mut total: u64 = entries.iter().map(|(_, bytes)| *bytes as u64).sum();
+        let mut evicted = 0;
         for (store_id, bytes) in entries {
             if total <= limit {
                 break;
@@ -353,9 +355,17 @@ impl AppState {
                 Ok(()) => {
                     let _ = self.db.drop_cached(&store_id);
                     total = total.saturating_sub(bytes as u64);
+                    evicted += 1;
                     tracing::info!(store_id, bytes, "dropped a shared snapshot's local copy (cache full)");
                 }
                 Err(e) => tracing::warn!(store_id, "cannot drop a cached snapshot: {e:?}"),
+            }
+        }
+        if evicted > 0 {
+            match self.snapshots.sweep_programs().await {
+                Ok((0, _)) => {}
+                Ok((n, bytes)) => tracing::info!(programs = n, bytes, "dropped programs no image names any more"),
+                Err(e) => tracing::warn!("cannot sweep programs: {e:?}"),
             }
         }
     }

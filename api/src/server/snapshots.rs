@@ -82,6 +82,14 @@ impl Snapshots {
         }
     }
 
+    /// Deletes the programs no memory image names any more (after evictions), with captures
+    /// and restores kept out.
+    pub async fn sweep_programs(&self) -> ApiResult<(u64, u64)> {
+        let _store = self.store_lock.write().await;
+        let images = self.images.clone();
+        tokio::task::spawn_blocking(move || images.sweep_programs()).await?.map_err(ApiError::internal)
+    }
+
     fn enter(&self) -> InFlight<'_> {
         self.in_flight.send_modify(|n| *n += 1);
         InFlight(&self.in_flight)
