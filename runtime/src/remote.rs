@@ -518,8 +518,9 @@ impl RemoteStore {
         self.get_small(&self.record_key(namespace, name)).await
     }
 
-    /// Every record of `namespace`.
-    pub async fn records(&self, namespace: &str) -> Result<Vec<Vec<u8>>> {
+    /// The names of `namespace`'s records (one listing; records are read one by one with
+    /// [`record`](Self::record), and never change once written).
+    pub async fn record_names(&self, namespace: &str) -> Result<Vec<String>> {
         let prefix = self.key(&["records", namespace]);
         let metas: Vec<_> = self
             .store
@@ -527,12 +528,7 @@ impl RemoteStore {
             .try_collect()
             .await
             .map_err(|e| remote_error(format!("cannot list `{prefix}` in {}", self.shown), e))?;
-        futures_util::stream::iter(metas)
-            .map(|meta| async move { self.get_small(&meta.location).await })
-            .buffered(CONCURRENCY)
-            .try_filter_map(|b| async move { Ok(b) })
-            .try_collect()
-            .await
+        Ok(metas.into_iter().filter_map(|m| m.location.filename().map(String::from)).collect())
     }
 
     pub async fn delete_record(&self, namespace: &str, name: &str) -> Result<()> {

@@ -74,6 +74,9 @@ CREATE TABLE IF NOT EXISTS cached_snapshots (
     bytes INTEGER NOT NULL,
     last_used INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS shared_snapshots (
+    id TEXT PRIMARY KEY             -- a snapshot whose record is (or was) in the shared store
+);
 CREATE TABLE IF NOT EXISTS suspensions (
     sandbox_id TEXT PRIMARY KEY,    -- a suspended sandbox
     store_id TEXT NOT NULL,         -- its memory snapshot (image and tree) in the stores
@@ -492,7 +495,10 @@ impl Db {
     }
 
     pub fn delete_snapshot(&self, id: &str) -> rusqlite::Result<()> {
-        self.with(|c| c.execute("DELETE FROM snapshots WHERE id = ?1", [id]).map(drop))
+        self.with(|c| {
+            c.execute("DELETE FROM shared_snapshots WHERE id = ?1", [id])?;
+            c.execute("DELETE FROM snapshots WHERE id = ?1", [id]).map(drop)
+        })
     }
 
     /// Records a use of a shared snapshot's local copy.
@@ -537,18 +543,28 @@ impl Db {
         })
     }
 
-    /// Whether this node shared or fetched snapshot `store_id` (it has a cache record).
-    pub fn is_cached(&self, store_id: &str) -> rusqlite::Result<bool> {
+    /// Notes that snapshot `id`'s record is in the shared store.
+    pub fn mark_shared(&self, id: &str) -> rusqlite::Result<()> {
+        self.with(|c| c.execute("INSERT OR IGNORE INTO shared_snapshots (id) VALUES (?1)", [id]).map(drop))
+    }
+
+    /// Ids of `namespace`'s snapshots whose records are in the shared store.
+    pub fn shared_ids(&self, namespace: &str) -> rusqlite::Result<std::collections::HashSet<String>> {
         self.with(|c| {
-            c.query_row("SELECT 1 FROM cached_snapshots WHERE store_id = ?1", [store_id], |_| Ok(()))
-                .optional()
-                .map(|r| r.is_some())
+            let mut stmt = c.prepare(
+                "SELECT s.id FROM snapshots s JOIN shared_snapshots h ON h.id = s.id WHERE s.namespace = ?1",
+            )?;
+            stmt.query_map([namespace], |r| r.get(0))?.collect()
         })
     }
 
     /// Forgets the completed snapshots stored as `store_id` (deleted on another node).
     pub fn delete_snapshots_of_store(&self, store_id: &str) -> rusqlite::Result<()> {
         self.with(|c| {
+            c.execute(
+                "DELETE FROM shared_snapshots WHERE id IN (SELECT id FROM snapshots WHERE store_id = ?1)",
+                [store_id],
+            )?;
             c.execute("DELETE FROM snapshots WHERE store_id = ?1 AND status = 'completed'", [store_id]).map(drop)
         })
     }

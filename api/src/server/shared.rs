@@ -15,9 +15,9 @@
 //! - **Restore.** Before a restore, the snapshot is pulled into this node's stores if they
 //!   lack it (every chunk and blob verified, a bad one fetched once more); afterwards the
 //!   local copy is a cache: a repeated restore reads nothing remote.
-//! - **Shared here**: `cached_snapshots` has a row for every snapshot this node pushed or
-//!   fetched (with its size and last use); that is what tells a shared snapshot deleted
-//!   elsewhere from one this node never shared.
+//! - **Bookkeeping**: `shared_snapshots` lists the snapshots whose record is in the bucket
+//!   (what tells a shared snapshot deleted elsewhere from one this node never shared);
+//!   `cached_snapshots` the local copies of shared snapshots, with size and last use.
 //! - **Cache bound.** With `cache_size`, local copies of shared snapshots past the bound are
 //!   dropped, least recently used first (sizes as the records give them: logical bytes, so
 //!   the bound is conservative), and then the programs no remaining image names; a later
@@ -127,6 +127,7 @@ pub async fn reconcile_interrupted(db: &super::db::Db, shared: &Shared, recovere
         let Some(bytes) = shared.remote.record(&row.namespace, &row.id).await? else { continue };
         let record = SharedRecord::parse(&bytes, &row.namespace).map_err(anyhow::Error::msg)?;
         db.complete_interrupted(&row.id, &record.store_id, record.size_bytes, record.completed_at)?;
+        db.mark_shared(&row.id)?;
         db.touch_cached(&record.store_id, record.size_bytes, recovered_at)?;
         completed += 1;
     }
@@ -173,6 +174,9 @@ impl AppState {
         let record = SharedRecord::of(row, store_id, size_bytes, completed_at);
         let json = serde_json::to_vec(&record).expect("a record serializes");
         shared.remote.put_record(&row.namespace, &row.id, json).await.map_err(failed)?;
+        if let Err(e) = self.db.mark_shared(&row.id) {
+            tracing::warn!(snapshot = %row.id, "cannot note that the snapshot is shared: {e}");
+        }
         tracing::info!(
             snapshot = %row.id,
             chunks = stats.chunks,
@@ -208,40 +212,37 @@ impl AppState {
             // Another request kept it first.
             tracing::debug!("keeping the shared record of {id}: {e}");
         }
+        self.db.mark_shared(id)?;
         Ok(self.db.snapshot(namespace, id)?)
     }
 
-    /// Brings this node's view of the namespace's snapshots in line with the shared records:
-    /// returns the shared snapshots it has no record of, and forgets the shared ones that were
-    /// deleted elsewhere (its own records of snapshots it never shared stay).
-    pub(super) async fn sync_shared(self: &Arc<Self>, namespace: &str) -> ApiResult<Vec<SnapshotRow>> {
-        let Some(shared) = self.shared() else { return Ok(Vec::new()) };
-        let records =
-            shared.remote.records(namespace).await.map_err(|e| self.unavailable("listing the shared records", e))?;
-        let mut rows = Vec::new();
-        let mut listed = std::collections::HashSet::new();
-        for bytes in records {
-            match SharedRecord::parse(&bytes, namespace) {
-                Ok(r) => {
-                    listed.insert(r.id.clone());
-                    if self.db.snapshot(namespace, &r.id)?.is_none() {
-                        rows.push(r.into_row());
-                    }
-                }
-                Err(e) => tracing::warn!("skipping a shared record of namespace {namespace}: {e}"),
+    /// Brings this node's records of the namespace's snapshots in line with the shared
+    /// store: records of snapshots taken elsewhere are read (once: they never change) and
+    /// kept; shared snapshots whose record is gone (deleted elsewhere) are forgotten, with
+    /// their local copy. Snapshots this node never shared are left alone.
+    pub(super) async fn sync_shared(self: &Arc<Self>, namespace: &str) -> ApiResult<()> {
+        let Some(shared) = self.shared() else { return Ok(()) };
+        let names = shared
+            .remote
+            .record_names(namespace)
+            .await
+            .map_err(|e| self.unavailable("listing the shared records", e))?;
+        let names: std::collections::HashSet<String> = names.into_iter().collect();
+        for name in &names {
+            if self.db.snapshot(namespace, name)?.is_none() && super::ids::is_snapshot(name) {
+                self.find_snapshot(namespace, name).await?;
             }
         }
-        for row in self.db.snapshots(namespace, None)? {
-            let shared_here = match &row.store_id {
-                Some(store_id) if row.status == SnapshotStatus::Completed => self.db.is_cached(store_id)?,
-                _ => false,
-            };
-            if shared_here && !listed.contains(&row.id) {
-                tracing::info!(snapshot = %row.id, "deleted on another node: forgotten here");
-                self.forget(row.store_id.as_deref().unwrap_or_default())?;
+        for id in self.db.shared_ids(namespace)? {
+            if !names.contains(&id)
+                && let Some(row) = self.db.snapshot(namespace, &id)?
+                && let Some(store_id) = &row.store_id
+            {
+                tracing::info!(snapshot = %id, "deleted on another node: forgotten here");
+                self.forget(store_id)?;
             }
         }
-        Ok(rows)
+        Ok(())
     }
 
     /// Makes sure this node's stores hold snapshot `store_id` (with its memory image if

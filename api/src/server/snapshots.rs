@@ -329,16 +329,10 @@ pub async fn create(
 )]
 pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<ListSnapshotsResponse>> {
     // The node's own records are listed even while the shared store is unreachable.
-    let others = match state.sync_shared(&caller.namespace).await {
-        Ok(rows) => rows,
-        Err(e) => {
-            tracing::warn!("listing only this node's snapshots: {e}");
-            Vec::new()
-        }
-    };
-    let mut rows = state.db.snapshots(&caller.namespace, None)?;
-    rows.extend(others);
-    rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    if let Err(e) = state.sync_shared(&caller.namespace).await {
+        tracing::warn!("listing only this node's snapshots: {e}");
+    }
+    let rows = state.db.snapshots(&caller.namespace, None)?;
     Ok(Json(ListSnapshotsResponse { snapshots: rows.into_iter().map(|r| state.snapshots.info(r)).collect() }))
 }
 
