@@ -145,6 +145,28 @@ fn a_node_killed_mid_upload_leaves_no_completed_snapshot() {
     drop(b);
 }
 
+/// A node whose object store is at `endpoint`, which fails: a snapshot of a new sandbox
+/// there fails within 30 s, naming the store. Returns the node, its client, the sandbox
+/// and the snapshot's record.
+fn node_with_failing_store(
+    garage: &Garage,
+    endpoint: &str,
+    extra: &[&str],
+) -> (TestServer, Api, String, serde_json::Value) {
+    let mut args = vec!["--remote", "s3://stasis", "--remote-endpoint", endpoint, "--remote-region", "garage"];
+    args.extend_from_slice(extra);
+    let server = TestServer::start_opts(&args, &garage.env());
+    let api = server.client(&server.key("team"));
+    let sandbox = api.create_sandbox(json!({}));
+    let started = Instant::now();
+    let failed = api.snapshot(&sandbox, json!({"snapshot_type": "filesystem"}));
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains(&format!("upload to s3://stasis at {endpoint} failed")), "{error}");
+    (server, api, sandbox, failed)
+}
+
 #[test]
 fn store_faults_fail_cleanly_and_never_show_credentials() {
     let Some(garage) = Garage::start() else { return };
@@ -170,18 +192,7 @@ fn store_faults_fail_cleanly_and_never_show_credentials() {
     // An object store nobody answers at: the snapshot fails after bounded retries, the
     // sandbox goes on.
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let c = TestServer::start_opts(
-        &["--remote", "s3://stasis", "--remote-endpoint", &dead, "--remote-region", "garage"],
-        &garage.env(),
-    );
-    let api_c = c.client(&c.key("team"));
-    let cid = api_c.create_sandbox(json!({}));
-    let started = Instant::now();
-    let failed = api_c.snapshot(&cid, json!({"snapshot_type": "filesystem"}));
-    assert_eq!(failed["status"], "failed", "{failed}");
-    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
-    let error = failed["error"].as_str().unwrap();
-    assert!(error.contains(&format!("upload to s3://stasis at {dead} failed")), "{error}");
+    let (c, api_c, cid, failed) = node_with_failing_store(&garage, &dead, &[]);
     bodies.push_str(&failed.to_string());
     let listed = api_c.get("/snapshots").expect(200).json();
     assert_eq!(listed["snapshots"][0]["id"], failed["id"], "the node's own records, store or no store: {listed}");
@@ -198,27 +209,7 @@ fn store_faults_fail_cleanly_and_never_show_credentials() {
             open.push(stream);
         }
     });
-    let d = TestServer::start_opts(
-        &[
-            "--remote",
-            "s3://stasis",
-            "--remote-endpoint",
-            &silent_url,
-            "--remote-region",
-            "garage",
-            "--remote-timeout",
-            "1s",
-        ],
-        &garage.env(),
-    );
-    let api_d = d.client(&d.key("team"));
-    let did = api_d.create_sandbox(json!({}));
-    let started = Instant::now();
-    let failed = api_d.snapshot(&did, json!({"snapshot_type": "filesystem"}));
-    assert_eq!(failed["status"], "failed", "{failed}");
-    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
-    let error = failed["error"].as_str().unwrap();
-    assert!(error.contains(&format!("upload to s3://stasis at {silent_url} failed")), "{error}");
+    let (d, _, _, failed) = node_with_failing_store(&garage, &silent_url, &["--remote-timeout", "1s"]);
     bodies.push_str(&failed.to_string());
 
     for (what, text) in [
