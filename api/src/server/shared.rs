@@ -79,8 +79,11 @@ impl SharedRecord {
     }
 
     /// A record read from the bucket: anything in it is checked before it is believed.
-    fn parse(bytes: &[u8], namespace: &str) -> Result<Self, String> {
+    fn parse(bytes: &[u8], namespace: &str, id: &str) -> Result<Self, String> {
         let r: SharedRecord = serde_json::from_slice(bytes).map_err(|e| format!("not a snapshot record: {e}"))?;
+        if r.id != id {
+            return Err(format!("the record of `{id}` describes `{}`", r.id.escape_debug()));
+        }
         if r.version != RECORD_VERSION {
             return Err(format!("record version {}; this node reads version {RECORD_VERSION}", r.version));
         }
@@ -125,7 +128,7 @@ pub async fn reconcile_interrupted(db: &super::db::Db, shared: &Shared, recovere
     let mut completed = 0;
     for row in db.interrupted_at(recovered_at)? {
         let Some(bytes) = shared.remote.record(&row.namespace, &row.id).await? else { continue };
-        let record = SharedRecord::parse(&bytes, &row.namespace).map_err(anyhow::Error::msg)?;
+        let record = SharedRecord::parse(&bytes, &row.namespace, &row.id).map_err(anyhow::Error::msg)?;
         db.complete_interrupted(&row.id, &record.store_id, record.size_bytes, record.completed_at)?;
         db.mark_shared(&row.id)?;
         db.touch_cached(&record.store_id, record.size_bytes, recovered_at)?;
@@ -205,7 +208,7 @@ impl AppState {
         else {
             return Ok(None);
         };
-        let row = SharedRecord::parse(&bytes, namespace)
+        let row = SharedRecord::parse(&bytes, namespace, id)
             .map_err(|e| ApiError::internal(anyhow::anyhow!("the shared record of snapshot `{id}`: {e}")))?
             .into_row();
         if let Err(e) = self.db.insert_snapshot(&row) {
@@ -368,6 +371,53 @@ impl AppState {
                 Ok((n, bytes)) => tracing::info!(programs = n, bytes, "dropped programs no image names any more"),
                 Err(e) => tracing::warn!("cannot sweep programs: {e:?}"),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> SharedRecord {
+        SharedRecord {
+            version: RECORD_VERSION,
+            id: "snap0123456789abcdef01234567".into(),
+            namespace: "team".into(),
+            sandbox_id: "sb0123456789abcdef01234567".into(),
+            snapshot_type: "memory".into(),
+            store_id: "snap_0123456789ab0123456789abcdef".into(),
+            size_bytes: 10,
+            base_image: Some("default".into()),
+            cpus: 1.0,
+            memory_mb: 512,
+            disk_mb: 1024,
+            created_at: 1,
+            completed_at: 2,
+        }
+    }
+
+    #[test]
+    fn records_from_the_bucket_are_checked_before_they_are_believed() {
+        let id = "snap0123456789abcdef01234567";
+        let ok = serde_json::to_vec(&record()).unwrap();
+        assert_eq!(SharedRecord::parse(&ok, "team", id).unwrap(), record());
+        let crafted = |f: fn(&mut SharedRecord)| {
+            let mut r = record();
+            f(&mut r);
+            serde_json::to_vec(&r).unwrap()
+        };
+        for (bytes, namespace, expect) in [
+            (ok.clone(), "other", "filed under `other`"),
+            (crafted(|r| r.version = 2), "team", "record version 2"),
+            (crafted(|r| r.id = "snap0000000000000000000000ff".into()), "team", "describes"),
+            (crafted(|r| r.store_id = "../../etc".into()), "team", "invalid snapshot id"),
+            (crafted(|r| r.snapshot_type = "disk".into()), "team", "unknown snapshot type"),
+            (crafted(|r| r.base_image = Some("../x".into())), "team", "image"),
+            (b"{\"version\":1}".to_vec(), "team", "not a snapshot record"),
+        ] {
+            let e = SharedRecord::parse(&bytes, namespace, id).unwrap_err();
+            assert!(e.contains(expect), "{e} (wanted `{expect}`)");
         }
     }
 }
