@@ -2,6 +2,7 @@
 
 mod image_cmd;
 mod keys_cmd;
+mod remote_cmd;
 mod run;
 mod serve_cmd;
 mod server;
@@ -27,6 +28,8 @@ enum Commands {
     Snapshot(snapshot_cmd::SnapshotArgs),
     /// Serve the REST API (Tensorlake-compatible sandboxes, processes, files, snapshots).
     Serve(serve_cmd::ServeArgs),
+    /// The object store nodes share snapshots through: garbage collection.
+    Remote(remote_cmd::RemoteArgs),
     /// Manage the API keys of the REST server.
     Keys(keys_cmd::KeysArgs),
     /// Manage images: the base trees sandboxes start from.
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Commands::Run(args) => run::main(args),
         Commands::Resume(args) => run::resume_main(args),
         Commands::Snapshot(args) => snapshot_cmd::main(args),
+        Commands::Remote(args) => remote_cmd::main(args),
         Commands::Serve(args) => serve_cmd::main(args),
         Commands::Keys(args) => keys_cmd::main(args),
         Commands::Image(args) => image_cmd::main(args),

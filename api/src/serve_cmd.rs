@@ -187,6 +187,20 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
     })
 }
 
+/// The object store a node's settings name (flags over the file), for commands that work
+/// on the bucket without serving.
+pub fn remote_config(
+    config: Option<PathBuf>,
+    remote: Option<String>,
+    remote_endpoint: Option<String>,
+    remote_region: Option<String>,
+) -> Result<RemoteConfig, String> {
+    let args = ServeArgs { config, remote, remote_endpoint, remote_region, ..ServeArgs::default() };
+    resolve(args)?
+        .remote
+        .ok_or_else(|| "no object store: give --remote URL, or a --config file that sets `remote`".into())
+}
+
 pub fn main(args: ServeArgs) -> u8 {
     let config = match resolve(args) {
         Ok(config) => config,

@@ -52,7 +52,7 @@ pub use memory_snapshot::{MemorySnapshot, MemorySnapshotReport, MemorySnapshotSt
 pub use pause::PauseGuard;
 pub use process::{ExitStatus, OutputMode, Process, StdinMode};
 pub use reactor::Reactor;
-pub use remote::{PullStats, PushStats, RemoteConfig, RemoteStore};
+pub use remote::{PullStats, PushStats, RemoteConfig, RemoteGcStats, RemoteStore};
 pub use sandbox::{Command, Mount, ProgramRef, Sandbox, SandboxConfig};
 pub use sandbox_snapshot::FsSnapshotReport;
 pub use stdio::{OutputBuffer, OutputChunk, StdinPipe};

@@ -134,6 +134,13 @@ impl Garage {
             .to_vec()
     }
 
+    /// `stasis remote gc` on this bucket.
+    pub fn gc(&self) -> std::process::Output {
+        let mut cmd = Command::new(crate::stasis_bin());
+        cmd.args(["remote", "gc"]).args(self.serve_args()).envs(self.env());
+        crate::run(cmd)
+    }
+
     /// The credentials, as `stasis serve` reads them.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![("AWS_ACCESS_KEY_ID", self.key_id.clone()), ("AWS_SECRET_ACCESS_KEY", self.secret.clone())]
@@ -181,6 +188,10 @@ impl Bucket {
 
     pub fn put(&self, key: &str, bytes: Vec<u8>) {
         self.rt.block_on(self.store.put(&key.into(), bytes.into())).unwrap();
+    }
+
+    pub fn delete(&self, key: &str) {
+        self.rt.block_on(self.store.delete(&key.into())).unwrap();
     }
 
     pub fn get(&self, key: &str) -> Vec<u8> {

@@ -382,3 +382,63 @@ fn a_snapshot_whose_record_reached_the_bucket_before_a_crash_is_completed_on_res
     assert_eq!(api.sandbox(&restored).get("/api/v1/files?path=/home/user/kept.txt").expect(200).body, b"made it");
     assert!(a2.log().contains("1 interrupted snapshots had reached the shared store"), "{}", a2.log());
 }
+
+#[test]
+fn garbage_collection_frees_only_what_no_snapshot_uses_and_never_overlaps_an_upload() {
+    let Some(garage) = Garage::start() else { return };
+    let bucket = garage.bucket();
+    let (_a, _b, api_a, api_b) = two_nodes(&garage, &[]);
+    let snapshot_of = |seed: u64| {
+        let id = api_a.create_sandbox(json!({}));
+        api_a.sandbox(&id).put("/api/v1/files?path=/home/user/data.bin", &noise(300_000, seed)).expect(204);
+        let snap = api_a.snapshot(&id, json!({"snapshot_type": "filesystem"}));
+        assert_eq!(snap["status"], "completed", "{snap}");
+        snap["id"].as_str().unwrap().to_string()
+    };
+    let chunk_of = |seed: u64| format!("chunks/{}", blake3::hash(&noise(300_000, seed)).to_hex());
+    let gone = snapshot_of(21);
+    let kept = snapshot_of(22);
+    api_a.delete(&format!("/snapshots/{gone}")).expect(204);
+
+    // An upload in progress (its lease): the collection gives way and deletes nothing.
+    bucket.put("leases/in-flight", b"push".to_vec());
+    let out = garage.gc();
+    assert!(!out.status.success());
+    assert!(
+        stasis_tests::text(&out.stderr).contains("upload(s) to s3://stasis"),
+        "{}",
+        stasis_tests::text(&out.stderr)
+    );
+    assert!(bucket.keys("chunks").contains(&chunk_of(21)));
+    bucket.delete("leases/in-flight");
+
+    let out = garage.gc();
+    let report = stasis_tests::text(&out.stdout);
+    assert!(out.status.success(), "{}", stasis_tests::text(&out.stderr));
+    assert!(report.starts_with("1 snapshots; deleted 1 chunks and 1 blobs"), "{report}");
+    let chunks = bucket.keys("chunks");
+    assert!(!chunks.contains(&chunk_of(21)) && chunks.contains(&chunk_of(22)), "{chunks:?}");
+    assert!(bucket.keys("gc").iter().all(|k| k != "gc/lock"), "the lock is given back");
+
+    // What is left restores elsewhere; node A uploads the collected chunk again when a new
+    // snapshot needs it (it no longer trusts what it remembers uploading).
+    let restored = api_b.create_sandbox(json!({"snapshot_id": kept}));
+    assert!(
+        api_b.sandbox(&restored).get("/api/v1/files?path=/home/user/data.bin").expect(200).body == noise(300_000, 22)
+    );
+    let again = snapshot_of(21);
+    let restored = api_b.create_sandbox(json!({"snapshot_id": again}));
+    assert!(
+        api_b.sandbox(&restored).get("/api/v1/files?path=/home/user/data.bin").expect(200).body == noise(300_000, 21)
+    );
+
+    // A collection in progress (its lock): uploads fail cleanly instead of racing it.
+    bucket.put("gc/lock", b"gc".to_vec());
+    let id = api_a.create_sandbox(json!({}));
+    let failed = api_a.snapshot(&id, json!({"snapshot_type": "filesystem"}));
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["error"].as_str().unwrap().contains("is being garbage-collected"), "{failed}");
+    bucket.delete("gc/lock");
+    assert_eq!(api_a.snapshot(&id, json!({"snapshot_type": "filesystem"}))["status"], "completed");
+    assert!(bucket.keys("leases").is_empty(), "every upload gave its lease back: {:?}", bucket.keys("leases"));
+}

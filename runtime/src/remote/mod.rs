@@ -28,8 +28,10 @@
 //! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...) and appear in no message: only the
 //! URL and endpoint are ever shown.
 
+mod gc;
 mod snapshots;
 
+pub use gc::{PUSH_LIMIT, RemoteGcStats, STALE_AFTER};
 pub use snapshots::{PullStats, PushStats};
 
 use crate::error::{Error, Result};
@@ -83,6 +85,8 @@ pub struct RemoteStore {
     shown: String,
     /// Chunks known to be in the store (uploaded or seen): a re-snapshot asks about the rest.
     known_chunks: Mutex<HashSet<[u8; 32]>>,
+    /// `gc/epoch` when this client last looked (see `gc`).
+    gc_epoch: Mutex<Vec<u8>>,
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -153,7 +157,7 @@ impl RemoteStore {
             } else {
                 return Err(bad("expected s3://bucket[/prefix] or file:///path".into()));
             };
-        Ok(RemoteStore { store, root, shown, known_chunks: Mutex::default() })
+        Ok(RemoteStore { store, root, shown, known_chunks: Mutex::default(), gc_epoch: Mutex::default() })
     }
 
     /// The store as messages name it (URL and endpoint; never credentials).

@@ -16,20 +16,20 @@ const DESCRIPTOR_VERSION: u32 = 1;
 
 /// A content-addressed object: its blake3 and length.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct BlobRef {
-    blake3: String,
+pub(super) struct BlobRef {
+    pub(super) blake3: String,
     len: u64,
 }
 
 /// `snapshots/<id>.json`: the parts of one snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Descriptor {
+pub(super) struct Descriptor {
     version: u32,
-    fs_manifest: Option<BlobRef>,
-    image: Option<BlobRef>,
+    pub(super) fs_manifest: Option<BlobRef>,
+    pub(super) image: Option<BlobRef>,
     /// The programs the image names (blobs, by blake3).
-    programs: Vec<String>,
+    pub(super) programs: Vec<String>,
 }
 
 /// What a push did.
@@ -71,7 +71,7 @@ impl RemoteStore {
     }
 
     /// A blob's bytes, verified against its name; fetched once more if they are not right.
-    async fn get_blob(&self, blob: &BlobRef, what: &str) -> Result<Vec<u8>> {
+    pub(super) async fn get_blob(&self, blob: &BlobRef, what: &str) -> Result<Vec<u8>> {
         let key = self.key(&["blobs", &blob.blake3]);
         for attempt in 0..2 {
             let bytes = self
@@ -94,6 +94,20 @@ impl RemoteStore {
         images: &Arc<MemorySnapshotStore>,
         id: &SnapshotId,
         progress: Option<Arc<AtomicU64>>,
+    ) -> Result<PushStats> {
+        let lease = self.begin_push().await?;
+        let result = self.push_leased(fs, images, id, progress, &lease).await;
+        self.end_push(lease).await;
+        result
+    }
+
+    async fn push_leased(
+        self: &Arc<Self>,
+        fs: &Arc<FsSnapshotStore>,
+        images: &Arc<MemorySnapshotStore>,
+        id: &SnapshotId,
+        progress: Option<Arc<AtomicU64>>,
+        lease: &super::gc::Lease,
     ) -> Result<PushStats> {
         let started = Instant::now();
         let stats = Mutex::new(PushStats::default());
@@ -133,6 +147,7 @@ impl RemoteStore {
             }
             descriptor.image = Some(self.put_blob(image, &stats).await?);
         }
+        self.check_lease(lease)?;
         let json = serde_json::to_vec(&descriptor).expect("a descriptor serializes");
         self.put(&self.descriptor_key(id), json).await?;
         let mut stats = stats.into_inner().unwrap();
@@ -183,7 +198,7 @@ impl RemoteStore {
         self.exists(&self.descriptor_key(id)).await
     }
 
-    async fn descriptor(&self, id: &SnapshotId) -> Result<Descriptor> {
+    pub(super) async fn descriptor(&self, id: &SnapshotId) -> Result<Descriptor> {
         let key = self.descriptor_key(id);
         let bytes = self.get_small(&key).await?.ok_or_else(|| Error::Snapshot(SnapshotError::NotFound(id.clone())))?;
         let d: Descriptor = serde_json::from_slice(&bytes)
