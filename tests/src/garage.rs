@@ -48,6 +48,19 @@ impl Garage {
             eprintln!("skipping: garage is not installed (set GARAGE_BIN or put it on PATH)");
             return None;
         };
+        // Ports are picked free and then bound by Garage: another test may take one in
+        // between, so a failed setup is tried again from scratch.
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start(&bin) {
+                Ok(garage) => return Some(garage),
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!("garage could not be set up three times: {failures:#?}");
+    }
+
+    fn try_start(bin: &std::path::Path) -> Result<Garage, String> {
         let dir = tempfile::tempdir().unwrap();
         let (rpc, s3, admin) = (free_port(), free_port(), free_port());
         let mut secret = [0u8; 32];
@@ -69,7 +82,7 @@ impl Garage {
         )
         .unwrap();
         let log = std::fs::File::create(dir.path().join("garage.log")).unwrap();
-        let child = Command::new(&bin)
+        let child = Command::new(bin)
             .arg("-c")
             .arg(&config)
             .arg("server")
@@ -82,45 +95,42 @@ impl Garage {
         let mut garage = Garage {
             child,
             config,
-            bin,
+            bin: bin.to_path_buf(),
             endpoint: format!("http://127.0.0.1:{s3}"),
             key_id: String::new(),
             secret: String::new(),
             _dir: dir,
         };
-        // The node answers once its RPC is up.
+        // `node id` reads the node's key from disk; `status` answers once its RPC is up.
         let deadline = Instant::now() + Duration::from_secs(30);
-        let node = loop {
-            if let Ok(id) = garage.try_cli(&["node", "id", "-q"]) {
-                break id.trim().split('@').next().unwrap().to_string();
+        while let Err(e) = garage.try_cli(&["status"]) {
+            if Instant::now() > deadline {
+                return Err(format!("garage did not start: {e}\n{}", garage.log()));
             }
-            assert!(Instant::now() < deadline, "garage did not start: {}", garage.log());
             std::thread::sleep(Duration::from_millis(100));
-        };
-        garage.cli(&["layout", "assign", "-z", "dc1", "-c", "10G", &node]);
-        garage.cli(&["layout", "apply", "--version", "1"]);
-        garage.cli(&["bucket", "create", BUCKET]);
-        let key = garage.cli(&["key", "create", "stasis-test"]);
+        }
+        let id = garage.try_cli(&["node", "id", "-q"])?;
+        let node = id.trim().split('@').next().unwrap_or_default().to_string();
+        garage.try_cli(&["layout", "assign", "-z", "dc1", "-c", "10G", &node])?;
+        garage.try_cli(&["layout", "apply", "--version", "1"])?;
+        garage.try_cli(&["bucket", "create", BUCKET])?;
+        let key = garage.try_cli(&["key", "create", "stasis-test"])?;
         let field = |name: &str| {
             key.lines()
                 .find_map(|l| l.strip_prefix(name))
                 .map(|v| v.trim().to_string())
-                .unwrap_or_else(|| panic!("no `{name}` in {key}"))
+                .ok_or_else(|| format!("no `{name}` in {key}"))
         };
-        garage.key_id = field("Key ID:");
-        garage.secret = field("Secret key:");
-        garage.cli(&["bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", "stasis-test"]);
-        Some(garage)
+        garage.key_id = field("Key ID:")?;
+        garage.secret = field("Secret key:")?;
+        garage.try_cli(&["bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", "stasis-test"])?;
+        Ok(garage)
     }
 
     fn try_cli(&self, args: &[&str]) -> Result<String, String> {
         let out = Command::new(&self.bin).arg("-c").arg(&self.config).args(args).output().unwrap();
         let text = crate::text(&out.stdout) + &crate::text(&out.stderr);
-        if out.status.success() { Ok(text) } else { Err(text) }
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        self.try_cli(args).unwrap_or_else(|e| panic!("garage {args:?}: {e}"))
+        if out.status.success() { Ok(text) } else { Err(format!("garage {args:?}: {text}")) }
     }
 
     pub fn log(&self) -> String {

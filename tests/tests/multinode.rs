@@ -237,7 +237,24 @@ fn a_bounded_cache_drops_the_least_recently_used_copy() {
         snaps.push(snap["id"].as_str().unwrap().to_string());
         largest = largest.max(snap["size_bytes"].as_u64().unwrap());
     }
-    // A cache that holds one of them, not both: the second restore pushes the first out.
+    // Node C restores both at once (two pulls in parallel), then node B, whose cache holds
+    // one of them and not both: the second restore pushes the first out.
+    let c = node(&garage, &[]);
+    c.add_key("team", &key);
+    let api_c = c.client(&key);
+    let restores: Vec<_> = snaps
+        .iter()
+        .map(|snap| {
+            let (api_c, snap) = (api_c.clone(), snap.clone());
+            std::thread::spawn(move || api_c.create_sandbox(json!({"snapshot_id": snap})))
+        })
+        .collect();
+    for (seed, restore) in [1, 2].into_iter().zip(restores) {
+        let sandbox = restore.join().unwrap();
+        let data = api_c.sandbox(&sandbox).get("/api/v1/files?path=/home/user/data.bin").expect(200).body;
+        assert!(data == noise(100_000, seed), "restore of snapshot {seed} differs");
+    }
+    assert_eq!(count(&c.log(), "shared snapshot fetched"), 2, "{}", c.log());
     let limit = (largest * 3 / 2).to_string();
     let b = node(&garage, &["--cache-size", &limit]);
     b.add_key("team", &key);

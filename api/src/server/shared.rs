@@ -141,13 +141,14 @@ pub async fn reconcile_interrupted(db: &super::db::Db, shared: &Shared, recovere
 pub struct Shared {
     pub remote: Arc<RemoteStore>,
     cache_bytes: Option<u64>,
-    /// One pull at a time: two restores of one snapshot must not import it twice.
-    pulls: tokio::sync::Mutex<()>,
+    /// One pull of a snapshot at a time (two restores of it must not import it twice);
+    /// other snapshots' restores do not wait. Entries go when nobody waits on them.
+    pulls: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Shared {
     pub fn new(remote: RemoteStore, cache_bytes: Option<u64>) -> Self {
-        Shared { remote: Arc::new(remote), cache_bytes, pulls: tokio::sync::Mutex::new(()) }
+        Shared { remote: Arc::new(remote), cache_bytes, pulls: Default::default() }
     }
 }
 
@@ -259,7 +260,26 @@ impl AppState {
         size_bytes: i64,
     ) -> ApiResult<()> {
         let Some(shared) = self.shared() else { return Ok(()) };
-        let _one = shared.pulls.lock().await;
+        let key = store_id.as_str();
+        let gate = shared.pulls.lock().unwrap().entry(key.to_string()).or_default().clone();
+        let held = gate.clone().lock_owned().await;
+        let result = self.ensure_local_gated(shared, store_id, memory, size_bytes).await;
+        drop(held);
+        let mut pulls = shared.pulls.lock().unwrap();
+        // The map's reference and `gate`: nobody else waits.
+        if Arc::strong_count(&gate) == 2 {
+            pulls.remove(key);
+        }
+        result
+    }
+
+    async fn ensure_local_gated(
+        self: &Arc<Self>,
+        shared: &Shared,
+        store_id: &SnapshotId,
+        memory: bool,
+        size_bytes: i64,
+    ) -> ApiResult<()> {
         let (store, images, id) = (self.snapshots.store.clone(), self.snapshots.images.clone(), store_id.clone());
         let local = tokio::task::spawn_blocking(move || {
             store.contains(&id).unwrap_or(false) && (!memory || images.contains(&id))
