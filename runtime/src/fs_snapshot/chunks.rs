@@ -148,17 +148,14 @@ impl ChunkStore {
         decompressor: &mut zstd::bulk::Decompressor<'static>,
         times: &mut ReadTimes,
     ) -> Result<Option<std::fs::File>, ChunkReadError> {
-        let (hash, expected) = match chunk {
-            Chunk::Zero => {
-                out.clear();
-                out.resize(logical_len, 0);
-                return Ok(None);
-            }
-            Chunk::Raw(h) => (h, logical_len as u64),
-            Chunk::Zstd { hash, stored_len } => (hash, u64::from(*stored_len)),
+        let Some(hash) = chunk.hash() else {
+            out.clear();
+            out.resize(logical_len, 0);
+            return Ok(None);
         };
+        let expected = chunk.stored_len(logical_len as u64);
         let t = Instant::now();
-        let mut file = match self.open_chunk(hash) {
+        let mut file = match self.open_chunk(&hash) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ChunkReadError::Missing),
             Err(e) => return Err(ChunkReadError::Io(e)),
@@ -167,16 +164,19 @@ impl ChunkStore {
         if found != expected {
             return Err(ChunkReadError::WrongSize { expected, found });
         }
-        let buf = if matches!(chunk, Chunk::Raw(_)) { &mut *out } else { &mut *scratch };
-        buf.clear();
-        buf.reserve(expected as usize);
-        (&mut file).take(expected).read_to_end(buf).map_err(ChunkReadError::Io)?;
-        if buf.len() as u64 != expected {
-            return Err(ChunkReadError::WrongSize { expected, found: buf.len() as u64 });
+        // A raw chunk is read straight into `out`; a compressed one into `scratch`, then
+        // decompressed into `out`.
+        let raw = matches!(chunk, Chunk::Raw(_));
+        let (stored, decoded) = if raw { (out, scratch) } else { (scratch, out) };
+        stored.clear();
+        stored.reserve(expected as usize);
+        (&mut file).take(expected).read_to_end(stored).map_err(ChunkReadError::Io)?;
+        if stored.len() as u64 != expected {
+            return Err(ChunkReadError::WrongSize { expected, found: stored.len() as u64 });
         }
         times.read += t.elapsed();
-        decode_verified(chunk, logical_len, out, scratch, decompressor, times)?;
-        Ok(if matches!(chunk, Chunk::Raw(_)) { Some(file.into_std()) } else { None })
+        verify_stored(chunk, logical_len, stored, decoded, decompressor, times)?;
+        Ok(if raw { Some(file.into_std()) } else { None })
     }
 
     /// Checks a chunk's stored bytes (from elsewhere: another host's store) against what the
@@ -189,23 +189,14 @@ impl ChunkStore {
         marker: &Marker<'_>,
         decompressor: &mut zstd::bulk::Decompressor<'static>,
     ) -> Result<(), ChunkReadError> {
-        let (hash, expected) = match chunk {
-            Chunk::Zero => return Ok(()),
-            Chunk::Raw(h) => (h, logical_len as u64),
-            Chunk::Zstd { hash, stored_len } => (hash, u64::from(*stored_len)),
-        };
+        let Some(hash) = chunk.hash() else { return Ok(()) };
+        let expected = chunk.stored_len(logical_len as u64);
         if stored.len() as u64 != expected {
             return Err(ChunkReadError::WrongSize { expected, found: stored.len() as u64 });
         }
-        let mut times = ReadTimes::default();
-        let (mut out, mut scratch) = (Vec::new(), Vec::new());
-        match chunk {
-            Chunk::Raw(_) => out.extend_from_slice(stored),
-            _ => scratch.extend_from_slice(stored),
-        }
-        decode_verified(chunk, logical_len, &mut out, &scratch, decompressor, &mut times)?;
+        verify_stored(chunk, logical_len, stored, &mut Vec::new(), decompressor, &mut ReadTimes::default())?;
         marker.ensure().map_err(ChunkReadError::Io)?;
-        self.write(hash, stored).map_err(ChunkReadError::Io)
+        self.write(&hash, stored).map_err(ChunkReadError::Io)
     }
 
     /// Every chunk file: (prefix dir, file name, hash, metadata). Names that are not chunk names
@@ -240,32 +231,35 @@ impl ChunkStore {
     }
 }
 
-/// Decompresses `scratch` into `out` for a zstd chunk (`out` already holds a raw one), then
-/// checks the raw bytes' hash.
-fn decode_verified(
+/// Checks a chunk's stored bytes: a raw chunk's hash as they are; a zstd chunk is
+/// decompressed into `decoded` (exactly `logical_len` bytes) and those are hashed.
+fn verify_stored(
     chunk: &Chunk,
     logical_len: usize,
-    out: &mut Vec<u8>,
-    scratch: &[u8],
+    stored: &[u8],
+    decoded: &mut Vec<u8>,
     decompressor: &mut zstd::bulk::Decompressor<'static>,
     times: &mut ReadTimes,
 ) -> Result<(), ChunkReadError> {
     let Some(hash) = chunk.hash() else { return Ok(()) };
-    if let Chunk::Zstd { .. } = chunk {
+    let raw = if let Chunk::Zstd { .. } = chunk {
         let t = Instant::now();
-        out.clear();
-        out.reserve_exact(logical_len);
+        decoded.clear();
+        decoded.reserve_exact(logical_len);
         // The capacity bounds the output: a crafted frame cannot make it grow.
         let n = decompressor
-            .decompress_to_buffer(scratch, out)
+            .decompress_to_buffer(stored, decoded)
             .map_err(|e| ChunkReadError::Corrupt(format!("zstd: {e}")))?;
         if n != logical_len {
             return Err(ChunkReadError::Corrupt(format!("decompresses to {n} bytes, expected {logical_len}")));
         }
         times.decompress += t.elapsed();
-    }
+        &decoded[..]
+    } else {
+        stored
+    };
     let t = Instant::now();
-    let actual = ChunkHash::of(out);
+    let actual = ChunkHash::of(raw);
     times.hash += t.elapsed();
     if actual != hash {
         return Err(ChunkReadError::HashMismatch { actual });

@@ -196,6 +196,15 @@ impl Chunk {
             Chunk::Raw(h) | Chunk::Zstd { hash: h, .. } => Some(*h),
         }
     }
+
+    /// Length of the chunk file for a chunk of `logical_len` raw bytes (0: none is stored).
+    pub fn stored_len(&self, logical_len: u64) -> u64 {
+        match self {
+            Chunk::Zero => 0,
+            Chunk::Raw(_) => logical_len,
+            Chunk::Zstd { stored_len, .. } => u64::from(*stored_len),
+        }
+    }
 }
 
 /// What an entry is.

@@ -28,10 +28,7 @@ impl StoredChunk {
 
     /// Length of the chunk file: the zstd frame, or the raw bytes.
     pub fn stored_len(&self) -> u64 {
-        match self.chunk {
-            Chunk::Zstd { stored_len, .. } => u64::from(stored_len),
-            _ => u64::from(self.logical_len),
-        }
+        self.chunk.stored_len(u64::from(self.logical_len))
     }
 }
 
