@@ -72,7 +72,7 @@ async fn a_tree_pushed_from_one_node_restores_on_another_and_repushes_incrementa
     let w = world();
     let tree = w.tree();
     let id = w.capture(&tree);
-    let pushed = w.remote().push(&w.a.fs, &w.a.images, &id, None).await.unwrap();
+    let pushed = w.remote().push(&w.a.fs, &w.a.images, &id).await.unwrap();
     assert_eq!((pushed.chunks, pushed.chunks_uploaded), (4, 4), "{pushed:?}");
 
     let pulled = w.remote().pull(&w.b.fs, &w.b.images, &id).await.unwrap();
@@ -88,7 +88,7 @@ async fn a_tree_pushed_from_one_node_restores_on_another_and_repushes_incrementa
     // manifest.
     std::fs::write(tree.join("note.txt"), "hello again").unwrap();
     let second = w.capture(&tree);
-    let pushed = w.remote().push(&w.a.fs, &w.a.images, &second, None).await.unwrap();
+    let pushed = w.remote().push(&w.a.fs, &w.a.images, &second).await.unwrap();
     assert_eq!((pushed.chunks_uploaded, pushed.blobs_uploaded), (1, 1), "{pushed:?}");
     let pulled = w.remote().pull(&w.b.fs, &w.b.images, &second).await.unwrap();
     assert_eq!(pulled.fs.unwrap().chunks_fetched, 1, "the rest is shared with the first snapshot");
@@ -103,7 +103,7 @@ async fn a_memory_image_and_its_program_travel_together() {
     let reactor = sandbox.instantiate(command).await.unwrap();
     assert_eq!(reactor.call_i32("add", &[5]).await.unwrap(), 5);
     let report = sandbox.snapshot_memory(None, &w.a.images).await.unwrap();
-    let pushed = w.remote().push(&w.a.fs, &w.a.images, &report.id, None).await.unwrap();
+    let pushed = w.remote().push(&w.a.fs, &w.a.images, &report.id).await.unwrap();
     assert_eq!(pushed.blobs_uploaded, 2, "the image and the program: {pushed:?}");
 
     w.remote().pull(&w.b.fs, &w.b.images, &report.id).await.unwrap();
@@ -133,7 +133,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 async fn damaged_or_crafted_objects_fail_the_pull_and_leave_nothing() {
     let w = world();
     let id = w.capture(&w.tree());
-    w.remote().push(&w.a.fs, &w.a.images, &id, None).await.unwrap();
+    w.remote().push(&w.a.fs, &w.a.images, &id).await.unwrap();
     let descriptor = w.bucket.join(format!("snapshots/{}.json", id.as_str()));
     let original = std::fs::read_to_string(&descriptor).unwrap();
     let pull_error = || async { w.remote().pull(&w.b.fs, &w.b.images, &id).await.unwrap_err().to_string() };
@@ -176,5 +176,5 @@ async fn damaged_or_crafted_objects_fail_the_pull_and_leave_nothing() {
 
     // Pushing a snapshot this node does not have.
     let unknown = SnapshotId::generate(std::time::SystemTime::now()).unwrap();
-    assert!(w.remote().push(&w.a.fs, &w.a.images, &unknown, None).await.is_err());
+    assert!(w.remote().push(&w.a.fs, &w.a.images, &unknown).await.is_err());
 }

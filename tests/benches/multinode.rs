@@ -85,7 +85,7 @@ fn throughput(garage: &Garage, rt: &tokio::runtime::Runtime) {
     let id = capture(&fs_a, &tree);
     let logical = fs_a.get(&id).unwrap().logical_bytes();
 
-    let pushed = rt.block_on(remote().push(&fs_a, &img_a, &id, None)).unwrap();
+    let pushed = rt.block_on(remote().push(&fs_a, &img_a, &id)).unwrap();
     println!(
         "upload:   {:.0} MB/s of tree ({} MB in {:.2} s; {:.0} MB/s on the wire, {} chunks)",
         mb_per_s(logical, pushed.wall),
@@ -98,11 +98,11 @@ fn throughput(garage: &Garage, rt: &tokio::runtime::Runtime) {
     // The node's client remembers what it uploaded; a fresh one (another node, a restart)
     // asks the store about every chunk.
     let node_client = remote();
-    rt.block_on(node_client.push(&fs_a, &img_a, &id, None)).unwrap();
+    rt.block_on(node_client.push(&fs_a, &img_a, &id)).unwrap();
     std::fs::write(tree.join("d3/small3.txt"), vec![b'x'; 4096]).unwrap();
     let second = capture(&fs_a, &tree);
     for (who, client) in [("same client", node_client), ("fresh client", remote())] {
-        let repushed = rt.block_on(client.push(&fs_a, &img_a, &second, None)).unwrap();
+        let repushed = rt.block_on(client.push(&fs_a, &img_a, &second)).unwrap();
         println!(
             "re-push after one 4 KiB file changed, {who}: {:.1} ms ({} of {} chunks uploaded, {} bytes)",
             repushed.wall.as_secs_f64() * 1e3,
@@ -115,7 +115,7 @@ fn throughput(garage: &Garage, rt: &tokio::runtime::Runtime) {
     // The same push into a local directory through the same client code: what Stasis's own
     // side costs, without Garage sharing the two cores.
     let dir = RemoteConfig::new(format!("file://{}", tmp.path().join("bucket-dir").display()));
-    let to_dir = rt.block_on(Arc::new(RemoteStore::open(&dir).unwrap()).push(&fs_a, &img_a, &id, None)).unwrap();
+    let to_dir = rt.block_on(Arc::new(RemoteStore::open(&dir).unwrap()).push(&fs_a, &img_a, &id)).unwrap();
     println!(
         "upload into a local directory instead: {:.0} MB/s of tree ({:.2} s)",
         mb_per_s(logical, to_dir.wall),

@@ -174,7 +174,7 @@ impl AppState {
         let Some(shared) = self.shared() else { return Ok(()) };
         let failed = |e: stasis_runtime::Error| format!("upload to {} failed: {e}", shared.remote.describe());
         let stats =
-            shared.remote.push(&self.snapshots.store, &self.snapshots.images, store_id, None).await.map_err(failed)?;
+            shared.remote.push(&self.snapshots.store, &self.snapshots.images, store_id).await.map_err(failed)?;
         let record = SharedRecord::of(row, store_id, size_bytes, completed_at);
         let json = serde_json::to_vec(&record).expect("a record serializes");
         shared.remote.put_record(&row.namespace, &row.id, json).await.map_err(failed)?;

@@ -17,11 +17,11 @@
 //! deleted them. A lease or lock older than [`STALE_AFTER`] is from a crashed node and is
 //! ignored; a push that takes longer than [`PUSH_LIMIT`] fails before its descriptor.
 
-use super::{CONCURRENCY, Key, RemoteStore, is_not_found, parse_hex, remote_error};
+use super::{CONCURRENCY, Key, RemoteStore, parse_hex};
 use crate::error::{Error, Result};
 use crate::fs_snapshot::{FsSnapshotStore, Manifest};
 use futures_util::{StreamExt, TryStreamExt};
-use object_store::{ObjectMeta, ObjectStoreExt, PutPayload};
+use object_store::ObjectMeta;
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -65,40 +65,13 @@ impl RemoteStore {
 
     /// The object at `key` if it is there and not stale.
     async fn fresh_object(&self, key: &Key) -> Result<Option<ObjectMeta>> {
-        match self.store.head(key).await {
-            Ok(meta) if fresh(&meta) => Ok(Some(meta)),
-            Ok(_) => Ok(None),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(remote_error(format!("cannot check `{key}` in {}", self.shown), e)),
-        }
-    }
-
-    async fn fresh_under(&self, prefix: &[&str]) -> Result<Vec<ObjectMeta>> {
-        let prefix = self.key(prefix);
-        let all: Vec<ObjectMeta> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| remote_error(format!("cannot list `{prefix}` in {}", self.shown), e))?;
-        Ok(all.into_iter().filter(fresh).collect())
-    }
-
-    async fn remove(&self, key: &Key) -> Result<()> {
-        match self.store.delete(key).await {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(remote_error(format!("cannot delete `{key}` from {}", self.shown), e)),
-        }
+        Ok(self.head(key).await?.filter(fresh))
     }
 
     /// Takes a lease for one push; fails while a collection runs.
     pub(super) async fn begin_push(&self) -> Result<Lease> {
         let key = self.key(&["leases", &random_name()?]);
-        self.store
-            .put(&key, PutPayload::from_static(b"push"))
-            .await
-            .map_err(|e| remote_error(format!("cannot upload `{key}` to {}", self.shown), e))?;
+        self.put(&key, b"push".to_vec()).await?;
         let lease = Lease { key, started: Instant::now() };
         if self.fresh_object(&self.lock_key()).await?.is_some() {
             self.end_push(lease).await;
@@ -148,12 +121,9 @@ impl RemoteStore {
         if self.fresh_object(&lock).await?.is_some() {
             return Err(Error::Remote(format!("another collection of {} is running (`gc/lock`)", self.shown)));
         }
-        self.store
-            .put(&lock, PutPayload::from_static(b"gc"))
-            .await
-            .map_err(|e| remote_error(format!("cannot upload `{lock}` to {}", self.shown), e))?;
+        self.put(&lock, b"gc".to_vec()).await?;
         let result = async {
-            let leases = self.fresh_under(&["leases"]).await?;
+            let leases: Vec<_> = self.list(&["leases"]).await?.into_iter().filter(fresh).collect();
             if !leases.is_empty() {
                 return Err(Error::Remote(format!(
                     "{} upload(s) to {} in progress (`leases/`); try again when they end",
@@ -173,13 +143,7 @@ impl RemoteStore {
     async fn sweep(&self) -> Result<RemoteGcStats> {
         let mut stats = RemoteGcStats::default();
         let (mut chunks, mut blobs) = (HashSet::new(), HashSet::new());
-        let descriptors: Vec<ObjectMeta> = self
-            .store
-            .list(Some(&self.key(&["snapshots"])))
-            .try_collect()
-            .await
-            .map_err(|e| remote_error(format!("cannot list snapshots in {}", self.shown), e))?;
-        for meta in descriptors {
+        for meta in self.list(&["snapshots"]).await? {
             let Some(id) = meta.location.filename().and_then(|n| n.strip_suffix(".json")) else { continue };
             let id = crate::fs_snapshot::SnapshotId::parse(id)
                 .map_err(|e| Error::Remote(format!("`{}` in {}: {e}", meta.location, self.shown)))?;
@@ -191,7 +155,7 @@ impl RemoteStore {
             stats.snapshots += 1;
             if let Some(manifest) = &d.fs_manifest {
                 blobs.insert(manifest.blake3.clone());
-                let bytes = self.get_blob(manifest, "a snapshot's manifest").await?;
+                let bytes = self.get_blob(&manifest.blake3, Some(manifest.len), "a snapshot's manifest").await?;
                 let manifest = Manifest::decode(&bytes)
                     .map_err(|e| Error::Remote(format!("the manifest of {} in {}: {e}", id.as_str(), self.shown)))?;
                 chunks.extend(FsSnapshotStore::stored_chunks(&manifest).iter().map(|c| c.hash().to_hex()));
@@ -210,13 +174,7 @@ impl RemoteStore {
     /// Deletes the objects under `prefix` whose names (blake3 hex) are not in `named`:
     /// (kept, deleted, bytes freed). Names that are not hashes are not ours and stay.
     async fn delete_unnamed(&self, prefix: &[&str], named: &HashSet<String>) -> Result<(u64, u64, u64)> {
-        let prefix = self.key(prefix);
-        let all: Vec<ObjectMeta> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| remote_error(format!("cannot list `{prefix}` in {}", self.shown), e))?;
+        let all = self.list(prefix).await?;
         let (doomed, kept): (Vec<_>, Vec<_>) = all.into_iter().partition(|m| {
             m.location.filename().is_some_and(|name| parse_hex(name).is_some() && !named.contains(name))
         });

@@ -38,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::fs_snapshot::SnapshotId;
 use futures_util::TryStreamExt;
 use object_store::path::Path as Key;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
+use object_store::{ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -93,6 +93,11 @@ impl std::fmt::Debug for RemoteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteStore").field("url", &self.shown).finish_non_exhaustive()
     }
+}
+
+/// Runs `f` (local store I/O) on a blocking thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Remote(format!("a store task failed: {e}")))?
 }
 
 fn remote_error(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
@@ -211,11 +216,35 @@ impl RemoteStore {
         Ok(bytes)
     }
 
-    async fn exists(&self, key: &Key) -> Result<bool> {
+    /// The object's metadata, or `None` if there is no such object.
+    async fn head(&self, key: &Key) -> Result<Option<ObjectMeta>> {
         match self.store.head(key).await {
-            Ok(_) => Ok(true),
-            Err(e) if is_not_found(&e) => Ok(false),
+            Ok(meta) => Ok(Some(meta)),
+            Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(remote_error(format!("cannot check `{key}` in {}", self.shown), e)),
+        }
+    }
+
+    async fn exists(&self, key: &Key) -> Result<bool> {
+        Ok(self.head(key).await?.is_some())
+    }
+
+    /// Every object under `prefix`.
+    async fn list(&self, prefix: &[&str]) -> Result<Vec<ObjectMeta>> {
+        let prefix = self.key(prefix);
+        self.store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| remote_error(format!("cannot list `{prefix}` in {}", self.shown), e))
+    }
+
+    /// Deletes the object; one already gone is fine.
+    async fn remove(&self, key: &Key) -> Result<()> {
+        match self.store.delete(key).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(remote_error(format!("cannot delete `{key}` from {}", self.shown), e)),
         }
     }
 
@@ -236,22 +265,11 @@ impl RemoteStore {
     /// The names of `namespace`'s records (one listing; records are read one by one with
     /// [`record`](Self::record), and never change once written).
     pub async fn record_names(&self, namespace: &str) -> Result<Vec<String>> {
-        let prefix = self.key(&["records", namespace]);
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| remote_error(format!("cannot list `{prefix}` in {}", self.shown), e))?;
+        let metas = self.list(&["records", namespace]).await?;
         Ok(metas.into_iter().filter_map(|m| m.location.filename().map(String::from)).collect())
     }
 
     pub async fn delete_record(&self, namespace: &str, name: &str) -> Result<()> {
-        let key = self.record_key(namespace, name);
-        match self.store.delete(&key).await {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(remote_error(format!("cannot delete `{key}` from {}", self.shown), e)),
-        }
+        self.remove(&self.record_key(namespace, name)).await
     }
 }

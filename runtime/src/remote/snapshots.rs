@@ -1,14 +1,12 @@
 //! Snapshots in the bucket: the descriptor that names a snapshot's parts, the push that
 //! uploads what the bucket lacks, the pull that brings a snapshot into a node's stores.
 
-use super::{CONCURRENCY, RemoteStore, hex, is_not_found, parse_hex, remote_error};
+use super::{CONCURRENCY, Key, RemoteStore, blocking, hex, parse_hex};
 use crate::error::{Error, Result};
 use crate::fs_snapshot::{FsSnapshotStore, ImportStats, SnapshotError, SnapshotId, StoredChunk};
 use crate::memory_snapshot::MemorySnapshotStore;
 use futures_util::{StreamExt, TryStreamExt};
-use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +16,7 @@ const DESCRIPTOR_VERSION: u32 = 1;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct BlobRef {
     pub(super) blake3: String,
-    len: u64,
+    pub(super) len: u64,
 }
 
 /// `snapshots/<id>.json`: the parts of one snapshot.
@@ -56,29 +54,40 @@ pub struct PullStats {
 }
 
 impl RemoteStore {
+    fn blob_key(&self, blake3: &str) -> Key {
+        self.key(&["blobs", blake3])
+    }
+
     /// Uploads a content-addressed blob unless it is there already.
     async fn put_blob(&self, bytes: Vec<u8>, stats: &Mutex<PushStats>) -> Result<BlobRef> {
         let blob = BlobRef { blake3: blake3::hash(&bytes).to_hex().to_string(), len: bytes.len() as u64 };
-        let key = self.key(&["blobs", &blob.blake3]);
+        let key = self.blob_key(&blob.blake3);
         if !self.exists(&key).await? {
-            let n = bytes.len() as u64;
-            self.put(&key, bytes).await?;
-            let mut s = stats.lock().unwrap();
-            s.blobs_uploaded += 1;
-            s.bytes_uploaded += n;
+            self.upload_blob(&key, bytes, stats).await?;
         }
         Ok(blob)
     }
 
-    /// A blob's bytes, verified against its name; fetched once more if they are not right.
-    pub(super) async fn get_blob(&self, blob: &BlobRef, what: &str) -> Result<Vec<u8>> {
-        let key = self.key(&["blobs", &blob.blake3]);
+    async fn upload_blob(&self, key: &Key, bytes: Vec<u8>, stats: &Mutex<PushStats>) -> Result<()> {
+        let n = bytes.len() as u64;
+        self.put(key, bytes).await?;
+        let mut s = stats.lock().unwrap();
+        s.blobs_uploaded += 1;
+        s.bytes_uploaded += n;
+        Ok(())
+    }
+
+    /// Blob `blake3`'s bytes (of length `len`, when the descriptor says), verified against
+    /// its name; fetched once more if they are not right.
+    pub(super) async fn get_blob(&self, blake3: &str, len: Option<u64>, what: &str) -> Result<Vec<u8>> {
+        let key = self.blob_key(blake3);
         for attempt in 0..2 {
             let bytes = self
                 .get(&key)
                 .await?
                 .ok_or_else(|| Error::Remote(format!("{what} (`{key}`) is missing from {}", self.shown)))?;
-            if bytes.len() as u64 == blob.len && blake3::hash(&bytes).to_hex().as_str() == blob.blake3 {
+            let len_ok = len.is_none_or(|len| bytes.len() as u64 == len);
+            if len_ok && blake3::hash(&bytes).to_hex().as_str() == blake3 {
                 return Ok(bytes);
             }
             tracing::warn!("{what} (`{key}`) from {} failed its hash check (attempt {})", self.shown, attempt + 1);
@@ -87,16 +96,15 @@ impl RemoteStore {
     }
 
     /// Uploads snapshot `id` from this node's stores: the chunks and blobs the store lacks,
-    /// then the descriptor. `progress` counts the bytes sent.
+    /// then the descriptor.
     pub async fn push(
         self: &Arc<Self>,
         fs: &Arc<FsSnapshotStore>,
         images: &Arc<MemorySnapshotStore>,
         id: &SnapshotId,
-        progress: Option<Arc<AtomicU64>>,
     ) -> Result<PushStats> {
         let lease = self.begin_push().await?;
-        let result = self.push_leased(fs, images, id, progress, &lease).await;
+        let result = self.push_leased(fs, images, id, &lease).await;
         self.end_push(lease).await;
         result
     }
@@ -106,19 +114,17 @@ impl RemoteStore {
         fs: &Arc<FsSnapshotStore>,
         images: &Arc<MemorySnapshotStore>,
         id: &SnapshotId,
-        progress: Option<Arc<AtomicU64>>,
         lease: &super::gc::Lease,
     ) -> Result<PushStats> {
         let started = Instant::now();
         let stats = Mutex::new(PushStats::default());
         let (fs2, images2, id2) = (fs.clone(), images.clone(), id.clone());
-        let (manifest, image) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (manifest, image) = blocking(move || {
             let manifest = if fs2.contains(&id2)? { Some(fs2.manifest_bytes(&id2)?) } else { None };
             let image = if images2.contains(&id2) { Some(images2.read_image(&id2)?) } else { None };
             Ok((manifest, image))
         })
-        .await
-        .map_err(|e| Error::Remote(format!("push task failed: {e}")))??;
+        .await?;
         if manifest.is_none() && image.is_none() {
             return Err(Error::Snapshot(SnapshotError::NotFound(id.clone())));
         }
@@ -129,19 +135,19 @@ impl RemoteStore {
                 .map_err(|e| Error::Snapshot(SnapshotError::Manifest { id: id.to_string(), source: e }))?;
             let chunks = FsSnapshotStore::stored_chunks(&decoded);
             stats.lock().unwrap().chunks = chunks.len() as u64;
-            self.push_chunks(fs, chunks, &stats, progress.as_deref()).await?;
+            self.push_chunks(fs, chunks, &stats).await?;
             descriptor.fs_manifest = Some(self.put_blob(manifest, &stats).await?);
         }
         if let Some(image) = image {
             let programs = MemorySnapshotStore::programs_of(&image)?;
             for hash in &programs {
-                let key = self.key(&["blobs", &hex(hash)]);
+                // Checked before the program is read from disk (a large one is shared by many
+                // snapshots, and usually uploaded already).
+                let key = self.blob_key(&hex(hash));
                 if !self.exists(&key).await? {
                     let (images, hash) = (images.clone(), *hash);
-                    let bytes = tokio::task::spawn_blocking(move || images.module(&hash))
-                        .await
-                        .map_err(|e| Error::Remote(format!("push task failed: {e}")))??;
-                    self.put_blob(bytes, &stats).await?;
+                    let bytes = blocking(move || images.module(&hash)).await?;
+                    self.upload_blob(&key, bytes, &stats).await?;
                 }
                 descriptor.programs.push(hex(hash));
             }
@@ -160,7 +166,6 @@ impl RemoteStore {
         fs: &Arc<FsSnapshotStore>,
         chunks: Vec<StoredChunk>,
         stats: &Mutex<PushStats>,
-        progress: Option<&AtomicU64>,
     ) -> Result<()> {
         let unknown: Vec<StoredChunk> = {
             let known = self.known_chunks.lock().unwrap();
@@ -172,18 +177,12 @@ impl RemoteStore {
                 let key = self.key(&["chunks", &hash.to_hex()]);
                 if !self.exists(&key).await? {
                     let fs = fs.clone();
-                    let bytes = tokio::task::spawn_blocking(move || fs.read_stored_chunk(&chunk))
-                        .await
-                        .map_err(|e| Error::Remote(format!("push task failed: {e}")))?
-                        .map_err(Error::Snapshot)?;
+                    let bytes = blocking(move || fs.read_stored_chunk(&chunk).map_err(Error::Snapshot)).await?;
                     let n = bytes.len() as u64;
                     self.put(&key, bytes).await?;
                     let mut s = stats.lock().unwrap();
                     s.chunks_uploaded += 1;
                     s.bytes_uploaded += n;
-                    if let Some(p) = progress {
-                        p.fetch_add(n, Ordering::Relaxed);
-                    }
                 }
                 self.known_chunks.lock().unwrap().insert(hash.0);
                 Ok::<(), Error>(())
@@ -191,11 +190,6 @@ impl RemoteStore {
             .buffer_unordered(CONCURRENCY)
             .try_collect::<()>()
             .await
-    }
-
-    /// Whether snapshot `id` is complete in the store (its descriptor is there).
-    pub async fn contains(&self, id: &SnapshotId) -> Result<bool> {
-        self.exists(&self.descriptor_key(id)).await
     }
 
     pub(super) async fn descriptor(&self, id: &SnapshotId) -> Result<Descriptor> {
@@ -240,16 +234,15 @@ impl RemoteStore {
             return Ok(stats);
         }
         if let (Some(blob), false) = (&d.fs_manifest, have_tree) {
-            let manifest = self.get_blob(blob, "the snapshot's manifest").await?;
+            let manifest = self.get_blob(&blob.blake3, Some(blob.len), "the snapshot's manifest").await?;
             stats.blobs_fetched += 1;
             stats.bytes_fetched += manifest.len() as u64;
             let (this, fs, id2, handle) = (self.clone(), fs.clone(), id.clone(), tokio::runtime::Handle::current());
-            let imported = tokio::task::spawn_blocking(move || {
+            let imported = blocking(move || {
                 fs.import(&id2, &manifest, |batch| handle.block_on(this.get_chunks(batch)).map_err(|e| e.to_string()))
+                    .map_err(Error::Snapshot)
             })
-            .await
-            .map_err(|e| Error::Remote(format!("pull task failed: {e}")))?
-            .map_err(Error::Snapshot)?;
+            .await?;
             stats.bytes_fetched += imported.bytes_fetched;
             stats.fs = Some(imported);
         }
@@ -257,39 +250,25 @@ impl RemoteStore {
             for program in &d.programs {
                 let hash = parse_hex(program).expect("checked by descriptor()");
                 if !images.has_module(&hash) {
-                    let blob = self.blob_ref_of(&hash).await?;
-                    let bytes = self.get_blob(&blob, "a program of the image").await?;
+                    let bytes = self.get_blob(program, None, "a program of the image").await?;
                     stats.blobs_fetched += 1;
                     stats.bytes_fetched += bytes.len() as u64;
                     let images = images.clone();
-                    tokio::task::spawn_blocking(move || images.put_module_bytes(&hash, &bytes))
-                        .await
-                        .map_err(|e| Error::Remote(format!("pull task failed: {e}")))??;
+                    blocking(move || images.put_module_bytes(&hash, &bytes)).await?;
                 }
             }
-            let image = self.get_blob(blob, "the memory image").await?;
+            let image = self.get_blob(&blob.blake3, Some(blob.len), "the memory image").await?;
             stats.blobs_fetched += 1;
             stats.bytes_fetched += image.len() as u64;
             let (images, id2) = (images.clone(), id.clone());
-            tokio::task::spawn_blocking(move || {
+            blocking(move || {
                 // Another pull of the same snapshot may have written it meanwhile.
                 if images.contains(&id2) { Ok(()) } else { images.write_image(&id2, &image) }
             })
-            .await
-            .map_err(|e| Error::Remote(format!("pull task failed: {e}")))??;
+            .await?;
         }
         stats.wall = started.elapsed();
         Ok(stats)
-    }
-
-    /// A program's blob: its length comes from the store (programs are named by hash alone).
-    async fn blob_ref_of(&self, hash: &[u8; 32]) -> Result<BlobRef> {
-        let key = self.key(&["blobs", &hex(hash)]);
-        let meta = self.store.head(&key).await.map_err(|e| match is_not_found(&e) {
-            true => Error::Remote(format!("program {} is missing from {}", hex(hash), self.shown)),
-            false => remote_error(format!("cannot check `{key}` in {}", self.shown), e),
-        })?;
-        Ok(BlobRef { blake3: hex(hash), len: meta.size })
     }
 
     /// The stored bytes of `batch`, in order, fetched concurrently.
@@ -312,10 +291,6 @@ impl RemoteStore {
     /// Removes snapshot `id`'s descriptor: no node can pull it any more. Its chunks and
     /// blobs stay (other snapshots may share them).
     pub async fn delete(&self, id: &SnapshotId) -> Result<()> {
-        match self.store.delete(&self.descriptor_key(id)).await {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(remote_error(format!("cannot delete snapshot {} from {}", id.as_str(), self.shown), e)),
-        }
+        self.remove(&self.descriptor_key(id)).await
     }
 }
