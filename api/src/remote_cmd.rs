@@ -1,5 +1,6 @@
 //! `stasis remote`: the object store that nodes share snapshots through.
 
+use crate::serve_cmd::RemoteFlags;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 
@@ -12,27 +13,22 @@ pub struct RemoteArgs {
 #[derive(Subcommand, Debug)]
 enum RemoteCommand {
     /// Delete the chunks and blobs no snapshot uses any more (deleting a snapshot leaves
-    /// them, since others may share them). Refuses while a node is uploading; uploads wait
-    /// for it to end. Prints what it freed.
+    /// them, since others may share them). Refuses while a node is uploading; a snapshot
+    /// uploaded meanwhile fails with "try again". Prints what it freed.
     Gc {
-        /// A node's config file: its `remote`, `remote_endpoint`, `remote_region`.
+        /// A node's config file: its `remote`, `remote_endpoint`, `remote_region`,
+        /// `remote_timeout` (flags win).
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
-        /// `s3://BUCKET[/PREFIX]` or `file:///PATH` (credentials from `AWS_*`).
-        #[arg(long, value_name = "URL")]
-        remote: Option<String>,
-        #[arg(long, value_name = "URL")]
-        remote_endpoint: Option<String>,
-        #[arg(long, value_name = "NAME")]
-        remote_region: Option<String>,
+        #[command(flatten)]
+        remote: RemoteFlags,
     },
 }
 
 pub fn main(args: RemoteArgs) -> u8 {
-    let RemoteCommand::Gc { config, remote, remote_endpoint, remote_region } = args.command;
+    let RemoteCommand::Gc { config, remote } = args.command;
     let result = (|| -> anyhow::Result<stasis_runtime::RemoteGcStats> {
-        let config = crate::serve_cmd::remote_config(config, remote, remote_endpoint, remote_region)
-            .map_err(anyhow::Error::msg)?;
+        let config = crate::serve_cmd::remote_config(config, remote).map_err(anyhow::Error::msg)?;
         let store = stasis_runtime::RemoteStore::open(&config)?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         Ok(runtime.block_on(store.gc())?)

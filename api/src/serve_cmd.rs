@@ -49,25 +49,32 @@ pub struct ServeArgs {
     /// ~1.8x), but memory snapshots and suspend then refuse sandboxes with running commands.
     #[arg(long)]
     no_checkpoints: bool,
-    /// Share snapshots with other nodes through object storage: `s3://BUCKET[/PREFIX]`, or
-    /// `file:///PATH` for a directory every node mounts. S3 credentials come from the
-    /// environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
-    #[arg(long, value_name = "URL")]
-    remote: Option<String>,
-    /// The S3-compatible server to use instead of AWS, e.g. `http://127.0.0.1:3900`.
-    #[arg(long, value_name = "URL")]
-    remote_endpoint: Option<String>,
-    /// The S3 region (Garage: the `s3_region` of its config).
-    #[arg(long, value_name = "NAME")]
-    remote_region: Option<String>,
-    /// With `--remote`: the longest one request to the object store may take before it is
-    /// retried (3 retries), e.g. `10s` [default: 30s].
-    #[arg(long, value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
-    remote_timeout: Option<Duration>,
+    #[command(flatten)]
+    remote: RemoteFlags,
     /// With `--remote`: how much of the shared snapshots this node keeps on local disk,
     /// e.g. `20G`; the least recently used are dropped past it [default: unbounded].
     #[arg(long, value_name = "BYTES", value_parser = stasis_runtime::limits::parse_byte_size)]
     cache_size: Option<u64>,
+}
+
+/// Where the object store shared between nodes is (for `serve` and `remote`).
+#[derive(Args, Debug, Default)]
+pub struct RemoteFlags {
+    /// Share snapshots with other nodes through object storage: `s3://BUCKET[/PREFIX]`, or
+    /// `file:///PATH` for a directory every node mounts. S3 credentials come from the
+    /// environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// The S3-compatible server to use instead of AWS, e.g. `http://127.0.0.1:3900`.
+    #[arg(long, value_name = "URL")]
+    pub remote_endpoint: Option<String>,
+    /// The S3 region (Garage: the `s3_region` of its config).
+    #[arg(long, value_name = "NAME")]
+    pub remote_region: Option<String>,
+    /// With `--remote`: the longest one request to the object store may take before it is
+    /// retried (3 retries), e.g. `10s` [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
+    pub remote_timeout: Option<Duration>,
 }
 
 /// The config file, as written.
@@ -154,7 +161,7 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
         ),
         (None, None) => None,
     };
-    let remote_timeout = match (args.remote_timeout, file.remote_timeout) {
+    let remote_timeout = match (args.remote.remote_timeout, file.remote_timeout) {
         (Some(d), _) => Some(d),
         (None, Some(text)) => Some(
             stasis_runtime::limits::parse_duration(&text)
@@ -162,11 +169,11 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
         ),
         (None, None) => None,
     };
-    let remote = args.remote.or(file.remote).map(|url| {
+    let remote = args.remote.remote.or(file.remote).map(|url| {
         let defaults = RemoteConfig::new(url);
         RemoteConfig {
-            endpoint: args.remote_endpoint.or(file.remote_endpoint),
-            region: args.remote_region.or(file.remote_region),
+            endpoint: args.remote.remote_endpoint.or(file.remote_endpoint),
+            region: args.remote.remote_region.or(file.remote_region),
             request_timeout: remote_timeout.unwrap_or(defaults.request_timeout),
             ..defaults
         }
@@ -189,13 +196,8 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
 
 /// The object store a node's settings name (flags over the file), for commands that work
 /// on the bucket without serving.
-pub fn remote_config(
-    config: Option<PathBuf>,
-    remote: Option<String>,
-    remote_endpoint: Option<String>,
-    remote_region: Option<String>,
-) -> Result<RemoteConfig, String> {
-    let args = ServeArgs { config, remote, remote_endpoint, remote_region, ..ServeArgs::default() };
+pub fn remote_config(config: Option<PathBuf>, remote: RemoteFlags) -> Result<RemoteConfig, String> {
+    let args = ServeArgs { config, remote, ..ServeArgs::default() };
     resolve(args)?
         .remote
         .ok_or_else(|| "no object store: give --remote URL, or a --config file that sets `remote`".into())
