@@ -548,13 +548,14 @@ impl Db {
         self.with(|c| c.execute("INSERT OR IGNORE INTO shared_snapshots (id) VALUES (?1)", [id]).map(drop))
     }
 
-    /// Ids of `namespace`'s snapshots whose records are in the shared store.
-    pub fn shared_ids(&self, namespace: &str) -> rusqlite::Result<std::collections::HashSet<String>> {
+    /// `namespace`'s snapshots whose records are in the shared store: (id, store id).
+    pub fn shared_snapshots(&self, namespace: &str) -> rusqlite::Result<Vec<(String, Option<String>)>> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT s.id FROM snapshots s JOIN shared_snapshots h ON h.id = s.id WHERE s.namespace = ?1",
+                "SELECT s.id, s.store_id FROM snapshots s JOIN shared_snapshots h ON h.id = s.id \
+                 WHERE s.namespace = ?1",
             )?;
-            stmt.query_map([namespace], |r| r.get(0))?.collect()
+            stmt.query_map([namespace], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
         })
     }
 

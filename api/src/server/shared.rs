@@ -233,17 +233,15 @@ impl AppState {
             .map_err(|e| self.unavailable("listing the shared records", e))?;
         let names: std::collections::HashSet<String> = names.into_iter().collect();
         for name in &names {
-            if self.db.snapshot(namespace, name)?.is_none() && super::ids::is_snapshot(name) {
-                self.find_snapshot(namespace, name).await?;
-            }
+            // Reads the record only if this node has none.
+            self.find_snapshot(namespace, name).await?;
         }
-        for id in self.db.shared_ids(namespace)? {
+        for (id, store_id) in self.db.shared_snapshots(namespace)? {
             if !names.contains(&id)
-                && let Some(row) = self.db.snapshot(namespace, &id)?
-                && let Some(store_id) = &row.store_id
+                && let Some(store_id) = store_id
             {
                 tracing::info!(snapshot = %id, "deleted on another node: forgotten here");
-                self.forget(store_id)?;
+                self.forget(&store_id)?;
             }
         }
         Ok(())
@@ -348,7 +346,8 @@ impl AppState {
     /// a task of its own: eviction waits for the store lock the caller may hold).
     fn cached(self: &Arc<Self>, store_id: &str, size_bytes: i64) {
         let Some(shared) = self.shared() else { return };
-        // Recorded even without a bound: it also says that the snapshot was shared.
+        // Recorded even without a bound, so that a bound set at a later start knows the
+        // copies already here and their order of use.
         if let Err(e) = self.db.touch_cached(store_id, size_bytes.max(0), now_ms()) {
             tracing::warn!("cannot record a cache use: {e}");
             return;
