@@ -140,17 +140,17 @@ impl FsSnapshotStore {
         let marker = Marker::new(self.chunks.tmp(), self.nonce);
         let mut decompressor =
             zstd::bulk::Decompressor::new().map_err(|e| io_error("cannot start a zstd decompressor", e))?;
-        let fetched = |batch: &[StoredChunk], got: &Vec<Vec<u8>>| {
-            if got.len() == batch.len() {
-                Ok(())
-            } else {
-                Err(SnapshotError::Transfer(format!("asked for {} chunks, got {}", batch.len(), got.len())))
+        // `fetch`, held to its word: one answer per chunk asked for.
+        let mut ask = |batch: &[StoredChunk]| {
+            let got = fetch(batch).map_err(SnapshotError::Transfer)?;
+            if got.len() != batch.len() {
+                return Err(SnapshotError::Transfer(format!("asked for {} chunks, got {}", batch.len(), got.len())));
             }
+            Ok(got)
         };
         let result = (|| {
             for batch in missing.chunks(FETCH_BATCH) {
-                let got = fetch(batch).map_err(SnapshotError::Transfer)?;
-                fetched(batch, &got)?;
+                let got = ask(batch)?;
                 for (wanted, bytes) in batch.iter().zip(got) {
                     stats.chunks_fetched += 1;
                     stats.bytes_fetched += bytes.len() as u64;
@@ -166,8 +166,7 @@ impl FsSnapshotStore {
                                 wanted.hash()
                             );
                             stats.chunks_refetched += 1;
-                            let again = fetch(std::slice::from_ref(wanted)).map_err(SnapshotError::Transfer)?;
-                            fetched(std::slice::from_ref(wanted), &again)?;
+                            let again = ask(std::slice::from_ref(wanted))?;
                             stats.bytes_fetched += again[0].len() as u64;
                             put(&again[0], &mut decompressor)
                                 .map_err(|e| chunk_error(e, &wanted.chunk, b"(fetched twice)"))?;
