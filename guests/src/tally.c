@@ -1,14 +1,44 @@
 /* tally: the smallest stateful reactor, built into a component (guests/wit/tally.wit)
- * for the component memory-snapshot tests. Its one WASI call (the monotonic clock) pulls
- * in the preview1 adapter, so the component has several core instances, but it never
- * holds a host resource (a stream or a descriptor) between calls.
+ * for the component memory-snapshot tests. Its WASI calls pull in the preview1 adapter,
+ * so the component has several core instances; `add`, `get` and `ticks` hold no host
+ * resource between calls, the others leave the adapter holding streams and descriptors.
  *   int add(int n)          adds n to a static total, returns the new total
  *   int get(void)           returns the total
  *   long long ticks(void)   CLOCK_MONOTONIC in nanoseconds
  *   int say(int n)          prints "say N" on stdout, returns n: from then on the adapter
- *                           holds the stdout stream, a host resource */
+ *                           holds the stdout stream, a host resource
+ *   int log-open(void)      opens /tally.log for writing and keeps it open (a descriptor)
+ *   int log-write(int n)    writes "N\n" to it (then a write stream at its position too)
+ *   int src-open(void)      opens /input.txt for reading and keeps it open
+ *   int src-next(void)      reads one byte from it (then a read stream), -1 at the end
+ * The descriptors are raw (no stdio buffering), so every byte moves when it is asked for. */
+#include <fcntl.h>
 #include <stdio.h>
 #include <time.h>
+#include <unistd.h>
+
+static int log_fd = -1, src_fd = -1;
+
+__attribute__((export_name("log-open"))) int log_open(void) {
+    log_fd = open("/tally.log", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    return log_fd;
+}
+
+__attribute__((export_name("log-write"))) int log_write(int n) {
+    char line[16];
+    int len = snprintf(line, sizeof line, "%d\n", n);
+    return (int)write(log_fd, line, (size_t)len);
+}
+
+__attribute__((export_name("src-open"))) int src_open(void) {
+    src_fd = open("/input.txt", O_RDONLY);
+    return src_fd;
+}
+
+__attribute__((export_name("src-next"))) int src_next(void) {
+    unsigned char c;
+    return read(src_fd, &c, 1) == 1 ? c : -1;
+}
 
 __attribute__((export_name("say"))) int say(int n) {
     printf("say %d\n", n);

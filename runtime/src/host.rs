@@ -146,8 +146,12 @@ pub(crate) enum ProgramEntry {
     /// A component without `wasi:cli/run`: it can only run as a reactor. Loaded by
     /// [`Host::load`] on the normal engine (for checking); [`Host::component_reactor`]
     /// loads it again on the debug engine (see [`DebugEngine`]) to run it.
-    ComponentReactor(wasmtime::component::InstancePre<ProcessState>),
+    ComponentReactor(wasmtime::component::InstancePre<ProcessState>, HandleSupport),
 }
+
+/// Which host resources a reactor component's snapshots can carry (the resource types
+/// its rewrite added inject exports for), or why none.
+pub(crate) type HandleSupport = std::result::Result<Vec<crate::component_handles::ResourceKind>, String>;
 
 /// The engine reactor components run on: `guest_debug` on, because a component's core
 /// instances (its module, the preview1 adapter, the shims between them) are not reachable
@@ -224,7 +228,7 @@ impl Program {
     pub fn format(&self) -> ProgramFormat {
         match self.entry {
             ProgramEntry::Command(_) => ProgramFormat::Module,
-            ProgramEntry::Component(_) | ProgramEntry::ComponentReactor(_) => ProgramFormat::Component,
+            ProgramEntry::Component(_) | ProgramEntry::ComponentReactor(..) => ProgramFormat::Component,
         }
     }
 }
@@ -376,7 +380,7 @@ impl Host {
                 match CommandPre::new(pre.clone()) {
                     Ok(command) => ProgramEntry::Component(command),
                     // Not a command: it can still run as a reactor (see `component_reactor`).
-                    Err(_) => ProgramEntry::ComponentReactor(pre),
+                    Err(_) => ProgramEntry::ComponentReactor(pre, Err("it runs on the debug engine only".into())),
                 }
             }
         };
@@ -405,6 +409,7 @@ impl Host {
                 let engine = Engine::new(&config).map_err(|e| format!("{e:#}"))?;
                 let mut linker = ComponentLinker::new(&engine);
                 wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| format!("{e:#}"))?;
+                crate::component_handles::shadows::add(&mut linker).map_err(|e| format!("{e:#}"))?;
                 spawn_ticker(engine.clone(), self.inner.ticker_stop.clone());
                 let code_cache = CodeCache::new(&engine, self.inner.code_cache_dir.clone(), false);
                 Ok(DebugEngine { engine, linker, code_cache })
@@ -420,9 +425,11 @@ impl Host {
         }
         let debug = self.debug_engine()?;
         let what = "the reactor component";
+        let rewritten = crate::component_handles::rewrite::rewrite(&program.bytes)
+            .map_err(|reason| Error::InvalidProgram { what: what.into(), reason })?;
         let compiled = debug
             .code_cache
-            .load_or_compile(&debug.engine, &program.bytes, &program.hash, ProgramFormat::Component)
+            .load_or_compile(&debug.engine, &rewritten.bytes, &blake3::hash(&rewritten.bytes), ProgramFormat::Component)
             .map_err(|e| Error::InvalidProgram { what: what.into(), reason: format!("{e:#}") })?;
         let Compiled::Component(component) = compiled else {
             return Err(Error::InvalidArgument("not a component".into()));
@@ -437,7 +444,7 @@ impl Host {
             layout: None,
             unwind: None,
             checkpoint_refusal: None,
-            entry: ProgramEntry::ComponentReactor(pre),
+            entry: ProgramEntry::ComponentReactor(pre, rewritten.handles),
             wasi_helper: self.inner.wasi_helper.clone(),
             host: Arc::downgrade(&self.inner),
             resume: OnceLock::new(),

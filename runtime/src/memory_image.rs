@@ -39,12 +39,13 @@
 //! part's length is refused first). A crafted image is an error, never a panic, an
 //! out-of-bounds write or an allocation out of proportion to the file.
 
+pub use crate::component_handles::{DescriptorRecipe, HandleImage, OpenAt, Recipe};
 use crate::wasi_state::FdTableImage;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
 pub const MAGIC: [u8; 8] = *b"STASISMI";
-pub const VERSION: (u16, u16) = (1, 1);
+pub const VERSION: (u16, u16) = (1, 2);
 pub const PREFIX_LEN: usize = 52;
 /// Largest header accepted: descriptors, globals and run lists of many processes fit in a
 /// fraction of this.
@@ -87,6 +88,7 @@ pub struct ProcessImage {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "wire::ProcessState", into = "wire::ProcessState")]
 pub enum ProcessStateImage {
     /// Ended: kept for its status and output.
     Exited(ExitRecord),
@@ -120,6 +122,48 @@ pub struct SuspendedImage {
 pub struct ComponentImage {
     pub instances: Vec<CoreStateImage>,
     pub monotonic_ns: u64,
+    /// The host resources it holds (format 1.2), by resource-table slot.
+    pub handles: Vec<HandleImage>,
+}
+
+/// How process states are encoded: 1.1 images have components without handles, under
+/// the variant index `IdleComponent` had then; 1.2 adds a variant at the end.
+mod wire {
+    use super::*;
+
+    #[derive(Serialize, Deserialize)]
+    pub(super) enum ProcessState {
+        Exited(ExitRecord),
+        Idle(InstanceImage),
+        IdleComponentWithoutHandles { instances: Vec<CoreStateImage>, monotonic_ns: u64 },
+        Suspended(SuspendedImage),
+        IdleComponent(ComponentImage),
+    }
+
+    impl From<ProcessState> for ProcessStateImage {
+        fn from(state: ProcessState) -> Self {
+            match state {
+                ProcessState::Exited(e) => ProcessStateImage::Exited(e),
+                ProcessState::Idle(i) => ProcessStateImage::Idle(i),
+                ProcessState::IdleComponentWithoutHandles { instances, monotonic_ns } => {
+                    ProcessStateImage::IdleComponent(ComponentImage { instances, monotonic_ns, handles: Vec::new() })
+                }
+                ProcessState::Suspended(s) => ProcessStateImage::Suspended(s),
+                ProcessState::IdleComponent(c) => ProcessStateImage::IdleComponent(c),
+            }
+        }
+    }
+
+    impl From<ProcessStateImage> for ProcessState {
+        fn from(state: ProcessStateImage) -> Self {
+            match state {
+                ProcessStateImage::Exited(e) => ProcessState::Exited(e),
+                ProcessStateImage::Idle(i) => ProcessState::Idle(i),
+                ProcessStateImage::Suspended(s) => ProcessState::Suspended(s),
+                ProcessStateImage::IdleComponent(c) => ProcessState::IdleComponent(c),
+            }
+        }
+    }
 }
 
 /// One core instance of a component. Function references are numbered across the whole

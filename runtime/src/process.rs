@@ -30,6 +30,8 @@ pub(crate) struct ProcessState {
     max_cpu_ticks: Option<u64>,
     pub(crate) phase: Arc<ProcessPhase>,
     pub(crate) fds: FdTracker,
+    /// For reactor components: how each resource they hold was made.
+    pub(crate) handles: crate::component_handles::HandleTracker,
     pub(crate) clock: SnapshotClock,
     /// For programs with the unwind transform: what a checkpoint needs (see `checkpoint`).
     pub(crate) checkpoint: Option<Checkpointing>,
@@ -61,6 +63,7 @@ impl ProcessState {
             max_cpu_ticks: limits.cpu_time.map(|d| (d.as_nanos() / tick).max(1) as u64),
             phase,
             fds: FdTracker::new(descriptors),
+            handles: Default::default(),
             clock,
             checkpoint: None,
         };
@@ -568,7 +571,7 @@ async fn run_guest(
             },
             Err(e) => return classify(e, store),
         },
-        ProgramEntry::ComponentReactor(_) => {
+        ProgramEntry::ComponentReactor(..) => {
             return ExitStatus::StartFailed(
                 "the component exports no `wasi:cli/run`: it is not a command (instantiate it as a reactor)".into(),
             );
@@ -661,7 +664,7 @@ pub(crate) fn program_engine(program: &Program) -> &wasmtime::Engine {
     match &program.entry {
         ProgramEntry::Command(pre) => pre.module().engine(),
         ProgramEntry::Component(pre) => pre.engine(),
-        ProgramEntry::ComponentReactor(pre) => pre.engine(),
+        ProgramEntry::ComponentReactor(pre, _) => pre.engine(),
     }
 }
 

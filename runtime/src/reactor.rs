@@ -103,7 +103,7 @@ impl Reactor {
         let started = |e: wasmtime::Error| Error::Start(format!("{e:#}"));
         let (layout, pre) = match (&program.layout, &program.entry) {
             (Some(layout), ProgramEntry::Command(pre)) => (layout.clone(), pre),
-            (_, ProgramEntry::ComponentReactor(pre)) => {
+            (_, ProgramEntry::ComponentReactor(pre, handles)) => {
                 let instance = pre.instantiate_async(&mut store).await.map_err(started)?;
                 if let Origin::Image { image, parts, .. } = origin {
                     let ProcessStateImage::IdleComponent(component) = &image.state else {
@@ -111,6 +111,9 @@ impl Reactor {
                             "the image holds a core module's state, the program is a component".into(),
                         )));
                     };
+                    crate::component_handles::restore(&mut store, &instance, &component.handles, handles)
+                        .await
+                        .map_err(|e| Error::Restore(StateError::Mismatch(format!("host resources: {e}"))))?;
                     crate::component_state::restore(&mut store, &component.instances, parts).map_err(Error::Restore)?;
                 }
                 let live = Live { store, instance: LiveInstance::Component(instance), poisoned: None };
@@ -331,20 +334,15 @@ impl Frozen<'_> {
         let monotonic_ns = store.data().clock.now_ns();
         let (state, pages) = match instance {
             LiveInstance::Component(_) => {
-                use wasmtime_wasi::WasiView;
-                // The preview1 adapter keeps handles to host resources (streams, descriptors)
-                // in its memory; a restored store would not have them, so the restored
-                // component would trap on its next use of one. Refuse instead.
-                if !store.data_mut().ctx().table.is_empty() {
-                    return Err(Error::NotQuiescent(format!(
-                        "reactor component {} holds host resources (streams or descriptors) between calls; \
-                         restoring those is not supported yet",
-                        inner.pid
-                    )));
-                }
+                let ProgramEntry::ComponentReactor(_, support) = &inner.program.entry else {
+                    unreachable!("reactor components run from a component reactor entry")
+                };
+                let handles = crate::component_handles::capture(store.data_mut(), support).map_err(|why| {
+                    Error::NotQuiescent(format!("reactor component {} cannot be captured: {why}", inner.pid))
+                })?;
                 let (instances, pages) =
                     crate::component_state::capture(&mut *store, first_part).map_err(Error::Restore)?;
-                (ProcessStateImage::IdleComponent(ComponentImage { instances, monotonic_ns }), pages)
+                (ProcessStateImage::IdleComponent(ComponentImage { instances, monotonic_ns, handles }), pages)
             }
             LiveInstance::Core(instance) => {
                 let layout = inner.program.layout.clone().expect("core reactors have a state layout");

@@ -319,11 +319,111 @@ async fn a_reactor_component_continues_on_a_fresh_instance_with_all_its_core_ins
     }
     let err = tally.call_i32("add", &[]).await.unwrap_err().to_string();
     assert!(err.contains("takes 1 arguments"), "{err}");
+}
 
-    // Once it printed, the adapter holds the stdout stream between calls: a snapshot would
-    // restore without it, so it is refused rather than resumed broken.
+fn tally_command() -> Command {
+    Command::new(ProgramRef::Bytes { bytes: guest_bytes("tally.component.wasm"), name: "tally".into() })
+}
+
+/// A component that printed and keeps two files open (see guests/src/tally.c).
+async fn tally_holding_files(host: &stasis_runtime::Host, d: &Dirs) -> (Sandbox, stasis_runtime::Reactor, SnapshotId) {
+    let src = d.base.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("input.txt"), "abcdef").unwrap();
+    let sandbox = Sandbox::create(host, rooted(&src)).unwrap();
+    let tally = sandbox.instantiate(tally_command()).await.unwrap();
     assert_eq!(tally.call_i32("say", &[3]).await.unwrap(), 3);
-    assert_eq!(tally.stdout().contents(), b"say 3\n");
-    let err = sandbox.snapshot_memory(None, &d.images).await.unwrap_err();
-    assert!(matches!(err, Error::NotQuiescent(_)) && err.to_string().contains("host resources"), "{err}");
+    assert!(tally.call_i32("log-open", &[]).await.unwrap() >= 3);
+    assert_eq!(tally.call_i32("log-write", &[1]).await.unwrap(), 2);
+    assert!(tally.call_i32("src-open", &[]).await.unwrap() >= 3);
+    assert_eq!(tally.call_i32("src-next", &[]).await.unwrap(), b'a' as i32);
+    assert_eq!(tally.call_i32("src-next", &[]).await.unwrap(), b'b' as i32);
+    assert_eq!(tally.call_i32("add", &[40]).await.unwrap(), 40);
+    let id = sandbox.snapshot_memory(Some(d.fs.clone()), &d.images).await.unwrap().id;
+    (sandbox, tally, id)
+}
+
+#[tokio::test]
+async fn a_reactor_component_keeps_its_stdout_and_open_files_at_their_positions() {
+    let host = host();
+    let d = dirs();
+    let (_sandbox, tally, id) = tally_holding_files(&host, &d).await;
+    let image = memory_image::decode(&d.images.read_image(&id).unwrap()).unwrap().header;
+    let ProcessStateImage::IdleComponent(component) = &image.processes[0].state else { panic!("a component image") };
+    let recipes: Vec<_> = component.handles.iter().map(|h| &h.recipe).collect();
+    assert!(recipes.contains(&&memory_image::Recipe::Stdout), "{recipes:?}");
+    let read = recipes.iter().find_map(|r| match r {
+        memory_image::Recipe::Read { file, position } => Some((file, *position)),
+        _ => None,
+    });
+    let (file, position) = read.unwrap_or_else(|| panic!("a read stream: {recipes:?}"));
+    assert_eq!(file.open.as_ref().unwrap().path, "input.txt");
+    assert_eq!(position, 2);
+    // The original goes on; the restored copies must do what it does.
+    assert_eq!(tally.call_i32("src-next", &[]).await.unwrap(), b'c' as i32);
+
+    let snapshot = MemorySnapshot::open(&host, &d.images, &id).unwrap();
+    for n in 0..3 {
+        let dst = d.base.join(format!("restored{n}"));
+        let restored = snapshot.restore(&host, rooted(&dst), Some(&d.fs)).await.unwrap();
+        let r = &restored.reactors()[0];
+        assert_eq!(r.call_i32("get", &[]).await.unwrap(), 40);
+        assert_eq!(r.call_i32("src-next", &[]).await.unwrap(), b'c' as i32);
+        assert_eq!(r.call_i32("src-next", &[]).await.unwrap(), b'd' as i32);
+        assert_eq!(r.call_i32("log-write", &[2 + n]).await.unwrap(), 2);
+        assert_eq!(std::fs::read_to_string(dst.join("tally.log")).unwrap(), format!("1\n{}\n", 2 + n));
+        assert_eq!(r.call_i32("say", &[4]).await.unwrap(), 4);
+        assert_eq!(r.stdout().contents(), b"say 3\nsay 4\n", "output before and after");
+        // New handles after the restored ones work too, and a restored copy snapshots again.
+        assert!(r.call_i32("src-open", &[]).await.unwrap() >= 3);
+        assert_eq!(r.call_i32("src-next", &[]).await.unwrap(), b'a' as i32);
+        restored.snapshot_memory(Some(d.fs.clone()), &d.images).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn crafted_component_handles_are_refused_without_opening_anything() {
+    let host = host();
+    let d = dirs();
+    let (_sandbox, _tally, id) = tally_holding_files(&host, &d).await;
+    let edit = |f: &dyn Fn(&mut Vec<memory_image::HandleImage>)| {
+        tampered(&d, &id, |h| {
+            for p in &mut h.processes {
+                if let ProcessStateImage::IdleComponent(component) = &mut p.state {
+                    f(&mut component.handles);
+                }
+            }
+        })
+    };
+    fn opened(handles: &mut [memory_image::HandleImage]) -> &mut memory_image::OpenAt {
+        handles
+            .iter_mut()
+            .find_map(|h| match &mut h.recipe {
+                memory_image::Recipe::Read { file, .. } => file.open.as_mut(),
+                _ => None,
+            })
+            .unwrap()
+    }
+    let cases: Vec<(SnapshotId, &str)> = vec![
+        (edit(&|h| opened(h).path = "../../../../etc/passwd".into()), "reopening `../../../../etc/passwd`"),
+        (edit(&|h| opened(h).open_flags = 1 << 9), "unknown open flags"),
+        (edit(&|h| h[0].slot = 1 << 20), "must ascend"),
+        (edit(&|h| h.swap(0, 1)), "must ascend"),
+        (
+            edit(&|h| {
+                if let memory_image::Recipe::Read { file, .. } =
+                    &mut h.iter_mut().find(|h| matches!(h.recipe, memory_image::Recipe::Read { .. })).unwrap().recipe
+                {
+                    file.preopen = 7;
+                }
+            }),
+            "no preopen 7",
+        ),
+    ];
+    for (n, (crafted, expected)) in cases.into_iter().enumerate() {
+        let snapshot = MemorySnapshot::open(&host, &d.images, &crafted).unwrap();
+        let dst = d.base.join(format!("r{n}"));
+        let err = snapshot.restore(&host, rooted(&dst), Some(&d.fs)).await.err().unwrap().to_string();
+        assert!(err.contains(expected), "case {n}: {err}");
+    }
 }
