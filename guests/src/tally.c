@@ -11,9 +11,13 @@
  *   int log-write(int n)    writes "N\n" to it (then a write stream at its position too)
  *   int src-open(void)      opens /input.txt for reading and keeps it open
  *   int src-next(void)      reads one byte from it (then a read stream), -1 at the end
+ *   int touch(int kib)      mallocs kib KiB, fills it with non-zero bytes and keeps it
+ *                           (linear memory grows); 0, or -1 if malloc failed
  * The descriptors are raw (no stdio buffering), so every byte moves when it is asked for. */
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -60,3 +64,14 @@ __attribute__((export_name("add"))) int add(int n) {
 }
 
 __attribute__((export_name("get"))) int get(void) { return total; }
+
+__attribute__((export_name("touch"))) int touch(int kib) {
+    if (kib < 0) return -1;
+    size_t size = (size_t)kib * 1024;
+    unsigned char *p = malloc(size ? size : 1);
+    if (p == NULL) return -1;
+    memset(p, 0x5A, size);
+    /* Deliberately leaked: the memory must stay in the instance's heap. */
+    __asm__ volatile("" : : "r"(p) : "memory");
+    return 0;
+}

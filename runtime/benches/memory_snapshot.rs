@@ -15,8 +15,13 @@
 //!   CoW restore p50 17 µs against 94 ms copying. Opening the snapshot (verifying,
 //!   decompressing, compiling the state module) costs 60 ms (1 MiB) to 450 ms (64 MiB)
 //!   once; every restore and fork after it is a mapping.
-//! - The reactor component (5 core instances, on the guest_debug engine): call p50
-//!   3.2 µs, snapshot p50 1.0 ms, restore (copying) p50 370 µs.
+//! - The reactor component (tally: 6 core instances, on the guest_debug engine, holding
+//!   3 host resources): call p50 2.3 µs; restore p50 0.89 ms whether it holds 64 MiB more
+//!   or not (copy-on-write: its memory is mapped), against 1.46 ms and 126 ms copying.
+//!   Instantiating on the debug engine is most of that: wasmtime 48 deep-copies a
+//!   component's compiled code into every store there, which is also why 200 idle forks
+//!   take +224 MiB RSS (about 1.1 MiB each) even with their memory shared, against +271
+//!   MiB copying.
 
 mod common;
 
@@ -107,7 +112,7 @@ fn main() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let images = MemorySnapshotStore::open(dir.path()).unwrap();
-        component(&images).await;
+        component(&images, forks).await;
         for cow in [true, false] {
             let label = if cow { "copy-on-write restore" } else { "copying restore" };
             // Room for every fork alive at once: a state instance (with the memory) and the
@@ -168,37 +173,80 @@ fn main() {
 }
 
 /// The reactor component (guests/build/tally.component.wasm): it runs on the guest_debug
-/// engine, the price of reaching a component's inner instances.
-async fn component(images: &MemorySnapshotStore) {
+/// engine, the price of reaching a component's inner instances. It holds host resources
+/// (stdout, the preopens) when captured, and is measured small and holding 64 MiB, with
+/// the copy-on-write restore (a copy of the component holding the image as its data) and
+/// the copying one side by side.
+async fn component(images: &MemorySnapshotStore, forks: usize) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/build/tally.component.wasm");
     let bytes: Arc<[u8]> = std::fs::read(&path).unwrap().into();
-    let host = Host::new(HostConfig::default()).unwrap();
-    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
-    let tally = sandbox.instantiate(Command::new(ProgramRef::Bytes { bytes, name: "tally".into() })).await.unwrap();
-    let mut calls = Vec::new();
-    for _ in 0..1000 {
-        let started = Instant::now();
-        tally.call_i32("add", &[1]).await.unwrap();
-        calls.push(started.elapsed());
+    for cow in [true, false] {
+        let host = Host::new(HostConfig {
+            max_processes: Some(forks as u32 + 100),
+            copy_on_write_restore: cow,
+            ..HostConfig::default()
+        })
+        .unwrap();
+        let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+        let command = Command::new(ProgramRef::Bytes { bytes: bytes.clone(), name: "tally".into() });
+        let tally = sandbox.instantiate(command).await.unwrap();
+        let mut calls = Vec::new();
+        for _ in 0..1000 {
+            let started = Instant::now();
+            tally.call_i32("add", &[1]).await.unwrap();
+            calls.push(started.elapsed());
+        }
+        tally.call_i32("say", &[1]).await.unwrap();
+        let label = if cow { "copy-on-write restore" } else { "copying restore" };
+        println!("== reactor component (tally), {label}: call p50 {}", us(percentile(&mut calls, 0.5)));
+        for mib in [0, 64] {
+            if mib > 0 {
+                assert_eq!(tally.call_i32("touch", &[mib * 1024]).await.unwrap(), 0);
+            }
+            let mut times = Vec::new();
+            let mut taken = None;
+            for _ in 0..if mib == 0 { 50 } else { 3 } {
+                let started = Instant::now();
+                taken = Some(sandbox.snapshot_memory(None, images).await.unwrap());
+                times.push(started.elapsed());
+            }
+            let taken = taken.unwrap();
+            let started = Instant::now();
+            let snapshot = MemorySnapshot::open(&host, images, &taken.id).unwrap();
+            let open = started.elapsed();
+            assert_eq!(snapshot.copy_on_write(), cow);
+            let (p50, p99) = restores(&host, &snapshot, if mib == 0 { 200 } else { 20 }).await;
+            println!(
+                "  holding {mib} MiB more ({} core instances, {} handles): snapshot p50 {:.2} ms, image {} KiB; open (with compiling the image's component) {:.1} ms; restore p50 {} p99 {}",
+                match &snapshot.header().processes[0].state {
+                    ProcessStateImage::IdleComponent(c) => c.instances.len(),
+                    _ => 0,
+                },
+                match &snapshot.header().processes[0].state {
+                    ProcessStateImage::IdleComponent(c) => c.handles.len(),
+                    _ => 0,
+                },
+                percentile(&mut times, 0.5).as_secs_f64() * 1e3,
+                taken.image_bytes / 1024,
+                open.as_secs_f64() * 1e3,
+                us(p50),
+                us(p99)
+            );
+            if mib == 0 {
+                let (rss0, pss0) = memory_mib();
+                let started = Instant::now();
+                let sandboxes = snapshot.fork(&host, forks, |_| SandboxConfig::default(), None).await.unwrap();
+                let took = started.elapsed();
+                let (rss1, pss1) = memory_mib();
+                println!(
+                    "  {forks} forks: {:.1} ms in total ({} each); memory of the idle forks: RSS +{:.0} MiB, PSS +{:.0} MiB",
+                    took.as_secs_f64() * 1e3,
+                    us(took / forks as u32),
+                    rss1 - rss0,
+                    pss1 - pss0
+                );
+                drop(sandboxes);
+            }
+        }
     }
-    let mut times = Vec::new();
-    let mut id = None;
-    for _ in 0..50 {
-        let started = Instant::now();
-        id = Some(sandbox.snapshot_memory(None, images).await.unwrap().id);
-        times.push(started.elapsed());
-    }
-    let snapshot = MemorySnapshot::open(&host, images, &id.unwrap()).unwrap();
-    let (p50, p99) = restores(&host, &snapshot, 200).await;
-    println!(
-        "== reactor component (tally, {} core instances): call p50 {}; snapshot p50 {:.2} ms; restore (copying) p50 {} p99 {}",
-        match &snapshot.header().processes[0].state {
-            ProcessStateImage::IdleComponent(c) => c.instances.len(),
-            _ => 0,
-        },
-        us(percentile(&mut calls, 0.5)),
-        percentile(&mut times, 0.5).as_secs_f64() * 1e3,
-        us(p50),
-        us(p99)
-    );
 }

@@ -72,15 +72,26 @@ pub(crate) fn capture(
 }
 
 /// Writes captured state into a fresh instance of the same component; `parts` are the
-/// image's decompressed parts.
+/// image's decompressed parts. Memories are written only when `memories` is set (a
+/// copy-on-write restore instantiated them with the image's contents already).
 pub(crate) fn restore(
     mut store: impl AsContextMut,
     images: &[CoreStateImage],
     parts: &[Vec<u8>],
+    memories: bool,
 ) -> Result<(), StateError> {
     let store = &mut store;
     let instances = store.as_context_mut().debug_all_instances();
-    if instances.len() != images.len() {
+    // Images from before the handle exports (format 1.1) lack their instance, which is
+    // last and has no state.
+    let surplus_has_state = instances.get(images.len()..).is_none_or(|surplus| {
+        surplus.iter().any(|i| {
+            i.debug_memory(store.as_context_mut(), 0).is_some()
+                || i.debug_global(store.as_context_mut(), 0).is_some()
+                || i.debug_table(store.as_context_mut(), 0).is_some()
+        })
+    });
+    if surplus_has_state {
         return Err(StateError::Mismatch(format!(
             "the image has {} core instances, the component {}",
             images.len(),
@@ -92,7 +103,7 @@ pub(crate) fn restore(
         funcs.get(n as usize).cloned().ok_or_else(|| StateError::Mismatch(format!("no function {n} in the component")))
     };
     for (i, (instance, image)) in instances.iter().zip(images).enumerate() {
-        for (index, captured) in image.memories.iter().enumerate() {
+        for (index, captured) in image.memories.iter().enumerate().filter(|_| memories) {
             let what = format!("instance {i} memory {index}");
             let memory = instance
                 .debug_memory(store.as_context_mut(), index as u32)

@@ -19,7 +19,7 @@
 //! imported memories, globals or tables, shared or custom-page-size memories, and
 //! non-null reference globals (a state module has no functions to point at).
 
-use crate::memory_image::{GlobalValue, IMAGE_PAGE, InstanceImage};
+use crate::memory_image::{GlobalValue, IMAGE_PAGE, InstanceImage, MemoryImage};
 use crate::state_export::StateLayout;
 use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
 use wasm_encoder::{
@@ -127,15 +127,7 @@ pub fn resume_variant(rewritten: &[u8]) -> Result<(Vec<u8>, StateShape), ResumeE
             }
             Payload::TableSection(_) | Payload::MemorySection(_) | Payload::GlobalSection(_) => {}
             Payload::DataSection(reader) => {
-                let mut data = DataSection::new();
-                for segment in reader {
-                    let segment = segment?;
-                    match segment.kind {
-                        wasmparser::DataKind::Active { .. } => data.passive(Vec::<u8>::new()),
-                        wasmparser::DataKind::Passive => data.passive(segment.data.to_vec()),
-                    };
-                }
-                module.section(&data);
+                module.section(&emptied_data(reader)?);
             }
             _ => {
                 module.section(&RawSection { id, data: &rewritten[range] });
@@ -200,23 +192,47 @@ pub fn state_module(
     }
     let mut data = DataSection::new();
     for (i, captured) in image.memories.iter().enumerate() {
-        let bytes = parts.get(captured.part as usize)?;
-        let mut at = 0usize;
-        for &(start, count) in &captured.runs {
-            let len = (count * IMAGE_PAGE) as usize;
-            let run = bytes.get(at..at + len)?;
-            let offset = start * IMAGE_PAGE;
-            let offset = if shape.memories[i].memory64 {
-                ConstExpr::i64_const(offset as i64)
-            } else {
-                ConstExpr::i32_const(offset as i32)
-            };
-            data.active(i as u32, &offset, run.iter().copied());
-            at += len;
-        }
+        snapshot_segments(&mut data, i as u32, shape.memories[i].memory64, captured, parts)?;
     }
     module.section(&tables).section(&memories).section(&globals).section(&exports).section(&data);
     Some(module.finish())
+}
+
+/// A module's data section with every active segment turned into an empty passive one
+/// (which `memory.init` treats as the dropped segment it would have been) and passive
+/// ones kept: segment indices are unchanged, and instantiation writes nothing.
+pub(crate) fn emptied_data(reader: wasmparser::DataSectionReader) -> Result<DataSection, ResumeError> {
+    let mut data = DataSection::new();
+    for segment in reader {
+        let segment = segment?;
+        match segment.kind {
+            wasmparser::DataKind::Active { .. } => data.passive(Vec::<u8>::new()),
+            wasmparser::DataKind::Passive => data.passive(segment.data.to_vec()),
+        };
+    }
+    Ok(data)
+}
+
+/// Appends to `data` one active segment per run of a captured memory's stored pages;
+/// `None` when the image's part is missing or short.
+pub(crate) fn snapshot_segments(
+    data: &mut DataSection,
+    memory: u32,
+    memory64: bool,
+    captured: &MemoryImage,
+    parts: &[Vec<u8>],
+) -> Option<()> {
+    let bytes = parts.get(captured.part as usize)?;
+    let mut at = 0usize;
+    for &(start, count) in &captured.runs {
+        let len = (count * IMAGE_PAGE) as usize;
+        let run = bytes.get(at..at + len)?;
+        let offset = start * IMAGE_PAGE;
+        let offset = if memory64 { ConstExpr::i64_const(offset as i64) } else { ConstExpr::i32_const(offset as i32) };
+        data.active(memory, &offset, run.iter().copied());
+        at += len;
+    }
+    Some(())
 }
 
 #[cfg(test)]

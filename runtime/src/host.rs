@@ -146,12 +146,15 @@ pub(crate) enum ProgramEntry {
     /// A component without `wasi:cli/run`: it can only run as a reactor. Loaded by
     /// [`Host::load`] on the normal engine (for checking); [`Host::component_reactor`]
     /// loads it again on the debug engine (see [`DebugEngine`]) to run it.
-    ComponentReactor(wasmtime::component::InstancePre<ProcessState>, HandleSupport),
+    ComponentReactor(wasmtime::component::InstancePre<ProcessState>, Arc<ReactorComponent>),
 }
 
-/// Which host resources a reactor component's snapshots can carry (the resource types
-/// its rewrite added inject exports for), or why none.
-pub(crate) type HandleSupport = std::result::Result<Vec<crate::component_handles::ResourceKind>, String>;
+/// A component as it runs as a reactor.
+pub(crate) struct ReactorComponent {
+    /// Which host resources its snapshots can carry (the resource types the rewrite added
+    /// inject exports for), or why none.
+    pub(crate) handles: std::result::Result<Vec<crate::component_handles::ResourceKind>, String>,
+}
 
 /// The engine reactor components run on: `guest_debug` on, because a component's core
 /// instances (its module, the preview1 adapter, the shims between them) are not reachable
@@ -380,7 +383,10 @@ impl Host {
                 match CommandPre::new(pre.clone()) {
                     Ok(command) => ProgramEntry::Component(command),
                     // Not a command: it can still run as a reactor (see `component_reactor`).
-                    Err(_) => ProgramEntry::ComponentReactor(pre, Err("it runs on the debug engine only".into())),
+                    Err(_) => ProgramEntry::ComponentReactor(
+                        pre,
+                        Arc::new(ReactorComponent { handles: Err("not loaded as a reactor".into()) }),
+                    ),
                 }
             }
         };
@@ -444,7 +450,7 @@ impl Host {
             layout: None,
             unwind: None,
             checkpoint_refusal: None,
-            entry: ProgramEntry::ComponentReactor(pre, rewritten.handles),
+            entry: ProgramEntry::ComponentReactor(pre, Arc::new(ReactorComponent { handles: rewritten.handles })),
             wasi_helper: self.inner.wasi_helper.clone(),
             host: Arc::downgrade(&self.inner),
             resume: OnceLock::new(),

@@ -277,6 +277,19 @@ pub(crate) fn write_memory(
     what: &str,
     clear: impl FnOnce(&mut [u8], usize),
 ) -> Result<(), StateError> {
+    let current = grow_to_image(store, memory, image, what)?;
+    let data = memory.data_mut(store.as_context_mut());
+    clear(data, current as usize);
+    write_runs(data, image, bytes).map_err(|reason| StateError::Write { what: what.to_string(), reason })
+}
+
+/// Grows a fresh instance's memory to the image's size; returns the size it had.
+pub(crate) fn grow_to_image(
+    store: &mut impl AsContextMut,
+    memory: &Memory,
+    image: &MemoryImage,
+    what: &str,
+) -> Result<u64, StateError> {
     let current = memory.data_size(store.as_context_mut()) as u64;
     let page_size = memory.page_size(store.as_context_mut());
     if image.size_bytes < current || !image.size_bytes.is_multiple_of(page_size) {
@@ -290,9 +303,7 @@ pub(crate) fn write_memory(
             StateError::Mismatch(format!("{what} cannot grow to the image's {} bytes: {e:#}", image.size_bytes))
         })?;
     }
-    let data = memory.data_mut(store.as_context_mut());
-    clear(data, current as usize);
-    write_runs(data, image, bytes).map_err(|reason| StateError::Write { what: what.to_string(), reason })
+    Ok(current)
 }
 
 /// Grows a fresh instance's function table to the image's size and sets every element:

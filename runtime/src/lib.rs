@@ -22,6 +22,7 @@
 pub mod checkpoint;
 pub mod civil_time;
 mod code_cache;
+mod component_cow;
 mod component_handles;
 mod component_state;
 pub mod cow_restore;

@@ -603,6 +603,29 @@ mod tests {
         encode(&header, &[part])
     }
 
+    /// A 1.1 component state (before handles) is read as one holding none, and 1.2 states
+    /// round-trip with their handles.
+    #[test]
+    fn component_states_of_both_formats_decode() {
+        let old = wire::ProcessState::IdleComponentWithoutHandles { instances: vec![], monotonic_ns: 7 };
+        let bytes = bincode::serde::encode_to_vec(old, bincode_config()).unwrap();
+        let (state, _): (ProcessStateImage, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode_config()).unwrap();
+        assert_eq!(
+            state,
+            ProcessStateImage::IdleComponent(ComponentImage { instances: vec![], monotonic_ns: 7, handles: vec![] })
+        );
+        let new = ProcessStateImage::IdleComponent(ComponentImage {
+            instances: vec![],
+            monotonic_ns: 8,
+            handles: vec![HandleImage { slot: 3, recipe: Recipe::Stdout }],
+        });
+        let bytes = bincode::serde::encode_to_vec(&new, bincode_config()).unwrap();
+        let (state, _): (ProcessStateImage, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode_config()).unwrap();
+        assert_eq!(state, new);
+    }
+
     #[test]
     fn round_trips() {
         let bytes = sample();

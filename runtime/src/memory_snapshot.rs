@@ -34,6 +34,7 @@
 
 use crate::checkpoint::ProcessCheckpoint;
 use crate::code_cache::write_atomically;
+use crate::component_cow::ComponentMemories;
 use crate::cow_restore;
 use crate::error::{Error, Result};
 use crate::fs_snapshot::{FsSnapshotStore, SnapshotId};
@@ -42,7 +43,7 @@ use crate::limits::MemoryLimitExceeded;
 use crate::memory_image::{self, ExitRecord, ImageHeader, ProcessImage, ProcessStateImage, SuspendedImage};
 use crate::process::{ExitStatus, Process};
 use crate::process::{OutputMode, ResumeFrom, StdinMode};
-use crate::reactor::Origin;
+use crate::reactor::{Mapped, Origin};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -423,7 +424,7 @@ pub struct MemorySnapshot {
     programs: Vec<Option<Arc<Program>>>,
     /// Per process: its compiled state module and the program's resume variant, when the
     /// restore can map memory copy-on-write.
-    cow: Vec<Option<(wasmtime::Module, Arc<ResumeProgram>)>>,
+    cow: Vec<Option<Mapped>>,
 }
 
 impl MemorySnapshot {
@@ -500,7 +501,12 @@ impl MemorySnapshot {
         for (process, program) in image.header.processes.iter().zip(&programs) {
             cow.push(match (&process.state, program) {
                 (ProcessStateImage::Idle(instance), Some(program)) if !host.copy_restore() => {
-                    state_module(host, program, instance, &parts)
+                    state_module(host, program, instance, &parts).map(|(state, resume)| Mapped::Module(state, resume))
+                }
+                (ProcessStateImage::IdleComponent(component), Some(_)) if !host.copy_restore() => {
+                    let memories = ComponentMemories::prepare(&component.instances, &parts);
+                    let memories = memories.inspect_err(|e| tracing::warn!("component restores will copy: {e}"));
+                    memories.ok().map(|m| Mapped::Component(Arc::new(m)))
                 }
                 _ => None,
             });
@@ -569,8 +575,7 @@ impl MemorySnapshot {
                     ));
                 }
                 (ProcessStateImage::Idle(_) | ProcessStateImage::IdleComponent(_), Some(program)) => {
-                    let cow = self.cow[index].as_ref().map(|(module, resume)| (module, &**resume));
-                    let origin = Origin::Image { image: process, parts: &self.parts, cow };
+                    let origin = Origin::Image { image: process, parts: &self.parts, cow: self.cow[index].as_ref() };
                     let reactor = sandbox
                         .start_reactor(program.clone(), &process.argv, &process.env, process.cwd.as_deref(), origin)
                         .await?;

@@ -64,6 +64,14 @@ pub(crate) struct ReactorLaunch {
     pub phase: Arc<ProcessPhase>,
 }
 
+/// An image's state, ready to be mapped copy-on-write into new instances of its process.
+pub(crate) enum Mapped {
+    /// A core program: the image's state module and the program's resume variant.
+    Module(wasmtime::Module, std::sync::Arc<ResumeProgram>),
+    /// A component: the image's memories, laid out to be mapped (`component_cow`).
+    Component(std::sync::Arc<crate::component_cow::ComponentMemories>),
+}
+
 /// Where a reactor's state comes from.
 pub(crate) enum Origin<'a> {
     /// Run its start function and `_initialize`.
@@ -74,8 +82,8 @@ pub(crate) enum Origin<'a> {
         image: &'a ProcessImage,
         parts: &'a [Vec<u8>],
         /// The state module and resume variant, when the restore can map memory
-        /// copy-on-write (see `cow_restore`); `None` copies the state in.
-        cow: Option<(&'a wasmtime::Module, &'a ResumeProgram)>,
+        /// copy-on-write (see `cow_restore` and `component_cow`); `None` copies the state in.
+        cow: Option<&'a Mapped>,
     },
 }
 
@@ -103,18 +111,26 @@ impl Reactor {
         let started = |e: wasmtime::Error| Error::Start(format!("{e:#}"));
         let (layout, pre) = match (&program.layout, &program.entry) {
             (Some(layout), ProgramEntry::Command(pre)) => (layout.clone(), pre),
-            (_, ProgramEntry::ComponentReactor(pre, handles)) => {
+            (_, ProgramEntry::ComponentReactor(pre, component)) => {
+                let mapped = match &origin {
+                    Origin::Image { cow: Some(Mapped::Component(mapped)), .. } => Some(mapped),
+                    _ => None,
+                };
                 let instance = pre.instantiate_async(&mut store).await.map_err(started)?;
                 if let Origin::Image { image, parts, .. } = origin {
-                    let ProcessStateImage::IdleComponent(component) = &image.state else {
+                    let ProcessStateImage::IdleComponent(image_state) = &image.state else {
                         return Err(Error::Restore(StateError::Mismatch(
                             "the image holds a core module's state, the program is a component".into(),
                         )));
                     };
-                    crate::component_handles::restore(&mut store, &instance, &component.handles, handles)
+                    crate::component_handles::restore(&mut store, &instance, &image_state.handles, &component.handles)
                         .await
                         .map_err(|e| Error::Restore(StateError::Mismatch(format!("host resources: {e}"))))?;
-                    crate::component_state::restore(&mut store, &component.instances, parts).map_err(Error::Restore)?;
+                    crate::component_state::restore(&mut store, &image_state.instances, parts, mapped.is_none())
+                        .map_err(Error::Restore)?;
+                    if let Some(memories) = mapped {
+                        memories.map(&mut store, &image_state.instances).map_err(Error::Restore)?;
+                    }
                 }
                 let live = Live { store, instance: LiveInstance::Component(instance), poisoned: None };
                 return Ok(Reactor::new(live, phase, argv, env, cwd, program, stdout, stderr));
@@ -126,7 +142,7 @@ impl Reactor {
             }
         };
         let cow = match &origin {
-            Origin::Image { cow: Some(cow), .. } => Some(*cow),
+            Origin::Image { cow: Some(Mapped::Module(state, resume)), .. } => Some((state, resume)),
             _ => None,
         };
         let instance = match cow {
@@ -334,12 +350,13 @@ impl Frozen<'_> {
         let monotonic_ns = store.data().clock.now_ns();
         let (state, pages) = match instance {
             LiveInstance::Component(_) => {
-                let ProgramEntry::ComponentReactor(_, support) = &inner.program.entry else {
+                let ProgramEntry::ComponentReactor(_, component) = &inner.program.entry else {
                     unreachable!("reactor components run from a component reactor entry")
                 };
-                let handles = crate::component_handles::capture(store.data_mut(), support).map_err(|why| {
-                    Error::NotQuiescent(format!("reactor component {} cannot be captured: {why}", inner.pid))
-                })?;
+                let handles =
+                    crate::component_handles::capture(store.data_mut(), &component.handles).map_err(|why| {
+                        Error::NotQuiescent(format!("reactor component {} cannot be captured: {why}", inner.pid))
+                    })?;
                 let (instances, pages) =
                     crate::component_state::capture(&mut *store, first_part).map_err(Error::Restore)?;
                 (ProcessStateImage::IdleComponent(ComponentImage { instances, monotonic_ns, handles }), pages)

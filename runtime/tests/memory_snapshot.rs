@@ -381,6 +381,62 @@ async fn a_reactor_component_keeps_its_stdout_and_open_files_at_their_positions(
     }
 }
 
+/// The memories, globals, tables and handles of a component image, with each memory's
+/// stored pages.
+fn component_state(d: &Dirs, id: &SnapshotId) -> Vec<String> {
+    let bytes = d.images.read_image(id).unwrap();
+    let image = memory_image::decode(&bytes).unwrap();
+    let ProcessStateImage::IdleComponent(component) = &image.header.processes[0].state else { panic!() };
+    let mut state = vec![format!("{:?}", component.handles)];
+    for instance in &component.instances {
+        state.push(format!("{:?} {:?}", instance.globals, instance.tables));
+        for memory in &instance.memories {
+            let pages = image.part(memory.part).unwrap();
+            state.push(format!("{} {:?} {}", memory.size_bytes, memory.runs, blake3::hash(&pages)));
+        }
+    }
+    state
+}
+
+#[tokio::test]
+async fn component_restores_map_the_image_and_agree_with_copying() {
+    let d = dirs();
+    for cow in [true, false] {
+        let host =
+            stasis_runtime::Host::new(HostConfig { copy_on_write_restore: cow, ..HostConfig::default() }).unwrap();
+        let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+        let tally = sandbox.instantiate(tally_command()).await.unwrap();
+        assert_eq!(tally.call_i32("add", &[5]).await.unwrap(), 5);
+        assert_eq!(tally.call_i32("say", &[1]).await.unwrap(), 1);
+        // Grow the heap well past the initial memory, with non-zero pages in it.
+        assert_eq!(tally.call_i32("touch", &[8192]).await.unwrap(), 0);
+        let id = sandbox.snapshot_memory(None, &d.images).await.unwrap().id;
+        let snapshot = MemorySnapshot::open(&host, &d.images, &id).unwrap();
+        assert_eq!(snapshot.copy_on_write(), cow);
+        // Forks write to the pages they share, each to its own copy.
+        let forks = snapshot.fork(&host, 3, |_| SandboxConfig::default(), None).await.unwrap();
+        for (i, fork) in forks.iter().enumerate() {
+            let r = &fork.reactors()[0];
+            assert_eq!(r.call_i32("add", &[i as i32 * 10]).await.unwrap(), 5 + i as i32 * 10);
+            assert_eq!(r.call_i32("touch", &[1024]).await.unwrap(), 0);
+        }
+        for (i, fork) in forks.iter().enumerate() {
+            assert_eq!(fork.reactors()[0].call_i32("get", &[]).await.unwrap(), 5 + i as i32 * 10, "cow={cow}");
+        }
+        for _ in 0..2 {
+            let restored = snapshot.restore(&host, SandboxConfig::default(), None).await.unwrap();
+            // Captured again at once, the restored copy is the image, page for page (no start
+            // function ran over it, nothing was left out).
+            let again = restored.snapshot_memory(None, &d.images).await.unwrap().id;
+            assert_eq!(component_state(&d, &again), component_state(&d, &id), "cow={cow}");
+            let r = &restored.reactors()[0];
+            assert_eq!(r.call_i32("add", &[1]).await.unwrap(), 6, "cow={cow}");
+            assert_eq!(r.call_i32("say", &[2]).await.unwrap(), 2);
+            assert_eq!(r.stdout().contents(), b"say 1\nsay 2\n");
+        }
+    }
+}
+
 #[tokio::test]
 async fn crafted_component_handles_are_refused_without_opening_anything() {
     let host = host();

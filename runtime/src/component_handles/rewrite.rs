@@ -178,3 +178,45 @@ fn keep_module() -> Module {
     module.section(&code);
     module
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAMS: &str = r#"(import "wasi:io/streams@0.2.3" (instance $s (export "output-stream" (type (sub resource)))))
+        (alias export $s "output-stream" (type $os))"#;
+
+    fn handles(wat: &str) -> Result<Vec<ResourceKind>, String> {
+        rewrite(&wat::parse_str(wat).unwrap()).unwrap().handles
+    }
+
+    #[test]
+    fn a_component_holding_streams_gets_exports_that_validate() {
+        let bytes = wat::parse_str(format!("(component {STREAMS})")).unwrap();
+        let rewritten = rewrite(&bytes).unwrap();
+        assert_eq!(rewritten.handles, Ok(vec![ResourceKind::OutputStream]));
+        assert!(rewritten.bytes.starts_with(&bytes), "the component's own sections are kept as they are");
+        let text = wasmprinter::print_bytes(&rewritten.bytes).unwrap();
+        assert!(text.contains("stasis-inject-output-stream") && text.contains("stasis-drop-output-stream"), "{text}");
+    }
+
+    #[test]
+    fn components_whose_tables_cannot_be_rebuilt_say_why() {
+        let nested = handles(&format!("(component {STREAMS} (component))")).unwrap_err();
+        assert!(nested.contains("nests components"), "{nested}");
+        let own = handles(&format!(
+            "(component {STREAMS} (type $r (resource (rep i32))) (core func (canon resource.new $r)))"
+        ))
+        .unwrap_err();
+        assert!(own.contains("resource types of its own"), "{own}");
+        let twice = handles(&format!(
+            r#"(component {STREAMS}
+                (import "wasi:io/streams@0.2.0" (instance $t (export "output-stream" (type (sub resource)))))
+                (alias export $t "output-stream" (type $os2)))"#
+        ))
+        .unwrap_err();
+        assert!(twice.contains("two versions"), "{twice}");
+        assert!(handles("(component)").unwrap_err().contains("no streams or descriptors"));
+        assert!(rewrite(b"\0asm\x0d\0\x01\0junk").is_err());
+    }
+}

@@ -1,0 +1,119 @@
+//! Copy-on-write restore for reactor components: the image's memories are mapped into a
+//! fresh instance, not copied.
+//!
+//! Core programs get their image as a state module whose data wasmtime maps
+//! (`cow_restore`). That cannot work for components: they run on the guest_debug engine,
+//! which deep-copies a compiled artifact, data included, into every store (wasmtime 48,
+//! `StoreCode::new`), so data that held the snapshot would be copied at every restore
+//! (measured: 64 MiB took 85 ms to instantiate, as long as copying it in). Instead each
+//! captured memory is laid out once per opened snapshot in a memfd (its non-zero pages at
+//! their offsets, holes elsewhere), and every restore maps that file `MAP_PRIVATE` over the
+//! fresh instance's linear memory: the kernel shares the pages between all restores and
+//! forks of the snapshot, and copies a page only when one of them writes it.
+//!
+//! Why mapping over memory wasmtime owns is sound here: the debug engine allocates on
+//! demand (no pooling, see `host::DebugEngine`), so every linear memory is its own mmap
+//! reservation, unmapped whole when its instance is dropped, never handed to another
+//! instance; the mapping covers exactly the memory's accessible bytes (whole wasm pages,
+//! so host-page aligned), and growing the memory later only changes the protection of
+//! pages past it. Shared memories are never captured.
+
+use crate::instance_state::{StateError, grow_to_image};
+use crate::memory_image::{CoreStateImage, MemoryImage};
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use wasmtime::AsContextMut;
+
+/// A captured memory as its size, page runs and stored pages.
+type MemoryKey<'a> = (u64, &'a [(u64, u64)], &'a [u8]);
+
+/// The memories of one component image, each in a file ready to be mapped.
+pub(crate) struct ComponentMemories {
+    /// By core instance, then memory index (an imported memory shares its exporter's file).
+    files: Vec<Vec<Arc<std::fs::File>>>,
+}
+
+impl ComponentMemories {
+    /// Lays out every memory of `instances` in a memfd; `parts` are the image's
+    /// decompressed parts.
+    pub(crate) fn prepare(instances: &[CoreStateImage], parts: &[Vec<u8>]) -> std::io::Result<ComponentMemories> {
+        // The same memory, captured through each instance that imports it, is laid out once.
+        let mut laid_out: HashMap<MemoryKey, Arc<std::fs::File>> = HashMap::new();
+        let mut files = Vec::with_capacity(instances.len());
+        for instance in instances {
+            let mut memories = Vec::with_capacity(instance.memories.len());
+            for image in &instance.memories {
+                let bytes = parts.get(image.part as usize).map(Vec::as_slice).unwrap_or_default();
+                let key = (image.size_bytes, image.runs.as_slice(), bytes);
+                let file = match laid_out.get(&key) {
+                    Some(file) => file.clone(),
+                    None => {
+                        let file = Arc::new(lay_out(image, bytes)?);
+                        laid_out.insert(key, file.clone());
+                        file
+                    }
+                };
+                memories.push(file);
+            }
+            files.push(memories);
+        }
+        Ok(ComponentMemories { files })
+    }
+
+    /// Maps the image's memories over those of a fresh instance of the component (in
+    /// `store`), growing each to its captured size first.
+    pub(crate) fn map(&self, mut store: impl AsContextMut, images: &[CoreStateImage]) -> Result<(), StateError> {
+        let store = &mut store;
+        let instances = store.as_context_mut().debug_all_instances();
+        let mut mapped = HashSet::new();
+        for (i, ((instance, image), files)) in instances.iter().zip(images).zip(&self.files).enumerate() {
+            for (index, (captured, file)) in image.memories.iter().zip(files).enumerate() {
+                let what = format!("instance {i} memory {index}");
+                let memory = instance
+                    .debug_memory(store.as_context_mut(), index as u32)
+                    .ok_or_else(|| StateError::Mismatch(format!("{what} does not exist")))?;
+                grow_to_image(store, &memory, captured, &what)?;
+                let data = memory.data_mut(store.as_context_mut());
+                if data.len() as u64 != captured.size_bytes {
+                    return Err(StateError::Mismatch(format!("{what} did not grow to the image's size")));
+                }
+                if !mapped.insert(data.as_ptr() as usize) || data.is_empty() {
+                    continue;
+                }
+                // SAFETY: see the module docs: `data` is the whole accessible part of an
+                // unshared linear memory in its own reservation, page-aligned and a whole
+                // number of pages long; nothing else refers to its contents now.
+                let at = unsafe {
+                    rustix::mm::mmap(
+                        data.as_mut_ptr().cast(),
+                        data.len(),
+                        rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                        rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED,
+                        &**file,
+                        0,
+                    )
+                };
+                at.map_err(|e| StateError::Write { what: what.clone(), reason: format!("mapping the image: {e}") })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A memfd the size of `image`'s memory holding its stored pages at their offsets.
+fn lay_out(image: &MemoryImage, bytes: &[u8]) -> std::io::Result<std::fs::File> {
+    use crate::memory_image::IMAGE_PAGE;
+    let fd = rustix::fs::memfd_create("stasis-memory-image", rustix::fs::MemfdFlags::CLOEXEC)?;
+    let file = std::fs::File::from(fd);
+    file.set_len(image.size_bytes)?;
+    let mut at = 0usize;
+    for &(start, count) in &image.runs {
+        let len = (count * IMAGE_PAGE) as usize;
+        let run =
+            bytes.get(at..at + len).ok_or_else(|| std::io::Error::other("a page run is past the stored pages"))?;
+        file.write_all_at(run, start * IMAGE_PAGE)?;
+        at += len;
+    }
+    Ok(file)
+}
