@@ -49,28 +49,37 @@ fn exercise(data: &[u8]) -> Result<Image<'_>, memory_image::ImageError> {
 /// What a restore does with a validated header: sum the runs, index the parts.
 fn walk(header: &ImageHeader) {
     for process in &header.processes {
-        let instance = match &process.state {
-            ProcessStateImage::Idle(instance) => instance,
+        let states: Vec<(&[memory_image::MemoryImage], &[memory_image::TableImage])> = match &process.state {
+            ProcessStateImage::Idle(instance) => vec![(&instance.memories, &instance.tables)],
             ProcessStateImage::Suspended(suspended) => {
                 if let Some(part) = suspended.program_part {
                     assert!((part as usize) < header.parts.len());
                 }
-                &suspended.instance
+                vec![(&suspended.instance.memories, &suspended.instance.tables)]
             }
-            _ => continue,
+            ProcessStateImage::IdleComponent(component) => {
+                component.instances.iter().map(|i| (&i.memories[..], &i.tables[..])).collect()
+            }
+            ProcessStateImage::Exited(_) => continue,
         };
-        for memory in &instance.memories {
-            let pages = memory.stored_pages();
-            assert!(pages <= memory.size_bytes / memory_image::IMAGE_PAGE);
-            let part = header.parts[memory.part as usize];
-            assert_eq!(part.raw_len, pages * memory_image::IMAGE_PAGE);
-            for &(start, count) in &memory.runs {
-                assert!(start + count <= memory.size_bytes / memory_image::IMAGE_PAGE);
-            }
+        for (memories, tables) in states {
+            walk_state(header, memories, tables);
         }
-        for table in &instance.tables {
-            assert!(table.elements.iter().all(|&(i, _)| i < table.size));
+    }
+}
+
+fn walk_state(header: &ImageHeader, memories: &[memory_image::MemoryImage], tables: &[memory_image::TableImage]) {
+    for memory in memories {
+        let pages = memory.stored_pages();
+        assert!(pages <= memory.size_bytes / memory_image::IMAGE_PAGE);
+        let part = header.parts[memory.part as usize];
+        assert_eq!(part.raw_len, pages * memory_image::IMAGE_PAGE);
+        for &(start, count) in &memory.runs {
+            assert!(start + count <= memory.size_bytes / memory_image::IMAGE_PAGE);
         }
+    }
+    for table in tables {
+        assert!(table.elements.iter().all(|&(i, _)| i < table.size));
     }
 }
 

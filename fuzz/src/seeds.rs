@@ -10,7 +10,8 @@
 
 use stasis_runtime::fs_snapshot::{Chunk, ChunkHash, Entry, EntryKind, Manifest, ManifestParts};
 use stasis_runtime::memory_image::{
-    self, ExitRecord, GlobalValue, ImageHeader, InstanceImage, MemoryImage, ProcessImage, ProcessStateImage, TableImage,
+    self, ComponentImage, CoreStateImage, DescriptorRecipe, ExitRecord, GlobalValue, HandleImage, ImageHeader,
+    InstanceImage, MemoryImage, OpenAt, ProcessImage, ProcessStateImage, Recipe, TableImage,
 };
 use stasis_runtime::wasi_state::{FdImage, FdTableImage, OpenRecord};
 use std::path::Path;
@@ -123,6 +124,35 @@ pub fn memory_images() -> Vec<(&'static str, Vec<u8>)> {
         vec![i0, i1, i2],
     );
     seeds.push(("processes", memory_image::encode(&h, &[p0, p1, p2])));
+    // A reactor component holding host resources (format 1.2): two core instances sharing
+    // one memory, stdio streams, a preopen, an opened file and its streams.
+    let (m0, i0, p0) = memory(64, &[0, 5, 63], 0, 0);
+    let (m1, i1, p1) = memory(64, &[0, 5, 63], 1, i0.len);
+    let file = DescriptorRecipe {
+        preopen: 0,
+        open: Some(OpenAt { path: "dir/log.txt".into(), path_flags: 1, open_flags: 1, flags: 3 }),
+    };
+    let core = |memories: Vec<MemoryImage>| CoreStateImage {
+        memories,
+        globals: vec![GlobalValue::I32(1024), GlobalValue::Func(1)],
+        tables: vec![TableImage { size: 2, elements: vec![(0, 1)] }],
+    };
+    let component = ComponentImage {
+        instances: vec![core(vec![m0]), core(vec![m1])],
+        monotonic_ns: 5,
+        handles: vec![
+            HandleImage { slot: 0, recipe: Recipe::Stdin },
+            HandleImage { slot: 1, recipe: Recipe::Stdout },
+            HandleImage { slot: 2, recipe: Recipe::Stderr },
+            HandleImage { slot: 3, recipe: Recipe::Descriptor(DescriptorRecipe { preopen: 0, open: None }) },
+            HandleImage { slot: 5, recipe: Recipe::Descriptor(file.clone()) },
+            HandleImage { slot: 6, recipe: Recipe::Read { file: file.clone(), position: 9 } },
+            HandleImage { slot: 7, recipe: Recipe::Write { file: file.clone(), position: 2 } },
+            HandleImage { slot: 8, recipe: Recipe::Append { file } },
+        ],
+    };
+    let h = header(vec![process(1, ProcessStateImage::IdleComponent(component))], vec![i0, i1]);
+    seeds.push(("component", memory_image::encode(&h, &[p0, p1])));
     // Only exited processes, no parts.
     let h = header(vec![process(9, ProcessStateImage::Exited(ExitRecord::Exited(0)))], vec![]);
     seeds.push(("exited", memory_image::encode(&h, &[])));

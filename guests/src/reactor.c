@@ -16,6 +16,7 @@
  *   int touch_noise(int kib)  like touch, but fills with pseudo-random bytes (so the
  *                           memory compresses like real data, not like a memset) */
 #include <fcntl.h>
+#include "heap.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,16 +34,7 @@ __attribute__((export_name("add"))) int add(int n) {
 
 __attribute__((export_name("get"))) int get(void) { return total; }
 
-__attribute__((export_name("touch"))) int touch(int kib) {
-    if (kib < 0) return -1;
-    size_t size = (size_t)kib * 1024;
-    unsigned char *p = malloc(size ? size : 1);
-    if (p == NULL) return -1;
-    memset(p, 0x5A, size);
-    /* Deliberately leaked: the memory must stay in the instance's heap. */
-    __asm__ volatile("" : : "r"(p) : "memory");
-    return 0;
-}
+__attribute__((export_name("touch"))) int touch(int kib) { return grow_heap(kib, 0x5A); }
 
 __attribute__((export_name("open_data"))) int open_data(void) {
     data_fd = open("/data.txt", O_RDONLY);

@@ -15,9 +15,8 @@
  *                           (linear memory grows); 0, or -1 if malloc failed
  * The descriptors are raw (no stdio buffering), so every byte moves when it is asked for. */
 #include <fcntl.h>
+#include "heap.h"
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -65,13 +64,4 @@ __attribute__((export_name("add"))) int add(int n) {
 
 __attribute__((export_name("get"))) int get(void) { return total; }
 
-__attribute__((export_name("touch"))) int touch(int kib) {
-    if (kib < 0) return -1;
-    size_t size = (size_t)kib * 1024;
-    unsigned char *p = malloc(size ? size : 1);
-    if (p == NULL) return -1;
-    memset(p, 0x5A, size);
-    /* Deliberately leaked: the memory must stay in the instance's heap. */
-    __asm__ volatile("" : : "r"(p) : "memory");
-    return 0;
-}
+__attribute__((export_name("touch"))) int touch(int kib) { return grow_heap(kib, 0x5A); }

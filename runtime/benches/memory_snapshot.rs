@@ -106,6 +106,24 @@ async fn restores(host: &Host, snapshot: &MemorySnapshot, n: usize) -> (Duration
     (percentile(&mut times, 0.5), percentile(&mut times, 0.99))
 }
 
+/// `forks` forks of `snapshot`, timed, with the memory they take printed; also returns
+/// the process's RSS and PSS (MiB) from before.
+async fn forked(host: &Host, snapshot: &MemorySnapshot, forks: usize) -> (Vec<Sandbox>, (f64, f64)) {
+    let (rss0, pss0) = memory_mib();
+    let started = Instant::now();
+    let sandboxes = snapshot.fork(host, forks, |_| SandboxConfig::default(), None).await.unwrap();
+    let took = started.elapsed();
+    let (rss1, pss1) = memory_mib();
+    println!(
+        "  {forks} forks: {:.1} ms in total ({} each); memory of the idle forks: RSS +{:.0} MiB, PSS +{:.0} MiB",
+        took.as_secs_f64() * 1e3,
+        us(took / forks as u32),
+        rss1 - rss0,
+        pss1 - pss0
+    );
+    (sandboxes, (rss0, pss0))
+}
+
 fn main() {
     let forks: usize = std::env::var("MEMORY_BENCH_FORKS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -147,18 +165,7 @@ fn main() {
                 if kib != 1024 {
                     continue;
                 }
-                let (rss0, pss0) = memory_mib();
-                let started = Instant::now();
-                let sandboxes = snapshot.fork(&host, forks, |_| SandboxConfig::default(), None).await.unwrap();
-                let took = started.elapsed();
-                let (rss1, pss1) = memory_mib();
-                println!(
-                    "  {forks} forks: {:.1} ms in total ({} each); memory of the idle forks: RSS +{:.0} MiB, PSS +{:.0} MiB",
-                    took.as_secs_f64() * 1e3,
-                    us(took / forks as u32),
-                    rss1 - rss0,
-                    pss1 - pss0
-                );
+                let (sandboxes, (rss0, pss0)) = forked(&host, &snapshot, forks).await;
                 // Each fork diverges: one call each, then check two of them.
                 for (i, sandbox) in sandboxes.iter().enumerate() {
                     sandbox.reactors()[0].call_i32("add", &[i as i32]).await.unwrap();
@@ -233,19 +240,7 @@ async fn component(images: &MemorySnapshotStore, forks: usize) {
                 us(p99)
             );
             if mib == 0 {
-                let (rss0, pss0) = memory_mib();
-                let started = Instant::now();
-                let sandboxes = snapshot.fork(&host, forks, |_| SandboxConfig::default(), None).await.unwrap();
-                let took = started.elapsed();
-                let (rss1, pss1) = memory_mib();
-                println!(
-                    "  {forks} forks: {:.1} ms in total ({} each); memory of the idle forks: RSS +{:.0} MiB, PSS +{:.0} MiB",
-                    took.as_secs_f64() * 1e3,
-                    us(took / forks as u32),
-                    rss1 - rss0,
-                    pss1 - pss0
-                );
-                drop(sandboxes);
+                drop(forked(&host, &snapshot, forks).await);
             }
         }
     }

@@ -577,7 +577,22 @@ mod tests {
         let (runs, raw) = nonzero_pages(&memory);
         assert_eq!(runs, vec![(1, 2), (9, 1)]);
         let (info, part) = make_part(&raw, 0);
-        let header = ImageHeader {
+        let header = one_process(
+            ProcessStateImage::Idle(InstanceImage {
+                memories: vec![MemoryImage { size_bytes: memory.len() as u64, runs, part: 0 }],
+                globals: vec![GlobalValue::I32(5)],
+                tables: vec![TableImage { size: 2, elements: vec![(1, 0)] }],
+                fds: FdTableImage::default(),
+                monotonic_ns: 10,
+            }),
+            info,
+        );
+        encode(&header, &[part])
+    }
+
+    /// A header with one process in `state`, whose memory is `part`.
+    fn one_process(state: ProcessStateImage, part: PartInfo) -> ImageHeader {
+        ImageHeader {
             engine: "e".into(),
             created_unix_ms: 1,
             fs_snapshot: None,
@@ -590,17 +605,10 @@ mod tests {
                 program_name: "r".into(),
                 stdout: vec![],
                 stderr: vec![],
-                state: ProcessStateImage::Idle(InstanceImage {
-                    memories: vec![MemoryImage { size_bytes: memory.len() as u64, runs, part: 0 }],
-                    globals: vec![GlobalValue::I32(5)],
-                    tables: vec![TableImage { size: 2, elements: vec![(1, 0)] }],
-                    fds: FdTableImage::default(),
-                    monotonic_ns: 10,
-                }),
+                state,
             }],
-            parts: vec![info],
-        };
-        encode(&header, &[part])
+            parts: vec![part],
+        }
     }
 
     /// A 1.1 component state (before handles) is read as one holding none, and 1.2 states
@@ -639,6 +647,54 @@ mod tests {
         let (info, compressed) = make_part(&raw, 0);
         assert_eq!(info.raw_len, raw.len() as u64);
         assert_eq!(zstd::bulk::decompress(&compressed, raw.len()).unwrap(), raw);
+    }
+
+    /// A component image holding host resources (format 1.2): every byte of its header
+    /// changed, with the checksum recomputed so that the parser sees it, decodes or fails
+    /// cleanly; never a panic.
+    #[test]
+    fn mutated_component_headers_with_valid_checksums_never_panic() {
+        let mut memory = vec![0u8; 128 * 1024];
+        memory[70000] = 3;
+        let (runs, raw) = nonzero_pages(&memory);
+        let (info, part) = make_part(&raw, 0);
+        let file = DescriptorRecipe {
+            preopen: 0,
+            open: Some(OpenAt { path: "a/b.txt".into(), path_flags: 1, open_flags: 0, flags: 1 }),
+        };
+        let header = one_process(
+            ProcessStateImage::IdleComponent(ComponentImage {
+                instances: vec![CoreStateImage {
+                    memories: vec![MemoryImage { size_bytes: memory.len() as u64, runs, part: 0 }],
+                    globals: vec![GlobalValue::I32(5), GlobalValue::Func(2)],
+                    tables: vec![TableImage { size: 2, elements: vec![(1, 0)] }],
+                }],
+                monotonic_ns: 10,
+                handles: vec![
+                    HandleImage { slot: 0, recipe: Recipe::Stdin },
+                    HandleImage { slot: 3, recipe: Recipe::Descriptor(file.clone()) },
+                    HandleImage { slot: 4, recipe: Recipe::Read { file, position: 7 } },
+                ],
+            }),
+            info,
+        );
+        let bytes = encode(&header, &[part]);
+        assert_eq!(decode(&bytes).unwrap().header, header);
+        let header_len = u64::from_le_bytes(bytes[12..20].try_into().unwrap()) as usize;
+        let mut decoded = 0;
+        for i in PREFIX_LEN..PREFIX_LEN + header_len {
+            for value in [0x00u8, 0x01, 0x7f, 0x80, 0xff, bytes[i] ^ 0x04] {
+                let mut mutated = bytes.clone();
+                mutated[i] = value;
+                let hash = header_checksum(VERSION.1, &mutated[PREFIX_LEN..PREFIX_LEN + header_len]);
+                mutated[20..52].copy_from_slice(hash.as_bytes());
+                if let Ok(image) = decode(&mutated) {
+                    decoded += 1;
+                    let _ = image.part(0);
+                }
+            }
+        }
+        assert!(decoded > 0, "some mutations (a global's value, a path byte) still decode");
     }
 
     #[test]

@@ -395,33 +395,34 @@ async fn build(state: &mut ProcessState, recipe: &Recipe) -> Result<(Payload, Op
             (Payload::Descriptor(state.ctx().table.delete(r).map_err(table_error)?), None)
         }
         Recipe::Read { file, position } => {
-            let d = open(state, file).await?;
-            let made =
-                HostDescriptor::read_via_stream(&mut state.filesystem(), Resource::new_borrow(d.rep()), *position);
-            let stream = made.map_err(|e| fs_error(state, e));
-            state.ctx().table.delete(d).map_err(table_error)?;
-            let stream = state.ctx().table.delete(stream?).map_err(table_error)?;
+            let stream = file_stream(state, file, |fs, d| HostDescriptor::read_via_stream(fs, d, *position)).await?;
             let (stream, position) = counting::input(stream, *position);
             (Payload::Input(stream), Some(position))
         }
         Recipe::Write { file, position } => {
-            let d = open(state, file).await?;
-            let made =
-                HostDescriptor::write_via_stream(&mut state.filesystem(), Resource::new_borrow(d.rep()), *position);
-            let stream = made.map_err(|e| fs_error(state, e));
-            state.ctx().table.delete(d).map_err(table_error)?;
-            let stream = state.ctx().table.delete(stream?).map_err(table_error)?;
+            let stream = file_stream(state, file, |fs, d| HostDescriptor::write_via_stream(fs, d, *position)).await?;
             let (stream, position) = counting::output(stream, *position);
             (Payload::Output(stream), Some(position))
         }
         Recipe::Append { file } => {
-            let d = open(state, file).await?;
-            let made = HostDescriptor::append_via_stream(&mut state.filesystem(), Resource::new_borrow(d.rep()));
-            let stream = made.map_err(|e| fs_error(state, e));
-            state.ctx().table.delete(d).map_err(table_error)?;
-            (Payload::Output(state.ctx().table.delete(stream?).map_err(table_error)?), None)
+            (Payload::Output(file_stream(state, file, |fs, d| HostDescriptor::append_via_stream(fs, d)).await?), None)
         }
     })
+}
+
+/// A stream `make` opens on the file `recipe` describes, taken out of the store's table.
+async fn file_stream<T: 'static>(
+    state: &mut ProcessState,
+    recipe: &DescriptorRecipe,
+    make: impl FnOnce(
+        &mut wasmtime_wasi::filesystem::WasiFilesystemCtxView<'_>,
+        Resource<Descriptor>,
+    ) -> wasmtime_wasi::p2::FsResult<Resource<T>>,
+) -> Result<T, String> {
+    let file = open(state, recipe).await?;
+    let made = make(&mut state.filesystem(), Resource::new_borrow(file.rep())).map_err(|e| fs_error(state, e));
+    state.ctx().table.delete(file).map_err(|e| e.to_string())?;
+    state.ctx().table.delete(made?).map_err(|e| e.to_string())
 }
 
 fn fs_error(state: &mut ProcessState, e: wasmtime_wasi::p2::FsError) -> String {
