@@ -431,8 +431,7 @@ impl Host {
         }
         let debug = self.debug_engine()?;
         let what = "the reactor component";
-        let rewritten = crate::component_handles::rewrite::rewrite(&program.bytes)
-            .map_err(|reason| Error::InvalidProgram { what: what.into(), reason })?;
+        let rewritten = crate::component_handles::rewrite::rewrite(&program.bytes);
         let compiled = debug
             .code_cache
             .load_or_compile(&debug.engine, &rewritten.bytes, &blake3::hash(&rewritten.bytes), ProgramFormat::Component)

@@ -33,8 +33,12 @@ pub(crate) struct Rewritten {
 
 /// Adds the inject and drop exports (see the module docs), when the component is one
 /// whose handle table a restore can rebuild; otherwise returns it as it is, with the
-/// reason.
-pub(crate) fn rewrite(bytes: &[u8]) -> Result<Rewritten, String> {
+/// reason (a component the rewrite cannot read is left to wasmtime to judge).
+pub(crate) fn rewrite(bytes: &[u8]) -> Rewritten {
+    try_rewrite(bytes).unwrap_or_else(|why| Rewritten { bytes: bytes.to_vec(), handles: Err(why) })
+}
+
+fn try_rewrite(bytes: &[u8]) -> Result<Rewritten, String> {
     let unchanged = |why: String| Ok(Rewritten { bytes: bytes.to_vec(), handles: Err(why) });
     let mut validator = Validator::new_with_features(WasmFeatures::all());
     let types = validator.validate_all(bytes).map_err(|e| format!("invalid component: {e}"))?;
@@ -187,13 +191,13 @@ mod tests {
         (alias export $s "output-stream" (type $os))"#;
 
     fn handles(wat: &str) -> Result<Vec<ResourceKind>, String> {
-        rewrite(&wat::parse_str(wat).unwrap()).unwrap().handles
+        rewrite(&wat::parse_str(wat).unwrap()).handles
     }
 
     #[test]
     fn a_component_holding_streams_gets_exports_that_validate() {
         let bytes = wat::parse_str(format!("(component {STREAMS})")).unwrap();
-        let rewritten = rewrite(&bytes).unwrap();
+        let rewritten = rewrite(&bytes);
         assert_eq!(rewritten.handles, Ok(vec![ResourceKind::OutputStream]));
         assert!(rewritten.bytes.starts_with(&bytes), "the component's own sections are kept as they are");
         let text = wasmprinter::print_bytes(&rewritten.bytes).unwrap();
@@ -217,6 +221,8 @@ mod tests {
         .unwrap_err();
         assert!(twice.contains("two versions"), "{twice}");
         assert!(handles("(component)").unwrap_err().contains("no streams or descriptors"));
-        assert!(rewrite(b"\0asm\x0d\0\x01\0junk").is_err());
+        let junk = rewrite(b"\0asm\x0d\0\x01\0junk");
+        assert_eq!(junk.bytes, b"\0asm\x0d\0\x01\0junk", "left to wasmtime to refuse");
+        assert!(junk.handles.unwrap_err().contains("invalid component"));
     }
 }
