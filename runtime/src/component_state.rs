@@ -14,7 +14,8 @@
 use crate::instance_state::{
     StateError, func_numbers, global_value, memory_image, part, table_image, write_memory, write_table,
 };
-use crate::memory_image::{CoreStateImage, GlobalValue};
+use crate::memory_image::{CoreStateImage, GlobalValue, MemoryImage};
+use std::collections::{HashMap, HashSet};
 use wasmtime::{AsContextMut, Func, Instance, Mutability, Val};
 
 /// Every function of every instance, in numbering order.
@@ -42,6 +43,9 @@ pub(crate) fn capture(
     let numbers = func_numbers(store, funcs.iter().enumerate().map(|(n, func)| (n as u32, func)));
     let mut images = Vec::with_capacity(instances.len());
     let mut pages = Vec::new();
+    // A memory one instance exports and others import is captured once; every instance's
+    // image of it names the same part.
+    let mut captured: HashMap<u64, MemoryImage> = HashMap::new();
     for (i, instance) in instances.iter().enumerate() {
         let mut state = CoreStateImage { memories: Vec::new(), globals: Vec::new(), tables: Vec::new() };
         let mut index = 0;
@@ -50,9 +54,17 @@ pub(crate) fn capture(
                 return Err(StateError::ForeignReference(format!("instance {i}: shared memory {index}")));
             }
             let Some(memory) = instance.debug_memory(store.as_context_mut(), index) else { break };
-            let (image, bytes) = memory_image(memory.data(store.as_context_mut()), first_part + pages.len() as u32);
+            let image = match captured.get(&memory.debug_index_in_store()) {
+                Some(image) => image.clone(),
+                None => {
+                    let (image, bytes) =
+                        memory_image(memory.data(store.as_context_mut()), first_part + pages.len() as u32);
+                    pages.push(bytes);
+                    captured.insert(memory.debug_index_in_store(), image.clone());
+                    image
+                }
+            };
             state.memories.push(image);
-            pages.push(bytes);
             index += 1;
         }
         let mut index = 0;
@@ -102,12 +114,16 @@ pub(crate) fn restore(
     let func = |n: u32| {
         funcs.get(n as usize).cloned().ok_or_else(|| StateError::Mismatch(format!("no function {n} in the component")))
     };
+    let mut written = HashSet::new();
     for (i, (instance, image)) in instances.iter().zip(images).enumerate() {
         for (index, captured) in image.memories.iter().enumerate().filter(|_| memories) {
             let what = format!("instance {i} memory {index}");
             let memory = instance
                 .debug_memory(store.as_context_mut(), index as u32)
                 .ok_or_else(|| StateError::Mismatch(format!("{what} does not exist")))?;
+            if !written.insert(memory.debug_index_in_store()) {
+                continue;
+            }
             let bytes = part(parts, captured.part)?;
             write_memory(store, &memory, captured, bytes, &what, |data, _| data.fill(0))?;
         }

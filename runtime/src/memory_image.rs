@@ -42,6 +42,7 @@
 pub use crate::component_handles::{DescriptorRecipe, HandleImage, OpenAt, Recipe};
 use crate::wasi_state::FdTableImage;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::fmt;
 
 pub const MAGIC: [u8; 8] = *b"STASISMI";
@@ -388,9 +389,11 @@ impl ImageHeader {
         }
         let mut used_parts = vec![false; self.parts.len()];
         for process in &self.processes {
-            let states: Vec<(&[MemoryImage], &[TableImage])> = match &process.state {
+            let states: Vec<(Cow<[MemoryImage]>, &[TableImage])> = match &process.state {
                 ProcessStateImage::Exited(_) => continue,
-                ProcessStateImage::Idle(instance) => vec![(&instance.memories, &instance.tables)],
+                ProcessStateImage::Idle(instance) => {
+                    vec![(Cow::Borrowed(&instance.memories[..]), &instance.tables[..])]
+                }
                 ProcessStateImage::Suspended(suspended) => {
                     if let Some(part) = suspended.program_part {
                         match used_parts.get_mut(part as usize) {
@@ -403,14 +406,39 @@ impl ImageHeader {
                             }
                         }
                     }
-                    vec![(&suspended.instance.memories, &suspended.instance.tables)]
+                    vec![(Cow::Borrowed(&suspended.instance.memories[..]), &suspended.instance.tables[..])]
                 }
                 ProcessStateImage::IdleComponent(component) => {
-                    component.instances.iter().map(|i| (&i.memories[..], &i.tables[..])).collect()
+                    // A memory seen through several instances (exported by one, imported by
+                    // others) is stored once: its images name the same part and must agree.
+                    let mut first: Vec<Option<&MemoryImage>> = vec![None; self.parts.len()];
+                    let mut states = Vec::with_capacity(component.instances.len());
+                    for instance in &component.instances {
+                        let mut own = Vec::new();
+                        for memory in &instance.memories {
+                            match first.get_mut(memory.part as usize) {
+                                Some(Some(seen)) if *seen == memory => {}
+                                Some(Some(_)) => {
+                                    return corrupt(format!(
+                                        "process {}: part {} is shared by different memories",
+                                        process.pid, memory.part
+                                    ));
+                                }
+                                Some(slot) => {
+                                    *slot = Some(memory);
+                                    own.push(memory.clone());
+                                }
+                                // Not a part: `validate_state` says so.
+                                None => own.push(memory.clone()),
+                            }
+                        }
+                        states.push((Cow::Owned(own), &instance.tables[..]));
+                    }
+                    states
                 }
             };
             for (memories, tables) in states {
-                self.validate_state(process.pid, memories, tables, parts_len, &mut used_parts)?;
+                self.validate_state(process.pid, &memories, tables, parts_len, &mut used_parts)?;
             }
         }
         if let Some(unused) = used_parts.iter().position(|used| !used) {
@@ -678,6 +706,18 @@ mod tests {
             }),
             info,
         );
+        // A second instance seeing the same memory names the same part; a different
+        // memory may not.
+        let mut shared = header.clone();
+        let ProcessStateImage::IdleComponent(c) = &mut shared.processes[0].state else { unreachable!() };
+        let view = c.instances[0].clone();
+        c.instances.push(view);
+        assert!(decode(&encode(&shared, std::slice::from_ref(&part))).is_ok());
+        let ProcessStateImage::IdleComponent(c) = &mut shared.processes[0].state else { unreachable!() };
+        c.instances[1].memories[0].size_bytes *= 2;
+        let err = decode(&encode(&shared, std::slice::from_ref(&part))).err().unwrap().to_string();
+        assert!(err.contains("shared by different memories"), "{err}");
+
         let bytes = encode(&header, &[part]);
         assert_eq!(decode(&bytes).unwrap().header, header);
         let header_len = u64::from_le_bytes(bytes[12..20].try_into().unwrap()) as usize;
