@@ -16,8 +16,10 @@
 //!   decompressing, compiling the state module) costs 60 ms (1 MiB) to 450 ms (64 MiB)
 //!   once; every restore and fork after it is a mapping.
 //! - The reactor component (tally: 6 core instances, on the guest_debug engine, holding
-//!   3 host resources): call p50 2.3 µs; restore p50 0.89 ms whether it holds 64 MiB more
-//!   or not (copy-on-write: its memory is mapped), against 1.46 ms and 126 ms copying.
+//!   3 host resources): call p50 2.3 µs; snapshot p50 0.9 ms, 102–118 ms holding 64 MiB
+//!   more (its one memory captured once, though two instances see it); restore p50
+//!   0.83–0.89 ms whether it holds 64 MiB more or not (copy-on-write: its memory is
+//!   mapped), against 1.45 ms and 58 ms copying.
 //!   Instantiating on the debug engine is most of that: wasmtime 48 deep-copies a
 //!   component's compiled code into every store there, which is also why 200 idle forks
 //!   take +224 MiB RSS (about 1.1 MiB each) even with their memory shared, against +271

@@ -125,7 +125,8 @@ pub(crate) fn restore(
                 continue;
             }
             let bytes = part(parts, captured.part)?;
-            write_memory(store, &memory, captured, bytes, &what, |data, _| data.fill(0))?;
+            // Only what the fresh instance had can be non-zero: grown pages start zeroed.
+            write_memory(store, &memory, captured, bytes, &what, |data, fresh| data[..fresh].fill(0))?;
         }
         for (index, value) in image.globals.iter().enumerate() {
             let what = format!("instance {i} global {index}");
