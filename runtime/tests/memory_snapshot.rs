@@ -93,6 +93,10 @@ async fn restore_works_on_another_host_with_a_copy_of_the_store() {
         let reactor = sandbox.instantiate(reactor_command()).await.unwrap();
         reactor.call_i32("add", &[41]).await.unwrap();
         reactor.call_i32("touch", &[4096]).await.unwrap();
+        // A component in the same sandbox, holding its stdout stream.
+        let tally = sandbox.instantiate(tally_command()).await.unwrap();
+        tally.call_i32("add", &[7]).await.unwrap();
+        tally.call_i32("say", &[1]).await.unwrap();
         sandbox.snapshot_memory(None, &d.images).await.unwrap().id
     };
     // A second data directory: the image and module files copied over, a new Host.
@@ -107,8 +111,14 @@ async fn restore_works_on_another_host_with_a_copy_of_the_store() {
     let host = stasis_runtime::Host::new(HostConfig::default()).unwrap();
     let images = MemorySnapshotStore::open(&other).unwrap();
     let snapshot = MemorySnapshot::open(&host, &images, &id).unwrap();
+    assert!(snapshot.copy_on_write());
     let sandbox = snapshot.restore(&host, SandboxConfig::default(), None).await.unwrap();
-    assert_eq!(sandbox.reactors()[0].call_i32("add", &[1]).await.unwrap(), 42);
+    let reactors = sandbox.reactors();
+    assert_eq!(reactors.len(), 2);
+    assert_eq!(reactors[0].call_i32("add", &[1]).await.unwrap(), 42);
+    assert_eq!(reactors[1].call_i32("add", &[1]).await.unwrap(), 8);
+    assert_eq!(reactors[1].call_i32("say", &[2]).await.unwrap(), 2);
+    assert_eq!(reactors[1].stdout().contents(), b"say 1\nsay 2\n");
 }
 
 #[tokio::test]
