@@ -225,7 +225,14 @@ impl Sandbox {
         let env = merged_env(&self.config.env, &command.env);
         let (program, argv0) = self.load_program(command.program, &env).await?;
         let program = match program.format() {
-            crate::ProgramFormat::Component => self.host.component_reactor(&program)?,
+            crate::ProgramFormat::Component => {
+                // The first time, this rewrites and compiles the component: not on the
+                // executor's thread.
+                let host = self.host.clone();
+                tokio::task::spawn_blocking(move || host.component_reactor(&program))
+                    .await
+                    .map_err(|e| Error::Start(format!("component loading task failed: {e}")))??
+            }
             crate::ProgramFormat::Module => program,
         };
         let mut argv = vec![argv0];
