@@ -18,8 +18,9 @@
 //! - The reactor component (tally: 6 core instances, on the guest_debug engine, holding
 //!   3 host resources): call p50 2.3 µs; snapshot p50 0.9 ms, 102–118 ms holding 64 MiB
 //!   more (its one memory captured once, though two instances see it); restore p50
-//!   0.83–0.89 ms whether it holds 64 MiB more or not (copy-on-write: its memory is
-//!   mapped), against 1.45 ms and 58 ms copying.
+//!   0.83–1.1 ms whether it holds 64 MiB more or not (copy-on-write: its memory is
+//!   mapped), against 1.45–1.55 ms and 55–58 ms copying; opening the 64 MiB image (laying
+//!   its memory out in a memfd) 93–101 ms once.
 //!   Instantiating on the debug engine is most of that: wasmtime 48 deep-copies a
 //!   component's compiled code into every store there, which is also why 200 idle forks
 //!   take +224 MiB RSS (about 1.1 MiB each) even with their memory shared, against +271

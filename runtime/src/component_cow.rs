@@ -25,9 +25,6 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use wasmtime::AsContextMut;
 
-/// A captured memory as its size, page runs and stored pages.
-type MemoryKey<'a> = (u64, &'a [(u64, u64)], &'a [u8]);
-
 /// The memories of one component image, each in a file ready to be mapped.
 pub(crate) struct ComponentMemories {
     /// By core instance, then memory index (an imported memory shares its exporter's file).
@@ -38,19 +35,19 @@ impl ComponentMemories {
     /// Lays out every memory of `instances` in a memfd; `parts` are the image's
     /// decompressed parts.
     pub(crate) fn prepare(instances: &[CoreStateImage], parts: &[Vec<u8>]) -> std::io::Result<ComponentMemories> {
-        // The same memory, captured through each instance that imports it, is laid out once.
-        let mut laid_out: HashMap<MemoryKey, Arc<std::fs::File>> = HashMap::new();
+        // A memory seen through several instances names one part (validation checked that
+        // its views agree), and is laid out once.
+        let mut laid_out: HashMap<u32, Arc<std::fs::File>> = HashMap::new();
         let mut files = Vec::with_capacity(instances.len());
         for instance in instances {
             let mut memories = Vec::with_capacity(instance.memories.len());
             for image in &instance.memories {
-                let bytes = parts.get(image.part as usize).map(Vec::as_slice).unwrap_or_default();
-                let key = (image.size_bytes, image.runs.as_slice(), bytes);
-                let file = match laid_out.get(&key) {
+                let file = match laid_out.get(&image.part) {
                     Some(file) => file.clone(),
                     None => {
+                        let bytes = parts.get(image.part as usize).map(Vec::as_slice).unwrap_or_default();
                         let file = Arc::new(lay_out(image, bytes)?);
-                        laid_out.insert(key, file.clone());
+                        laid_out.insert(image.part, file.clone());
                         file
                     }
                 };

@@ -201,7 +201,7 @@ pub fn state_module(
 /// A module's data section with every active segment turned into an empty passive one
 /// (which `memory.init` treats as the dropped segment it would have been) and passive
 /// ones kept: segment indices are unchanged, and instantiation writes nothing.
-pub(crate) fn emptied_data(reader: wasmparser::DataSectionReader) -> Result<DataSection, ResumeError> {
+fn emptied_data(reader: wasmparser::DataSectionReader) -> Result<DataSection, ResumeError> {
     let mut data = DataSection::new();
     for segment in reader {
         let segment = segment?;
@@ -215,7 +215,7 @@ pub(crate) fn emptied_data(reader: wasmparser::DataSectionReader) -> Result<Data
 
 /// Appends to `data` one active segment per run of a captured memory's stored pages;
 /// `None` when the image's part is missing or short.
-pub(crate) fn snapshot_segments(
+fn snapshot_segments(
     data: &mut DataSection,
     memory: u32,
     memory64: bool,

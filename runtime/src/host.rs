@@ -5,6 +5,7 @@
 //! each process gets a cheap `Store` of its own (see `process`).
 
 use crate::code_cache::{CodeCache, Compiled, ProgramFormat};
+use crate::component_handles::HandleSupport;
 use crate::cow_restore::{self, StateShape};
 use crate::error::{Error, Result};
 use crate::guest_imports;
@@ -146,14 +147,8 @@ pub(crate) enum ProgramEntry {
     /// A component without `wasi:cli/run`: it can only run as a reactor. Loaded by
     /// [`Host::load`] on the normal engine (for checking); [`Host::component_reactor`]
     /// loads it again on the debug engine (see [`DebugEngine`]) to run it.
-    ComponentReactor(wasmtime::component::InstancePre<ProcessState>, Arc<ReactorComponent>),
-}
-
-/// A component as it runs as a reactor.
-pub(crate) struct ReactorComponent {
-    /// Which host resources its snapshots can carry (the resource types the rewrite added
-    /// inject exports for), or why none.
-    pub(crate) handles: std::result::Result<Vec<crate::component_handles::ResourceKind>, String>,
+    /// With which host resources its snapshots can carry.
+    ComponentReactor(wasmtime::component::InstancePre<ProcessState>, HandleSupport),
 }
 
 /// The engine reactor components run on: `guest_debug` on, because a component's core
@@ -383,10 +378,7 @@ impl Host {
                 match CommandPre::new(pre.clone()) {
                     Ok(command) => ProgramEntry::Component(command),
                     // Not a command: it can still run as a reactor (see `component_reactor`).
-                    Err(_) => ProgramEntry::ComponentReactor(
-                        pre,
-                        Arc::new(ReactorComponent { handles: Err("not loaded as a reactor".into()) }),
-                    ),
+                    Err(_) => ProgramEntry::ComponentReactor(pre, Err("not loaded as a reactor".into())),
                 }
             }
         };
@@ -449,7 +441,7 @@ impl Host {
             layout: None,
             unwind: None,
             checkpoint_refusal: None,
-            entry: ProgramEntry::ComponentReactor(pre, Arc::new(ReactorComponent { handles: rewritten.handles })),
+            entry: ProgramEntry::ComponentReactor(pre, rewritten.handles),
             wasi_helper: self.inner.wasi_helper.clone(),
             host: Arc::downgrade(&self.inner),
             resume: OnceLock::new(),

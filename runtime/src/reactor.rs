@@ -111,7 +111,7 @@ impl Reactor {
         let started = |e: wasmtime::Error| Error::Start(format!("{e:#}"));
         let (layout, pre) = match (&program.layout, &program.entry) {
             (Some(layout), ProgramEntry::Command(pre)) => (layout.clone(), pre),
-            (_, ProgramEntry::ComponentReactor(pre, component)) => {
+            (_, ProgramEntry::ComponentReactor(pre, support)) => {
                 let mapped = match &origin {
                     Origin::Image { cow: Some(Mapped::Component(mapped)), .. } => Some(mapped),
                     _ => None,
@@ -123,7 +123,7 @@ impl Reactor {
                             "the image holds a core module's state, the program is a component".into(),
                         )));
                     };
-                    crate::component_handles::restore(&mut store, &instance, &image_state.handles, &component.handles)
+                    crate::component_handles::restore(&mut store, &instance, &image_state.handles, support)
                         .await
                         .map_err(|e| Error::Restore(StateError::Mismatch(format!("host resources: {e}"))))?;
                     crate::component_state::restore(&mut store, &image_state.instances, parts, mapped.is_none())
@@ -350,13 +350,12 @@ impl Frozen<'_> {
         let monotonic_ns = store.data().clock.now_ns();
         let (state, pages) = match instance {
             LiveInstance::Component(_) => {
-                let ProgramEntry::ComponentReactor(_, component) = &inner.program.entry else {
+                let ProgramEntry::ComponentReactor(_, support) = &inner.program.entry else {
                     unreachable!("reactor components run from a component reactor entry")
                 };
-                let handles =
-                    crate::component_handles::capture(store.data_mut(), &component.handles).map_err(|why| {
-                        Error::NotQuiescent(format!("reactor component {} cannot be captured: {why}", inner.pid))
-                    })?;
+                let handles = crate::component_handles::capture(store.data_mut(), support).map_err(|why| {
+                    Error::NotQuiescent(format!("reactor component {} cannot be captured: {why}", inner.pid))
+                })?;
                 let (instances, pages) =
                     crate::component_state::capture(&mut *store, first_part).map_err(Error::Restore)?;
                 (ProcessStateImage::IdleComponent(ComponentImage { instances, monotonic_ns, handles }), pages)

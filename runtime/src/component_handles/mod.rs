@@ -40,6 +40,10 @@ use wasmtime_wasi::p2::bindings::filesystem::preopens;
 use wasmtime_wasi::p2::bindings::filesystem::types::{self as fs, HostDescriptor};
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream};
 
+/// The resource types a component's snapshots can carry (those its rewrite added inject
+/// exports for), or why it can carry none.
+pub(crate) type HandleSupport = Result<Vec<ResourceKind>, String>;
+
 /// Most handles a snapshot may carry (a crafted image cannot ask for more).
 const MAX_HANDLES: u32 = 1 << 16;
 
@@ -150,12 +154,13 @@ impl HandleTracker {
     /// The recipe of `slot` as of now (file streams at their current position).
     fn current(&self, slot: u32) -> Option<Recipe> {
         let (recipe, position) = self.made.get(&slot)?;
-        let now = || position.as_ref().map(|p| p.load(Ordering::Relaxed)).unwrap_or(0);
-        Some(match recipe {
-            Recipe::Read { file, .. } => Recipe::Read { file: file.clone(), position: now() },
-            Recipe::Write { file, .. } => Recipe::Write { file: file.clone(), position: now() },
-            other => other.clone(),
-        })
+        let mut recipe = recipe.clone();
+        if let (Recipe::Read { position: at, .. } | Recipe::Write { position: at, .. }, Some(position)) =
+            (&mut recipe, position)
+        {
+            *at = position.load(Ordering::Relaxed);
+        }
+        Some(recipe)
     }
 }
 
@@ -181,20 +186,16 @@ fn kind_of(entry: &dyn std::any::Any) -> Result<ResourceKind, &'static str> {
 }
 
 /// The resources a component holds, in slot order; `support` is what its rewrite allows.
-pub(crate) fn capture(
-    state: &mut ProcessState,
-    support: &Result<Vec<ResourceKind>, String>,
-) -> Result<Vec<HandleImage>, String> {
-    let table = state.wasi.ctx().table;
-    let live = table.iter_mut().count();
-    if live == 0 {
+pub(crate) fn capture(state: &mut ProcessState, support: &HandleSupport) -> Result<Vec<HandleImage>, String> {
+    let live = live_entries(state.wasi.ctx().table);
+    if live.is_empty() {
         return Ok(Vec::new());
     }
     if let Err(why) = support {
-        return Err(format!("it holds {live} host resources, which cannot be restored: {why}"));
+        return Err(format!("it holds {} host resources, which cannot be restored: {why}", live.len()));
     }
-    let mut handles = Vec::with_capacity(live);
-    for (slot, kind) in live_entries(table) {
+    let mut handles = Vec::with_capacity(live.len());
+    for (slot, kind) in live {
         let kind = kind.map_err(|what| format!("it holds {what} (handle {})", slot + 1))?;
         let recipe = state.handles.current(slot).filter(|recipe| recipe.kind() == kind).ok_or_else(|| {
             format!("it holds a {kind:?} (handle {}) made by a call Stasis does not record", slot + 1)
@@ -217,7 +218,7 @@ pub(crate) async fn restore(
     store: &mut Store<ProcessState>,
     instance: &wasmtime::component::Instance,
     handles: &[HandleImage],
-    support: &Result<Vec<ResourceKind>, String>,
+    support: &HandleSupport,
 ) -> Result<(), String> {
     let fresh = live_entries(store.data_mut().wasi.ctx().table);
     if handles.is_empty() && fresh.is_empty() {

@@ -28,7 +28,7 @@ use wasmparser::{CanonicalFunction, ComponentTypeRef, Parser, Payload, Validator
 pub(crate) struct Rewritten {
     pub bytes: Vec<u8>,
     /// The resource types with inject/drop exports, or why handles cannot be restored.
-    pub handles: Result<Vec<ResourceKind>, String>,
+    pub handles: super::HandleSupport,
 }
 
 /// Adds the inject and drop exports (see the module docs), when the component is one
@@ -39,7 +39,6 @@ pub(crate) fn rewrite(bytes: &[u8]) -> Rewritten {
 }
 
 fn try_rewrite(bytes: &[u8]) -> Result<Rewritten, String> {
-    let unchanged = |why: String| Ok(Rewritten { bytes: bytes.to_vec(), handles: Err(why) });
     let mut validator = Validator::new_with_features(WasmFeatures::all());
     let types = validator.validate_all(bytes).map_err(|e| format!("invalid component: {e}"))?;
     let types = types.as_ref();
@@ -52,7 +51,7 @@ fn try_rewrite(bytes: &[u8]) -> Result<Rewritten, String> {
             Payload::ComponentSection { .. } if depth == 0 => {
                 // Handles live in one table per component instance; the host can only
                 // reach the outer one.
-                return unchanged("it nests components, whose handle tables the host cannot reach".into());
+                return Err("it nests components, whose handle tables the host cannot reach".into());
             }
             Payload::ComponentSection { .. } => depth += 1,
             Payload::End(_) if depth > 0 => depth -= 1,
@@ -61,7 +60,7 @@ fn try_rewrite(bytes: &[u8]) -> Result<Rewritten, String> {
                     if let CanonicalFunction::ResourceNew { .. } = canon.map_err(|e| e.to_string())? {
                         // Its own resources share the table with host ones and have no host
                         // side to rebuild them from.
-                        return unchanged("it defines resource types of its own".into());
+                        return Err("it defines resource types of its own".into());
                     }
                 }
             }
@@ -94,13 +93,13 @@ fn try_rewrite(bytes: &[u8]) -> Result<Rewritten, String> {
             // Imported but never named by the component: it cannot hold one.
             let Some(index) = index else { continue };
             if found.iter().any(|(k, _)| *k == kind) {
-                return unchanged(format!("it imports `{interface}` in two versions"));
+                return Err(format!("it imports `{interface}` in two versions"));
             }
             found.push((kind, index));
         }
     }
     if found.is_empty() {
-        return unchanged("it imports no streams or descriptors".into());
+        return Err("it imports no streams or descriptors".into());
     }
 
     let core_funcs = types.function_count();

@@ -91,7 +91,7 @@ pub(crate) fn add(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
                         }),
                     })
                 });
-                Ok((noted(state, opened, recipe)?,))
+                Ok((noted(state, opened.map(|r| (r, None)), recipe)?,))
             })
         },
     )?;
@@ -103,7 +103,7 @@ pub(crate) fn add(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
             let made = HostDescriptor::read_via_stream(&mut state.filesystem(), file, offset);
             let made = made.and_then(|stream| wrap_input(state, stream, offset));
             let recipe = base.map(|file| Recipe::Read { file, position: offset });
-            Ok((noted_result(state, made.map(|(r, p)| (r, Some(p))), recipe)?,))
+            Ok((noted(state, made.map(|(r, p)| (r, Some(p))), recipe)?,))
         },
     )?;
     types.func_wrap(
@@ -114,7 +114,7 @@ pub(crate) fn add(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
             let made = HostDescriptor::write_via_stream(&mut state.filesystem(), file, offset);
             let made = made.and_then(|stream| wrap_output(state, stream, offset));
             let recipe = base.map(|file| Recipe::Write { file, position: offset });
-            Ok((noted_result(state, made.map(|(r, p)| (r, Some(p))), recipe)?,))
+            Ok((noted(state, made.map(|(r, p)| (r, Some(p))), recipe)?,))
         },
     )?;
     types.func_wrap("[method]descriptor.append-via-stream", |mut store: Store, (file,): (Resource<Descriptor>,)| {
@@ -123,7 +123,7 @@ pub(crate) fn add(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
         let made = HostDescriptor::append_via_stream(&mut state.filesystem(), file);
         let made = made.map(|stream| (stream, None));
         let recipe = base.map(|file| Recipe::Append { file });
-        Ok((noted_result(state, made, recipe)?,))
+        Ok((noted(state, made, recipe)?,))
     })?;
     linker.allow_shadowing(false);
     Ok(())
@@ -156,14 +156,6 @@ fn wrap_output(
 /// Notes (or, without a recipe, forgets) the slot of a made resource; the WASI error
 /// the guest sees otherwise.
 fn noted<T: 'static>(
-    state: &mut ProcessState,
-    made: FsResult<Resource<T>>,
-    recipe: Option<Recipe>,
-) -> wasmtime::Result<Result<Resource<T>, fs::ErrorCode>> {
-    noted_result(state, made.map(|r| (r, None)), recipe)
-}
-
-fn noted_result<T: 'static>(
     state: &mut ProcessState,
     made: FsResult<(Resource<T>, Option<counting::Position>)>,
     recipe: Option<Recipe>,
