@@ -8,6 +8,12 @@ mod serve_cmd;
 mod server;
 mod snapshot_cmd;
 
+/// How this binary compiles guests: in a child running its `__compile` subcommand.
+pub fn compile_worker() -> Result<stasis_runtime::CompileWorker, String> {
+    stasis_runtime::CompileWorker::current_exe_subcommand(COMPILE_WORKER)
+        .map_err(|e| format!("cannot find this executable to compile in a child process: {e}"))
+}
+
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -36,7 +42,15 @@ enum Commands {
     Image(image_cmd::ImageArgs),
 }
 
+/// The hidden subcommand a Stasis host runs its compilations in (see the runtime's
+/// `compile_worker`): not for people, so it bypasses the command line parser.
+const COMPILE_WORKER: &str = "__compile";
+
 fn main() -> ExitCode {
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if raw.get(1).is_some_and(|a| a == COMPILE_WORKER) {
+        return ExitCode::from(stasis_runtime::compile_worker::worker_main(&raw[2..]) as u8);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("STASIS_LOG"))
         .with_writer(std::io::stderr)

@@ -216,8 +216,14 @@ async fn resume(args: ResumeArgs) -> Result<ExitStatus, String> {
 /// The host of a local run: one process, so no instance pool.
 fn local_host(local: &LocalArgs, checkpoints: bool) -> Result<Host, String> {
     let code_cache_dir = if local.no_cache { None } else { local.cache_dir.clone().or_else(default_cache_dir) };
-    Host::new(HostConfig { code_cache_dir, max_processes: None, checkpoints, ..HostConfig::default() })
-        .map_err(|e| e.to_string())
+    Host::new(HostConfig {
+        code_cache_dir,
+        max_processes: None,
+        checkpoints,
+        compile_worker: Some(crate::compile_worker()?),
+        ..HostConfig::default()
+    })
+    .map_err(|e| e.to_string())
 }
 
 fn local_sandbox(host: &Host, mounts: Vec<Mount>, local: &LocalArgs) -> Result<Sandbox, String> {

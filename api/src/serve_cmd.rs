@@ -3,7 +3,8 @@
 //! Settings come from the flags, else from the optional TOML file given with `--config`
 //! (its keys mirror the flags: `listen`, `data_dir`, `public_url`, `max_file_size`,
 //! `max_processes`, `shutdown_grace`, `checkpoints`, `remote`, `remote_endpoint`,
-//! `remote_region`, `remote_timeout`, `cache_size`), else from the defaults.
+//! `remote_region`, `remote_timeout`, `cache_size`, `compile_memory`, `compile_timeout`),
+//! else from the defaults.
 
 use crate::server::ServerConfig;
 use clap::Args;
@@ -23,7 +24,8 @@ const DEFAULT_SHUTDOWN_GRACE: &str = "30s";
 pub struct ServeArgs {
     /// A TOML file of settings (keys as the flags, with `_`: `listen`, `data_dir`,
     /// `public_url`, `max_file_size`, `max_processes`, `shutdown_grace`, `checkpoints`,
-    /// `remote`, `remote_endpoint`, `remote_region`, `remote_timeout`, `cache_size`); flags win.
+    /// `remote`, `remote_endpoint`, `remote_region`, `remote_timeout`, `cache_size`,
+    /// `compile_memory`, `compile_timeout`); flags win.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
     /// Where Stasis keeps its database, images, sandboxes and snapshots [default: .stasis].
@@ -49,6 +51,14 @@ pub struct ServeArgs {
     /// ~1.8x), but memory snapshots and suspend then refuse sandboxes with running commands.
     #[arg(long)]
     no_checkpoints: bool,
+    /// Most memory one compilation of a guest may use, e.g. `4G`; a program over it is
+    /// refused (or, if only its checkpointable build is, runs without checkpoints)
+    /// [default: half the host's memory].
+    #[arg(long, value_name = "BYTES", value_parser = stasis_runtime::limits::parse_byte_size)]
+    compile_memory: Option<u64>,
+    /// Longest one compilation of a guest may take, e.g. `5m` [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
+    compile_timeout: Option<Duration>,
     #[command(flatten)]
     remote: RemoteFlags,
     /// With `--remote`: how much of the shared snapshots this node keeps on local disk,
@@ -93,6 +103,8 @@ struct ConfigFile {
     remote_region: Option<String>,
     remote_timeout: Option<String>,
     cache_size: Option<SizeSetting>,
+    compile_memory: Option<SizeSetting>,
+    compile_timeout: Option<String>,
 }
 
 /// `max_file_size = "512M"` or a number of bytes.
@@ -161,6 +173,24 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
         ),
         (None, None) => None,
     };
+    let defaults = stasis_runtime::CompileBudget::default();
+    let compile_budget = stasis_runtime::CompileBudget {
+        memory: match (args.compile_memory, file.compile_memory) {
+            (Some(bytes), _) | (None, Some(SizeSetting::Bytes(bytes))) => bytes,
+            (None, Some(SizeSetting::Text(text))) => stasis_runtime::limits::parse_byte_size(&text)
+                .map_err(|e| bad("compile_memory", &format!("{text:?}"), e))?,
+            (None, None) => defaults.memory,
+        },
+        time: match (args.compile_timeout, file.compile_timeout) {
+            (Some(d), _) => d,
+            (None, Some(text)) => stasis_runtime::limits::parse_duration(&text)
+                .map_err(|e| bad("compile_timeout", &format!("{text:?}"), e))?,
+            (None, None) => defaults.time,
+        },
+    };
+    if compile_budget.memory < 64 << 20 {
+        return Err("compile_memory must be at least 64M (a compiler needs that much to start)".into());
+    }
     let remote_timeout = match (args.remote.remote_timeout, file.remote_timeout) {
         (Some(d), _) => Some(d),
         (None, Some(text)) => Some(
@@ -191,6 +221,7 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
         checkpoints: !args.no_checkpoints && file.checkpoints.unwrap_or(true),
         remote,
         cache_bytes,
+        compile_budget,
     })
 }
 
@@ -276,6 +307,12 @@ mod tests {
         assert!(e.contains("`remote`, which is not set"), "{e}");
         let config = with_file("remote = \"file:///srv/x\"\nremote_timeout = \"2s\"", ServeArgs::default()).unwrap();
         assert_eq!(config.remote.unwrap().request_timeout, Duration::from_secs(2));
+        assert_eq!(resolve(ServeArgs::default()).unwrap().compile_budget, stasis_runtime::CompileBudget::default());
+        let config = with_file("compile_memory = \"2G\"\ncompile_timeout = \"30s\"", ServeArgs::default()).unwrap();
+        assert_eq!(config.compile_budget.memory, 2 << 30);
+        assert_eq!(config.compile_budget.time, Duration::from_secs(30));
+        let e = with_file("compile_memory = \"1M\"", ServeArgs::default()).unwrap_err();
+        assert!(e.contains("compile_memory must be at least 64M"), "{e}");
     }
 
     #[test]

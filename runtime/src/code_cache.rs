@@ -9,7 +9,11 @@
 //! writable only by the host (it lives in the data directory, which guests never see).
 //! Artifacts are written under a temporary name and renamed into place, so a crash never
 //! leaves a half-written file under a real name; one that fails to load is recompiled.
+//!
+//! Compiling itself happens in a child process under a budget when the host has a
+//! [`CompileWorker`] (see `compile_worker`), else in this process.
 
+use crate::compile_worker::{self, CompileBudget, CompileFailure, CompileWorker, EngineSettings};
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,6 +38,16 @@ pub(crate) struct CodeCache {
     dir: Option<PathBuf>,
     /// Hex digest of the engine's compatibility hash.
     engine_key: String,
+    /// Where compilations run: in a child under a budget, or (`None`) here.
+    isolated: Option<Isolated>,
+}
+
+/// A child process compiles, for an engine configured with `settings`.
+#[derive(Clone)]
+pub(crate) struct Isolated {
+    pub worker: CompileWorker,
+    pub budget: CompileBudget,
+    pub settings: EngineSettings,
 }
 
 /// Feeds `std::hash::Hash` into blake3, so the key is stable across runs and builds.
@@ -49,7 +63,7 @@ impl Hasher for Blake3Hasher {
 }
 
 impl CodeCache {
-    pub(crate) fn new(engine: &Engine, dir: Option<PathBuf>, checkpoints: bool) -> Self {
+    pub(crate) fn new(engine: &Engine, dir: Option<PathBuf>, checkpoints: bool, isolated: Option<Isolated>) -> Self {
         let mut hasher = Blake3Hasher(blake3::Hasher::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
         // Core modules are compiled as rewritten by `state_export`: a new rewrite is new code.
@@ -59,7 +73,7 @@ impl CodeCache {
             hasher.write(crate::unwind::TRANSFORM_VERSION.as_bytes());
         }
         let engine_key = hasher.0.finalize().to_hex()[..16].to_string();
-        CodeCache { dir, engine_key }
+        CodeCache { dir, engine_key, isolated }
     }
 
     /// A short fingerprint of the engine configuration; images record it.
@@ -120,7 +134,7 @@ impl CodeCache {
         bytes: &[u8],
         hash: &blake3::Hash,
         format: ProgramFormat,
-    ) -> wasmtime::Result<Compiled> {
+    ) -> Result<Compiled, CompileFailure> {
         let path = self.artifact_path(hash, format);
         if let Some(path) = &path
             && path.exists()
@@ -130,9 +144,13 @@ impl CodeCache {
                 Err(err) => tracing::warn!(path = %path.display(), "discarding unloadable compiled artifact: {err}"),
             }
         }
+        if let Some(isolated) = &self.isolated {
+            return self.compile_isolated(isolated, engine, bytes, format, path);
+        }
+        let invalid = |e: wasmtime::Error| CompileFailure::Invalid(format!("{e:#}"));
         let compiled = match format {
-            ProgramFormat::Module => Compiled::Module(Module::new(engine, bytes)?),
-            ProgramFormat::Component => Compiled::Component(Component::new(engine, bytes)?),
+            ProgramFormat::Module => Compiled::Module(Module::new(engine, bytes).map_err(invalid)?),
+            ProgramFormat::Component => Compiled::Component(Component::new(engine, bytes).map_err(invalid)?),
         };
         if let Some(path) = path {
             let serialized = match &compiled {
@@ -146,6 +164,37 @@ impl CodeCache {
             }
         }
         Ok(compiled)
+    }
+
+    /// Compiles in a child straight into the cache (or, without a cache directory, into a
+    /// temporary one), then maps the artifact as a cache hit does.
+    fn compile_isolated(
+        &self,
+        isolated: &Isolated,
+        engine: &Engine,
+        bytes: &[u8],
+        format: ProgramFormat,
+        path: Option<PathBuf>,
+    ) -> Result<Compiled, CompileFailure> {
+        let scratch;
+        let path = match path {
+            Some(path) => path,
+            None => {
+                scratch = tempfile::tempdir().map_err(|e| CompileFailure::Worker(format!("temporary directory: {e}")))?;
+                scratch.path().join("artifact")
+            }
+        };
+        let stats =
+            compile_worker::compile(&isolated.worker, isolated.budget, isolated.settings, bytes, format, &path)?;
+        tracing::info!(
+            bytes = bytes.len(),
+            seconds = stats.wall.as_secs_f64(),
+            peak_rss_mib = stats.peak_rss >> 20,
+            "compiled in a worker"
+        );
+        // A mapped artifact stays valid once its file is gone (the temporary case).
+        Self::load_artifact(engine, &path, format)
+            .map_err(|e| CompileFailure::Worker(format!("loading what the worker compiled: {e:#}")))
     }
 }
 

@@ -10,6 +10,9 @@ pub enum Error {
     /// WebAssembly that fails validation or compilation.
     #[error("{what} is not a valid WebAssembly program: {reason}")]
     InvalidProgram { what: String, reason: String },
+    /// A program the host will not compile: over the compile budget.
+    #[error("{what} cannot be compiled: {reason}")]
+    CompileRefused { what: String, reason: String },
     /// Imports the runtime cannot satisfy, or another link-time failure.
     #[error("{what} cannot be linked: {reason}")]
     Link { what: String, reason: String },

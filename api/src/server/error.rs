@@ -110,6 +110,7 @@ impl From<stasis_runtime::Error> for ApiError {
         match e {
             E::NotWasm { .. }
             | E::InvalidProgram { .. }
+            | E::CompileRefused { .. }
             | E::Link { .. }
             | E::CommandNotFound { .. }
             | E::ProgramUnreadable { .. }

