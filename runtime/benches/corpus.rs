@@ -35,7 +35,10 @@ struct Program {
 
 fn python_package_dir(package: &str) -> Option<PathBuf> {
     let out = std::process::Command::new("python3")
-        .args(["-c", &format!("import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('{package}').origin))")])
+        .args([
+            "-c",
+            &format!("import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('{package}').origin))"),
+        ])
         .output()
         .ok()?;
     out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
@@ -172,12 +175,7 @@ async fn run_once(host: &Host, program: &Program, bytes: &Arc<[u8]>) -> Duration
     let process = sandbox.spawn(command).await.unwrap();
     let status = process.wait().await;
     let took = start.elapsed();
-    assert!(
-        status.success(),
-        "{}: {status}: {}",
-        program.name,
-        String::from_utf8_lossy(&process.stderr().contents())
-    );
+    assert!(status.success(), "{}: {status}: {}", program.name, String::from_utf8_lossy(&process.stderr().contents()));
     took
 }
 
@@ -208,9 +206,8 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|");
     for program in &programs {
-        let bytes: Arc<[u8]> = std::fs::read(&program.wasm)
-            .unwrap_or_else(|e| panic!("{}: {e}", program.wasm.display()))
-            .into();
+        let bytes: Arc<[u8]> =
+            std::fs::read(&program.wasm).unwrap_or_else(|e| panic!("{}: {e}", program.wasm.display())).into();
         let start = Instant::now();
         let (instrumented, layout) =
             stasis_runtime::unwind::instrument(&bytes, &stasis_runtime::checkpoint::blocking_imports())

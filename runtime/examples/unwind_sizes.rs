@@ -19,7 +19,8 @@ fn shape(wasm: &[u8], index: usize) -> String {
     for payload in wasmparser::Parser::new(0).parse_all(wasm) {
         if let wasmparser::Payload::CodeSectionEntry(body) = payload.unwrap() {
             if n == index {
-                let (mut ops, mut calls, mut blocks, mut depth, mut deepest, mut targets, mut loops) = (0, 0, 0, 0, 0, 0, 0);
+                let (mut ops, mut calls, mut blocks, mut depth, mut deepest, mut targets, mut loops) =
+                    (0, 0, 0, 0, 0, 0, 0);
                 let mut reader = body.get_operators_reader().unwrap();
                 while !reader.eof() {
                     let op = reader.read().unwrap();
@@ -27,14 +28,24 @@ fn shape(wasm: &[u8], index: usize) -> String {
                     use wasmparser::Operator as O;
                     match op {
                         O::Call { .. } | O::CallIndirect { .. } => calls += 1,
-                        O::Block { .. } | O::If { .. } | O::TryTable { .. } => { blocks += 1; depth += 1; deepest = deepest.max(depth) }
-                        O::Loop { .. } => { loops += 1; depth += 1; deepest = deepest.max(depth) }
+                        O::Block { .. } | O::If { .. } | O::TryTable { .. } => {
+                            blocks += 1;
+                            depth += 1;
+                            deepest = deepest.max(depth)
+                        }
+                        O::Loop { .. } => {
+                            loops += 1;
+                            depth += 1;
+                            deepest = deepest.max(depth)
+                        }
                         O::End => depth -= 1,
                         O::BrTable { targets: t } => targets += t.len(),
                         _ => {}
                     }
                 }
-                return format!("{ops} ops, {calls} calls, {blocks} blocks, {loops} loops, depth {deepest}, {targets} br_table targets");
+                return format!(
+                    "{ops} ops, {calls} calls, {blocks} blocks, {loops} loops, depth {deepest}, {targets} br_table targets"
+                );
             }
             n += 1;
         }
@@ -122,6 +133,11 @@ fn main() {
     rows.sort_by_key(|r| std::cmp::Reverse(r.2));
     println!("defined index | bytes before -> after | locals before -> after");
     for (i, b, a, lb, la) in rows.into_iter().take(top) {
-        println!("{i} | {b} -> {a} ({:.2}x) | {lb} -> {la} | {} | after: {}", a as f64 / b as f64, shape(&wasm, i), shape(&out, i));
+        println!(
+            "{i} | {b} -> {a} ({:.2}x) | {lb} -> {la} | {} | after: {}",
+            a as f64 / b as f64,
+            shape(&wasm, i),
+            shape(&out, i)
+        );
     }
 }

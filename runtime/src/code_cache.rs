@@ -180,7 +180,8 @@ impl CodeCache {
         let path = match path {
             Some(path) => path,
             None => {
-                scratch = tempfile::tempdir().map_err(|e| CompileFailure::Worker(format!("temporary directory: {e}")))?;
+                scratch =
+                    tempfile::tempdir().map_err(|e| CompileFailure::Worker(format!("temporary directory: {e}")))?;
                 scratch.path().join("artifact")
             }
         };

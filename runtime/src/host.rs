@@ -100,7 +100,12 @@ impl HostInner {
     /// Prepares and compiles a core module. When the checkpointable build is over the
     /// compile budget but the plain one is not, the program runs without checkpoints and
     /// the reason is kept (a memory snapshot reports it).
-    fn compile_module(&self, bytes: &[u8], hash: &blake3::Hash, what: &str) -> Result<(StateLayout, UnwindOutcome, Compiled)> {
+    fn compile_module(
+        &self,
+        bytes: &[u8],
+        hash: &blake3::Hash,
+        what: &str,
+    ) -> Result<(StateLayout, UnwindOutcome, Compiled)> {
         let (rewritten, layout, unwind) = self.prepare(bytes, what, true)?;
         match self.code_cache.load_or_compile(&self.engine, &rewritten, hash, ProgramFormat::Module) {
             Ok(compiled) => Ok((layout, unwind, compiled)),
@@ -453,8 +458,12 @@ impl Host {
                 wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| format!("{e:#}"))?;
                 crate::component_handles::shadows::add(&mut linker).map_err(|e| format!("{e:#}"))?;
                 spawn_ticker(engine.clone(), self.inner.ticker_stop.clone());
-                let code_cache =
-                    CodeCache::new(&engine, self.inner.code_cache_dir.clone(), false, self.inner.debug_isolation.clone());
+                let code_cache = CodeCache::new(
+                    &engine,
+                    self.inner.code_cache_dir.clone(),
+                    false,
+                    self.inner.debug_isolation.clone(),
+                );
                 Ok(DebugEngine { engine, linker, code_cache })
             })
             .as_ref()

@@ -7,12 +7,15 @@
 //! ```
 //! At a site, after the call: `if state == UNWINDING { save the operands beneath the call;
 //! frame = reserve(); frame[0] = site; frame[slot(l)] = l for each local l live after
-//! the site; return <dummy R> }`. Every site of a function writes the same frame layout
-//! (one slot per local that is live at some site), so the prologue reads it whichever
-//! site wrote it; the slots of locals dead at that site hold garbage nobody reads (see
-//! `liveness`). While rewinding, guards skip the code between sites, open structures are
-//! entered only when they hold the target site, and the target site reloads its operands
-//! before calling again.
+//! the site; return <dummy R> }`. Every site of a function uses the same frame layout (one
+//! slot per local that is live at some site). While rewinding, guards skip the code
+//! between sites, open structures are entered only when they hold the target site, and
+//! the target site reloads its live locals and operands before calling again.
+//!
+//! Locals are restored at the target site, not in the prologue: loading every saved
+//! local at entry merged all of them at the prologue's end, and a site needs only its
+//! own. The normal path tests the state once before a site (rewinding: skip it or reload
+//! it) and once after (unwinding).
 
 use super::plan::{FuncPlan, Site, StructKind};
 use super::support::{Helpers, SaveClass, TypeInterner, save_class};
@@ -228,7 +231,8 @@ impl<'a, 'p> Emitter<'a, 'p> {
                     continue;
                 }
                 let ty = self.locals[local as usize];
-                let class = save_class(ty).map_err(|feature| UnwindError::Unsupported { feature, func: Some(self.func) })?;
+                let class =
+                    save_class(ty).map_err(|feature| UnwindError::Unsupported { feature, func: Some(self.func) })?;
                 let slot = match class {
                     SaveClass::Value(super::support::Class::FuncRef) => Slot::Reference,
                     SaveClass::Value(_) => Slot::Memory(0),
@@ -338,7 +342,13 @@ impl<'a, 'p> Emitter<'a, 'p> {
     }
 
     fn dummy(&mut self, ty: ValType) -> Result<(), UnwindError> {
-        let instruction = match ty {
+        let instruction = self.dummy_instruction(ty)?;
+        self.push(instruction);
+        Ok(())
+    }
+
+    fn dummy_instruction(&self, ty: ValType) -> Result<Instruction<'a>, UnwindError> {
+        Ok(match ty {
             ValType::I32 => Instruction::I32Const(0),
             ValType::I64 => Instruction::I64Const(0),
             ValType::F32 => Instruction::F32Const(0.0f32.into()),
@@ -353,11 +363,8 @@ impl<'a, 'p> Emitter<'a, 'p> {
                     func: Some(self.func),
                 });
             }
-        };
-        self.push(instruction);
-        Ok(())
+        })
     }
-
 
     /// Pushes the value on top of the operand stack onto the unwind stack.
     fn save_value(&mut self, ty: ValType) -> Result<(), UnwindError> {
@@ -521,41 +528,50 @@ impl<'a, 'p> Emitter<'a, 'p> {
     }
 
     fn prologue(&mut self) -> Result<(), UnwindError> {
-        if std::env::var_os("X_NOPRO").is_some() {
-            let results = self.results.clone();
-            let bt = self.block_type(&[], &results)?;
-            self.push(Instruction::Block(bt));
-            self.frames.push(Frame::Original);
-            return Ok(());
-        }
+        // Rewinding: pop this function's frame and learn the target site. The locals are
+        // restored there (see the module docs).
         self.state_is(REWINDING);
         self.hint(false);
         self.push(Instruction::If(BlockType::Empty));
         self.push(Instruction::I32Const(self.frame_bytes as i32));
         self.push(Instruction::Call(self.helpers.release));
-        self.push(Instruction::LocalTee(self.base));
         self.push(Instruction::I32Load(self.helpers.memarg(0, 2)));
         self.push(Instruction::LocalSet(self.target));
-        let slots: Vec<(u32, Slot)> = self.slots.iter().map(|(&l, &s)| (l, s)).collect();
-        for &(local, slot) in &slots {
-            if let Slot::Memory(offset) = slot {
-                self.push(Instruction::LocalGet(self.base));
-                self.push(self.helpers.load(self.class_of(local), offset));
-                self.push(Instruction::LocalSet(local));
-            }
-        }
-        // Pushed after the frame's operands, so popped before them (by the site).
-        for &(local, slot) in slots.iter().rev() {
-            if let Slot::Reference = slot {
-                self.restore_value(self.locals[local as usize])?;
-                self.push(Instruction::LocalSet(local));
-            }
-        }
         self.push(Instruction::End);
         let results = self.results.clone();
         let bt = self.block_type(&[], &results)?;
         self.push(Instruction::Block(bt));
         self.frames.push(Frame::Original);
+        Ok(())
+    }
+
+    /// Reloads what site `id` saved of the frame: its live locals from the frame (still in
+    /// the unwind memory, just above the stack pointer the prologue lowered), then the
+    /// references pushed after the operands.
+    fn restore_frame(&mut self, id: usize) -> Result<(), UnwindError> {
+        let saves = self.site_saves[id].clone();
+        self.push(Instruction::GlobalGet(self.helpers.sp));
+        self.push(Instruction::LocalSet(self.base));
+        for &local in &saves {
+            match self.slots[&local] {
+                Slot::Memory(offset) => {
+                    self.push(Instruction::LocalGet(self.base));
+                    self.push(self.helpers.load(self.class_of(local), offset));
+                    self.push(Instruction::LocalSet(local));
+                }
+                Slot::NullOnly => {
+                    self.dummy(self.locals[local as usize])?;
+                    self.push(Instruction::LocalSet(local));
+                }
+                Slot::Reference => {}
+            }
+        }
+        let references: Vec<u32> =
+            self.slots.iter().filter(|(_, s)| matches!(s, Slot::Reference)).map(|(&l, _)| l).collect();
+        for local in references.into_iter().rev() {
+            self.restore_value(self.locals[local as usize])?;
+            self.push(Instruction::LocalSet(local));
+        }
         Ok(())
     }
 
@@ -616,7 +632,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.close_guard(g)?;
         }
         if let Some(&g) = self.plan.guard_at.get(&index) {
-            if self.trivial_guard(g) || (std::env::var_os("X_NOGUARD").is_some() && self.plan.guards[g].spill_for.is_none()) {
+            if self.trivial_guard(g) {
                 return Ok(());
             }
             let params = self.plan.guards[g].params.clone();
@@ -683,7 +699,6 @@ impl<'a, 'p> Emitter<'a, 'p> {
     /// Emits the exit checks of the structures just entered: while rewinding to a site
     /// outside one of them, branch out of it (the outermost such one).
     fn flush_exits(&mut self) -> Result<(), UnwindError> {
-        if std::env::var_os("X_NOEXIT").is_some() { self.pending_exits.clear(); }
         if self.pending_exits.is_empty() {
             return Ok(());
         }
@@ -728,7 +743,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.open_if(true);
             self.push_locals(&entry);
         }
-        if kind == StructKind::If && std::env::var_os("X_NOSEL").is_none() {
+        if kind == StructKind::If {
             // While rewinding, the arm holding the target decides, not the condition.
             // select(condition, target < then_end, state != REWINDING): no block, so no
             // block parameter (see `Pool`).
@@ -784,7 +799,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
         let kept = site.saved().len();
         let (params, results) = (site.params.clone(), site.results.clone());
         let (loop_check, skippable, indirect, import, tail) =
-            (site.loop_check, site.skippable && std::env::var_os("X_NOSKIP").is_none(), site.indirect, site.import, site.tail);
+            (site.loop_check, site.skippable, site.indirect, site.import, site.tail);
         // The whole frame goes to locals: beneath the call (kept) and its operands.
         let frame_locals = self.stash(Pool::Frame, &frame)?;
         let (kept_locals, operands) = frame_locals.split_at(kept);
@@ -795,15 +810,10 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.open_if(false);
         }
         if skippable {
-            self.push(Instruction::GlobalGet(self.helpers.state));
-            self.push(Instruction::I32Const(REWINDING));
-            self.push(Instruction::I32Ne);
-            self.push(Instruction::LocalGet(self.target));
-            self.push(Instruction::I32Const(id as i32));
-            self.push(Instruction::I32Eq);
-            self.push(Instruction::I32Or);
-            self.open_if(true);
+            self.push(Instruction::Block(BlockType::Empty));
+            self.frames.push(Frame::Synthetic);
         }
+        let site_depth = self.frames.len();
         let mut arg_locals = Vec::with_capacity(params.len());
         if import {
             let mut used: HashMap<ValType, usize> = HashMap::new();
@@ -813,11 +823,23 @@ impl<'a, 'p> Emitter<'a, 'p> {
                 *n += 1;
             }
         }
-        if (kept > 0 || import || indirect) && std::env::var_os("X_NOREWIND").is_none() {
-            // Rewinding to this site: the frame comes from the unwind stack and the locals
-            // the unwind saved (an import's arguments, a table call's index).
+        {
+            // Rewinding: skip this site for a later one, or reload what the unwind saved
+            // here (live locals, the operands beneath the call, an import's arguments, a
+            // table call's index).
             self.state_is(REWINDING);
             self.open_if(false);
+            if skippable {
+                self.push(Instruction::LocalGet(self.target));
+                self.push(Instruction::I32Const(id as i32));
+                self.push(Instruction::I32Ne);
+                self.push(Instruction::If(BlockType::Empty));
+                self.frames.push(Frame::Synthetic);
+                let depth = self.frames.len() - site_depth;
+                self.push(Instruction::Br(depth as u32));
+                self.close_synthetic();
+            }
+            self.restore_frame(id)?;
             for (k, &ty) in frame[..kept].iter().enumerate() {
                 self.restore_value(ty)?;
                 self.push(Instruction::LocalSet(kept_locals[k]));
@@ -853,7 +875,6 @@ impl<'a, 'p> Emitter<'a, 'p> {
             Some(other) => return Err(UnwindError::Encode(format!("unexpected site operator {other:?}"))),
         };
         self.push(call);
-        if std::env::var_os("X_NOUNWIND").is_none() {
         self.state_is(UNWINDING);
         self.open_if(false);
         // The call's results stay beneath this block, unused: the function returns.
@@ -863,7 +884,6 @@ impl<'a, 'p> Emitter<'a, 'p> {
         }
         self.save_frame(id)?;
         self.close_synthetic();
-        }
         if tail {
             // `return_call`: nothing follows in this sequence (the planner saw it unreachable).
             self.push(Instruction::Return);

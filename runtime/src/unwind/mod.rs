@@ -225,13 +225,13 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
     let mut sites = 0u32;
     for (i, (func, body)) in bodies.into_iter().enumerate() {
         let index = (imports + i) as u32;
-        if !suspends[index as usize] || std::env::var_os("X_NOINSTR").is_some() {
+        if !suspends[index as usize] {
             code.raw(&wasm[body.range()]);
             continue;
         }
         let calling_loops = &summaries[i].calling_loops;
         let mut plan =
-            plan::plan_function(&info, &body, index, &suspension, imports, options.preempt_loops && std::env::var_os("X_NOLOOP").is_none(), calling_loops)?;
+            plan::plan_function(&info, &body, index, &suspension, imports, options.preempt_loops, calling_loops)?;
         let at = plan::typed_positions(&plan);
         let mut validator = func.into_validator(Default::default());
         let frame_types = plan::frame_types_at(&mut validator, &body, &at, index)?;
