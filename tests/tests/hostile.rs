@@ -102,7 +102,9 @@ fn a_symlinked_home_never_leads_the_host_out_of_the_tree() {
     let (other, _, other_id) = tenant(&server, "u");
     let escape = server.data_dir.join("snapshots/fs/tmp/user");
     assert_eq!(hostile(&sb, &["relink", "../../../snapshots/fs/tmp", "/home"]), "linked\n");
-    assert!(std::fs::symlink_metadata(server.data_dir.join("sandboxes").join(&id).join("root/home")).unwrap().is_symlink());
+    assert!(
+        std::fs::symlink_metadata(server.data_dir.join("sandboxes").join(&id).join("root/home")).unwrap().is_symlink()
+    );
 
     let snap = api.snapshot(&id, json!({}));
     assert_eq!(snap["status"], "completed", "{snap}");
@@ -253,7 +255,8 @@ fn a_huge_timeout_is_a_bad_request() {
     assert!(server.alive());
     assert_eq!(api.get("/sandboxes").expect(200).json()["sandboxes"], json!([]));
     let id = api.create_sandbox(json!({"timeout_secs": 3600}));
-    let reply = api.request("PATCH", &format!("/sandboxes/{id}"), json!({"timeout_secs": u64::MAX}).to_string().as_bytes());
+    let reply =
+        api.request("PATCH", &format!("/sandboxes/{id}"), json!({"timeout_secs": u64::MAX}).to_string().as_bytes());
     assert_eq!(reply.status, 400, "{}", reply.text());
     assert_eq!(api.get(&format!("/sandboxes/{id}")).expect(200).json()["timeout_secs"], 3600);
 }
