@@ -307,6 +307,12 @@ fn a_file_upload_replaces_the_file_atomically() {
     let listing = sb.get("/api/v1/files/list?path=/home/user").expect(200).json();
     let names: Vec<&str> = listing["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["f.txt"]);
+    // Through an in-tree symlink, as on Linux: the target is replaced, the link stays.
+    assert_eq!(hostile(&sb, &["relink", "f.txt", "/home/user/link"]), "linked\n");
+    sb.put("/api/v1/files?path=/home/user/link", b"through the link").expect(204);
+    assert_eq!(sb.get(path).expect(200).body, b"through the link");
+    let root = server.data_dir.join("sandboxes").join(&id).join("root/home/user");
+    assert!(std::fs::symlink_metadata(root.join("link")).unwrap().is_symlink());
 }
 
 /// Item 8: `stasis keys revoke` (the key on stdin) makes a running server refuse the key

@@ -14,9 +14,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The most resident memory the server may use during the soak.
-const RSS_BOUND: u64 = 1 << 30;
+/// (Measured here: 126-129 MiB peak over 20 s, 152-179 MiB over 60 s.)
+const RSS_BOUND: u64 = 512 << 20;
 const HOSTILE: usize = 20;
 const WELL_BEHAVED: usize = 10;
+/// How many kinds of attack [`attack`] knows, which one is long, and how long it takes.
+const ATTACKS: usize = 9;
+const LONG_ATTACK: usize = 4;
+const LONG: Duration = Duration::from_secs(12);
 
 #[test]
 fn hostile_tenants_do_not_hurt_well_behaved_ones() {
@@ -46,8 +51,12 @@ fn hostile_tenants_do_not_hurt_well_behaved_ones() {
                     let api = server.client(&server.key(&format!("hostile{i}")));
                     let mut n = i;
                     while Instant::now() < deadline {
-                        attack(server, &api, n);
-                        attacks.fetch_add(1, Ordering::Relaxed);
+                        // The long attack (a capture that waits 10 s) only while it can end
+                        // near the deadline: the run stays bounded.
+                        if n % ATTACKS != LONG_ATTACK || deadline.saturating_duration_since(Instant::now()) > LONG {
+                            attack(server, &api, n);
+                            attacks.fetch_add(1, Ordering::Relaxed);
+                        }
                         n += HOSTILE;
                     }
                 })
@@ -91,6 +100,13 @@ fn hostile_tenants_do_not_hurt_well_behaved_ones() {
     assert!(rounds.load(Ordering::Relaxed) >= WELL_BEHAVED as u64, "too few rounds");
     assert!(peak > 0 && peak < RSS_BOUND, "server RSS peaked at {} MiB", peak >> 20);
     assert!(!server.data_dir.join("snapshots/fs/tmp/user").exists(), "a restore followed a planted link");
+    // Deleted snapshots' chunks are freed once the stores are quiet (sweeps were deferred,
+    // not lost).
+    let quiet = Instant::now();
+    while !server.log().contains("swept what deleted snapshots alone used") {
+        assert!(quiet.elapsed() < Duration::from_secs(30), "no sweep ran after the soak");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// One round of a well-behaved tenant; the first thing that is not as it should be.
@@ -145,7 +161,7 @@ fn attack(server: &TestServer, api: &Api, n: usize) {
     let Some(id) = val(api.post("/sandboxes", json!({})))["sandbox_id"].as_str().map(String::from) else { return };
     let sb = api.sandbox(&id);
     let hostile = |args: &[&str]| sb.post("/api/v1/processes/run", json!({"command": "hostile", "args": args}));
-    match n % 9 {
+    match n % ATTACKS {
         // A 1 TiB sparse program.
         0 => {
             hostile(&["sparse", "/tmp/p.wasm", &(1u64 << 40).to_string()]);
@@ -186,11 +202,11 @@ fn attack(server: &TestServer, api: &Api, n: usize) {
                 wait_snapshot(api, snap);
             }
         }
-        // A memory snapshot that waits 10 s for a process that never stops, then a suspend.
-        4 => {
+        // A memory snapshot that waits 10 s for a process that never stops (the delete
+        // below waits for it); `hostile.rs` also suspends behind one.
+        LONG_ATTACK => {
             sb.post("/api/v1/processes", json!({"command": "hostile", "args": ["spin"]}));
             api.post(&format!("/sandboxes/{id}/snapshot"), json!({"snapshot_type": "memory"}));
-            api.post(&format!("/sandboxes/{id}/suspend"), json!({}));
         }
         // Timeouts past what a clock can hold.
         5 => {

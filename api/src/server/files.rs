@@ -154,7 +154,7 @@ pub async fn write_file(
     // The body goes to a temporary name beside the file and is renamed over it once
     // complete: readers never see a half-written file, and an upload that fails, stalls or
     // is abandoned leaves the old file as it was.
-    let (file, upload) = in_root(&live, &path, |dir, rel| {
+    let (file, upload, target) = in_root(&live, &path, |dir, rel| {
         if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
             match dir.create_dir_all(parent) {
                 // Something that is not a directory (or a link out of the sandbox) is in
@@ -163,14 +163,21 @@ pub async fn write_file(
                 other => other?,
             }
         }
+        // Writing to a symlink writes to what it points to, as on Linux: the file replaced
+        // is the link's target, resolved by cap-std (a link leading out of the sandbox is
+        // refused; one leading nowhere is a 404).
+        let target = match dir.symlink_metadata(rel) {
+            Ok(m) if m.is_symlink() => dir.canonicalize(rel)?,
+            _ => rel.to_path_buf(),
+        };
         // Refuse what cannot be replaced by a file before reading the body (a directory).
-        if dir.symlink_metadata(rel).is_ok_and(|m| m.is_dir()) {
+        if dir.symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
             return Err(io::Error::from(io::ErrorKind::IsADirectory));
         }
-        let upload = upload_name(rel)?;
+        let upload = upload_name(&target)?;
         let mut options = OpenOptions::new();
         options.write(true).create_new(true);
-        Ok((dir.open_with(&upload, &options)?.into_std(), upload))
+        Ok((dir.open_with(&upload, &options)?.into_std(), upload, target))
     })
     .await?;
     // Removes the temporary file unless the rename below took it.
@@ -192,7 +199,6 @@ pub async fn write_file(
     }
     file.flush().await.map_err(|e| fs_error(&path, e))?;
     drop(file);
-    let target = relative(&path)?;
     in_root(&live, &path, move |dir, _| dir.rename(&upload, dir, &target)).await?;
     pending.name = None;
     Ok(StatusCode::NO_CONTENT)

@@ -110,6 +110,7 @@ pub(crate) fn capture(
         files_read: 0,
         files_reused: 0,
         chunks_listed: 0,
+        hole_chunks: 0,
         walk_time: Duration::ZERO,
         blocked: Duration::ZERO,
         progress: input.progress,
@@ -136,6 +137,7 @@ pub(crate) fn capture(
         return Err(e);
     }
 
+    let walker_holes = walker.hole_chunks;
     let mut entries = walker.entries;
     let mut warnings = walker.warnings;
     let mut stats = CaptureStats {
@@ -161,7 +163,7 @@ pub(crate) fn capture(
     let c = &writer.counters;
     stats.chunks_new = c.chunks_new.load(Ordering::Relaxed);
     stats.chunks_existing = c.chunks_existing.load(Ordering::Relaxed);
-    stats.chunks_zero = c.chunks_zero.load(Ordering::Relaxed);
+    stats.chunks_zero = c.chunks_zero.load(Ordering::Relaxed) + walker_holes;
     stats.stored_bytes_new = c.stored_bytes_new.load(Ordering::Relaxed);
     stats.entries = entries.len() as u64;
     for w in &warnings {
@@ -194,6 +196,8 @@ struct Walker<'a> {
     files_reused: u64,
     /// Chunks listed so far (see [`MAX_CAPTURE_CHUNKS`]).
     chunks_listed: u64,
+    /// Chunks wholly in holes of sparse files: zero, and never read.
+    hole_chunks: u64,
     walk_time: Duration,
     /// Time the walker waited for the workers (queue full): not walking.
     blocked: Duration,
@@ -359,8 +363,9 @@ impl Walker<'_> {
                 let ranges = data_chunks(&file, size, self.chunk_size).map_err(|e| {
                     io_error(format!("cannot find the data of `{}`", self.entries[index].display_path()), e)
                 })?;
+                let data: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+                self.hole_chunks += n - data;
                 if let Some(progress) = self.progress {
-                    let data: u64 = ranges.iter().map(|(a, b)| b - a).sum();
                     progress.fetch_add(size.saturating_sub(data * self.chunk_size), Ordering::Relaxed);
                 }
                 let file = Arc::new(file);
