@@ -29,6 +29,12 @@ enum KeysCommand {
         #[command(flatten)]
         data: DataDirArg,
     },
+    /// Revoke a key (read from stdin, as `keys create` printed it): it stops working at
+    /// once, on a running server within a second. Revoke it on every node that has it.
+    Revoke {
+        #[command(flatten)]
+        data: DataDirArg,
+    },
 }
 
 pub fn main(args: KeysArgs) -> u8 {
@@ -39,6 +45,23 @@ pub fn main(args: KeysArgs) -> u8 {
             match created {
                 Ok(key) => {
                     println!("{key}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("stasis: error: {e:#}");
+                    1
+                }
+            }
+        }
+        KeysCommand::Revoke { data } => {
+            let mut key = String::new();
+            let revoked = std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut key)
+                .map_err(|e| anyhow::anyhow!("cannot read the key from stdin: {e}"))
+                .and_then(|_| DataPaths::new(data.data_dir).open_db())
+                .and_then(|db| crate::server::revoke_key(&db, key.trim()));
+            match revoked {
+                Ok(()) => {
+                    eprintln!("stasis: key revoked");
                     0
                 }
                 Err(e) => {

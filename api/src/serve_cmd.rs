@@ -2,9 +2,9 @@
 //!
 //! Settings come from the flags, else from the optional TOML file given with `--config`
 //! (its keys mirror the flags: `listen`, `data_dir`, `public_url`, `max_file_size`,
-//! `max_processes`, `shutdown_grace`, `checkpoints`, `remote`, `remote_endpoint`,
-//! `remote_region`, `remote_timeout`, `cache_size`, `compile_memory`, `compile_timeout`),
-//! else from the defaults.
+//! `max_processes`, `max_loaded_programs`, `shutdown_grace`, `checkpoints`, `remote`,
+//! `remote_endpoint`, `remote_region`, `remote_timeout`, `cache_size`, `compile_memory`,
+//! `compile_timeout`), else from the defaults.
 
 use crate::server::ServerConfig;
 use clap::Args;
@@ -23,9 +23,9 @@ const DEFAULT_SHUTDOWN_GRACE: &str = "30s";
 #[derive(Args, Debug, Default)]
 pub struct ServeArgs {
     /// A TOML file of settings (keys as the flags, with `_`: `listen`, `data_dir`,
-    /// `public_url`, `max_file_size`, `max_processes`, `shutdown_grace`, `checkpoints`,
-    /// `remote`, `remote_endpoint`, `remote_region`, `remote_timeout`, `cache_size`,
-    /// `compile_memory`, `compile_timeout`); flags win.
+    /// `public_url`, `max_file_size`, `max_processes`, `max_loaded_programs`,
+    /// `shutdown_grace`, `checkpoints`, `remote`, `remote_endpoint`, `remote_region`,
+    /// `remote_timeout`, `cache_size`, `compile_memory`, `compile_timeout`); flags win.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
     /// Where Stasis keeps its database, images, sandboxes and snapshots [default: .stasis].
@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// Processes that may run at once across all sandboxes [default: 500].
     #[arg(long, value_name = "N")]
     max_processes: Option<u32>,
+    /// Programs kept compiled and linked in memory for the next start, least recently
+    /// used dropped first (they stay in the code cache on disk) [default: 128].
+    #[arg(long, value_name = "N")]
+    max_loaded_programs: Option<usize>,
     /// How long shutdown waits for snapshots in progress, e.g. `30s` [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
     shutdown_grace: Option<Duration>,
@@ -96,6 +100,7 @@ struct ConfigFile {
     public_url: Option<String>,
     max_file_size: Option<SizeSetting>,
     max_processes: Option<u32>,
+    max_loaded_programs: Option<usize>,
     shutdown_grace: Option<String>,
     checkpoints: Option<bool>,
     remote: Option<String>,
@@ -166,6 +171,11 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
     if max_processes == 0 {
         return Err("max_processes must be at least 1".into());
     }
+    let max_loaded_programs =
+        args.max_loaded_programs.or(file.max_loaded_programs).unwrap_or(stasis_runtime::DEFAULT_MAX_LOADED_PROGRAMS);
+    if max_loaded_programs == 0 {
+        return Err("max_loaded_programs must be at least 1".into());
+    }
     let cache_bytes = match (args.cache_size, file.cache_size) {
         (Some(bytes), _) | (None, Some(SizeSetting::Bytes(bytes))) => Some(bytes),
         (None, Some(SizeSetting::Text(text))) => Some(
@@ -217,6 +227,7 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
         public_url,
         max_file_bytes,
         max_processes,
+        max_loaded_programs,
         shutdown_grace,
         checkpoints: !args.no_checkpoints && file.checkpoints.unwrap_or(true),
         remote,
@@ -294,6 +305,9 @@ mod tests {
         assert_eq!(config.max_processes, 9);
         assert_eq!(config.public_url.as_deref(), Some("http://b"));
         assert_eq!(with_file("max_file_size = 100", ServeArgs::default()).unwrap().max_file_bytes, 100);
+        assert_eq!(config.max_loaded_programs, stasis_runtime::DEFAULT_MAX_LOADED_PROGRAMS);
+        assert_eq!(with_file("max_loaded_programs = 8", ServeArgs::default()).unwrap().max_loaded_programs, 8);
+        assert!(with_file("max_loaded_programs = 0", ServeArgs::default()).unwrap_err().contains("at least 1"));
         assert!(config.checkpoints, "on by default");
         assert!(!with_file("checkpoints = false", ServeArgs::default()).unwrap().checkpoints);
         assert!(!resolve(ServeArgs { no_checkpoints: true, ..Default::default() }).unwrap().checkpoints);

@@ -22,6 +22,10 @@ pub enum Error {
     /// A program path inside the sandbox that does not exist or cannot be read.
     #[error("cannot read program `{path}` in the sandbox: {source}")]
     ProgramUnreadable { path: String, source: std::io::Error },
+    /// A program file larger than [`crate::sandbox::MAX_PROGRAM_BYTES`] (refused from its
+    /// size, before it is read).
+    #[error("program `{path}` is too large to run: {size} bytes, the limit is {limit}")]
+    ProgramTooLarge { path: String, size: u64, limit: u64 },
     /// A directory the caller asked to preopen.
     #[error("cannot open directory `{}`: {source}", path.display())]
     Directory { path: PathBuf, source: std::io::Error },

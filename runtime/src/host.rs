@@ -10,10 +10,10 @@ use crate::component_handles::HandleSupport;
 use crate::cow_restore::{self, StateShape};
 use crate::error::{Error, Result};
 use crate::guest_imports;
+use crate::lru::Lru;
 use crate::process::ProcessState;
 use crate::state_export::{self, StateLayout};
 use crate::wasi_state;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -47,7 +47,15 @@ pub struct HostConfig {
     /// time: fine for trusted programs, not for a host that loads what users upload.
     pub compile_worker: Option<CompileWorker>,
     pub compile_budget: CompileBudget,
+    /// Programs kept loaded (compiled and linked) for the next start, least recently used
+    /// dropped first. A dropped program still runs where it runs; its next start maps it
+    /// from the code cache again (or recompiles it without one).
+    pub max_loaded_programs: usize,
 }
+
+/// Default bound of [`HostConfig::max_loaded_programs`]: a few dozen programs in use are
+/// usual, and each keeps its bytes and linked instance template in memory.
+pub const DEFAULT_MAX_LOADED_PROGRAMS: usize = 128;
 
 /// Default size of the instance pool.
 pub const DEFAULT_MAX_PROCESSES: u32 = 500;
@@ -61,6 +69,7 @@ impl Default for HostConfig {
             checkpoints: false,
             compile_worker: None,
             compile_budget: CompileBudget::default(),
+            max_loaded_programs: DEFAULT_MAX_LOADED_PROGRAMS,
         }
     }
 }
@@ -151,8 +160,9 @@ pub(crate) struct HostInner {
     /// How the debug engine compiles (see [`DebugEngine`]).
     debug_isolation: Option<Isolated>,
     debug: OnceLock<std::result::Result<DebugEngine, String>>,
-    component_reactors: Mutex<HashMap<blake3::Hash, Arc<Program>>>,
-    programs: Mutex<HashMap<blake3::Hash, Arc<Program>>>,
+    component_reactors: Mutex<Lru<blake3::Hash, Arc<Program>>>,
+    /// Loaded programs by hash, bounded (`HostConfig::max_loaded_programs`).
+    programs: Mutex<Lru<blake3::Hash, Arc<Program>>>,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -357,8 +367,8 @@ impl Host {
                 code_cache_dir: config.code_cache_dir.clone(),
                 debug_isolation,
                 debug: OnceLock::new(),
-                component_reactors: Mutex::default(),
-                programs: Mutex::new(HashMap::new()),
+                component_reactors: Mutex::new(Lru::new(config.max_loaded_programs)),
+                programs: Mutex::new(Lru::new(config.max_loaded_programs)),
                 ticker_stop,
             }),
         })
@@ -385,7 +395,7 @@ impl Host {
     pub fn load(&self, bytes: &[u8], what: &str) -> Result<Arc<Program>> {
         let hash = blake3::hash(bytes);
         if let Some(program) = self.inner.programs.lock().unwrap().get(&hash) {
-            return Ok(program.clone());
+            return Ok(program);
         }
         let format = detect_format(bytes, what)?;
         let (layout, unwind, compiled) = match format {
@@ -473,7 +483,7 @@ impl Host {
     /// `program` (a component) prepared to run as a reactor on the debug engine.
     pub(crate) fn component_reactor(&self, program: &Program) -> Result<Arc<Program>> {
         if let Some(loaded) = self.inner.component_reactors.lock().unwrap().get(&program.hash) {
-            return Ok(loaded.clone());
+            return Ok(loaded);
         }
         let debug = self.debug_engine()?;
         let what = "the reactor component";
@@ -504,11 +514,16 @@ impl Host {
         Ok(loaded)
     }
 
+    /// How many programs are loaded now (at most [`HostConfig::max_loaded_programs`]).
+    pub fn loaded_programs(&self) -> usize {
+        self.inner.programs.lock().unwrap().len()
+    }
+
     /// [`Host::load`] on a blocking thread, for async callers.
     pub async fn load_async(&self, bytes: Arc<[u8]>, what: String) -> Result<Arc<Program>> {
         let hash = blake3::hash(&bytes);
         if let Some(program) = self.inner.programs.lock().unwrap().get(&hash) {
-            return Ok(program.clone());
+            return Ok(program);
         }
         let host = self.clone();
         tokio::task::spawn_blocking(move || host.load(&bytes, &what))

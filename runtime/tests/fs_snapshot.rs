@@ -301,6 +301,37 @@ mod fs_snapshot {
         assert_eq!(data.iter().filter(|&&b| b != 0).count(), 14 + 4);
     }
 
+    /// Issue 17, item 4: holes are skipped (SEEK_DATA), not read; a tree spanning more
+    /// than `MAX_CAPTURE_CHUNKS` is refused before its chunks are listed.
+    #[test]
+    fn holes_are_not_read_and_huge_sparse_files_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        fs::create_dir(&src).unwrap();
+        let f = fs::File::create(src.join("sparse")).unwrap();
+        let size: u64 = 64 << 30;
+        f.set_len(size).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"data", size / 2).unwrap();
+        drop(f);
+        let store = store_in(&t);
+        let started = std::time::Instant::now();
+        let pending = capture(&store, &src);
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+        let stats = pending.stats().clone();
+        assert_eq!(stats.bytes_read, 1 << 20, "read only the chunk holding data: {stats:?}");
+        assert_eq!(stats.chunks_zero, (size >> 20) - 1, "{stats:?}");
+        drop(pending);
+
+        let limit = stasis_runtime::fs_snapshot::MAX_CAPTURE_CHUNKS << 20;
+        fs::File::create(src.join("huge")).unwrap().set_len(limit + 1).unwrap();
+        match store.capture(&open_dir(&src), CaptureOptions::new("t")) {
+            Err(e @ SnapshotError::TooLarge(_)) => {
+                assert!(e.to_string().contains("`huge`") && e.to_string().contains("limit"), "{e}");
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
     #[test]
     fn capture_of_a_symlinked_root_directory_captures_the_links_not_their_targets() {
         let t = tempfile::tempdir().unwrap();

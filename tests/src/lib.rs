@@ -81,8 +81,8 @@ pub fn text(bytes: &[u8]) -> String {
 // --- the REST server (`stasis serve`) ---
 
 /// Guests put in the default image of a [`TestServer`], as `/bin/NAME`.
-pub const IMAGE_GUESTS: [&str; 6] =
-    ["micropython.wasm", "hello.wasm", "sleeper.wasm", "counter.wasm", "trap.wasm", "fileio.wasm"];
+pub const IMAGE_GUESTS: [&str; 7] =
+    ["micropython.wasm", "hello.wasm", "sleeper.wasm", "counter.wasm", "trap.wasm", "fileio.wasm", "hostile.wasm"];
 
 /// A `stasis serve` on a free loopback port with its own data directory; killed when
 /// dropped. Its log is `<data>/server.log`.
@@ -209,6 +209,23 @@ impl TestServer {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// The server's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The server's resident set size now, in bytes (`VmRSS` of `/proc/PID/status`).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim();
+        kib.parse::<u64>().ok().map(|k| k * 1024)
+    }
+
+    /// Whether the server process is still alive (it has not crashed or aborted).
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// The server's log so far.

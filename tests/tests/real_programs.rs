@@ -53,7 +53,12 @@ fn cc1_checkpointed_mid_compile_and_resumed_writes_the_same_assembly() {
     let out = run(cmd);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let resumed = std::fs::read(stopped.join("prog.s")).unwrap();
-    assert!(resumed == expected, "the resumed compile wrote other assembly ({} vs {} bytes)", resumed.len(), expected.len());
+    assert!(
+        resumed == expected,
+        "the resumed compile wrote other assembly ({} vs {} bytes)",
+        resumed.len(),
+        expected.len()
+    );
 }
 
 #[test]
@@ -86,7 +91,12 @@ fn cc1_in_a_sandbox_snapshotted_mid_compile_finishes_in_the_restored_one() {
     let ended = rb.wait_for_exit(pid, Duration::from_secs(300));
     assert_eq!(ended["exit_code"].as_i64(), Some(0), "{ended}");
     let resumed = rb.get("/api/v1/files?path=/w/prog.s").expect(200).body;
-    assert!(resumed == expected, "the restored compile wrote other assembly ({} vs {} bytes)", resumed.len(), expected.len());
+    assert!(
+        resumed == expected,
+        "the restored compile wrote other assembly ({} vs {} bytes)",
+        resumed.len(),
+        expected.len()
+    );
     // The source sandbox went on too, to the same end.
     let ended = sb.wait_for_exit(pid, Duration::from_secs(300));
     assert_eq!(ended["exit_code"].as_i64(), Some(0), "{ended}");

@@ -11,6 +11,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The stored form of a key.
 pub fn hash_key(key: &str) -> String {
@@ -45,23 +46,41 @@ pub fn add_key(db: &Db, namespace: &str, key: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Known keys, by hash. Keys created while the server runs (by `stasis keys create` on
-/// the same database) are found on their first use.
+/// Revokes a key (`stasis keys revoke`): a running server on the same database refuses it
+/// within [`KEY_RECHECK`]. Errors if no such key exists.
+pub fn revoke_key(db: &Db, key: &str) -> anyhow::Result<()> {
+    if !db.delete_key(&hash_key(key))? {
+        anyhow::bail!("no such key in this data directory (already revoked, or made for another one)");
+    }
+    Ok(())
+}
+
+/// How long a key found valid is believed without asking the database again: a key
+/// revoked by `stasis keys revoke` (another process) stops working within this time.
+pub const KEY_RECHECK: Duration = Duration::from_millis(500);
+
+/// Known keys, by hash, with when they were last found in the database. Keys created
+/// while the server runs (by `stasis keys create` on the same database) are found on
+/// their first use; revoked ones are forgotten at their next check.
 #[derive(Default)]
 pub struct Keys {
-    known: Mutex<HashMap<String, String>>,
+    known: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 impl Keys {
     fn namespace(&self, db: &Db, key: &str) -> Result<Option<String>, ApiError> {
         let hash = hash_key(key);
-        if let Some(ns) = self.known.lock().unwrap().get(&hash) {
+        if let Some((ns, checked)) = self.known.lock().unwrap().get(&hash)
+            && checked.elapsed() < KEY_RECHECK
+        {
             return Ok(Some(ns.clone()));
         }
         let ns = db.key_namespace(&hash)?;
-        if let Some(ns) = &ns {
-            self.known.lock().unwrap().insert(hash, ns.clone());
-        }
+        let mut known = self.known.lock().unwrap();
+        match &ns {
+            Some(ns) => known.insert(hash, (ns.clone(), Instant::now())),
+            None => known.remove(&hash),
+        };
         Ok(ns)
     }
 }
@@ -118,5 +137,10 @@ mod tests {
         let keys = Keys::default();
         assert_eq!(keys.namespace(&db, &key).unwrap().as_deref(), Some("ns1"));
         assert_eq!(keys.namespace(&db, "stasis_nope").unwrap(), None);
+        // Revoked (by another process: straight in the database), refused after a recheck.
+        revoke_key(&db, &key).unwrap();
+        assert!(revoke_key(&db, &key).unwrap_err().to_string().contains("no such key"));
+        std::thread::sleep(KEY_RECHECK);
+        assert_eq!(keys.namespace(&db, &key).unwrap(), None);
     }
 }

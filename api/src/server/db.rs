@@ -239,6 +239,11 @@ impl Db {
         })
     }
 
+    /// Deletes a key; false if there was none with that hash.
+    pub fn delete_key(&self, hash: &str) -> rusqlite::Result<bool> {
+        self.with(|c| c.execute("DELETE FROM api_keys WHERE hash = ?1", [hash]).map(|n| n > 0))
+    }
+
     pub fn key_namespace(&self, hash: &str) -> rusqlite::Result<Option<String>> {
         self.with(|c| c.query_row("SELECT namespace FROM api_keys WHERE hash = ?1", [hash], |r| r.get(0)).optional())
     }

@@ -114,6 +114,7 @@ impl From<stasis_runtime::Error> for ApiError {
             | E::Link { .. }
             | E::CommandNotFound { .. }
             | E::ProgramUnreadable { .. }
+            | E::ProgramTooLarge { .. }
             | E::InvalidArgument(_) => ApiError::BadRequest(e.to_string()),
             other => ApiError::Internal(anyhow::Error::new(other)),
         }

@@ -151,7 +151,10 @@ pub async fn write_file(
     if declared.is_some_and(|len| len > limit) {
         return Err(too_large());
     }
-    let file = in_root(&live, &path, |dir, rel| {
+    // The body goes to a temporary name beside the file and is renamed over it once
+    // complete: readers never see a half-written file, and an upload that fails, stalls or
+    // is abandoned leaves the old file as it was.
+    let (file, upload, target) = in_root(&live, &path, |dir, rel| {
         if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
             match dir.create_dir_all(parent) {
                 // Something that is not a directory (or a link out of the sandbox) is in
@@ -160,36 +163,75 @@ pub async fn write_file(
                 other => other?,
             }
         }
+        // Writing to a symlink writes to what it points to, as on Linux: the file replaced
+        // is the link's target, resolved by cap-std (a link leading out of the sandbox is
+        // refused; one leading nowhere is a 404).
+        let target = match dir.symlink_metadata(rel) {
+            Ok(m) if m.is_symlink() => dir.canonicalize(rel)?,
+            _ => rel.to_path_buf(),
+        };
+        // Refuse what cannot be replaced by a file before reading the body (a directory).
+        if dir.symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+            return Err(io::Error::from(io::ErrorKind::IsADirectory));
+        }
+        let upload = upload_name(&target)?;
         let mut options = OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        Ok(dir.open_with(rel, &options)?.into_std())
+        options.write(true).create_new(true);
+        Ok((dir.open_with(&upload, &options)?.into_std(), upload, target))
     })
     .await?;
+    // Removes the temporary file unless the rename below took it.
+    let mut pending = PendingUpload { live: live.clone(), name: Some(upload.clone()) };
     let mut file = tokio::fs::File::from_std(file);
     let mut body = req.into_body().into_data_stream();
     let mut written: u64 = 0;
-    let result: ApiResult<()> = async {
-        loop {
-            let next = tokio::time::timeout(BODY_IDLE_TIMEOUT, body.next()).await.map_err(|_| {
-                ApiError::BadRequest(format!("the request body stalled for {}s", BODY_IDLE_TIMEOUT.as_secs()))
-            })?;
-            let Some(chunk) = next else { break };
-            let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
-            written += chunk.len() as u64;
-            if written > limit {
-                return Err(too_large());
-            }
-            file.write_all(&chunk).await.map_err(|e| fs_error(&path, e))?;
+    loop {
+        let next = tokio::time::timeout(BODY_IDLE_TIMEOUT, body.next()).await.map_err(|_| {
+            ApiError::BadRequest(format!("the request body stalled for {}s", BODY_IDLE_TIMEOUT.as_secs()))
+        })?;
+        let Some(chunk) = next else { break };
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+        written += chunk.len() as u64;
+        if written > limit {
+            return Err(too_large());
         }
-        file.flush().await.map_err(|e| fs_error(&path, e))
+        file.write_all(&chunk).await.map_err(|e| fs_error(&path, e))?;
     }
-    .await;
-    if let Err(e) = result {
-        drop(file);
-        let _ = in_root(&live, &path, |dir, rel| dir.remove_file(rel)).await;
-        return Err(e);
-    }
+    file.flush().await.map_err(|e| fs_error(&path, e))?;
+    drop(file);
+    in_root(&live, &path, move |dir, _| dir.rename(&upload, dir, &target)).await?;
+    pending.name = None;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A unique temporary name in the same directory as `rel` (so the rename stays on one
+/// filesystem and in the same directory): `.NAME.stasis-upload-RANDOM`.
+fn upload_name(rel: &Path) -> io::Result<PathBuf> {
+    let name = rel.file_name().ok_or_else(|| io::Error::from(io::ErrorKind::IsADirectory))?;
+    let mut random = [0u8; 8];
+    getrandom::fill(&mut random).map_err(io::Error::other)?;
+    let tmp = format!(".{}.stasis-upload-{:016x}", name.to_string_lossy(), u64::from_le_bytes(random));
+    Ok(rel.with_file_name(tmp))
+}
+
+/// An upload's temporary file, removed when dropped unless it was renamed into place (the
+/// request failed, or the client went away and the handler was dropped mid-body).
+struct PendingUpload {
+    live: Arc<LiveSandbox>,
+    name: Option<PathBuf>,
+}
+
+impl Drop for PendingUpload {
+    fn drop(&mut self) {
+        if let Some(name) = self.name.take() {
+            let live = self.live.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Some(dir) = live.sandbox.root() {
+                    let _ = dir.remove_file(&name);
+                }
+            });
+        }
+    }
 }
 
 /// `DELETE /api/v1/files?path=`: removes a file, a symlink, or a directory tree.

@@ -222,8 +222,8 @@ pub fn build_image_tree(image: Option<&Path>, dir: &Path) -> io::Result<()> {
         Some(image) => copy_tree(image, &root)?,
         None => fs::create_dir(&root)?,
     }
-    fs::create_dir_all(root.join("home/user"))?;
-    fs::create_dir_all(root.join("tmp"))
+    // An image is the operator's, but may hold links too: the same rule as for restores.
+    super::tree::ensure_standard_dirs(&cap_std::fs::Dir::open_ambient_dir(&root, cap_std::ambient_authority())?)
 }
 
 impl TreePool {

@@ -26,9 +26,11 @@ mod processes;
 mod sandboxes;
 mod shared;
 mod snapshots;
+mod store_gate;
 mod time;
+mod tree;
 
-pub use auth::{add_key, create_key};
+pub use auth::{add_key, create_key, revoke_key};
 
 use axum::Router;
 use axum::body::Body;
@@ -121,6 +123,8 @@ pub struct ServerConfig {
     pub max_file_bytes: u64,
     /// Processes that may run at once across all sandboxes.
     pub max_processes: u32,
+    /// Programs kept loaded in memory (`HostConfig::max_loaded_programs`).
+    pub max_loaded_programs: usize,
     /// How long shutdown waits for snapshots in progress before it fails them.
     pub shutdown_grace: Duration,
     /// Programs go through the unwind transform, so running commands can be captured.
@@ -228,9 +232,10 @@ impl AppState {
             checkpoints: config.checkpoints,
             compile_worker: Some(crate::compile_worker().map_err(anyhow::Error::msg)?),
             compile_budget: config.compile_budget,
+            max_loaded_programs: config.max_loaded_programs,
             ..HostConfig::default()
         })?;
-        Ok(Arc::new(AppState {
+        let state = Arc::new(AppState {
             config: Settings { data_dir: config.data_dir.clone(), public_url, max_file_bytes: config.max_file_bytes },
             images: images::Images::new(paths.images()),
             pool: Arc::new(images::TreePool::new(paths.pool())?),
@@ -241,7 +246,9 @@ impl AppState {
             sandboxes: sandboxes::Registry::default(),
             snapshots,
             shutting_down: AtomicBool::new(false),
-        }))
+        });
+        tokio::spawn(snapshots::Snapshots::sweeper(Arc::downgrade(&state)));
+        Ok(state)
     }
 
     pub fn is_shutting_down(&self) -> bool {

@@ -606,6 +606,11 @@ fn json_event(value: &impl serde::Serialize) -> Event {
     Event::default().data(serde_json::to_string(value).expect("events serialize"))
 }
 
+/// The longest line an output stream event carries. A guest printing without newlines
+/// would otherwise grow the pending line at its write rate, once per follower; past this
+/// many bytes the line is sent as it is and the rest continues on the next one.
+pub const MAX_LINE: usize = 64 << 10;
+
 struct LineReader {
     buffer: OutputBuffer,
     offset: u64,
@@ -628,10 +633,7 @@ fn lines(buffer: OutputBuffer, stream_name: &'static str) -> impl Stream<Item = 
             let chunk = r.buffer.read_next(r.offset).await;
             r.offset = chunk.next_offset;
             r.partial.extend_from_slice(&chunk.data);
-            while let Some(newline) = r.partial.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = r.partial.drain(..=newline).collect();
-                r.ready.push_back(String::from_utf8_lossy(&line[..newline]).into_owned());
-            }
+            split_complete_lines(&mut r.partial, &mut r.ready);
             if chunk.eof {
                 if !r.partial.is_empty() {
                     r.ready.push_back(String::from_utf8_lossy(&r.partial).into_owned());
@@ -641,6 +643,28 @@ fn lines(buffer: OutputBuffer, stream_name: &'static str) -> impl Stream<Item = 
             }
         }
     })
+}
+
+/// Moves the complete lines of `partial` to `ready`: those ended by a newline, and cuts
+/// of [`MAX_LINE`] bytes of one that has none yet. What stays is shorter than `MAX_LINE`.
+fn split_complete_lines(partial: &mut Vec<u8>, ready: &mut VecDeque<String>) {
+    let mut start = 0;
+    loop {
+        let rest = &partial[start..];
+        let end = match rest.iter().take(MAX_LINE + 1).position(|&b| b == b'\n') {
+            Some(newline) => {
+                ready.push_back(String::from_utf8_lossy(&rest[..newline]).into_owned());
+                newline + 1
+            }
+            None if rest.len() >= MAX_LINE => {
+                ready.push_back(String::from_utf8_lossy(&rest[..MAX_LINE]).into_owned());
+                MAX_LINE
+            }
+            None => break,
+        };
+        start += end;
+    }
+    partial.drain(..start);
 }
 
 /// Kills a process still running when its run stream is dropped (the client went away).
@@ -676,6 +700,22 @@ mod tests {
         buffer.append(b"ld");
         buffer.close();
         assert_eq!(events.await.unwrap(), 2);
+    }
+
+    #[test]
+    fn lines_without_newlines_are_cut_at_the_bound() {
+        let mut partial = vec![b'x'; 3 * MAX_LINE + 10];
+        partial.extend_from_slice(b"\nab\ncd");
+        let mut ready = VecDeque::new();
+        split_complete_lines(&mut partial, &mut ready);
+        let lengths: Vec<usize> = ready.iter().map(String::len).collect();
+        assert_eq!(lengths, [MAX_LINE, MAX_LINE, MAX_LINE, 10, 2]);
+        assert_eq!(partial, b"cd");
+        // A newline right at the bound ends the line there, not one byte later.
+        let mut partial = vec![b'y'; MAX_LINE];
+        partial.push(b'\n');
+        split_complete_lines(&mut partial, &mut ready);
+        assert_eq!((ready.back().unwrap().len(), partial.len()), (MAX_LINE, 0));
     }
 
     #[test]

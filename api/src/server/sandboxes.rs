@@ -35,11 +35,37 @@ const SANDBOX_ENV: [(&str, &str); 2] = [("PATH", stasis_runtime::sandbox::DEFAUL
 #[derive(Default)]
 pub struct Registry {
     live: Mutex<HashMap<String, Arc<LiveSandbox>>>,
-    /// Held while a sandbox is suspended or resumed: one transition at a time.
-    transitions: tokio::sync::Mutex<()>,
+    /// Held while a sandbox is suspended, resumed or deleted while suspended: one
+    /// transition at a time per sandbox (other sandboxes' transitions do not wait).
+    transitions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A sandbox's transition lock, held until dropped; its entry goes with the last holder.
+struct Transition<'a> {
+    registry: &'a Registry,
+    id: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for Transition<'_> {
+    fn drop(&mut self) {
+        self.guard = None;
+        let mut transitions = self.registry.transitions.lock().unwrap();
+        // The map's reference and ours: nobody else holds or waits for it.
+        if Arc::strong_count(&self.lock) == 2 {
+            transitions.remove(&self.id);
+        }
+    }
 }
 
 impl Registry {
+    async fn transition(&self, id: &str) -> Transition<'_> {
+        let lock = self.transitions.lock().unwrap().entry(id.to_string()).or_default().clone();
+        let guard = lock.clone().lock_owned().await;
+        Transition { registry: self, id: id.to_string(), lock, guard: Some(guard) }
+    }
+
     fn get(&self, id: &str) -> Option<Arc<LiveSandbox>> {
         self.live.lock().unwrap().get(id).cloned()
     }
@@ -97,6 +123,22 @@ fn validate_sandbox_name(name: &str) -> ApiResult<()> {
     }
 }
 
+/// The longest `timeout_secs` accepted: ten years. Anything longer means "never" in
+/// practice, and a deadline must stay a time the clock can represent (`Instant +
+/// Duration` panics on overflow).
+pub const MAX_TIMEOUT_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// A requested timeout as stored: 0 clears it; beyond [`MAX_TIMEOUT_SECS`] is a 400.
+fn timeout(secs: Option<u64>) -> ApiResult<Option<i64>> {
+    match secs {
+        None | Some(0) => Ok(None),
+        Some(t) if t <= MAX_TIMEOUT_SECS => Ok(Some(t as i64)),
+        Some(t) => Err(ApiError::BadRequest(format!(
+            "invalid `timeout_secs` {t}: at most {MAX_TIMEOUT_SECS} (ten years); 0 or null for none"
+        ))),
+    }
+}
+
 fn resources(req: Option<&super::model::ResourcesRequest>, base: Resources) -> ApiResult<Resources> {
     let Some(req) = req else { return Ok(base) };
     if req.gpus.as_ref().is_some_and(|g| !g.is_empty()) {
@@ -126,6 +168,7 @@ impl AppState {
         if self.is_shutting_down() {
             return Err(ApiError::Conflict("the server is shutting down".into()));
         }
+        let timeout_secs = timeout(req.timeout_secs)?;
         if let Some(name) = &req.name {
             validate_sandbox_name(name)?;
             if self.db.sandbox(namespace, name)?.is_some_and(|s| s.status == SandboxStatus::Running) {
@@ -154,7 +197,7 @@ impl AppState {
                     }
                 };
                 let id = SnapshotId::parse(store_id).map_err(ApiError::internal)?;
-                store_guard = Some(self.snapshots.store_lock.read().await);
+                store_guard = Some(self.snapshots.gate.enter().await);
                 self.ensure_local(&id, snap.snapshot_type == "memory", snap.size_bytes.unwrap_or(0)).await?;
                 if snap.snapshot_type == "memory" {
                     memory = Some(self.open_memory_snapshot(&id).await?);
@@ -194,7 +237,7 @@ impl AppState {
             image: image.clone(),
             snapshot_id,
             resources,
-            timeout_secs: req.timeout_secs.filter(|&t| t > 0).map(|t| t.min(i64::MAX as u64) as i64),
+            timeout_secs,
             entrypoint: req.entrypoint.clone().filter(|e| !e.is_empty()),
             created_at: now_ms(),
             terminated_at: None,
@@ -258,7 +301,7 @@ impl AppState {
     }
 
     /// Builds a sandbox tree from an image, or from a snapshot (the caller then holds the
-    /// store lock, read, to keep deletes out meanwhile).
+    /// stores in use, to keep sweeps out meanwhile).
     async fn build_tree(&self, dir: &FsPath, origin: Origin) -> ApiResult<()> {
         let dir = dir.to_path_buf();
         let pool = self.pool.clone();
@@ -274,13 +317,13 @@ impl AppState {
                 Origin::Image(None) => build_image_tree(None, &dir)?,
                 Origin::Snapshot { store, id } => {
                     std::fs::create_dir_all(&dir)?;
-                    let root = dir.join("root");
                     let parent = cap_std::fs::Dir::open_ambient_dir(&dir, cap_std::ambient_authority())?;
                     // Not synced: a sandbox does not outlive a crash of the server.
                     let options = RestoreOptions { durable: false, threads: 0 };
                     store.restore_in(&id, &parent, "root".as_ref(), options)?;
-                    std::fs::create_dir_all(root.join("home/user"))?;
-                    std::fs::create_dir_all(root.join("tmp"))?;
+                    // The tree is the guest's as it left it: through its `Dir`, no links followed.
+                    let root = parent.open_dir("root")?;
+                    super::tree::ensure_standard_dirs(&root)?;
                 }
             }
             Ok(())
@@ -325,7 +368,7 @@ impl AppState {
         }
         super::snapshots::refuse_running(live)?;
         let report = {
-            let _store = self.snapshots.store_lock.read().await;
+            let _store = self.snapshots.gate.enter().await;
             live.sandbox.snapshot_memory_of(Some(self.snapshots.store.clone()), &self.snapshots.images, &live.id).await
         };
         let report = match report {
@@ -356,7 +399,7 @@ impl AppState {
             .suspension(&row.id)?
             .ok_or_else(|| ApiError::internal(anyhow::anyhow!("suspended sandbox {} has no snapshot", row.id)))?;
         let id = SnapshotId::parse(&store_id).map_err(ApiError::internal)?;
-        let store_guard = self.snapshots.store_lock.read().await;
+        let store_guard = self.snapshots.gate.enter().await;
         let memory = self.open_memory_snapshot(&id).await?;
         let dir = self.paths.sandboxes().join(&row.id);
         let mut tree = TreeGuard(Some(dir.clone()));
@@ -377,7 +420,9 @@ impl AppState {
     /// Ends `live` `timeout_secs` after its creation (`None`: never), replacing any
     /// earlier timeout. One timer task per sandbox, started on the first timeout.
     fn set_timeout(self: &Arc<Self>, live: &Arc<LiveSandbox>, timeout_secs: Option<i64>) {
-        let deadline = timeout_secs.map(|secs| live.created + Duration::from_secs(secs.max(0) as u64));
+        // Stored timeouts were validated; one from an older database that overflows the
+        // clock means no deadline rather than a panic.
+        let deadline = timeout_secs.and_then(|secs| live.created.checked_add(Duration::from_secs(secs.max(0) as u64)));
         live.deadline.send_replace(deadline);
         if deadline.is_none() || live.timer_started.swap(true, Ordering::SeqCst) {
             return;
@@ -577,10 +622,13 @@ pub async fn delete(
 ) -> ApiResult<Json<SandboxInfo>> {
     let row = state.sandbox_row(&caller.namespace, &path.sandbox_id)?;
     if row.status == SandboxStatus::Suspended {
-        let _transition = state.sandboxes.transitions.lock().await;
-        state.db.terminate_sandbox(&row.id, "deleted", now_ms())?;
-        if let Some(store_id) = state.db.drop_suspension(&row.id)? {
-            state.snapshots.delete_stored(&store_id).await?;
+        let _transition = state.sandboxes.transition(&row.id).await;
+        // Still suspended once the lock is ours (not resumed meanwhile)?
+        if state.sandbox_row(&caller.namespace, &row.id)?.status == SandboxStatus::Suspended {
+            state.db.terminate_sandbox(&row.id, "deleted", now_ms())?;
+            if let Some(store_id) = state.db.drop_suspension(&row.id)? {
+                state.snapshots.delete_stored(&store_id).await?;
+            }
         }
     }
     if let Some(live) = state.sandboxes.get(&row.id) {
@@ -636,7 +684,7 @@ enum Lifecycle {
     Resume,
 }
 
-/// Suspends or resumes a sandbox (one transition at a time on the server); asking for the
+/// Suspends or resumes a sandbox (one transition at a time per sandbox); asking for the
 /// state a sandbox is already in is a no-op.
 async fn transition(
     state: Arc<AppState>,
@@ -644,8 +692,10 @@ async fn transition(
     path: SandboxPath,
     to: Lifecycle,
 ) -> ApiResult<Json<SandboxInfo>> {
-    let _transition = state.sandboxes.transitions.lock().await;
     let row = state.sandbox_row(&caller.namespace, &path.sandbox_id)?;
+    let _transition = state.sandboxes.transition(&row.id).await;
+    // Read again under the lock: another transition of it may have just ended.
+    let row = state.sandbox_row(&caller.namespace, &row.id)?;
     let verb = if to == Lifecycle::Suspend { "suspended" } else { "resumed" };
     match (row.status, to) {
         (SandboxStatus::Terminated, _) => {
@@ -706,6 +756,7 @@ pub async fn update(
     if let Some(name) = &req.name {
         validate_sandbox_name(name)?;
     }
+    let timeout_secs = req.timeout_secs.map(timeout).transpose()?;
     let live = state.sandboxes.get(&row.id);
     let Some(live) = live.filter(|l| !l.is_terminated()) else {
         if req.name.is_none() && req.timeout_secs.is_none() {
@@ -719,8 +770,7 @@ pub async fn update(
     {
         return Err(ApiError::Conflict(format!("a sandbox named `{name}` already exists")));
     }
-    if let Some(timeout) = req.timeout_secs {
-        let timeout = timeout.filter(|&t| t > 0).map(|t| t.min(i64::MAX as u64) as i64);
+    if let Some(timeout) = timeout_secs {
         state.db.set_sandbox_timeout(&row.id, timeout)?;
         state.set_timeout(&live, timeout);
     }

@@ -249,7 +249,7 @@ impl AppState {
 
     /// Makes sure this node's stores hold snapshot `store_id` (with its memory image if
     /// `memory`), pulling what they lack; a local copy is used without asking the shared
-    /// store anything. The caller holds the store lock (read), so nothing is evicted
+    /// store anything. The caller uses the stores (`store_gate`), so nothing is evicted
     /// meanwhile.
     pub(super) async fn ensure_local(
         self: &Arc<Self>,
@@ -319,7 +319,7 @@ impl AppState {
     fn forget(self: &Arc<Self>, store_id: &str) -> ApiResult<()> {
         self.db.drop_cached(store_id)?;
         self.db.delete_snapshots_of_store(store_id)?;
-        // In a task: the caller may hold the store lock.
+        // In a task: the caller may be using the stores.
         let (state, id) = (self.clone(), store_id.to_string());
         tokio::spawn(async move {
             if let Err(e) = state.snapshots.delete_stored(&id).await {
@@ -343,7 +343,7 @@ impl AppState {
     }
 
     /// Notes a use of a shared snapshot's local copy, then trims the cache to its bound (in
-    /// a task of its own: eviction waits for the store lock the caller may hold).
+    /// a task of its own: eviction waits until nothing uses the stores, the caller included).
     fn cached(self: &Arc<Self>, store_id: &str, size_bytes: i64) {
         let Some(shared) = self.shared() else { return };
         // Recorded even without a bound, so that a bound set at a later start knows the
@@ -366,7 +366,12 @@ impl AppState {
             Err(e) => return tracing::warn!("cannot read the cache records: {e}"),
         };
         let mut total: u64 = entries.iter().map(|(_, bytes)| *bytes as u64).sum();
-        let mut evicted = 0;
+        if total <= limit {
+            return;
+        }
+        // Alone with the stores, as a sweep: a restore in progress never loses its snapshot.
+        // Waiting for that moment holds no one else up (see `store_gate`).
+        let sweeping = self.snapshots.gate.sweep().await;
         for (store_id, bytes) in entries {
             if total <= limit {
                 break;
@@ -374,23 +379,18 @@ impl AppState {
             if store_id == keep {
                 continue;
             }
-            match self.snapshots.delete_stored(&store_id).await {
+            match self.snapshots.unlist(&store_id).await {
                 Ok(()) => {
                     let _ = self.db.drop_cached(&store_id);
                     total = total.saturating_sub(bytes as u64);
-                    evicted += 1;
                     tracing::info!(store_id, bytes, "dropped a shared snapshot's local copy (cache full)");
                 }
                 Err(e) => tracing::warn!(store_id, "cannot drop a cached snapshot: {e:?}"),
             }
         }
-        if evicted > 0 {
-            match self.snapshots.sweep_programs().await {
-                Ok((0, _)) => {}
-                Ok((n, bytes)) => tracing::info!(programs = n, bytes, "dropped programs no image names any more"),
-                Err(e) => tracing::warn!("cannot sweep programs: {e:?}"),
-            }
-        }
+        drop(sweeping);
+        // The sweep frees the chunks, and the programs no image names any more.
+        self.snapshots.request_sweep();
     }
 }
 

@@ -11,8 +11,10 @@
 //! one started meanwhile): capturing a running command needs the mid-execution transform.
 //!
 //! Snapshots of one sandbox run one at a time, and never overlap its termination (both
-//! hold the sandbox's `ops` lock). Deleting a snapshot takes the store lock exclusively,
-//! so it never sweeps chunks a capture or a restore is using.
+//! hold the sandbox's `ops` lock); snapshots of different sandboxes never wait for each
+//! other. Deleting a snapshot unlists it at once; the chunks and programs it alone used
+//! are freed by a sweep that runs when no capture or restore is using the stores (see
+//! `store_gate`), so a sweep never frees what one of them is using.
 
 use super::AppState;
 use super::db::{INTERRUPTED_SNAPSHOT, SandboxStatus, SnapshotRow, SnapshotStatus};
@@ -22,6 +24,7 @@ use super::extract::{Caller, OptionalJsonBody};
 use super::model::*;
 use super::model::{CreateSnapshotRequest, CreateSnapshotResponse, ListSnapshotsResponse, SnapshotInfo};
 use super::sandboxes::{LiveSandbox, SandboxPath};
+use super::store_gate::StoreGate;
 use super::time::now_ms;
 use axum::Json;
 use axum::extract::{Path, State};
@@ -29,10 +32,10 @@ use axum::http::StatusCode;
 use stasis_runtime::MemorySnapshotStore;
 use stasis_runtime::fs_snapshot::{FsSnapshotStore, SnapshotError, SnapshotId};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{RwLock, watch};
+use tokio::sync::{Notify, watch};
 
 pub struct Snapshots {
     pub store: Arc<FsSnapshotStore>,
@@ -40,8 +43,11 @@ pub struct Snapshots {
     pub images: Arc<MemorySnapshotStore>,
     /// Object storage shared with other nodes (`--remote`), if any.
     pub shared: Option<super::shared::Shared>,
-    /// Read: captures and restores; write: deletes.
-    pub store_lock: RwLock<()>,
+    /// Captures, restores and pulls use the stores; sweeps have them alone.
+    pub gate: StoreGate,
+    /// Set by a delete; the sweeper task clears it when it sweeps.
+    sweep_wanted: AtomicBool,
+    sweep_requested: Arc<Notify>,
     in_flight: watch::Sender<usize>,
     /// Bytes captured so far by the snapshots in progress, by snapshot id.
     progress: Mutex<HashMap<String, Arc<AtomicU64>>>,
@@ -62,32 +68,82 @@ impl Snapshots {
             store: Arc::new(store),
             images: Arc::new(images),
             shared,
-            store_lock: RwLock::new(()),
+            gate: StoreGate::default(),
+            sweep_wanted: AtomicBool::new(false),
+            sweep_requested: Arc::new(Notify::new()),
             in_flight: watch::channel(0).0,
             progress: Mutex::default(),
         }
     }
 
-    /// Deletes a stored snapshot: its tree and, for a memory snapshot, its image.
+    /// Deletes a stored snapshot: unlists its tree and, for a memory snapshot, deletes its
+    /// image, at once (no capture or restore waits for it, nor it for them); what only it
+    /// used is freed by the next sweep.
     pub async fn delete_stored(&self, store_id: &str) -> ApiResult<()> {
+        let unlisted = {
+            let _use = self.gate.enter().await;
+            self.unlist(store_id).await
+        };
+        self.request_sweep();
+        unlisted
+    }
+
+    /// Unlists a stored snapshot; the caller uses the stores (or has them to itself).
+    pub async fn unlist(&self, store_id: &str) -> ApiResult<()> {
         let id = SnapshotId::parse(store_id).map_err(ApiError::internal)?;
-        let _store = self.store_lock.write().await;
         if self.images.contains(&id) {
             self.images.delete(&id).map_err(ApiError::internal)?;
         }
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.delete(&id)).await? {
-            Ok(_) | Err(SnapshotError::NotFound(_)) => Ok(()),
+        match tokio::task::spawn_blocking(move || store.unlist(&id)).await? {
+            Ok(()) | Err(SnapshotError::NotFound(_)) => Ok(()),
             Err(e) => Err(ApiError::internal(e)),
         }
     }
 
-    /// Deletes the programs no memory image names any more (after evictions), with captures
-    /// and restores kept out.
-    pub async fn sweep_programs(&self) -> ApiResult<(u64, u64)> {
-        let _store = self.store_lock.write().await;
-        let images = self.images.clone();
-        tokio::task::spawn_blocking(move || images.sweep_programs()).await?.map_err(ApiError::internal)
+    /// Asks the sweeper for a sweep (several requests before it runs make one sweep).
+    pub fn request_sweep(&self) {
+        self.sweep_wanted.store(true, Ordering::SeqCst);
+        self.sweep_requested.notify_one();
+    }
+
+    /// Frees the chunks and programs no snapshot names any more, once nothing uses the
+    /// stores; runs for as long as the server (a task of its own, started with it).
+    pub async fn sweeper(state: std::sync::Weak<AppState>) {
+        loop {
+            let Some(state) = state.upgrade() else { return };
+            if state.snapshots.sweep_wanted.swap(false, Ordering::SeqCst) {
+                state.snapshots.sweep().await;
+                continue;
+            }
+            // Waits without keeping the server's state alive (a request before this wait
+            // leaves a permit: none is lost).
+            let requested = state.snapshots.sweep_requested.clone();
+            drop(state);
+            requested.notified().await;
+        }
+    }
+
+    async fn sweep(&self) {
+        let _sweeping = self.gate.sweep().await;
+        let (store, images) = (self.store.clone(), self.images.clone());
+        let swept = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let chunks = store.gc()?;
+            let programs = images.sweep_programs()?;
+            Ok((chunks, programs))
+        })
+        .await;
+        match swept {
+            Ok(Ok((chunks, (programs, program_bytes)))) => tracing::info!(
+                chunks = chunks.chunks_deleted,
+                bytes = chunks.bytes_freed,
+                programs,
+                program_bytes,
+                "swept what deleted snapshots alone used"
+            ),
+            Ok(Err(e)) => tracing::warn!("cannot sweep the snapshot stores: {e:#}"),
+            Err(e) => tracing::warn!("the sweep task failed: {e}"),
+        }
     }
 
     fn enter(&self) -> InFlight<'_> {
@@ -143,7 +199,7 @@ impl AppState {
         let result = if live.is_terminated() {
             Err("the sandbox was terminated before the snapshot started".to_string())
         } else {
-            let _store = self.snapshots.store_lock.read().await;
+            let _store = self.snapshots.gate.enter().await;
             let store = self.snapshots.store.clone();
             let progress = Arc::new(AtomicU64::new(0));
             self.snapshots.progress.lock().unwrap().insert(snapshot_id.clone(), progress.clone());

@@ -31,6 +31,12 @@ const JOB_CHUNKS: u64 = 4;
 /// could carry a timestamp just before that start. Anything within this margin counts as racy.
 pub(crate) const RACY_MARGIN: Duration = Duration::from_millis(10);
 
+/// The most chunks one capture may list, holes of sparse files included (1 TiB of file
+/// length at 1 MiB chunks). A manifest holds one entry per chunk, zero or not, so a guest
+/// making a sparse file of 16 TiB would otherwise cost ~640 MiB of memory per capture; at
+/// the bound a manifest is ~40 MiB in memory. The tree is refused before that is allocated.
+pub const MAX_CAPTURE_CHUNKS: u64 = 1 << 20;
+
 pub(crate) struct CaptureInput<'a> {
     pub(crate) dir: &'a Dir,
     pub(crate) source: String,
@@ -103,6 +109,8 @@ pub(crate) fn capture(
         stop: &stop,
         files_read: 0,
         files_reused: 0,
+        chunks_listed: 0,
+        hole_chunks: 0,
         walk_time: Duration::ZERO,
         blocked: Duration::ZERO,
         progress: input.progress,
@@ -129,6 +137,7 @@ pub(crate) fn capture(
         return Err(e);
     }
 
+    let walker_holes = walker.hole_chunks;
     let mut entries = walker.entries;
     let mut warnings = walker.warnings;
     let mut stats = CaptureStats {
@@ -154,7 +163,7 @@ pub(crate) fn capture(
     let c = &writer.counters;
     stats.chunks_new = c.chunks_new.load(Ordering::Relaxed);
     stats.chunks_existing = c.chunks_existing.load(Ordering::Relaxed);
-    stats.chunks_zero = c.chunks_zero.load(Ordering::Relaxed);
+    stats.chunks_zero = c.chunks_zero.load(Ordering::Relaxed) + walker_holes;
     stats.stored_bytes_new = c.stored_bytes_new.load(Ordering::Relaxed);
     stats.entries = entries.len() as u64;
     for w in &warnings {
@@ -185,6 +194,10 @@ struct Walker<'a> {
     stop: &'a AtomicBool,
     files_read: u64,
     files_reused: u64,
+    /// Chunks listed so far (see [`MAX_CAPTURE_CHUNKS`]).
+    chunks_listed: u64,
+    /// Chunks wholly in holes of sparse files: zero, and never read.
+    hole_chunks: u64,
     walk_time: Duration,
     /// Time the walker waited for the workers (queue full): not walking.
     blocked: Duration,
@@ -297,6 +310,7 @@ impl Walker<'_> {
                 }
             } else if ft.is_file() {
                 let dir = &level.dir;
+                self.count_chunks(&entry, meta.len())?;
                 if let Some(chunks) = self.reusable(&entry.path, &meta) {
                     entry.kind = EntryKind::File { size: meta.len(), chunks };
                     self.entries.push(entry);
@@ -331,6 +345,10 @@ impl Walker<'_> {
                     continue;
                 }
                 let size = fmeta.len();
+                if size > meta.len() {
+                    // Grown since the lstat: count the difference too.
+                    self.count_chunks(&entry, size - meta.len())?;
+                }
                 entry.mode = fmeta.mode() & 0o7777;
                 entry.mtime_ns = mtime_ns(&fmeta);
                 entry.ctime_ns = ctime_ns(&fmeta);
@@ -340,19 +358,32 @@ impl Walker<'_> {
                 let index = self.entries.len();
                 self.entries.push(entry);
                 self.files_read += 1;
+                // Only the chunks holding data are read: the rest of a sparse file stays
+                // `Chunk::Zero` as listed, without reading its holes.
+                let ranges = data_chunks(&file, size, self.chunk_size).map_err(|e| {
+                    io_error(format!("cannot find the data of `{}`", self.entries[index].display_path()), e)
+                })?;
+                let data: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+                self.hole_chunks += n - data;
+                if let Some(progress) = self.progress {
+                    progress.fetch_add(size.saturating_sub(data * self.chunk_size), Ordering::Relaxed);
+                }
                 let file = Arc::new(file);
                 let shared_path: Arc<[u8]> = self.entries[index].path.as_slice().into();
-                let mut first = 0;
-                while first < n {
-                    let count = JOB_CHUNKS.min(n - first);
-                    let job = Job { entry: index, path: shared_path.clone(), file: file.clone(), first, count, size };
-                    let t_send = Instant::now();
-                    let sent = self.jobs.as_ref().expect("queue open while walking").send(job);
-                    self.blocked += t_send.elapsed();
-                    if sent.is_err() {
-                        return Ok(()); // every worker stopped: its error is reported
+                for (start, end) in ranges {
+                    let mut first = start;
+                    while first < end {
+                        let count = JOB_CHUNKS.min(end - first);
+                        let job =
+                            Job { entry: index, path: shared_path.clone(), file: file.clone(), first, count, size };
+                        let t_send = Instant::now();
+                        let sent = self.jobs.as_ref().expect("queue open while walking").send(job);
+                        self.blocked += t_send.elapsed();
+                        if sent.is_err() {
+                            return Ok(()); // every worker stopped: its error is reported
+                        }
+                        first += count;
                     }
-                    first += count;
                 }
             } else {
                 self.warnings.push(format!("skipped {} `{}`", special_kind(&ft), entry.display_path()));
@@ -360,6 +391,21 @@ impl Walker<'_> {
         }
         self.walk_time += t.elapsed().saturating_sub(self.blocked);
         Ok(())
+    }
+
+    /// Counts a file's chunks against [`MAX_CAPTURE_CHUNKS`] before any are listed.
+    fn count_chunks(&mut self, entry: &Entry, len: u64) -> Result<(), SnapshotError> {
+        self.chunks_listed += len.div_ceil(self.chunk_size);
+        if self.chunks_listed <= MAX_CAPTURE_CHUNKS {
+            return Ok(());
+        }
+        Err(SnapshotError::TooLarge(format!(
+            "cannot capture `{}` ({} bytes long): the files of a snapshot may span at most {} GiB together \
+             (holes of sparse files count: a manifest lists every chunk), and this tree is over that limit",
+            entry.display_path(),
+            len,
+            (MAX_CAPTURE_CHUNKS * self.chunk_size) >> 30
+        )))
     }
 
     fn open_level(&self, dir: Dir, prefix: Vec<u8>) -> Result<Level, SnapshotError> {
@@ -463,6 +509,39 @@ fn worker(
     out.compress = enc.compress;
     out.write = enc.write;
     out
+}
+
+/// The chunk index ranges `[first, end)` of a file that hold data, found with
+/// `SEEK_DATA`/`SEEK_HOLE`: chunks wholly inside holes are not read at all. A filesystem
+/// without hole support reports the whole file as data. One `lseek` pair per data range,
+/// and a range always ends on a chunk boundary, so a file of tiny alternating holes costs
+/// at most one pair per data chunk.
+fn data_chunks(file: &File, size: u64, chunk_size: u64) -> io::Result<Vec<(u64, u64)>> {
+    use rustix::fs::{SeekFrom, seek};
+    let n = size.div_ceil(chunk_size);
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let data = match seek(file, SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break, // only a hole after `pos`
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) if pos == 0 => return Ok(vec![(0, n)]),
+            Err(e) => return Err(e.into()),
+        };
+        let hole = match seek(file, SeekFrom::Hole(data)) {
+            Ok(h) => h.min(size),
+            Err(rustix::io::Errno::NXIO) => size, // truncated meanwhile
+            Err(e) => return Err(e.into()),
+        };
+        let (first, end) = (data / chunk_size, hole.div_ceil(chunk_size).min(n));
+        match ranges.last_mut() {
+            Some(last) if last.1 >= first => last.1 = last.1.max(end),
+            _ if first < end => ranges.push((first, end)),
+            _ => {}
+        }
+        pos = (end * chunk_size).max(hole).max(data + 1);
+    }
+    Ok(ranges)
 }
 
 /// `pread` until `buf` is full or the file ends.

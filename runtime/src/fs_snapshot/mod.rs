@@ -50,6 +50,7 @@ pub mod manifest;
 mod restore;
 mod transfer;
 
+pub use capture::MAX_CAPTURE_CHUNKS;
 pub use chunks::ReadTimes;
 pub use manifest::{Chunk, ChunkHash, Entry, EntryKind, Manifest, ManifestError, ManifestParts};
 pub use transfer::{ImportStats, StoredChunk};
@@ -100,6 +101,9 @@ pub enum SnapshotError {
     ParentGone(String),
     #[error("the snapshot store is busy: {0}")]
     Busy(String),
+    /// A tree beyond what one snapshot may hold (see `capture::MAX_CAPTURE_CHUNKS`).
+    #[error("{0}")]
+    TooLarge(String),
     #[error("invalid tar archive: {0}")]
     InvalidArchive(String),
     #[error("invalid argument: {0}")]
@@ -755,6 +759,27 @@ impl FsSnapshotStore {
         let stats = self.sweep_locked(started)?;
         self.clear_tmp(&self.tmp_names()?)?;
         Ok(stats)
+    }
+
+    /// Unlists snapshot `id` at once without freeing its chunks; the next [`gc`](Self::gc)
+    /// frees those no other snapshot uses. Unlike [`delete`](Self::delete) this takes the
+    /// lock shared: it neither waits for captures in flight nor holds them up (a capture
+    /// that read this snapshot as its parent keeps its chunks: they stay until a `gc`,
+    /// which waits for that capture). A durable marker is left first, so that after a crash
+    /// before the `gc` the next `open` sweeps.
+    pub fn unlist(&self, id: &SnapshotId) -> Result<()> {
+        let _lock = self.shared_lock()?;
+        match self.snapshots.symlink_metadata(id.file_name()) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SnapshotError::NotFound(id.clone())),
+            Err(e) => return Err(io_error(format!("cannot check {id}"), e)),
+        }
+        let marker = Marker::new(self.chunks.tmp(), self.nonce);
+        marker.ensure().map_err(|e| io_error("cannot write a marker", e))?;
+        // Left in `tmp/` on purpose: `gc` clears it once the chunks are swept.
+        let _ = marker.take();
+        self.snapshots.remove_file(id.file_name()).map_err(|e| io_error(format!("cannot delete {id}"), e))?;
+        fsync_dir(&self.snapshots).map_err(|e| io_error("cannot sync the snapshot directory", e))
     }
 
     /// Frees every chunk no snapshot refers to (and clears temp files of crashed runs).

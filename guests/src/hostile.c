@@ -1,0 +1,83 @@
+/* hostile: what a guest set on hurting its host tries (tests/tests/hostile.rs).
+ *   hostile sparse PATH BYTES [OFFSET TEXT]
+ *       create PATH as a sparse file of BYTES bytes (fd_filestat_set_size), then
+ *       write TEXT at OFFSET if given; prints "sparse BYTES"
+ *   hostile spew BYTES     write BYTES bytes of 'x' to stdout and no newline
+ *                          (0: forever); prints nothing else
+ *   hostile spin           loop forever without a call (no point where a checkpoint
+ *                          can stop it: a memory snapshot of it waits, then fails)
+ *   hostile relink TARGET LINK
+ *       move LINK aside (to LINK.moved) if it exists, then make LINK a symlink to
+ *       TARGET (relative targets may climb out of the tree); prints "linked"
+ * Errors print "error: <strerror> WHAT" on stderr and exit 1; bad usage exits 2. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static int fail(const char *what) {
+    fprintf(stderr, "error: %s %s\n", strerror(errno), what);
+    return 1;
+}
+
+static int usage(void) {
+    fprintf(stderr,
+            "usage: hostile sparse PATH BYTES [OFFSET TEXT] | spew BYTES | spin | relink TARGET LINK\n");
+    return 2;
+}
+
+static int sparse(int argc, char **argv) {
+    if (argc != 4 && argc != 6) return usage();
+    long long size = strtoll(argv[3], NULL, 10);
+    int fd = open(argv[2], O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) return fail(argv[2]);
+    if (ftruncate(fd, (off_t)size) != 0) return fail("ftruncate");
+    if (argc == 6) {
+        long long offset = strtoll(argv[4], NULL, 10);
+        size_t len = strlen(argv[5]);
+        if (pwrite(fd, argv[5], len, (off_t)offset) != (ssize_t)len) return fail("pwrite");
+    }
+    if (close(fd) != 0) return fail(argv[2]);
+    printf("sparse %lld\n", size);
+    return 0;
+}
+
+static int spew(long long bytes) {
+    static char buf[65536];
+    memset(buf, 'x', sizeof buf);
+    long long left = bytes;
+    while (bytes == 0 || left > 0) {
+        size_t n = sizeof buf;
+        if (bytes != 0 && (long long)n > left) n = (size_t)left;
+        ssize_t w = write(1, buf, n);
+        if (w < 0) return fail("stdout");
+        left -= w;
+    }
+    return 0;
+}
+
+static int spin(void) {
+    volatile unsigned x = 1;
+    for (;;) x = x * 31u + 7u;
+    return 0;
+}
+
+static int relink(const char *target, const char *link) {
+    char moved[4096];
+    snprintf(moved, sizeof moved, "%s.moved", link);
+    if (rename(link, moved) != 0 && errno != ENOENT) return fail(link);
+    if (symlink(target, link) != 0) return fail(link);
+    printf("linked\n");
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) return usage();
+    if (strcmp(argv[1], "sparse") == 0) return sparse(argc, argv);
+    if (strcmp(argv[1], "spew") == 0 && argc == 3) return spew(strtoll(argv[2], NULL, 10));
+    if (strcmp(argv[1], "spin") == 0) return spin();
+    if (strcmp(argv[1], "relink") == 0 && argc == 4) return relink(argv[2], argv[3]);
+    return usage();
+}
