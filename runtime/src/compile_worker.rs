@@ -89,7 +89,7 @@ pub struct CompileStats {
 pub enum CompileFailure {
     #[error("compiling it needs more than the compile memory budget of {} MiB", .0 >> 20)]
     Memory(u64),
-    #[error("compiling it takes longer than the compile time budget of {} s", .0.as_secs())]
+    #[error("compiling it takes longer than the compile time budget of {:?}", .0)]
     Time(Duration),
     /// wasmtime refused the module (the child's message).
     #[error("{0}")]
