@@ -6,8 +6,10 @@
 //! cancels a compilation. In the server's process that takes every sandbox down with the
 //! one that uploaded the module. So a [`Host`](crate::Host) given a [`CompileWorker`] runs
 //! each compilation in a child process (`stasis`'s hidden `__compile` subcommand, or the
-//! runtime's own `stasis-compile` binary) whose writable memory is capped with
-//! `RLIMIT_DATA` and which is killed at the time budget. The child writes the serialized
+//! runtime's own `stasis-compile` binary) that caps its own writable memory with
+//! `RLIMIT_DATA` before reading anything, and which is killed at the time budget. (The
+//! child sets the limit itself so the parent can spawn it without forking its own memory:
+//! `wait4` then reports the compiler's peak, not the parent's.) The child writes the serialized
 //! artifact where the code cache would have put it; the parent maps it from there, as on
 //! a cache hit. The child builds its engine from the parent's [`EngineSettings`], and
 //! wasmtime refuses an artifact from any other configuration, so a mismatch is an error,
@@ -71,6 +73,8 @@ pub struct EngineSettings {
 #[derive(Debug, Serialize, Deserialize)]
 struct Job {
     engine: EngineSettings,
+    /// `RLIMIT_DATA` the child puts on itself first.
+    memory: u64,
     component: bool,
     input: PathBuf,
     output: PathBuf,
@@ -125,6 +129,7 @@ pub fn compile(
     std::io::Write::write_all(&mut input, bytes).map_err(|e| failed("writing the module", e))?;
     let job = Job {
         engine,
+        memory: budget.memory,
         component: format == ProgramFormat::Component,
         input: input.path().to_path_buf(),
         output: output.to_path_buf(),
@@ -136,14 +141,6 @@ pub fn compile(
     command.args(&worker.args).arg("--job").arg(job_file.path());
     command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     command.env("STASIS_LOG", "off");
-    let memory = budget.memory;
-    // SAFETY: the closure runs between fork and exec and only makes a system call.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-            let limit = rustix::process::Rlimit { current: Some(memory), maximum: Some(memory) };
-            rustix::process::setrlimit(rustix::process::Resource::Data, limit).map_err(std::io::Error::from)
-        });
-    }
     let mut child = command.spawn().map_err(|e| failed(&format!("starting {}", worker.program.display()), e))?;
     let mut stderr = child.stderr.take().expect("piped");
     let reader = std::thread::spawn(move || {
@@ -227,6 +224,8 @@ fn run_job(path: &Path) -> Result<(), (i32, String)> {
     let io = |what: &str, e: &dyn std::fmt::Display| (1, format!("{what}: {e}"));
     let job: Job = serde_json::from_slice(&std::fs::read(path).map_err(|e| io("reading the job", &e))?)
         .map_err(|e| io("reading the job", &e))?;
+    let limit = rustix::process::Rlimit { current: Some(job.memory), maximum: Some(job.memory) };
+    rustix::process::setrlimit(rustix::process::Resource::Data, limit).map_err(|e| io("limiting memory", &e))?;
     let engine = wasmtime::Engine::new(&crate::host::engine_config(job.engine)).map_err(|e| io("engine", &e))?;
     let bytes = std::fs::read(&job.input).map_err(|e| io("reading the module", &e))?;
     let serialized = if job.component {
