@@ -4,7 +4,7 @@
 //! (its keys mirror the flags: `listen`, `data_dir`, `public_url`, `max_file_size`,
 //! `max_processes`, `max_loaded_programs`, `shutdown_grace`, `checkpoints`, `remote`,
 //! `remote_endpoint`, `remote_region`, `remote_timeout`, `cache_size`, `compile_memory`,
-//! `compile_timeout`), else from the defaults.
+//! `compile_timeout`, `code_cache_size`), else from the defaults.
 
 use crate::server::ServerConfig;
 use clap::Args;
@@ -19,13 +19,15 @@ const DEFAULT_DATA_DIR: &str = ".stasis";
 const DEFAULT_MAX_FILE_SIZE: &str = "1G";
 const DEFAULT_MAX_PROCESSES: u32 = 500;
 const DEFAULT_SHUTDOWN_GRACE: &str = "30s";
+const DEFAULT_CODE_CACHE_SIZE: u64 = 16 << 30;
 
 #[derive(Args, Debug, Default)]
 pub struct ServeArgs {
     /// A TOML file of settings (keys as the flags, with `_`: `listen`, `data_dir`,
     /// `public_url`, `max_file_size`, `max_processes`, `max_loaded_programs`,
     /// `shutdown_grace`, `checkpoints`, `remote`, `remote_endpoint`, `remote_region`,
-    /// `remote_timeout`, `cache_size`, `compile_memory`, `compile_timeout`); flags win.
+    /// `remote_timeout`, `cache_size`, `compile_memory`, `compile_timeout`,
+    /// `code_cache_size`); flags win.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
     /// Where Stasis keeps its database, images, sandboxes and snapshots [default: .stasis].
@@ -63,6 +65,10 @@ pub struct ServeArgs {
     /// Longest one compilation of a guest may take, e.g. `5m` [default: 10m].
     #[arg(long, value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
     compile_timeout: Option<Duration>,
+    /// Disk the compiled-code cache may use, e.g. `20G`; past it the least recently used
+    /// programs' code is deleted (and compiled again when next run) [default: 16G].
+    #[arg(long, value_name = "BYTES", value_parser = stasis_runtime::limits::parse_byte_size)]
+    code_cache_size: Option<u64>,
     #[command(flatten)]
     remote: RemoteFlags,
     /// With `--remote`: how much of the shared snapshots this node keeps on local disk,
@@ -110,6 +116,7 @@ struct ConfigFile {
     cache_size: Option<SizeSetting>,
     compile_memory: Option<SizeSetting>,
     compile_timeout: Option<String>,
+    code_cache_size: Option<SizeSetting>,
 }
 
 /// `max_file_size = "512M"` or a number of bytes.
@@ -198,6 +205,12 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
             (None, None) => defaults.time,
         },
     };
+    let code_cache_bytes = match (args.code_cache_size, file.code_cache_size) {
+        (Some(bytes), _) | (None, Some(SizeSetting::Bytes(bytes))) => bytes,
+        (None, Some(SizeSetting::Text(text))) => stasis_runtime::limits::parse_byte_size(&text)
+            .map_err(|e| bad("code_cache_size", &format!("{text:?}"), e))?,
+        (None, None) => DEFAULT_CODE_CACHE_SIZE,
+    };
     if compile_budget.memory < 64 << 20 {
         return Err("compile_memory must be at least 64M (a compiler needs that much to start)".into());
     }
@@ -233,6 +246,7 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
         remote,
         cache_bytes,
         compile_budget,
+        code_cache_bytes,
     })
 }
 
@@ -325,6 +339,8 @@ mod tests {
         let config = with_file("compile_memory = \"2G\"\ncompile_timeout = \"30s\"", ServeArgs::default()).unwrap();
         assert_eq!(config.compile_budget.memory, 2 << 30);
         assert_eq!(config.compile_budget.time, Duration::from_secs(30));
+        assert_eq!(resolve(ServeArgs::default()).unwrap().code_cache_bytes, DEFAULT_CODE_CACHE_SIZE);
+        assert_eq!(with_file("code_cache_size = \"1G\"", ServeArgs::default()).unwrap().code_cache_bytes, 1 << 30);
         let e = with_file("compile_memory = \"1M\"", ServeArgs::default()).unwrap_err();
         assert!(e.contains("compile_memory must be at least 64M"), "{e}");
     }

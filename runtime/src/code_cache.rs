@@ -40,6 +40,8 @@ pub(crate) struct CodeCache {
     engine_key: String,
     /// Where compilations run: in a child under a budget, or (`None`) here.
     isolated: Option<Isolated>,
+    /// Bytes the directory may hold; past it the least recently used artifacts go.
+    max_bytes: Option<u64>,
 }
 
 /// A child process compiles, for an engine configured with `settings`.
@@ -63,7 +65,13 @@ impl Hasher for Blake3Hasher {
 }
 
 impl CodeCache {
-    pub(crate) fn new(engine: &Engine, dir: Option<PathBuf>, checkpoints: bool, isolated: Option<Isolated>) -> Self {
+    pub(crate) fn new(
+        engine: &Engine,
+        dir: Option<PathBuf>,
+        checkpoints: bool,
+        isolated: Option<Isolated>,
+        max_bytes: Option<u64>,
+    ) -> Self {
         let mut hasher = Blake3Hasher(blake3::Hasher::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
         // Core modules are compiled as rewritten by `state_export`: a new rewrite is new code.
@@ -73,7 +81,7 @@ impl CodeCache {
             hasher.write(crate::unwind::TRANSFORM_VERSION.as_bytes());
         }
         let engine_key = hasher.0.finalize().to_hex()[..16].to_string();
-        CodeCache { dir, engine_key, isolated }
+        CodeCache { dir, engine_key, isolated, max_bytes }
     }
 
     /// A short fingerprint of the engine configuration; images record it.
@@ -104,7 +112,39 @@ impl CodeCache {
     /// The compiled artifact of program `hash`, if the cache has a loadable one.
     pub(crate) fn cached(&self, engine: &Engine, hash: &blake3::Hash, format: ProgramFormat) -> Option<Compiled> {
         let path = self.artifact_path(hash, format).filter(|p| p.exists())?;
-        Self::load_artifact(engine, &path, format).ok()
+        let compiled = Self::load_artifact(engine, &path, format).ok()?;
+        touch(&path);
+        Some(compiled)
+    }
+
+    /// Deletes the least recently used files (by modification time, which a load
+    /// refreshes) until the directory is within `max_bytes`, sparing `keep`. An artifact
+    /// in use stays mapped: deleting its file frees the space once nothing maps it.
+    fn enforce_bound(&self, keep: &Path) {
+        let (Some(dir), Some(max)) = (&self.dir, self.max_bytes) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let meta = e.metadata().ok().filter(|m| m.is_file())?;
+                Some((meta.modified().ok()?, meta.len(), e.path()))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        files.sort();
+        for (_, len, path) in files {
+            if total <= max {
+                break;
+            }
+            // A program's note goes with its artifact (same stem), so neither outlives the other.
+            if path == keep || path.with_extension("cwasm") == keep {
+                continue;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                tracing::debug!(path = %path.display(), "code cache over its bound: removed");
+                total -= len;
+            }
+        }
     }
 
     /// Where the note of a core module's artifact lives (see [`CodeCache::note`]).
@@ -140,7 +180,10 @@ impl CodeCache {
             && path.exists()
         {
             match Self::load_artifact(engine, path, format) {
-                Ok(compiled) => return Ok(compiled),
+                Ok(compiled) => {
+                    touch(path);
+                    return Ok(compiled);
+                }
                 Err(err) => tracing::warn!(path = %path.display(), "discarding unloadable compiled artifact: {err}"),
             }
         }
@@ -158,7 +201,7 @@ impl CodeCache {
                 Compiled::Component(c) => c.serialize(),
             };
             match serialized.map_err(std::io::Error::other).and_then(|s| write_atomically(&path, &s)) {
-                Ok(()) => {}
+                Ok(()) => self.enforce_bound(&path),
                 // A cache that cannot be written costs speed, not correctness.
                 Err(err) => tracing::warn!(path = %path.display(), "cannot store compiled artifact: {err}"),
             }
@@ -193,9 +236,17 @@ impl CodeCache {
             peak_rss_mib = stats.peak_rss >> 20,
             "compiled in a worker"
         );
+        self.enforce_bound(&path);
         // A mapped artifact stays valid once its file is gone (the temporary case).
         Self::load_artifact(engine, &path, format)
             .map_err(|e| CompileFailure::Worker(format!("loading what the worker compiled: {e:#}")))
+    }
+}
+
+/// Marks `path` as just used, for the least-recently-used bound.
+fn touch(path: &Path) {
+    if let Ok(file) = std::fs::File::options().write(true).open(path) {
+        let _ = file.set_modified(std::time::SystemTime::now());
     }
 }
 

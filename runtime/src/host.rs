@@ -31,6 +31,9 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 pub struct HostConfig {
     /// Directory for compiled code; `None` keeps compiled code in memory only.
     pub code_cache_dir: Option<PathBuf>,
+    /// Bytes `code_cache_dir` may hold; past it the least recently used artifacts are
+    /// deleted (and recompiled if needed again). `None`: no bound.
+    pub code_cache_max_bytes: Option<u64>,
     /// Processes that may run at once on this host, preallocated as a pool of instance
     /// slots; `None` allocates each instance on demand (slower to start, no cap).
     pub max_processes: Option<u32>,
@@ -64,6 +67,7 @@ impl Default for HostConfig {
     fn default() -> Self {
         HostConfig {
             code_cache_dir: None,
+            code_cache_max_bytes: None,
             max_processes: Some(DEFAULT_MAX_PROCESSES),
             copy_on_write_restore: true,
             checkpoints: false,
@@ -157,6 +161,7 @@ pub(crate) struct HostInner {
     code_cache: CodeCache,
     copy_on_write_restore: bool,
     code_cache_dir: Option<PathBuf>,
+    code_cache_max_bytes: Option<u64>,
     /// How the debug engine compiles (see [`DebugEngine`]).
     debug_isolation: Option<Isolated>,
     debug: OnceLock<std::result::Result<DebugEngine, String>>,
@@ -353,7 +358,13 @@ impl Host {
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_ticker(engine.clone(), ticker_stop.clone());
-        let code_cache = CodeCache::new(&engine, config.code_cache_dir.clone(), config.checkpoints, isolated(settings));
+        let code_cache = CodeCache::new(
+            &engine,
+            config.code_cache_dir.clone(),
+            config.checkpoints,
+            isolated(settings),
+            config.code_cache_max_bytes,
+        );
         let debug_isolation = isolated(EngineSettings { pool: None, guest_debug: true });
         Ok(Host {
             inner: Arc::new(HostInner {
@@ -365,6 +376,7 @@ impl Host {
                 code_cache,
                 copy_on_write_restore: config.copy_on_write_restore,
                 code_cache_dir: config.code_cache_dir.clone(),
+                code_cache_max_bytes: config.code_cache_max_bytes,
                 debug_isolation,
                 debug: OnceLock::new(),
                 component_reactors: Mutex::new(Lru::new(config.max_loaded_programs)),
@@ -473,6 +485,7 @@ impl Host {
                     self.inner.code_cache_dir.clone(),
                     false,
                     self.inner.debug_isolation.clone(),
+                    self.inner.code_cache_max_bytes,
                 );
                 Ok(DebugEngine { engine, linker, code_cache })
             })

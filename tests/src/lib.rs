@@ -296,6 +296,14 @@ impl Api {
         Api { agent, url: url.to_string(), key: key.map(String::from), sandbox: None }
     }
 
+    /// The same client, waiting up to `limit` for an answer (the first start of a large
+    /// program compiles it before the server answers).
+    pub fn patient(&self, limit: std::time::Duration) -> Api {
+        let agent =
+            ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(limit)).build().new_agent();
+        Api { agent, ..self.clone() }
+    }
+
     /// The same client, for the data plane of `sandbox`.
     pub fn sandbox(&self, sandbox: &str) -> Api {
         Api { sandbox: Some(sandbox.to_string()), ..self.clone() }

@@ -32,11 +32,12 @@ fn cc1_checkpointed_mid_compile_and_resumed_writes_the_same_assembly() {
     assert!(expected.len() > 10_000, "{} bytes of assembly", expected.len());
 
     // The first checkpointable run compiles the instrumented cc1 (not timed by the
-    // checkpoint: the timer starts with the guest).
+    // checkpoint: the timer starts with the guest, and the compile takes about a second
+    // when not stopped).
     let stopped = work_dir(&tmp.path().join("stopped"));
     let image = tmp.path().join("cc1.img");
     let mut cmd = stasis(cache.path());
-    cmd.args(["run", "--checkpoint-after", "1500ms", "--checkpoint-and-stop", "--checkpoint-out"])
+    cmd.args(["run", "--checkpoint-after", "400ms", "--checkpoint-and-stop", "--checkpoint-out"])
         .arg(&image)
         .arg("--dir")
         .arg(format!("{}::/w", stopped.display()))
@@ -71,8 +72,9 @@ fn cc1_in_a_sandbox_snapshotted_mid_compile_finishes_in_the_restored_one() {
     sb.put("/api/v1/files?path=/home/user/cc1.wasm", &std::fs::read(&cc1).unwrap()).expect(204);
     sb.put("/api/v1/files?path=/w/prog.c", &std::fs::read(compiler_input()).unwrap()).expect(204);
 
-    // An uninterrupted compile first (it also compiles cc1 into the server's code cache).
-    let (exit, _, stderr) = sb.run("/home/user/cc1.wasm", &CC1_ARGS);
+    // An uninterrupted compile first (it also compiles cc1 into the server's code cache,
+    // which takes minutes on a loaded machine).
+    let (exit, _, stderr) = sb.patient(Duration::from_secs(900)).run("/home/user/cc1.wasm", &CC1_ARGS);
     assert_eq!(exit["exit_code"].as_i64(), Some(0), "{stderr}");
     let expected = sb.get("/api/v1/files?path=/w/prog.s").expect(200).body;
     sb.delete("/api/v1/files?path=/w/prog.s").expect(204);
@@ -80,7 +82,7 @@ fn cc1_in_a_sandbox_snapshotted_mid_compile_finishes_in_the_restored_one() {
     let started =
         sb.post("/api/v1/processes", json!({"command": "/home/user/cc1.wasm", "args": CC1_ARGS})).expect(200).json();
     let pid = started["pid"].as_u64().unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(400));
     let snap = api.snapshot(&id, json!({"snapshot_type": "memory"}));
     assert_eq!(snap["status"].as_str(), Some("completed"), "{snap}");
     let status = sb.get(&format!("/api/v1/processes/{pid}")).expect(200).json();

@@ -135,6 +135,8 @@ pub struct ServerConfig {
     pub cache_bytes: Option<u64>,
     /// Memory and time one compilation of a guest may take (in a child process).
     pub compile_budget: stasis_runtime::CompileBudget,
+    /// Disk the compiled-code cache may use (least recently used code deleted past it).
+    pub code_cache_bytes: u64,
 }
 
 /// What handlers see of the configuration.
@@ -227,6 +229,7 @@ impl AppState {
         .await??;
         let host = Host::new(HostConfig {
             code_cache_dir: Some(paths.code_cache()),
+            code_cache_max_bytes: Some(config.code_cache_bytes),
             max_processes: Some(config.max_processes),
             // Memory snapshots and suspend capture running commands too.
             checkpoints: config.checkpoints,
