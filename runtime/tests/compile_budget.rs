@@ -107,7 +107,7 @@ async fn fifty_thousand_locals_live_across_fifty_thousand_calls_run_without_chec
     let started = Instant::now();
     let program = host.load_async(module.into(), "crafted.wasm".into()).await.unwrap();
     let took = started.elapsed();
-    let why = program.checkpoint_support().err().expect("refused by the transform");
+    let why = program.checkpoint_support().expect_err("refused by the transform");
     assert!(why.contains("instrumentation budget"), "{why}");
     println!("loaded without checkpoints in {took:?}: {why}");
     assert!(took < Duration::from_secs(60), "{took:?}");
