@@ -95,6 +95,14 @@ impl Graph {
         self.blocks[block as usize].end = self.events.len() as u32;
     }
 
+    /// A point of block `block` that may throw to the catch labels of `context`.
+    fn may_throw(&mut self, block: u32, context: u32) {
+        if context != 0 {
+            self.events.push(Event::Throw);
+            self.blocks[block as usize].throws = true;
+        }
+    }
+
     fn edge(&mut self, from: u32, to: u32) {
         if to != EXIT {
             self.blocks[from as usize].succs.push(to);
@@ -284,26 +292,17 @@ fn build(body: &FunctionBody<'_>, sites: &[SitePoint], func: u32) -> Result<Grap
                 if let Some(&k) = after_call.get(&index) {
                     g.events.push(Event::Site(k));
                 }
-                if context != 0 {
-                    g.events.push(Event::Throw);
-                    g.blocks[cur as usize].throws = true;
-                }
+                g.may_throw(cur, context);
             }
             Operator::ReturnCall { .. } | Operator::ReturnCallIndirect { .. } | Operator::ReturnCallRef { .. } => {
                 if let Some(&k) = after_call.get(&index) {
                     g.events.push(Event::Site(k));
                 }
-                if context != 0 {
-                    g.events.push(Event::Throw);
-                    g.blocks[cur as usize].throws = true;
-                }
+                g.may_throw(cur, context);
                 split(&mut g, &mut cur, context, &[], false);
             }
             Operator::Throw { .. } | Operator::ThrowRef => {
-                if context != 0 {
-                    g.events.push(Event::Throw);
-                    g.blocks[cur as usize].throws = true;
-                }
+                g.may_throw(cur, context);
                 split(&mut g, &mut cur, context, &[], false);
             }
             Operator::Block { .. } => {

@@ -137,6 +137,12 @@ impl Helpers {
         f
     }
 
+    /// After a `memory.grow`/`table.grow`: a stack that cannot grow fails the unwind.
+    fn fail_if_grow_failed(&self) -> [Instruction<'static>; 5] {
+        use Instruction as I;
+        [I::I32Const(-1), I::I32Eq, I::If(BlockType::Empty), I::Call(self.fail), I::End]
+    }
+
     fn reserve_body(&self) -> Function {
         use Instruction as I;
         // The stack is at most STACK_MAX_PAGES (1 GiB) and a frame at most 50,000 locals
@@ -158,14 +164,9 @@ impl Helpers {
             I::I32Const(16),
             I::I32ShrU,
             I::MemoryGrow(self.memory),
-            I::I32Const(-1),
-            I::I32Eq,
-            I::If(BlockType::Empty),
-            I::Call(self.fail),
-            I::End,
-            I::End,
-            I::GlobalGet(self.sp),
         ]);
+        body.extend(self.fail_if_grow_failed());
+        body.extend([I::End, I::GlobalGet(self.sp)]);
         body.extend(end);
         body.extend([I::GlobalSet(self.sp), I::End]);
         let mut f = Function::new([]);
@@ -224,11 +225,9 @@ impl Helpers {
                 I::RefNull(wasm_encoder::HeapType::FUNC),
                 I::I32Const(64),
                 I::TableGrow(self.table),
-                I::I32Const(-1),
-                I::I32Eq,
-                I::If(BlockType::Empty),
-                I::Call(self.fail),
-                I::End,
+            ]);
+            body.extend(self.fail_if_grow_failed());
+            body.extend([
                 I::End,
                 I::GlobalGet(self.ref_sp),
                 I::LocalGet(0),
@@ -251,11 +250,9 @@ impl Helpers {
                 I::If(BlockType::Empty),
                 I::I32Const(1),
                 I::MemoryGrow(self.memory),
-                I::I32Const(-1),
-                I::I32Eq,
-                I::If(BlockType::Empty),
-                I::Call(self.fail),
-                I::End,
+            ]);
+            body.extend(self.fail_if_grow_failed());
+            body.extend([
                 I::End,
                 I::GlobalGet(self.sp),
                 I::LocalGet(0),
