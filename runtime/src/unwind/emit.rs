@@ -727,10 +727,9 @@ impl<'a, 'p> Emitter<'a, 'p> {
     fn open_structure(&mut self, id: usize, op: Operator<'a>) -> Result<(), UnwindError> {
         let st = &self.plan.structures[id];
         let (kind, first, end, then_end, skippable) = (st.kind, st.first_site, st.site_end, st.then_end, st.skippable);
-        let (inputs, results) = (st.inputs.clone(), st.results.clone());
+        let inputs = st.inputs.clone();
         // Only loops need a wrapper to be skipped (a branch to a loop's label re-enters
         // it); other structures are left by a branch from inside (`flush_exits`).
-        let _ = results;
         if skippable && kind == StructKind::Loop {
             let entry = self.stash(Pool::LoopIn, &inputs)?;
             // Enter unless rewinding to a site outside.
