@@ -443,6 +443,9 @@ pub(crate) async fn run_start(
     }
     let control = store.data().checkpoint.as_ref().map(|c| c.control.clone()).expect("checkpointing");
     loop {
+        if state.get(&mut *store).i32() == Some(REWINDING) {
+            install_rewind_copies(&mut *store, instance, program).await?;
+        }
         let code = entry.call(&mut *store).await?;
         if state.get(&mut *store).i32() != Some(UNWINDING) {
             control.fail_pending("the process exited before it reached a stop point");
@@ -476,6 +479,47 @@ pub(crate) async fn run_start(
         phase.set(RunPhase::Wasm);
         state.set(&mut *store, Val::I32(REWINDING))?;
     }
+}
+
+/// Before a rewind: each lean function on the unwind stack hands the rewind to its rewind
+/// copy (see `unwind`), so the copies this instance lacks are built and instantiated
+/// first, next to it in the same store. Forks of one image ask for the same functions,
+/// so they share one compiled module.
+async fn install_rewind_copies(
+    store: &mut wasmtime::Store<ProcessState>,
+    instance: &Instance,
+    program: &Program,
+) -> wasmtime::Result<()> {
+    use crate::state_export::{global_export, memory_export, table_export};
+    let layout = program.unwind.as_ref().expect("a transformed program");
+    let missing_export = |name: String| wasmtime::format_err!("the transformed module does not export `{name}`");
+    let name = memory_export(layout.stack_memory);
+    let stack = instance.get_memory(&mut *store, &name).ok_or_else(|| missing_export(name))?;
+    let name = global_export(layout.sp_global);
+    let sp = instance.get_global(&mut *store, &name).ok_or_else(|| missing_export(name))?;
+    let sp = sp.get(&mut *store).i32().unwrap_or(0) as u32;
+    let funcs = unwind::stack_functions(stack.data(&*store), sp)
+        .map_err(|e| wasmtime::format_err!("the process's saved stack is corrupt: {e}"))?;
+    let name = table_export(layout.copies_table);
+    let copies = instance.get_table(&mut *store, &name).ok_or_else(|| missing_export(name))?;
+    let mut missing: Vec<u32> = funcs
+        .into_iter()
+        .filter(|&f| matches!(copies.get(&mut *store, u64::from(f)), Some(wasmtime::Ref::Func(None))))
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let Some(module) = program.rewind_copies(missing).await? else { return Ok(()) };
+    let mut imports = Vec::new();
+    for import in module.imports() {
+        let export =
+            instance.get_export(&mut *store, import.name()).ok_or_else(|| missing_export(import.name().into()))?;
+        imports.push(export);
+    }
+    Instance::new_async(&mut *store, &module, &imports).await?;
+    Ok(())
 }
 
 /// Captures an unwound instance.

@@ -60,6 +60,10 @@ pub struct HostConfig {
 /// usual, and each keeps its bytes and linked instance template in memory.
 pub const DEFAULT_MAX_LOADED_PROGRAMS: usize = 128;
 
+/// Sets of rewind copies a program keeps compiled (each is the set of functions on some
+/// stopped stack: forks of one image share one).
+const REWIND_COPY_SETS: usize = 32;
+
 /// Default size of the instance pool.
 pub const DEFAULT_MAX_PROCESSES: u32 = 500;
 
@@ -106,7 +110,10 @@ impl HostInner {
         } else {
             (std::borrow::Cow::Borrowed(bytes), Err(None))
         };
-        let (rewritten, layout) = state_export::rewrite(&source).map_err(|e| invalid(e.to_string()))?;
+        let (rewritten, mut layout) = state_export::rewrite(&source).map_err(|e| invalid(e.to_string()))?;
+        if let Ok(unwind) = &unwind {
+            layout.tables[unwind.copies_table as usize].host_owned = true;
+        }
         Ok((rewritten, layout, unwind))
     }
 
@@ -133,6 +140,32 @@ impl HostInner {
                     .map_err(|f| compile_error(what, f))?;
                 Ok((layout, Err(Some(reason)), compiled))
             }
+            Err(failure) => Err(compile_error(what, failure)),
+        }
+    }
+}
+
+impl HostInner {
+    /// The compiled rewind copies of functions `funcs` of a checkpointable program (see
+    /// `unwind::rewind_copies`), or `None` when none of them needs one. Built on first
+    /// need, compiled under the compile budget and cached on disk like programs.
+    fn rewind_copies(&self, bytes: &[u8], program: &blake3::Hash, funcs: &[u32]) -> Result<Option<wasmtime::Module>> {
+        let mut key = blake3::Hasher::new();
+        key.update(b"rewind-copies:").update(crate::unwind::TRANSFORM_VERSION.as_bytes()).update(program.as_bytes());
+        for f in funcs {
+            key.update(&f.to_le_bytes());
+        }
+        let key = key.finalize();
+        if let Some(Compiled::Module(module)) = self.code_cache.cached(&self.engine, &key, ProgramFormat::Module) {
+            return Ok(Some(module));
+        }
+        let what = "the program's rewind copies";
+        let copies = crate::unwind::rewind_copies(bytes, &crate::checkpoint::blocking_imports(), funcs)
+            .map_err(|e| Error::Start(format!("building {what}: {e}")))?;
+        let Some(copies) = copies else { return Ok(None) };
+        match self.code_cache.load_or_compile(&self.engine, &copies.wasm, &key, ProgramFormat::Module) {
+            Ok(Compiled::Module(module)) => Ok(Some(module)),
+            Ok(Compiled::Component(_)) => unreachable!("compiled as a module"),
             Err(failure) => Err(compile_error(what, failure)),
         }
     }
@@ -192,6 +225,8 @@ pub struct Program {
     host: Weak<HostInner>,
     /// Built on first need: see `cow_restore`.
     resume: OnceLock<Option<Arc<ResumeProgram>>>,
+    /// Rewind copies built so far, by the functions asked for (see `checkpoint`).
+    rewind_copies: Mutex<Lru<Vec<u32>, Option<wasmtime::Module>>>,
 }
 
 /// A program's resume variant, compiled (see `cow_restore`).
@@ -262,6 +297,21 @@ impl Program {
             .clone()
     }
 
+    /// The rewind copies of `funcs` (see `unwind::rewind_copies`), built off the async
+    /// runtime on first need.
+    pub(crate) async fn rewind_copies(&self, funcs: Vec<u32>) -> Result<Option<wasmtime::Module>> {
+        if let Some(module) = self.rewind_copies.lock().unwrap().get(&funcs) {
+            return Ok(module);
+        }
+        let host = self.host.upgrade().ok_or_else(|| Error::Start("the host is shutting down".into()))?;
+        let (bytes, hash, asked) = (self.bytes.clone(), self.hash, funcs.clone());
+        let module = tokio::task::spawn_blocking(move || host.rewind_copies(&bytes, &hash, &asked))
+            .await
+            .map_err(|e| Error::Start(format!("building rewind copies: {e}")))??;
+        self.rewind_copies.lock().unwrap().insert(funcs, module.clone());
+        Ok(module)
+    }
+
     /// The core linker of the host that loaded the program (gone only with the host).
     pub(crate) fn linker(&self) -> Option<Arc<HostInner>> {
         self.host.upgrade()
@@ -317,8 +367,9 @@ pub(crate) fn engine_config(settings: EngineSettings) -> Config {
             .total_tables(processes * 4)
             .total_stacks(processes)
             .max_memories_per_module(2)
-            // The unwind transform adds a table (saved function references) to a module.
-            .max_tables_per_module(2)
+            // The unwind transform adds two tables to a module (saved function references,
+            // rewind copies).
+            .max_tables_per_module(4)
             // Small guests touch little memory: clearing it with memset beats madvise.
             .linear_memory_keep_resident(1 << 20)
             .table_keep_resident(64 << 10);
@@ -464,6 +515,7 @@ impl Host {
             wasi_helper: self.inner.wasi_helper.clone(),
             host: Arc::downgrade(&self.inner),
             resume: OnceLock::new(),
+            rewind_copies: Mutex::new(Lru::new(REWIND_COPY_SETS)),
         });
         self.inner.programs.lock().unwrap().insert(hash, program.clone());
         Ok(program)
@@ -522,6 +574,7 @@ impl Host {
             wasi_helper: self.inner.wasi_helper.clone(),
             host: Arc::downgrade(&self.inner),
             resume: OnceLock::new(),
+            rewind_copies: Mutex::new(Lru::new(REWIND_COPY_SETS)),
         });
         self.inner.component_reactors.lock().unwrap().insert(program.hash, loaded.clone());
         Ok(loaded)

@@ -135,6 +135,10 @@ pub(crate) fn capture(
     for index in 0..layout.tables.len() as u32 {
         let name = state_export::table_export(index);
         let table = instance.get_table(store.as_context_mut(), &name).ok_or(StateError::MissingExport(name))?;
+        if layout.tables[index as usize].host_owned {
+            tables.push(TableImage { size: table.size(store.as_context_mut()), elements: Vec::new() });
+            continue;
+        }
         tables.push(table_image(store, &table, &numbers, &format!("table {index}"))?);
     }
     Ok(CapturedInstance { memories, globals, tables })
@@ -244,6 +248,9 @@ pub(crate) fn restore_tables(
         let name = state_export::table_export(index as u32);
         let table = instance.get_table(store.as_context_mut(), &name).ok_or(StateError::MissingExport(name))?;
         let what = format!("table {index}");
+        if layout.tables[index].host_owned {
+            continue;
+        }
         if !layout.tables[index].funcref {
             // Only null references of other types are ever captured: grow, keep nulls.
             let current = table.size(store.as_context_mut());

@@ -10,7 +10,9 @@
 //!   `__stasis_global_N`, `__stasis_table_N`, N the index in its index space);
 //! - every function that can sit in a table (named by an element segment or a `ref.func`
 //!   in a global's initializer) is exported as `__stasis_func_N`, so a restored table can
-//!   be refilled with the same functions;
+//!   be refilled with the same functions (the unwind transform declares, in such a segment,
+//!   the functions its rewind copies call);
+//! - every exception tag is exported as `__stasis_tag_N`;
 //! - the start function, if any, is no longer run by instantiation but exported as
 //!   `__stasis_start`: a fresh process calls it, a restored one must not run it twice.
 //!
@@ -26,7 +28,7 @@ pub const RESERVED_PREFIX: &str = "__stasis_";
 pub const START_EXPORT: &str = "__stasis_start";
 /// Part of the compiled-code cache key and of the engine fingerprint images record:
 /// change it whenever the rewrite's output changes.
-pub const REWRITE_VERSION: &str = "state-export-1";
+pub const REWRITE_VERSION: &str = "state-export-2";
 
 pub fn memory_export(index: u32) -> String {
     format!("__stasis_memory_{index}")
@@ -44,6 +46,10 @@ pub fn func_export(index: u32) -> String {
     format!("__stasis_func_{index}")
 }
 
+pub fn tag_export(index: u32) -> String {
+    format!("__stasis_tag_{index}")
+}
+
 /// What the rewrite learned about a module's state, in index order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StateLayout {
@@ -54,6 +60,10 @@ pub struct StateLayout {
     pub table_funcs: Vec<u32>,
     /// The original start function.
     pub start: Option<u32>,
+    /// Exception tags, all exported as `__stasis_tag_N` (the unwind transform's rewind
+    /// copies throw and catch the instance's own).
+    #[serde(default)]
+    pub tags: u32,
     /// Byte ranges active data segments initialize, per memory; `None` when an offset is
     /// not a constant (then the whole initial memory counts as initialized).
     pub data_ranges: Option<Vec<(u32, Range<u64>)>>,
@@ -95,6 +105,10 @@ pub struct TableInfo {
     pub imported: bool,
     pub funcref: bool,
     pub minimum: u64,
+    /// Filled by the host, not the guest (the unwind transform's copies table): a
+    /// snapshot keeps its size only, and a restore leaves it as instantiated.
+    #[serde(default)]
+    pub host_owned: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +133,8 @@ pub fn rewrite(wasm: &[u8]) -> Result<(Vec<u8>, StateLayout), RewriteError> {
             Payload::ImportSection(reader) => {
                 for import in reader.clone().into_imports() {
                     match import?.ty {
-                        TypeRef::Func(_) | TypeRef::FuncExact(_) | TypeRef::Tag(_) => {}
+                        TypeRef::Func(_) | TypeRef::FuncExact(_) => {}
+                        TypeRef::Tag(_) => layout.tags += 1,
                         TypeRef::Memory(m) => layout.memories.push(memory_info(m, true)),
                         TypeRef::Global(g) => layout.globals.push(global_info(g, true)),
                         TypeRef::Table(t) => layout.tables.push(table_info(t, true)),
@@ -153,6 +168,7 @@ pub fn rewrite(wasm: &[u8]) -> Result<(Vec<u8>, StateLayout), RewriteError> {
                 }
             }
             Payload::StartSection { func, .. } => layout.start = Some(*func),
+            Payload::TagSection(reader) => layout.tags += reader.count(),
             Payload::ElementSection(reader) => {
                 for element in reader.clone() {
                     match element?.items {
@@ -213,6 +229,9 @@ pub fn rewrite(wasm: &[u8]) -> Result<(Vec<u8>, StateLayout), RewriteError> {
     }
     for &index in &layout.table_funcs {
         export_section.export(&func_export(index), ExportKind::Func, index);
+    }
+    for index in 0..layout.tags {
+        export_section.export(&tag_export(index), ExportKind::Tag, index);
     }
     if let Some(start) = layout.start {
         export_section.export(START_EXPORT, ExportKind::Func, start);
@@ -288,7 +307,7 @@ fn global_info(g: wasmparser::GlobalType, imported: bool) -> GlobalInfo {
 }
 
 fn table_info(t: wasmparser::TableType, imported: bool) -> TableInfo {
-    TableInfo { imported, funcref: t.element_type.is_func_ref(), minimum: t.initial }
+    TableInfo { imported, funcref: t.element_type.is_func_ref(), minimum: t.initial, host_owned: false }
 }
 
 pub(crate) fn collect_ref_funcs(

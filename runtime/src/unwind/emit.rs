@@ -60,6 +60,19 @@ enum Slot {
     NullOnly,
 }
 
+/// Which of a function's two bodies to emit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Body {
+    /// What the module runs: it can unwind, but not rewind. Its prologue hands a rewind to
+    /// the function's rewind copy (through the copies table) with a tail call, so the
+    /// normal path carries no rewind code: no guards, no skipped-structure exits, no
+    /// joins from the prologue into every site.
+    Lean,
+    /// Unwinds and rewinds: the rewind copies, and functions that cannot be copied into
+    /// another module (they use data or element segments, which are per module).
+    Full,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Frame {
     Original,
@@ -103,6 +116,12 @@ pub(crate) struct Emitter<'a, 'p> {
     /// Branch hints: (index in `out` of an instrumentation `if`, whether it is taken).
     /// Cranelift lays the unlikely arm out of line, so the normal path stays compact.
     hints: Vec<(usize, bool)>,
+    /// The normal-path body only: unwinds, never rewinds (see [`Body`]).
+    lean: bool,
+    type_index: u32,
+    /// Maps function indices of the emitted code (a rewind copy calls the module's
+    /// functions through imports).
+    remap: Option<&'p dyn Fn(u32) -> u32>,
 }
 
 fn enc(ty: ValType) -> Result<wasm_encoder::ValType, UnwindError> {
@@ -121,6 +140,8 @@ impl<'a, 'p> Emitter<'a, 'p> {
         results: &[ValType],
         body: &FunctionBody<'a>,
         live: Vec<Vec<u32>>,
+        kind: Body,
+        type_index: u32,
     ) -> Result<Self, UnwindError> {
         let mut locals: Vec<ValType> = params.to_vec();
         for group in body.get_locals_reader()? {
@@ -152,6 +173,9 @@ impl<'a, 'p> Emitter<'a, 'p> {
             results: results.to_vec(),
             param_count: params.len(),
             hints: Vec::new(),
+            lean: kind == Body::Lean,
+            type_index,
+            remap: None,
         };
         if plan.sites.iter().any(|s| s.indirect) {
             emitter.index_local = Some(emitter.new_local(ValType::I32));
@@ -223,9 +247,9 @@ impl<'a, 'p> Emitter<'a, 'p> {
     }
 
     /// One slot per local some site saves, in local order (deterministic: images move
-    /// between hosts). Offset 0 holds the site id.
+    /// between hosts), then the frame's header (see [`HEADER_BYTES`]).
     fn lay_out_frame(&mut self) -> Result<(), UnwindError> {
-        let mut offset = 8u32;
+        let mut offset = 0u32;
         for saves in &self.site_saves {
             for &local in saves {
                 if self.slots.contains_key(&local) {
@@ -250,8 +274,19 @@ impl<'a, 'p> Emitter<'a, 'p> {
                 offset += size;
             }
         }
-        self.frame_bytes = offset.next_multiple_of(16);
+        self.frame_bytes = offset.next_multiple_of(16) + HEADER_BYTES;
         Ok(())
+    }
+
+    /// Offset of the frame's header.
+    fn header(&self) -> u32 {
+        self.frame_bytes - HEADER_BYTES
+    }
+
+    /// Rewind copies call the module's functions under other indices.
+    pub(crate) fn with_remap(mut self, remap: &'p dyn Fn(u32) -> u32) -> Self {
+        self.remap = Some(remap);
+        self
     }
 
     fn new_local(&mut self, ty: ValType) -> u32 {
@@ -481,6 +516,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
                         // Rewinding to a site after the `if` enters its `else` arm: leave it.
                         if let Some(&id) = self.else_of.get(&index)
                             && self.plan.structures[id].skippable
+                            && !self.lean
                         {
                             self.pending_exits.push(id);
                         }
@@ -519,7 +555,12 @@ impl<'a, 'p> Emitter<'a, 'p> {
                 hints.push(wasm_encoder::BranchHint { branch_func_offset: offset, branch_hint_value: taken as u32 });
                 next_hint.next();
             }
-            function.instruction(instruction);
+            match (self.remap, instruction) {
+                (Some(remap), Instruction::Call(f)) => function.instruction(&Instruction::Call(remap(*f))),
+                (Some(remap), Instruction::ReturnCall(f)) => function.instruction(&Instruction::ReturnCall(remap(*f))),
+                (Some(remap), Instruction::RefFunc(f)) => function.instruction(&Instruction::RefFunc(remap(*f))),
+                _ => function.instruction(instruction),
+            };
         }
         Ok((function, hints))
     }
@@ -529,6 +570,26 @@ impl<'a, 'p> Emitter<'a, 'p> {
     }
 
     fn prologue(&mut self) -> Result<(), UnwindError> {
+        if self.lean {
+            // Rewinding: continue in the rewind copy, in place of this frame.
+            self.state_is(REWINDING);
+            self.hint(false);
+            self.push(Instruction::If(BlockType::Empty));
+            for param in 0..self.param_count as u32 {
+                self.push(Instruction::LocalGet(param));
+            }
+            self.push(Instruction::I32Const(self.func as i32));
+            self.push(Instruction::ReturnCallIndirect {
+                type_index: self.type_index,
+                table_index: self.helpers.copies,
+            });
+            self.push(Instruction::End);
+            let results = self.results.clone();
+            let bt = self.block_type(&[], &results)?;
+            self.push(Instruction::Block(bt));
+            self.frames.push(Frame::Original);
+            return Ok(());
+        }
         // Rewinding: pop this function's frame, learn the target site, reload the locals.
         self.state_is(REWINDING);
         self.hint(false);
@@ -536,8 +597,16 @@ impl<'a, 'p> Emitter<'a, 'p> {
         self.push(Instruction::I32Const(self.frame_bytes as i32));
         self.push(Instruction::Call(self.helpers.release));
         self.push(Instruction::LocalTee(self.base));
-        self.push(Instruction::I32Load(self.helpers.memarg(0, 2)));
+        self.push(Instruction::I32Load(self.helpers.memarg(self.header(), 2)));
         self.push(Instruction::LocalSet(self.target));
+        // A frame of another function means a corrupt image: stop cleanly.
+        self.push(Instruction::LocalGet(self.base));
+        self.push(Instruction::I32Load(self.helpers.memarg(self.header() + 4, 2)));
+        self.push(Instruction::I32Const(self.func as i32));
+        self.push(Instruction::I32Ne);
+        self.push(Instruction::If(BlockType::Empty));
+        self.push(Instruction::Call(self.helpers.fail));
+        self.push(Instruction::End);
         self.restore_frame()?;
         self.push(Instruction::End);
         let results = self.results.clone();
@@ -590,7 +659,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
 
     /// The end of an unwind at site `id` (its operands already saved): the frame, then
     /// leave the function.
-    fn save_frame(&mut self, id: usize) -> Result<(), UnwindError> {
+    fn save_frame(&mut self, id: usize, kept_bytes: u32) -> Result<(), UnwindError> {
         let saves = self.site_saves[id].clone();
         let references: Vec<u32> =
             self.slots.iter().filter(|(_, s)| matches!(s, Slot::Reference)).map(|(&l, _)| l).collect();
@@ -607,8 +676,11 @@ impl<'a, 'p> Emitter<'a, 'p> {
         self.push(Instruction::I32Const(self.frame_bytes as i32));
         self.push(Instruction::Call(self.helpers.reserve));
         self.push(Instruction::LocalTee(self.base));
-        self.push(Instruction::I32Const(id as i32));
-        self.push(Instruction::I32Store(self.helpers.memarg(0, 2)));
+        self.push(Instruction::I64Const(((self.func as u64) << 32 | id as u64) as i64));
+        self.push(Instruction::I64Store(self.helpers.memarg(self.header(), 3)));
+        self.push(Instruction::LocalGet(self.base));
+        self.push(Instruction::I32Const((self.frame_bytes + kept_bytes) as i32));
+        self.push(Instruction::I32Store(self.helpers.memarg(self.header() + 8, 2)));
         for &local in &saves {
             if let Slot::Memory(offset) = self.slots[&local] {
                 self.push(Instruction::LocalGet(self.base));
@@ -634,6 +706,13 @@ impl<'a, 'p> Emitter<'a, 'p> {
             if self.trivial_guard(g) {
                 return Ok(());
             }
+            if self.lean {
+                self.active_guard = Some(g);
+                if self.plan.guards[g].end == index {
+                    self.close_guard(g)?;
+                }
+                return Ok(());
+            }
             let params = self.plan.guards[g].params.clone();
             let inputs = self.stash(Pool::GuardIn, &params)?;
             // Runs unless rewinding (state 2): `ARMED` and `NORMAL` both execute it.
@@ -655,6 +734,19 @@ impl<'a, 'p> Emitter<'a, 'p> {
     fn close_guard(&mut self, g: usize) -> Result<(), UnwindError> {
         let guard = &self.plan.guards[g];
         let (results, spill_for) = (guard.results.clone(), guard.spill_for);
+        if self.lean {
+            if let Some(s) = spill_for
+                && let Some(spills) = self.spill_locals.get(&s).cloned()
+            {
+                let outputs = self.stash(Pool::GuardOut, &results)?;
+                for &local in spills.iter().rev() {
+                    self.push(Instruction::LocalSet(local));
+                }
+                self.push_locals(&outputs);
+            }
+            self.active_guard = None;
+            return Ok(());
+        }
         let outputs = self.stash(Pool::GuardOut, &results)?;
         if let Some(s) = spill_for
             && let Some(spills) = self.spill_locals.get(&s).cloned()
@@ -726,7 +818,8 @@ impl<'a, 'p> Emitter<'a, 'p> {
 
     fn open_structure(&mut self, id: usize, op: Operator<'a>) -> Result<(), UnwindError> {
         let st = &self.plan.structures[id];
-        let (kind, first, end, then_end, skippable) = (st.kind, st.first_site, st.site_end, st.then_end, st.skippable);
+        let (kind, first, end, then_end, skippable) =
+            (st.kind, st.first_site, st.site_end, st.then_end, st.skippable && !self.lean);
         let inputs = st.inputs.clone();
         // Only loops need a wrapper to be skipped (a branch to a loop's label re-enters
         // it); other structures are left by a branch from inside (`flush_exits`).
@@ -741,7 +834,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.open_if(true);
             self.push_locals(&entry);
         }
-        if kind == StructKind::If {
+        if kind == StructKind::If && !self.lean {
             // While rewinding, the arm holding the target decides, not the condition.
             // select(condition, target < then_end, state != REWINDING): no block, so no
             // block parameter (see `Pool`).
@@ -776,7 +869,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
         if !st.open() {
             return Ok(());
         }
-        let (results, skippable) = (st.results.clone(), st.skippable);
+        let (results, skippable) = (st.results.clone(), st.skippable && !self.lean);
         if skippable && st.kind == StructKind::Loop {
             // Skipped while rewinding: its results are placeholders.
             let exit = self.stash(Pool::LoopOut, &results)?;
@@ -797,7 +890,8 @@ impl<'a, 'p> Emitter<'a, 'p> {
         let kept = site.saved().len();
         let (params, results) = (site.params.clone(), site.results.clone());
         let (loop_check, skippable, indirect, import, tail) =
-            (site.loop_check, site.skippable, site.indirect, site.import, site.tail);
+            (site.loop_check, site.skippable && !self.lean, site.indirect, site.import, site.tail);
+        let lean = self.lean;
         // The whole frame goes to locals: beneath the call (kept) and its operands.
         let frame_locals = self.stash(Pool::Frame, &frame)?;
         let (kept_locals, operands) = frame_locals.split_at(kept);
@@ -821,7 +915,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
                 *n += 1;
             }
         }
-        if skippable || kept > 0 || import || indirect {
+        if !lean && (skippable || kept > 0 || import || indirect) {
             // Rewinding: skip this site for a later one, or reload what the unwind saved
             // here (the operands beneath the call, an import's arguments, a table call's
             // index).
@@ -879,7 +973,8 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.push(Instruction::LocalGet(kept_locals[k]));
             self.save_value(frame[k])?;
         }
-        self.save_frame(id)?;
+        let kept_bytes = frame[..kept].iter().map(|&ty| stack_bytes(ty)).sum();
+        self.save_frame(id, kept_bytes)?;
         self.close_synthetic();
         if tail {
             // `return_call`: nothing follows in this sequence (the planner saw it unreachable).
@@ -903,5 +998,20 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.push_locals(&result_locals);
         }
         Ok(())
+    }
+}
+
+/// A frame's header, at its top: the site (`u32`), the function (`u32`), and the bytes
+/// of the whole entry (`u32`: the frame and the operands saved beneath it), so the host
+/// can walk the unwind stack from its top and learn which functions are on it.
+pub(crate) const HEADER_BYTES: u32 = 16;
+
+/// Bytes a saved operand of `ty` takes on the unwind stack (function references go to
+/// the reference stack; other references are not written).
+fn stack_bytes(ty: ValType) -> u32 {
+    match save_class(ty) {
+        Ok(SaveClass::Value(super::support::Class::FuncRef)) | Ok(SaveClass::NullOnly) | Err(_) => 0,
+        Ok(SaveClass::Value(super::support::Class::V128)) => 16,
+        Ok(SaveClass::Value(_)) => 8,
     }
 }

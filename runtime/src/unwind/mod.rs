@@ -39,10 +39,12 @@ use crate::state_export::{collect_ref_funcs, section_rank};
 use std::ops::Range;
 use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
 use wasm_encoder::{
-    CodeSection, ConstExpr, FunctionSection, GlobalSection, GlobalType, MemorySection, MemoryType, RawSection,
-    TableSection, TableType, TypeSection,
+    CodeSection, ConstExpr, ElementSection, Elements, EntityType, FunctionSection, GlobalSection, GlobalType,
+    ImportSection, MemorySection, MemoryType, RawSection, TableSection, TableType, TypeSection,
 };
-use wasmparser::{Parser, Payload, TypeRef, ValidPayload, Validator, WasmFeatures};
+use wasmparser::{
+    FuncToValidate, FunctionBody, Parser, Payload, TypeRef, ValidPayload, Validator, ValidatorResources, WasmFeatures,
+};
 
 pub const NORMAL: i32 = 0;
 pub const UNWINDING: i32 = 1;
@@ -53,7 +55,7 @@ pub const FAILED: i32 = 4;
 /// Part of the compiled-code key and of the engine fingerprint images record: change it
 /// whenever the transform's output changes (site numbers are what a rewind follows, so an
 /// image must never resume on code from another version). A unit test pins the output.
-pub const TRANSFORM_VERSION: &str = "unwind-3";
+pub const TRANSFORM_VERSION: &str = "unwind-4";
 
 #[derive(Debug, Clone, Default)]
 pub struct UnwindOptions {
@@ -72,6 +74,9 @@ pub struct UnwindLayout {
     pub ref_sp_global: u32,
     pub stack_memory: u32,
     pub ref_table: u32,
+    /// See `support::Helpers::copies`: the host's, not the guest's (a snapshot keeps
+    /// only its size).
+    pub copies_table: u32,
     /// Functions instrumented, of those defined.
     pub instrumented: u32,
     pub defined: u32,
@@ -98,103 +103,146 @@ fn features() -> WasmFeatures {
     WasmFeatures::default()
 }
 
-/// Instruments `wasm` as the module docs describe.
-pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, UnwindLayout), UnwindError> {
-    let mut info = plan::ModuleInfo { types: Vec::new(), func_types: Vec::new(), func_imports: Vec::new() };
-    let (mut globals, mut memories, mut tables) = (0u32, 0u32, 0u32);
-    let mut sections: Vec<(u8, Range<usize>)> = Vec::new();
-    let mut validator = Validator::new_with_features(features());
-    let mut bodies = Vec::new();
-    let mut type_reader = None;
-    let mut function_reader = None;
-    let mut table_reader = None;
-    let mut memory_reader = None;
-    let mut global_reader = None;
-    // Functions a table can hold: element segments and `ref.func` in global initializers
-    // (`ref.func` in code is in the call summaries).
-    let mut table_funcs = std::collections::BTreeSet::new();
+/// A module read for the transform: its index spaces and the sections it rewrites.
+struct Scanned<'a> {
+    info: plan::ModuleInfo,
+    globals: Vec<wasmparser::GlobalType>,
+    memories: Vec<wasmparser::MemoryType>,
+    tables: Vec<wasmparser::TableType>,
+    tags: Vec<wasmparser::TagType>,
+    sections: Vec<(u8, Range<usize>)>,
+    bodies: Vec<(FuncToValidate<ValidatorResources>, FunctionBody<'a>)>,
+    type_reader: Option<wasmparser::TypeSectionReader<'a>>,
+    function_reader: Option<wasmparser::FunctionSectionReader<'a>>,
+    table_reader: Option<wasmparser::TableSectionReader<'a>>,
+    memory_reader: Option<wasmparser::MemorySectionReader<'a>>,
+    global_reader: Option<wasmparser::GlobalSectionReader<'a>>,
+    element_reader: Option<wasmparser::ElementSectionReader<'a>>,
+    /// The module's exports other than functions.
+    exports: Vec<(String, wasm_encoder::ExportKind, u32)>,
+    /// Functions a table can hold: element segments and `ref.func` in global initializers
+    /// (`ref.func` in code is in the call summaries).
+    table_funcs: std::collections::BTreeSet<u32>,
+}
 
+fn scan(wasm: &[u8]) -> Result<Scanned<'_>, UnwindError> {
+    let mut s = Scanned {
+        info: plan::ModuleInfo { types: Vec::new(), func_types: Vec::new(), func_imports: Vec::new() },
+        globals: Vec::new(),
+        memories: Vec::new(),
+        tables: Vec::new(),
+        tags: Vec::new(),
+        sections: Vec::new(),
+        bodies: Vec::new(),
+        type_reader: None,
+        function_reader: None,
+        table_reader: None,
+        memory_reader: None,
+        global_reader: None,
+        element_reader: None,
+        exports: Vec::new(),
+        table_funcs: Default::default(),
+    };
+    let shared = || UnwindError::Unsupported { feature: "shared memory (threads)".into(), func: None };
+    let mut validator = Validator::new_with_features(features());
     for payload in Parser::new(0).parse_all(wasm) {
         let payload = payload?;
         if let ValidPayload::Func(func, body) = validator.payload(&payload)? {
-            bodies.push((func, body));
+            s.bodies.push((func, body));
         }
         match &payload {
             Payload::TypeSection(reader) => {
                 for group in reader.clone() {
                     for sub in group?.into_types() {
-                        info.types.push(match &sub.composite_type.inner {
+                        s.info.types.push(match &sub.composite_type.inner {
                             wasmparser::CompositeInnerType::Func(f) => Some(f.clone()),
                             _ => None,
                         });
                     }
                 }
-                type_reader = Some(reader.clone());
+                s.type_reader = Some(reader.clone());
             }
             Payload::ImportSection(reader) => {
                 for import in reader.clone().into_imports() {
                     let import = import?;
                     match import.ty {
                         TypeRef::Func(t) | TypeRef::FuncExact(t) => {
-                            info.func_types.push(t);
-                            info.func_imports.push((import.module.to_string(), import.name.to_string()));
+                            s.info.func_types.push(t);
+                            s.info.func_imports.push((import.module.to_string(), import.name.to_string()));
                         }
-                        TypeRef::Global(_) => globals += 1,
-                        TypeRef::Memory(m) => {
-                            if m.shared {
-                                return Err(UnwindError::Unsupported {
-                                    feature: "shared memory (threads)".into(),
-                                    func: None,
-                                });
-                            }
-                            memories += 1
-                        }
-                        TypeRef::Table(_) => tables += 1,
-                        TypeRef::Tag(_) => {}
+                        TypeRef::Global(g) => s.globals.push(g),
+                        TypeRef::Memory(m) if m.shared => return Err(shared()),
+                        TypeRef::Memory(m) => s.memories.push(m),
+                        TypeRef::Table(t) => s.tables.push(t),
+                        TypeRef::Tag(t) => s.tags.push(t),
                     }
                 }
             }
             Payload::FunctionSection(reader) => {
                 for ty in reader.clone() {
-                    info.func_types.push(ty?);
+                    s.info.func_types.push(ty?);
                 }
-                function_reader = Some(reader.clone());
+                s.function_reader = Some(reader.clone());
             }
             Payload::TableSection(reader) => {
-                tables += reader.count();
-                table_reader = Some(reader.clone());
+                for table in reader.clone() {
+                    s.tables.push(table?.ty);
+                }
+                s.table_reader = Some(reader.clone());
             }
             Payload::MemorySection(reader) => {
                 for memory in reader.clone() {
-                    if memory?.shared {
-                        return Err(UnwindError::Unsupported { feature: "shared memory (threads)".into(), func: None });
+                    let memory = memory?;
+                    if memory.shared {
+                        return Err(shared());
                     }
+                    s.memories.push(memory);
                 }
-                memories += reader.count();
-                memory_reader = Some(reader.clone());
+                s.memory_reader = Some(reader.clone());
             }
             Payload::GlobalSection(reader) => {
-                globals += reader.count();
                 for global in reader.clone() {
-                    collect_ref_funcs(&global?.init_expr, &mut table_funcs)?;
+                    let global = global?;
+                    s.globals.push(global.ty);
+                    collect_ref_funcs(&global.init_expr, &mut s.table_funcs)?;
                 }
-                global_reader = Some(reader.clone());
+                s.global_reader = Some(reader.clone());
+            }
+            Payload::ExportSection(reader) => {
+                for export in reader.clone() {
+                    let export = export?;
+                    use wasm_encoder::ExportKind as K;
+                    let kind = match export.kind {
+                        wasmparser::ExternalKind::Memory => K::Memory,
+                        wasmparser::ExternalKind::Global => K::Global,
+                        wasmparser::ExternalKind::Table => K::Table,
+                        wasmparser::ExternalKind::Tag => K::Tag,
+                        _ => continue,
+                    };
+                    s.exports.push((export.name.to_string(), kind, export.index));
+                }
+            }
+            Payload::TagSection(reader) => {
+                for tag in reader.clone() {
+                    s.tags.push(tag?);
+                }
             }
             Payload::ElementSection(reader) => {
                 for element in reader.clone() {
                     match element?.items {
                         wasmparser::ElementItems::Functions(funcs) => {
                             for func in funcs {
-                                table_funcs.insert(func?);
+                                s.table_funcs.insert(func?);
                             }
                         }
                         wasmparser::ElementItems::Expressions(_, exprs) => {
                             for expr in exprs {
-                                collect_ref_funcs(&expr?, &mut table_funcs)?;
+                                collect_ref_funcs(&expr?, &mut s.table_funcs)?;
                             }
                         }
                     }
                 }
+                s.element_reader = Some(reader.clone());
             }
             _ => {}
         }
@@ -202,54 +250,176 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
             continue;
         }
         if let Some((id, range)) = payload.as_section() {
-            sections.push((id, range));
+            s.sections.push((id, range));
+        }
+    }
+    Ok(s)
+}
+
+/// What the transform decides for a whole module before it emits any function.
+struct Analysis {
+    summaries: Vec<plan::CallSummary>,
+    suspension: plan::Suspension,
+    helpers: support::Helpers,
+    imports: usize,
+    preempt_loops: bool,
+}
+
+impl Analysis {
+    fn new(s: &Scanned<'_>, options: &UnwindOptions) -> Result<Self, UnwindError> {
+        let imports = s.info.func_imports.len();
+        let defined = s.bodies.len();
+        let blocking: Vec<bool> = s
+            .info
+            .func_imports
+            .iter()
+            .map(|(m, n)| options.blocking_imports.iter().any(|(bm, bn)| bm == m && bn == n))
+            .collect();
+        let summaries = s.bodies.iter().map(|(_, body)| plan::summarize(body)).collect::<Result<Vec<_>, _>>()?;
+        let suspension =
+            plan::Suspension::compute(&s.info, |f| blocking[f], &summaries, &s.table_funcs, options.preempt_loops);
+        let helpers = support::Helpers::new(
+            (imports + defined) as u32,
+            s.globals.len() as u32,
+            s.memories.len() as u32,
+            s.tables.len() as u32,
+        );
+        Ok(Analysis { summaries, suspension, helpers, imports, preempt_loops: options.preempt_loops })
+    }
+
+    /// Defined function `i`'s body, when it can be on the stack at a suspension.
+    fn body_kind(&self, i: usize) -> Option<emit::Body> {
+        if !self.suspension.functions[self.imports + i] {
+            None
+        } else if self.summaries[i].uses_segments {
+            Some(emit::Body::Full)
+        } else {
+            Some(emit::Body::Lean)
         }
     }
 
-    let imports = info.func_imports.len();
-    let defined = bodies.len();
-    let blocking: Vec<bool> = info
-        .func_imports
-        .iter()
-        .map(|(m, n)| options.blocking_imports.iter().any(|(bm, bn)| bm == m && bn == n))
-        .collect();
-    let summaries = bodies.iter().map(|(_, body)| plan::summarize(body)).collect::<Result<Vec<_>, _>>()?;
-    let suspension = plan::Suspension::compute(&info, |f| blocking[f], &summaries, &table_funcs, options.preempt_loops);
-    let suspends = &suspension.functions;
+    /// Every function the module has once instrumented: its own, then the helpers.
+    fn total_functions(&self) -> u32 {
+        (self.imports + self.summaries.len()) as u32 + support::Helpers::COUNT
+    }
 
-    let helpers = support::Helpers::new((imports + defined) as u32, globals, memories, tables);
+    /// Emits defined function `i` instrumented: the function, its branch hints, its sites.
+    #[allow(clippy::too_many_arguments)]
+    fn emit_function<'a>(
+        &self,
+        info: &plan::ModuleInfo,
+        i: usize,
+        func: FuncToValidate<ValidatorResources>,
+        body: &FunctionBody<'a>,
+        types: &mut support::TypeInterner,
+        kind: emit::Body,
+        remap: Option<&dyn Fn(u32) -> u32>,
+    ) -> Result<(wasm_encoder::Function, Vec<wasm_encoder::BranchHint>, u32), UnwindError> {
+        let index = (self.imports + i) as u32;
+        let calling_loops = &self.summaries[i].calling_loops;
+        let mut plan =
+            plan::plan_function(info, body, index, &self.suspension, self.imports, self.preempt_loops, calling_loops)?;
+        let at = plan::typed_positions(&plan);
+        let mut validator = func.into_validator(Default::default());
+        let frame_types = plan::frame_types_at(&mut validator, body, &at, index)?;
+        plan::type_plan(&mut plan, &frame_types);
+        let ty = info.type_of_func(index)?.clone();
+        let live = live_locals(&plan, body, ty.params().len() as u32, index)?;
+        let type_index = info.func_types[index as usize];
+        let emitter = emit::Emitter::new(
+            &plan,
+            &self.helpers,
+            types,
+            index,
+            ty.params(),
+            ty.results(),
+            body,
+            live,
+            kind,
+            type_index,
+        )?;
+        let emitter = match remap {
+            Some(remap) => emitter.with_remap(remap),
+            None => emitter,
+        };
+        let (function, hints) = emitter.emit(body)?;
+        Ok((function, hints, plan.sites.len() as u32))
+    }
+}
+
+fn funcref_table(size: Option<u64>) -> TableType {
+    TableType {
+        element_type: wasm_encoder::RefType::FUNCREF,
+        minimum: size.unwrap_or(0),
+        maximum: size,
+        table64: false,
+        shared: false,
+    }
+}
+
+fn stack_memory() -> MemoryType {
+    MemoryType {
+        minimum: 1,
+        maximum: Some(support::STACK_MAX_PAGES),
+        memory64: false,
+        shared: false,
+        page_size_log2: None,
+    }
+}
+
+const STATE_GLOBAL: GlobalType = GlobalType { val_type: wasm_encoder::ValType::I32, mutable: true, shared: false };
+
+/// Instruments `wasm` as the module docs describe.
+pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, UnwindLayout), UnwindError> {
+    let scanned = scan(wasm)?;
+    let analysis = Analysis::new(&scanned, options)?;
+    let Scanned {
+        info,
+        sections,
+        bodies,
+        type_reader,
+        function_reader,
+        table_reader,
+        memory_reader,
+        global_reader,
+        element_reader,
+        ..
+    } = scanned;
+    let helpers = &analysis.helpers;
+    let imports = analysis.imports;
+    let defined = bodies.len();
     let mut types = support::TypeInterner::new(info.types.len() as u32);
     let mut code = CodeSection::new();
     let mut branch_hints = wasm_encoder::BranchHints::new();
     let mut instrumented = 0u32;
     let mut sites = 0u32;
+    // Functions rewind copies call (or take references to): the module exports them.
+    let mut copy_callees = std::collections::BTreeSet::new();
     for (i, (func, body)) in bodies.into_iter().enumerate() {
         let index = (imports + i) as u32;
-        if !suspends[index as usize] {
+        let Some(kind) = analysis.body_kind(i) else {
             code.raw(&wasm[body.range()]);
             continue;
+        };
+        if kind == emit::Body::Lean {
+            copy_callees.extend(&analysis.summaries[i].direct_callees);
+            copy_callees.extend(&analysis.summaries[i].ref_funcs);
         }
-        let calling_loops = &summaries[i].calling_loops;
-        let mut plan =
-            plan::plan_function(&info, &body, index, &suspension, imports, options.preempt_loops, calling_loops)?;
-        let at = plan::typed_positions(&plan);
-        let mut validator = func.into_validator(Default::default());
-        let frame_types = plan::frame_types_at(&mut validator, &body, &at, index)?;
-        plan::type_plan(&mut plan, &frame_types);
-        let ty = info.type_of_func(index)?.clone();
-        let live = live_locals(&plan, &body, ty.params().len() as u32, index)?;
-        let emitter = emit::Emitter::new(&plan, &helpers, &mut types, index, ty.params(), ty.results(), &body, live)?;
-        let (function, hints) = emitter.emit(&body)?;
+        let (function, hints, function_sites) =
+            analysis.emit_function(&info, i, func, &body, &mut types, kind, None)?;
         code.function(&function);
         if !hints.is_empty() {
             branch_hints.function_hints(index, hints);
         }
         instrumented += 1;
-        sites += plan.sites.len() as u32;
+        sites += function_sites;
     }
     let helper_functions = helpers.functions(&mut types)?;
     for (_, function) in &helper_functions {
         code.function(function);
+    }
+    if !copy_callees.is_empty() {
+        copy_callees.extend((0..support::Helpers::COUNT).map(|k| helpers.yield_fn + k));
     }
 
     // Sections the transform extends, re-encoded; the rest copied byte for byte.
@@ -269,54 +439,41 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
     if let Some(reader) = table_reader {
         RoundtripReencoder.parse_table_section(&mut table_section, reader).map_err(encode_error)?;
     }
-    table_section.table(TableType {
-        element_type: wasm_encoder::RefType::FUNCREF,
-        minimum: 0,
-        maximum: None,
-        table64: false,
-        shared: false,
-    });
+    table_section.table(funcref_table(None));
+    table_section.table(funcref_table(Some(analysis.total_functions() as u64)));
     let mut memory_section = MemorySection::new();
     if let Some(reader) = memory_reader {
         RoundtripReencoder.parse_memory_section(&mut memory_section, reader).map_err(encode_error)?;
     }
-    memory_section.memory(MemoryType {
-        minimum: 1,
-        maximum: Some(support::STACK_MAX_PAGES),
-        memory64: false,
-        shared: false,
-        page_size_log2: None,
-    });
+    memory_section.memory(stack_memory());
     let mut global_section = GlobalSection::new();
     if let Some(reader) = global_reader {
         RoundtripReencoder.parse_global_section(&mut global_section, reader).map_err(encode_error)?;
     }
     for _ in 0..3 {
-        global_section.global(
-            GlobalType { val_type: wasm_encoder::ValType::I32, mutable: true, shared: false },
-            &ConstExpr::i32_const(0),
-        );
+        global_section.global(STATE_GLOBAL, &ConstExpr::i32_const(0));
+    }
+    let mut element_section = ElementSection::new();
+    if let Some(reader) = element_reader {
+        RoundtripReencoder.parse_element_section(&mut element_section, reader).map_err(encode_error)?;
+    }
+    if !copy_callees.is_empty() {
+        // Declared, so the snapshot rewrite exports them (`state_export`) for the copies.
+        let declared: Vec<u32> = copy_callees.into_iter().collect();
+        element_section.declared(Elements::Functions(declared.into()));
     }
 
     let mut rebuilt: Vec<(u8, Vec<u8>)> = Vec::new();
-    let encoded = |section: &dyn wasm_encoder::Encode| {
-        let mut bytes = Vec::new();
-        section.encode(&mut bytes);
-        bytes
-    };
-    // Section payloads without their id: wasm-encoder's `RawSection` adds id and size.
-    let strip = |bytes: Vec<u8>| -> Vec<u8> {
-        let mut reader = wasmparser::BinaryReader::new(&bytes, 0);
-        let size = reader.read_var_u32().expect("encoded size") as usize;
-        bytes[bytes.len() - size..].to_vec()
-    };
     use wasm_encoder::SectionId as S;
-    rebuilt.push((S::Type as u8, strip(encoded(&type_section))));
-    rebuilt.push((S::Function as u8, strip(encoded(&function_section))));
-    rebuilt.push((S::Table as u8, strip(encoded(&table_section))));
-    rebuilt.push((S::Memory as u8, strip(encoded(&memory_section))));
-    rebuilt.push((S::Global as u8, strip(encoded(&global_section))));
-    rebuilt.push((S::Code as u8, strip(encoded(&code))));
+    rebuilt.push((S::Type as u8, section_payload(&type_section)));
+    rebuilt.push((S::Function as u8, section_payload(&function_section)));
+    rebuilt.push((S::Table as u8, section_payload(&table_section)));
+    rebuilt.push((S::Memory as u8, section_payload(&memory_section)));
+    rebuilt.push((S::Global as u8, section_payload(&global_section)));
+    if !element_section.is_empty() {
+        rebuilt.push((S::Element as u8, section_payload(&element_section)));
+    }
+    rebuilt.push((S::Code as u8, section_payload(&code)));
 
     let mut ordered: Vec<(u8, &[u8])> = sections
         .iter()
@@ -346,11 +503,191 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
         ref_sp_global: helpers.ref_sp,
         stack_memory: helpers.memory,
         ref_table: helpers.table,
+        copies_table: helpers.copies,
         instrumented,
         defined: defined as u32,
         sites,
     };
     Ok((module.finish(), layout))
+}
+
+/// Module name under which a rewind copy imports the instrumented module's exports (the
+/// names `state_export` gives them).
+pub const COPIES_IMPORT_MODULE: &str = "stasis:program";
+
+/// The rewind copies of some functions of a module: a module of its own, instantiated
+/// next to the instrumented module's instance (see [`rewind_copies`]).
+#[derive(Debug)]
+pub struct RewindCopies {
+    pub wasm: Vec<u8>,
+    /// The functions copied, ascending.
+    pub funcs: Vec<u32>,
+}
+
+/// Builds the rewind copies of `wanted` (functions of the original `wasm`; those with no
+/// lean body are left out: they rewind themselves). The module imports everything it
+/// uses from the instrumented module's instance (its memories, globals, tables and tags
+/// in index order, so the copied code keeps their indices; the functions the copies call,
+/// renumbered), and its element segments put each copy into the copies table at its
+/// function's index. `None` when nothing needs a copy.
+pub fn rewind_copies(
+    wasm: &[u8],
+    options: &UnwindOptions,
+    wanted: &[u32],
+) -> Result<Option<RewindCopies>, UnwindError> {
+    use crate::state_export::{func_export, global_export, memory_export, table_export, tag_export};
+    let scanned = scan(wasm)?;
+    let analysis = Analysis::new(&scanned, options)?;
+    let imports = analysis.imports;
+    let defined = scanned.bodies.len();
+    let mut copies: Vec<u32> = wanted
+        .iter()
+        .copied()
+        .filter(|&f| (f as usize) >= imports && (f as usize) < imports + defined)
+        .filter(|&f| analysis.body_kind(f as usize - imports) == Some(emit::Body::Lean))
+        .collect();
+    copies.sort_unstable();
+    copies.dedup();
+    if copies.is_empty() {
+        return Ok(None);
+    }
+    let helpers = &analysis.helpers;
+    let mut called: std::collections::BTreeSet<u32> =
+        (0..support::Helpers::COUNT).map(|k| helpers.yield_fn + k).collect();
+    let mut referenced = std::collections::BTreeSet::new();
+    for &f in &copies {
+        let summary = &analysis.summaries[f as usize - imports];
+        called.extend(&summary.direct_callees);
+        referenced.extend(&summary.ref_funcs);
+    }
+    called.extend(&referenced);
+    let called: Vec<u32> = called.into_iter().collect();
+    let number: std::collections::HashMap<u32, u32> = called.iter().enumerate().map(|(k, &f)| (f, k as u32)).collect();
+    let remap = |f: u32| number[&f];
+
+    let info = &scanned.info;
+    let mut types = support::TypeInterner::new(info.types.len() as u32);
+    let helper_types = support::Helpers::signatures()
+        .iter()
+        .map(|(params, results)| types.intern(params, results))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut import_section = ImportSection::new();
+    let module_functions = (imports + defined) as u32;
+    for &f in &called {
+        let ty = match f.checked_sub(module_functions) {
+            Some(helper) => helper_types[helper as usize],
+            None => info.func_types[f as usize],
+        };
+        import_section.import(COPIES_IMPORT_MODULE, &func_export(f), EntityType::Function(ty));
+    }
+    let mut r = RoundtripReencoder;
+    for (t, table) in scanned.tables.iter().enumerate() {
+        let ty = r.table_type(*table).map_err(encode_error)?;
+        import_section.import(COPIES_IMPORT_MODULE, &table_export(t as u32), EntityType::Table(ty));
+    }
+    let own_tables = [funcref_table(None), funcref_table(Some(analysis.total_functions() as u64))];
+    for (k, ty) in own_tables.into_iter().enumerate() {
+        import_section.import(COPIES_IMPORT_MODULE, &table_export(helpers.table + k as u32), EntityType::Table(ty));
+    }
+    for (m, memory) in scanned.memories.iter().enumerate() {
+        let ty = r.memory_type(*memory).map_err(encode_error)?;
+        import_section.import(COPIES_IMPORT_MODULE, &memory_export(m as u32), EntityType::Memory(ty));
+    }
+    import_section.import(COPIES_IMPORT_MODULE, &memory_export(helpers.memory), EntityType::Memory(stack_memory()));
+    for (g, global) in scanned.globals.iter().enumerate() {
+        let ty = r.global_type(*global).map_err(encode_error)?;
+        import_section.import(COPIES_IMPORT_MODULE, &global_export(g as u32), EntityType::Global(ty));
+    }
+    for g in [helpers.state, helpers.sp, helpers.ref_sp] {
+        import_section.import(COPIES_IMPORT_MODULE, &global_export(g), EntityType::Global(STATE_GLOBAL));
+    }
+    for (t, tag) in scanned.tags.iter().enumerate() {
+        let ty = r.tag_type(*tag).map_err(encode_error)?;
+        import_section.import(COPIES_IMPORT_MODULE, &tag_export(t as u32), EntityType::Tag(ty));
+    }
+
+    // Host functions the copies call find the instance's state by name (WASI's `memory`),
+    // in the calling instance: the copies' module exports what the module does.
+    let mut export_section = wasm_encoder::ExportSection::new();
+    for (name, kind, index) in &scanned.exports {
+        export_section.export(name, *kind, *index);
+    }
+    let mut function_section = FunctionSection::new();
+    let mut element_section = ElementSection::new();
+    let mut code = CodeSection::new();
+    let mut branch_hints = wasm_encoder::BranchHints::new();
+    let first_copy = called.len() as u32;
+    let mut bodies: Vec<Option<_>> = scanned.bodies.into_iter().map(Some).collect();
+    for (k, &f) in copies.iter().enumerate() {
+        let i = f as usize - imports;
+        let (func, body) = bodies[i].take().expect("each copy once");
+        let (function, hints, _) =
+            analysis.emit_function(info, i, func, &body, &mut types, emit::Body::Full, Some(&remap))?;
+        function_section.function(info.func_types[f as usize]);
+        code.function(&function);
+        if !hints.is_empty() {
+            branch_hints.function_hints(first_copy + k as u32, hints);
+        }
+        element_section.active(
+            Some(helpers.copies),
+            &ConstExpr::i32_const(f as i32),
+            Elements::Functions(vec![first_copy + k as u32].into()),
+        );
+    }
+    if !referenced.is_empty() {
+        let declared: Vec<u32> = referenced.iter().map(|&f| remap(f)).collect();
+        element_section.declared(Elements::Functions(declared.into()));
+    }
+    let mut type_section = TypeSection::new();
+    if let Some(reader) = scanned.type_reader {
+        r.parse_type_section(&mut type_section, reader).map_err(encode_error)?;
+    }
+    types.encode_into(&mut type_section)?;
+    let mut module = wasm_encoder::Module::new();
+    module.section(&type_section);
+    module.section(&import_section);
+    module.section(&function_section);
+    module.section(&export_section);
+    module.section(&element_section);
+    module.section(&branch_hints);
+    module.section(&code);
+    Ok(Some(RewindCopies { wasm: module.finish(), funcs: copies }))
+}
+
+/// The functions whose frames are on an unwound stack (`stack`: the unwind memory, `sp`:
+/// its top), read from the frames' headers, innermost last. A crafted image is hostile
+/// input: every header is checked against the stack's bounds.
+pub fn stack_functions(stack: &[u8], sp: u32) -> Result<Vec<u32>, String> {
+    let header = emit::HEADER_BYTES as usize;
+    let mut top = sp as usize;
+    if top > stack.len() {
+        return Err(format!("the unwind stack's top ({top}) is past its memory ({} bytes)", stack.len()));
+    }
+    let word = |at: usize| u32::from_le_bytes(stack[at..at + 4].try_into().expect("4 bytes")) as usize;
+    let mut funcs = Vec::new();
+    while top > 0 {
+        if top < header {
+            return Err(format!("a frame at {top} of the unwind stack is shorter than its header"));
+        }
+        let at = top - header;
+        let (func, bytes) = (word(at + 4), word(at + 8));
+        if bytes < header || bytes > top || bytes % 8 != 0 {
+            return Err(format!("the frame at {at} of the unwind stack claims {bytes} bytes"));
+        }
+        funcs.push(func as u32);
+        top -= bytes;
+    }
+    funcs.reverse();
+    Ok(funcs)
+}
+
+/// A section's payload without its id and size (wasm-encoder's `RawSection` adds both).
+fn section_payload(section: &dyn wasm_encoder::Encode) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    section.encode(&mut bytes);
+    let mut reader = wasmparser::BinaryReader::new(&bytes, 0);
+    let size = reader.read_var_u32().expect("encoded size") as usize;
+    bytes[bytes.len() - size..].to_vec()
 }
 
 /// The original locals live at each site of `plan`, by site id.
@@ -390,7 +727,16 @@ fn custom_section_named(contents: &[u8], name: &str) -> bool {
 
 fn is_rebuilt(id: u8) -> bool {
     use wasm_encoder::SectionId as S;
-    [S::Type as u8, S::Function as u8, S::Table as u8, S::Memory as u8, S::Global as u8, S::Code as u8].contains(&id)
+    [
+        S::Type as u8,
+        S::Function as u8,
+        S::Table as u8,
+        S::Memory as u8,
+        S::Global as u8,
+        S::Element as u8,
+        S::Code as u8,
+    ]
+    .contains(&id)
 }
 
 #[cfg(test)]

@@ -57,6 +57,9 @@ pub(crate) struct CallSummary {
     /// loop without calls ends on its own (`strlen`, a checksum), and checking it would
     /// instrument every leaf with a loop for a stop that comes a moment later anyway.
     pub calling_loops: std::collections::BTreeSet<usize>,
+    /// It reads or drops a data or element segment: segments belong to a module, so its
+    /// code cannot move to another (a rewind copy).
+    pub uses_segments: bool,
 }
 
 pub(crate) fn summarize(body: &FunctionBody<'_>) -> Result<CallSummary, UnwindError> {
@@ -99,6 +102,14 @@ pub(crate) fn summarize(body: &FunctionBody<'_>) -> Result<CallSummary, UnwindEr
             }
             Operator::CallRef { .. } | Operator::ReturnCallRef { .. } => summary.call_ref = true,
             Operator::RefFunc { function_index } => summary.ref_funcs.push(function_index),
+            Operator::MemoryInit { .. }
+            | Operator::DataDrop { .. }
+            | Operator::TableInit { .. }
+            | Operator::ElemDrop { .. }
+            | Operator::ArrayNewData { .. }
+            | Operator::ArrayNewElem { .. }
+            | Operator::ArrayInitData { .. }
+            | Operator::ArrayInitElem { .. } => summary.uses_segments = true,
             _ => {}
         }
     }

@@ -63,6 +63,9 @@ pub(crate) struct Helpers {
     pub ref_sp: u32,
     pub memory: u32,
     pub table: u32,
+    /// The copies table: at index `f`, function `f`'s rewind copy, once the host has
+    /// instantiated it (lean bodies hand rewinds to it).
+    pub copies: u32,
     pub yield_fn: u32,
     pub fail: u32,
     pub push: [u32; 6],
@@ -84,6 +87,7 @@ impl Helpers {
             ref_sp: globals + 2,
             memory: memories,
             table: tables,
+            copies: tables + 1,
             yield_fn: functions,
             fail: functions + 1,
             push,
@@ -93,20 +97,34 @@ impl Helpers {
         }
     }
 
+    /// Number of helper functions, appended after the module's own.
+    pub const COUNT: u32 = 16;
+
+    /// The helper functions' signatures, in index order.
+    pub fn signatures() -> Vec<(Vec<ValType>, Vec<ValType>)> {
+        let mut out = vec![(vec![], vec![]), (vec![], vec![])];
+        for class in CLASSES {
+            out.push((vec![class_type(class)], vec![]));
+        }
+        for class in CLASSES {
+            out.push((vec![], vec![class_type(class)]));
+        }
+        out.push((vec![ValType::I32], vec![ValType::I32]));
+        out.push((vec![ValType::I32], vec![ValType::I32]));
+        out
+    }
+
     /// The helper functions, in index order, with their types.
     pub fn functions(&self, types: &mut TypeInterner) -> Result<Vec<(u32, Function)>, UnwindError> {
-        let mut out = Vec::new();
-        out.push((types.intern(&[], &[])?, self.yield_body()));
-        out.push((types.intern(&[], &[])?, self.fail_body()));
-        for class in CLASSES {
-            out.push((types.intern(&[class_type(class)], &[])?, self.push_body(class)));
-        }
-        for class in CLASSES {
-            out.push((types.intern(&[], &[class_type(class)])?, self.pop_body(class)));
-        }
-        out.push((types.intern(&[ValType::I32], &[ValType::I32])?, self.reserve_body()));
-        out.push((types.intern(&[ValType::I32], &[ValType::I32])?, self.release_body()));
-        Ok(out)
+        let mut bodies = vec![self.yield_body(), self.fail_body()];
+        bodies.extend(CLASSES.map(|class| self.push_body(class)));
+        bodies.extend(CLASSES.map(|class| self.pop_body(class)));
+        bodies.extend([self.reserve_body(), self.release_body()]);
+        Self::signatures()
+            .iter()
+            .zip(bodies)
+            .map(|((params, results), body)| Ok((types.intern(params, results)?, body)))
+            .collect()
     }
 
     fn yield_body(&self) -> Function {

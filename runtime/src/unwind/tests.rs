@@ -13,7 +13,9 @@ struct Host {
     stop_at: Option<u32>,
     /// What the guest logged, in order.
     log: Vec<i64>,
-    state_global: String,
+    /// The instance's state global (host functions are also called from rewind copies,
+    /// which do not export it).
+    state: Option<wasmtime::Global>,
 }
 
 fn engine() -> Engine {
@@ -23,11 +25,7 @@ fn engine() -> Engine {
 }
 
 fn state_of(caller: &mut Caller<'_, Host>) -> wasmtime::Global {
-    let name = caller.data().state_global.clone();
-    match caller.get_export(&name) {
-        Some(Extern::Global(g)) => g,
-        _ => panic!("no {name}"),
-    }
+    caller.data().state.expect("the state global")
 }
 
 fn linker(engine: &Engine) -> Linker<Host> {
@@ -57,6 +55,8 @@ fn linker(engine: &Engine) -> Linker<Host> {
 }
 
 struct Prepared {
+    wasm: Vec<u8>,
+    options: UnwindOptions,
     engine: Engine,
     module: Module,
     layout: UnwindLayout,
@@ -74,7 +74,7 @@ fn prepare(wat: &str, preempt: bool) -> Prepared {
     let (exported, state_export) = crate::state_export::rewrite(&instrumented).unwrap();
     let engine = engine();
     let module = Module::new(&engine, &exported).unwrap();
-    Prepared { engine, module, layout, state_export }
+    Prepared { wasm, options, engine, module, layout, state_export }
 }
 
 fn global(store: &mut Store<Host>, instance: &Instance, index: u32) -> wasmtime::Global {
@@ -85,9 +85,9 @@ fn global(store: &mut Store<Host>, instance: &Instance, index: u32) -> wasmtime:
 /// same instance or (with `fresh`) on a new one given a copy of the state.
 fn run(p: &Prepared, arg: i32, stop_at: Option<u32>, fresh: bool) -> (Vec<Val>, Vec<i64>, u32) {
     let linker = linker(&p.engine);
-    let state_global = crate::state_export::global_export(p.layout.state_global);
-    let mut store = Store::new(&p.engine, Host { stop_at, state_global: state_global.clone(), ..Host::default() });
+    let mut store = Store::new(&p.engine, Host { stop_at, ..Host::default() });
     let instance = linker.instantiate(&mut store, &p.module).unwrap();
+    store.data_mut().state = Some(global(&mut store, &instance, p.layout.state_global));
     let func = instance.get_func(&mut store, "run").unwrap();
     let mut results = vec![Val::I32(0); func.ty(&store).results().len()];
     func.call(&mut store, &[Val::I32(arg)], &mut results).unwrap();
@@ -102,6 +102,7 @@ fn run(p: &Prepared, arg: i32, stop_at: Option<u32>, fresh: bool) -> (Vec<Val>, 
         if fresh { copy_to_fresh(p, &mut store, &instance, &linker) } else { (store, instance) };
     let state = global(&mut store, &instance, p.layout.state_global);
     state.set(&mut store, Val::I32(REWINDING)).unwrap();
+    install_copies(p, &mut store, &instance);
     let func = instance.get_func(&mut store, "run").unwrap();
     // The argument is a placeholder: the rewound frame restores its own locals.
     func.call(&mut store, &[Val::I32(0)], &mut results).unwrap();
@@ -110,6 +111,24 @@ fn run(p: &Prepared, arg: i32, stop_at: Option<u32>, fresh: bool) -> (Vec<Val>, 
     assert_eq!(sp.get(&mut store).unwrap_i32(), 0, "the unwind stack is empty after a rewind");
     let log = std::mem::take(&mut store.data_mut().log);
     (results, log, store.data().calls)
+}
+
+/// What the host does before a rewind (`checkpoint::install_rewind_copies`): the rewind
+/// copies of the functions on the unwind stack, instantiated next to the instance.
+fn install_copies(p: &Prepared, store: &mut Store<Host>, instance: &Instance) {
+    let stack = instance.get_memory(&mut *store, &crate::state_export::memory_export(p.layout.stack_memory)).unwrap();
+    let sp = global(store, instance, p.layout.sp_global).get(&mut *store).unwrap_i32() as u32;
+    let funcs = stack_functions(stack.data(&*store), sp).unwrap();
+    assert!(!funcs.is_empty(), "an unwound stack holds frames");
+    let Some(copies) = rewind_copies(&p.wasm, &p.options, &funcs).unwrap() else { return };
+    if let Err(e) = wasmparser::Validator::new_with_features(features()).validate_all(&copies.wasm) {
+        let text = wasmprinter::print_bytes(&copies.wasm).unwrap_or_default();
+        panic!("invalid rewind copies: {e}\n{text}");
+    }
+    let module = Module::new(&p.engine, &copies.wasm).unwrap();
+    let imports: Vec<Extern> =
+        module.imports().map(|import| instance.get_export(&mut *store, import.name()).unwrap()).collect();
+    Instance::new(&mut *store, &module, &imports).unwrap();
 }
 
 /// A new instance holding the old one's memories and globals: what a memory snapshot does.
@@ -122,6 +141,7 @@ fn copy_to_fresh(
     let host = std::mem::take(old.data_mut());
     let mut store = Store::new(&p.engine, host);
     let instance = linker.instantiate(&mut store, &p.module).unwrap();
+    store.data_mut().state = Some(global(&mut store, &instance, p.layout.state_global));
     for index in 0..p.state_export.memories.len() as u32 {
         let name = crate::state_export::memory_export(index);
         let from = old_instance.get_memory(&mut *old, &name).unwrap();
@@ -363,15 +383,16 @@ fn preemption_at_loop_headers_of_a_cpu_bound_loop() {
     // Arm the stop from outside mid-run: an epoch callback does this in Stasis; here a
     // fuel-free variant: arm before the call, so the first loop header unwinds.
     let linker = linker(&p.engine);
-    let state_name = crate::state_export::global_export(p.layout.state_global);
-    let mut store = Store::new(&p.engine, Host { state_global: state_name, ..Host::default() });
+    let mut store = Store::new(&p.engine, Host::default());
     let instance = linker.instantiate(&mut store, &p.module).unwrap();
+    store.data_mut().state = Some(global(&mut store, &instance, p.layout.state_global));
     let state = global(&mut store, &instance, p.layout.state_global);
     state.set(&mut store, Val::I32(ARMED)).unwrap();
     let run_fn = instance.get_typed_func::<i32, i32>(&mut store, "run").unwrap();
     run_fn.call(&mut store, 100_000).unwrap();
     assert_eq!(state.get(&mut store).unwrap_i32(), UNWINDING);
     state.set(&mut store, Val::I32(REWINDING)).unwrap();
+    install_copies(&p, &mut store, &instance);
     let result = run_fn.call(&mut store, 0).unwrap();
     assert_eq!(Val::I32(result).unwrap_i32(), expected[0].unwrap_i32());
 }
@@ -462,7 +483,7 @@ fn instrumentation_checks_are_hinted_for_the_compiler() {
             let functions: Vec<_> = hints.into_iter().map(|f| f.unwrap()).collect();
             assert_eq!(functions.len(), 1, "only the instrumented function has hints");
             let hints: Vec<_> = functions[0].hints.clone().into_iter().map(|h| h.unwrap()).collect();
-            assert!(hints.len() >= 3, "prologue, prelude and unwind check: {hints:?}");
+            assert!(hints.len() >= 2, "prologue and unwind check: {hints:?}");
             assert!(hints.windows(2).all(|w| w[0].func_offset < w[1].func_offset));
         }
     }
@@ -505,10 +526,12 @@ fn the_transform_version_names_its_output() {
     let blocking = vec![("env".into(), "block".into()), ("env".into(), "log".into())];
     let options = UnwindOptions { blocking_imports: blocking, preempt_loops: true };
     let (out, _) = instrument(&wasm, &options).unwrap();
-    let hash = blake3::hash(&out).to_hex().to_string();
+    let copies = rewind_copies(&wasm, &options, &[3, 2]).unwrap().expect("both are lean");
+    assert_eq!(copies.funcs, [2, 3]);
+    let hash = blake3::Hasher::new().update(&out).update(&copies.wasm).finalize().to_hex().to_string();
     assert_eq!(
         (TRANSFORM_VERSION, hash.as_str()),
-        ("unwind-3", "e42b45703ef58c20cfaa913795f093b4af38985876fb95bc014de1e4c3835f7c"),
+        ("unwind-4", "5fe5b15615729ad1619becdb6c407a2fe81d9d3545c64dc734a71cb2a5021b08"),
         "the transform's output changed"
     );
 }
