@@ -511,6 +511,7 @@ async fn install_rewind_copies(
     if missing.is_empty() {
         return Ok(());
     }
+    let started = std::time::Instant::now();
     let Some(module) = program.rewind_copies(missing).await? else { return Ok(()) };
     let mut imports = Vec::new();
     for import in module.imports() {
@@ -519,6 +520,7 @@ async fn install_rewind_copies(
         imports.push(export);
     }
     Instance::new_async(&mut *store, &module, &imports).await?;
+    store.data().clock.hold(started.elapsed());
     Ok(())
 }
 

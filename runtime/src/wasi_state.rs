@@ -435,6 +435,15 @@ impl SnapshotClock {
         SnapshotClock { inner: Arc::new(ClockInner { origin_ns: AtomicU64::new(origin_ns), start: Instant::now() }) }
     }
 
+    /// Time the host spent on the guest's behalf while no wasm ran (building a resume):
+    /// it does not pass for the guest. Monotonic time cannot run backwards by it, since
+    /// the guest read nothing during it.
+    pub fn hold(&self, spent: std::time::Duration) {
+        let spent = u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX);
+        let _ =
+            self.inner.origin_ns.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| Some(o.saturating_sub(spent)));
+    }
+
     pub fn now_ns(&self) -> u64 {
         let elapsed = u64::try_from(self.inner.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.inner.origin_ns.load(Ordering::Relaxed).saturating_add(elapsed)
