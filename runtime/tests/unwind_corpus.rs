@@ -1,9 +1,9 @@
-//! The unwind transform over every core module of the test corpus: the output validates,
-//! and how much it grows is printed.
+//! The unwind transform over every core module of the test corpus: the output and the
+//! rewind copies of every function validate, and how much it grows is printed.
 
 mod common;
 
-use stasis_runtime::unwind::{UnwindOptions, instrument};
+use stasis_runtime::unwind::{UnwindOptions, instrument, rewind_copies};
 
 pub fn wasi_blocking() -> UnwindOptions {
     UnwindOptions {
@@ -34,14 +34,23 @@ fn every_core_module_of_the_corpus_instruments_to_a_valid_module() {
         wasmparser::Validator::new_with_features(features)
             .validate_all(&out)
             .unwrap_or_else(|e| panic!("{name}: instrumented module invalid: {e}"));
+        // Every function's copy at once: whatever a stopped stack holds, its copies build.
+        let all: Vec<u32> = (0..layout.copies_table_size()).collect();
+        let copies = rewind_copies(&wasm, &wasi_blocking(), &all).unwrap_or_else(|e| panic!("{name}: {e}"));
+        if let Some(copies) = &copies {
+            wasmparser::Validator::new_with_features(features)
+                .validate_all(&copies.wasm)
+                .unwrap_or_else(|e| panic!("{name}: rewind copies invalid: {e}"));
+        }
         println!(
-            "{name}: {} -> {} bytes (+{:.1}%), {}/{} functions, {} sites, {took:?}",
+            "{name}: {} -> {} bytes (+{:.1}%), {}/{} functions, {} sites, {took:?}; copies of all: {} bytes",
             wasm.len(),
             out.len(),
             (out.len() as f64 / wasm.len() as f64 - 1.0) * 100.0,
             layout.instrumented,
             layout.defined,
-            layout.sites
+            layout.sites,
+            copies.map_or(0, |c| c.wasm.len())
         );
         checked += 1;
     }

@@ -77,10 +77,19 @@ pub struct UnwindLayout {
     /// See `support::Helpers::copies`: the host's, not the guest's (a snapshot keeps
     /// only its size).
     pub copies_table: u32,
+    /// Functions of the instrumented module (its own and the transform's).
+    pub functions: u32,
     /// Functions instrumented, of those defined.
     pub instrumented: u32,
     pub defined: u32,
     pub sites: u32,
+}
+
+impl UnwindLayout {
+    /// Entries of the copies table: one per function of the instrumented module.
+    pub fn copies_table_size(&self) -> u32 {
+        self.functions
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -504,6 +513,7 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
         stack_memory: helpers.memory,
         ref_table: helpers.table,
         copies_table: helpers.copies,
+        functions: analysis.total_functions(),
         instrumented,
         defined: defined as u32,
         sites,
