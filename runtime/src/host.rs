@@ -353,6 +353,10 @@ pub(crate) fn engine_config(settings: EngineSettings) -> Config {
     // The unwind transform hints its checks unlikely, so Cranelift moves the unwind and
     // rewind paths out of the way of the normal one.
     config.wasm_branch_hinting(true);
+    // For profiling guests with `perf`: wasm functions get names in /tmp/perf-PID.map.
+    if std::env::var_os("STASIS_PERFMAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     if let Some(processes) = pool_size {
         // Pooling keeps instance slots, memories and fiber stacks mapped between
         // processes: spawn-to-exit of a small guest halves (issue 2's benchmark), at the

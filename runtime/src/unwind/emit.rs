@@ -1,22 +1,24 @@
-//! Emits an instrumented function from its plan.
+//! Emits an instrumented function from its plan, as one of its two bodies (see [`Body`]).
 //!
-//! The shape of every instrumented function:
+//! The shape of a full body (a rewind copy):
 //! ```text
-//! if state == REWINDING { frame = release(); target = frame[0]; locals = frame[..] }  ;; prologue
+//! if state == REWINDING { frame = release(); target = frame.site; locals = frame[..] }  ;; prologue
 //! block $body (result R)  <original body, instrumented>  end
 //! ```
-//! At a site, after the call: `if state == UNWINDING { save the operands beneath the call;
-//! frame = reserve(); frame[0] = site; frame[slot(l)] = l for each local l live after
-//! the site; return <dummy R> }`. Every site of a function uses the same frame layout (one
-//! slot per local that is live at some site). While rewinding, guards skip the code
-//! between sites, open structures are entered only when they hold the target site, and
-//! the target site reloads its live locals and operands before calling again.
+//! A lean body's prologue is `if state == REWINDING { return_call_indirect copies[f] }`.
+//! At a site, after the call (both bodies): `if state == UNWINDING { save the operands
+//! beneath the call; frame = reserve(); frame[slot(l)] = l for each local l live after the
+//! site; frame.header = (site, f, size); return <dummy R> }`. Every site of a function uses
+//! the same frame layout (one slot per local that is live at some site). In a full body,
+//! while rewinding, guards skip the code between sites, open structures are entered only
+//! when they hold the target site, and the target site reloads its live locals and
+//! operands before calling again.
 //!
 //! The prologue restores every slot (a site that did not save a local leaves garbage in
 //! its slot, which nothing reads before writing it). Restoring only a site's own locals at
 //! the site was measured too: the per-site loads made GCC's `cc1` 30% larger and its
-//! compile 40% heavier, for no gain in speed. The normal path tests the state once before
-//! a site (rewinding: skip it, or reload its operands) and once after (unwinding).
+//! compile 40% heavier, for no gain in speed. A full body tests the state once before a
+//! site (rewinding: skip it, or reload its operands) and once after (unwinding).
 
 use super::plan::{FuncPlan, Site, StructKind};
 use super::support::{Helpers, SaveClass, TypeInterner, save_class};
@@ -122,6 +124,14 @@ pub(crate) struct Emitter<'a, 'p> {
     /// Maps function indices of the emitted code (a rewind copy calls the module's
     /// functions through imports).
     remap: Option<&'p dyn Fn(u32) -> u32>,
+    /// Save paths shared by the sites that save the same locals (see [`shared_saves`]):
+    /// each site's group, and each group's locals (outermost block first).
+    site_group: Vec<Option<usize>>,
+    groups: Vec<Vec<u32>>,
+    /// Where a site that branches to a shared save path leaves its number and the bytes
+    /// of its stack entry.
+    shared_site: u32,
+    shared_entry: u32,
 }
 
 fn enc(ty: ValType) -> Result<wasm_encoder::ValType, UnwindError> {
@@ -176,6 +186,10 @@ impl<'a, 'p> Emitter<'a, 'p> {
             lean: kind == Body::Lean,
             type_index,
             remap: None,
+            site_group: Vec::new(),
+            groups: Vec::new(),
+            shared_site: 0,
+            shared_entry: 0,
         };
         if plan.sites.iter().any(|s| s.indirect) {
             emitter.index_local = Some(emitter.new_local(ValType::I32));
@@ -212,6 +226,11 @@ impl<'a, 'p> Emitter<'a, 'p> {
         emitter.base = emitter.new_local(ValType::I32);
         emitter.add_instrumentation_saves();
         emitter.lay_out_frame()?;
+        (emitter.site_group, emitter.groups) = shared_saves(&emitter.site_saves);
+        if !emitter.groups.is_empty() {
+            emitter.shared_site = emitter.new_local(ValType::I32);
+            emitter.shared_entry = emitter.new_local(ValType::I32);
+        }
         Ok(emitter)
     }
 
@@ -584,11 +603,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
                 table_index: self.helpers.copies,
             });
             self.push(Instruction::End);
-            let results = self.results.clone();
-            let bt = self.block_type(&[], &results)?;
-            self.push(Instruction::Block(bt));
-            self.frames.push(Frame::Original);
-            return Ok(());
+            return self.open_body();
         }
         // Rewinding: pop this function's frame, learn the target site, reload the locals.
         self.state_is(REWINDING);
@@ -609,6 +624,15 @@ impl<'a, 'p> Emitter<'a, 'p> {
         self.push(Instruction::End);
         self.restore_frame()?;
         self.push(Instruction::End);
+        self.open_body()
+    }
+
+    /// One block per shared save path around the block holding the original body.
+    fn open_body(&mut self) -> Result<(), UnwindError> {
+        for _ in 0..self.groups.len() {
+            self.push(Instruction::Block(BlockType::Empty));
+            self.frames.push(Frame::Synthetic);
+        }
         let results = self.results.clone();
         let bt = self.block_type(&[], &results)?;
         self.push(Instruction::Block(bt));
@@ -646,6 +670,15 @@ impl<'a, 'p> Emitter<'a, 'p> {
     fn epilogue(&mut self) -> Result<(), UnwindError> {
         self.push(Instruction::End);
         self.frames.pop();
+        if !self.groups.is_empty() {
+            self.push(Instruction::Return);
+            // Innermost block first: each save path follows the end of its block.
+            for g in (0..self.groups.len()).rev() {
+                self.close_synthetic();
+                let saves = self.groups[g].clone();
+                self.save_frame(&saves, SiteId::Shared)?;
+            }
+        }
         self.push(Instruction::End);
         Ok(())
     }
@@ -658,16 +691,37 @@ impl<'a, 'p> Emitter<'a, 'p> {
     }
 
     /// The end of an unwind at site `id` (its operands already saved): the frame, then
-    /// leave the function.
-    fn save_frame(&mut self, id: usize, kept_bytes: u32) -> Result<(), UnwindError> {
-        let saves = self.site_saves[id].clone();
+    /// leave the function; or, when other sites save the same locals, a branch to the
+    /// save path they share.
+    fn unwind_at(&mut self, id: usize, kept_bytes: u32) -> Result<(), UnwindError> {
+        let entry = (self.frame_bytes + kept_bytes) as i32;
+        match self.site_group[id] {
+            Some(g) => {
+                self.push(Instruction::I32Const(id as i32));
+                self.push(Instruction::LocalSet(self.shared_site));
+                self.push(Instruction::I32Const(entry));
+                self.push(Instruction::LocalSet(self.shared_entry));
+                // Group blocks sit right inside the function frame, outermost first.
+                let depth = self.frames.len() - 2 - g;
+                self.push(Instruction::Br(depth as u32));
+                Ok(())
+            }
+            None => {
+                let saves = self.site_saves[id].clone();
+                self.save_frame(&saves, SiteId::Const { id: id as u32, entry })
+            }
+        }
+    }
+
+    /// Writes the frame of the locals `saves`, then leaves the function.
+    fn save_frame(&mut self, saves: &[u32], site: SiteId) -> Result<(), UnwindError> {
         let references: Vec<u32> =
             self.slots.iter().filter(|(_, s)| matches!(s, Slot::Reference)).map(|(&l, _)| l).collect();
         for local in references {
             self.push(Instruction::LocalGet(local));
             self.save_value(self.locals[local as usize])?;
         }
-        for &local in &saves {
+        for &local in saves {
             if let Slot::NullOnly = self.slots[&local] {
                 self.push(Instruction::LocalGet(local));
                 self.save_value(self.locals[local as usize])?;
@@ -676,12 +730,26 @@ impl<'a, 'p> Emitter<'a, 'p> {
         self.push(Instruction::I32Const(self.frame_bytes as i32));
         self.push(Instruction::Call(self.helpers.reserve));
         self.push(Instruction::LocalTee(self.base));
-        self.push(Instruction::I64Const(((self.func as u64) << 32 | id as u64) as i64));
-        self.push(Instruction::I64Store(self.helpers.memarg(self.header(), 3)));
-        self.push(Instruction::LocalGet(self.base));
-        self.push(Instruction::I32Const((self.frame_bytes + kept_bytes) as i32));
+        let func = (self.func as u64) << 32;
+        match site {
+            SiteId::Const { id, entry } => {
+                self.push(Instruction::I64Const((func | id as u64) as i64));
+                self.push(Instruction::I64Store(self.helpers.memarg(self.header(), 3)));
+                self.push(Instruction::LocalGet(self.base));
+                self.push(Instruction::I32Const(entry));
+            }
+            SiteId::Shared => {
+                self.push(Instruction::I64Const(func as i64));
+                self.push(Instruction::LocalGet(self.shared_site));
+                self.push(Instruction::I64ExtendI32U);
+                self.push(Instruction::I64Or);
+                self.push(Instruction::I64Store(self.helpers.memarg(self.header(), 3)));
+                self.push(Instruction::LocalGet(self.base));
+                self.push(Instruction::LocalGet(self.shared_entry));
+            }
+        }
         self.push(Instruction::I32Store(self.helpers.memarg(self.header() + 8, 2)));
-        for &local in &saves {
+        for &local in saves {
             if let Slot::Memory(offset) = self.slots[&local] {
                 self.push(Instruction::LocalGet(self.base));
                 self.push(Instruction::LocalGet(local));
@@ -974,7 +1042,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.save_value(frame[k])?;
         }
         let kept_bytes = frame[..kept].iter().map(|&ty| stack_bytes(ty)).sum();
-        self.save_frame(id, kept_bytes)?;
+        self.unwind_at(id, kept_bytes)?;
         self.close_synthetic();
         if tail {
             // `return_call`: nothing follows in this sequence (the planner saw it unreachable).
@@ -1014,4 +1082,39 @@ fn stack_bytes(ty: ValType) -> u32 {
         Ok(SaveClass::Value(super::support::Class::V128)) => 16,
         Ok(SaveClass::Value(_)) => 8,
     }
+}
+
+/// How a frame's header learns its site.
+#[derive(Clone, Copy)]
+enum SiteId {
+    Const {
+        id: u32,
+        entry: i32,
+    },
+    /// From the locals a site sets before it branches to a shared save path.
+    Shared,
+}
+
+/// Most save paths a function shares (each is a block around its body).
+const MAX_SHARED_SAVES: usize = 1024;
+
+/// Groups the sites that save the same locals, so they share one save path: GCC's `cc1`
+/// saves the same dozen locals at each of thousands of sites of a function, and writing
+/// them out at every site made its largest function four times its size. A shared path
+/// is a join of cold branches only, and each site still passes just the locals it
+/// saves, so the normal path and the values live across it do not change. Sets saved
+/// at one site only stay inline; answers each site's group and each group's locals.
+fn shared_saves(site_saves: &[Vec<u32>]) -> (Vec<Option<usize>>, Vec<Vec<u32>>) {
+    let mut counts: HashMap<&[u32], usize> = HashMap::new();
+    for saves in site_saves {
+        *counts.entry(saves.as_slice()).or_default() += 1;
+    }
+    let mut shared: Vec<(&[u32], usize)> = counts.into_iter().filter(|&(_, n)| n > 1).collect();
+    // Most used first, then by content: the output must not depend on hash order.
+    shared.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    shared.truncate(MAX_SHARED_SAVES);
+    let groups: Vec<Vec<u32>> = shared.iter().map(|(saves, _)| saves.to_vec()).collect();
+    let index: HashMap<&[u32], usize> = groups.iter().enumerate().map(|(g, s)| (s.as_slice(), g)).collect();
+    let site_group = site_saves.iter().map(|saves| index.get(saves.as_slice()).copied()).collect();
+    (site_group, groups)
 }
