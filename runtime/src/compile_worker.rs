@@ -78,6 +78,11 @@ struct Job {
     component: bool,
     input: PathBuf,
     output: PathBuf,
+    /// Where the child writes its peak resident memory (`VmHWM`, bytes) before it exits.
+    /// `wait4`'s figure also counts the parent's pages the child held between fork and
+    /// exec, so a large parent would inflate it.
+    #[serde(default)]
+    peak_rss: Option<PathBuf>,
 }
 
 /// What one compilation in a child cost.
@@ -127,12 +132,14 @@ pub fn compile(
     std::fs::create_dir_all(dir).map_err(|e| failed("creating the output directory", e))?;
     let mut input = tempfile::NamedTempFile::new_in(dir).map_err(|e| failed("writing the module", e))?;
     std::io::Write::write_all(&mut input, bytes).map_err(|e| failed("writing the module", e))?;
+    let peak_file = tempfile::NamedTempFile::new_in(dir).map_err(|e| failed("creating the stats file", e))?;
     let job = Job {
         engine,
         memory: budget.memory,
         component: format == ProgramFormat::Component,
         input: input.path().to_path_buf(),
         output: output.to_path_buf(),
+        peak_rss: Some(peak_file.path().to_path_buf()),
     };
     let mut job_file = tempfile::NamedTempFile::new_in(dir).map_err(|e| failed("writing the job", e))?;
     serde_json::to_writer(&mut job_file, &job).map_err(|e| CompileFailure::Worker(e.to_string()))?;
@@ -157,7 +164,8 @@ pub fn compile(
         return Err(CompileFailure::Time(budget.time));
     };
     if status.success() {
-        return Ok(CompileStats { wall: started.elapsed(), peak_rss });
+        let own_peak = std::fs::read_to_string(peak_file.path()).ok().and_then(|s| s.trim().parse().ok());
+        return Ok(CompileStats { wall: started.elapsed(), peak_rss: own_peak.unwrap_or(peak_rss) });
     }
     if message.contains(ALLOCATION_FAILED) {
         return Err(CompileFailure::Memory(budget.memory));
@@ -235,5 +243,17 @@ fn run_job(path: &Path) -> Result<(), (i32, String)> {
     }
     .map_err(|e| (EXIT_INVALID, format!("{e:#}")))?;
     drop(bytes);
-    write_atomically(&job.output, &serialized).map_err(|e| io("writing the artifact", &e))
+    write_atomically(&job.output, &serialized).map_err(|e| io("writing the artifact", &e))?;
+    if let (Some(path), Some(peak)) = (&job.peak_rss, own_peak_rss()) {
+        let _ = std::fs::write(path, peak.to_string());
+    }
+    Ok(())
+}
+
+/// This process's peak resident memory in bytes (`VmHWM` of /proc/self/status).
+fn own_peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
 }

@@ -184,6 +184,26 @@ const IMPORTS: &str = r#"
 "#;
 
 #[test]
+fn sites_sharing_a_save_path_resume_at_their_own_site() {
+    // Four sites that save the same locals ($x, $acc) branch to one save path, which
+    // must record which of them unwound.
+    let wat = format!(
+        r#"(module {IMPORTS}
+        (func (export "run") (param $x i32) (result i32)
+            (local $acc i32)
+            local.get $x call $block local.get $acc i32.add local.set $acc
+            local.get $acc i64.extend_i32_s call $log
+            local.get $x call $block local.get $acc i32.mul local.set $acc
+            local.get $acc i64.extend_i32_s call $log
+            local.get $x call $block local.get $acc i32.xor local.set $acc
+            local.get $acc i64.extend_i32_s call $log
+            local.get $x call $block local.get $acc i32.sub local.set $acc
+            local.get $acc local.get $x i32.add))"#
+    );
+    assert_eq!(check_every_stop(&wat, 7), 4);
+}
+
+#[test]
 fn straight_line_with_operands_across_calls() {
     let wat = format!(
         r#"(module {IMPORTS}
@@ -500,6 +520,9 @@ fn the_transform_version_names_its_output() {
         (table 1 funcref)
         (elem (i32.const 0) $f)
         (func $f (type $un) local.get 0 i64.extend_i32_u call $log local.get 0 call $block)
+        ;; Two sites saving the same locals: one shared save path.
+        (func $g (export "g") (type $un)
+            local.get 0 call $block drop local.get 0 call $block drop local.get 0)
         (func (export "run") (param $x i32) (result i32) (local $i i32)
             i32.const 5
             block (result i32)
@@ -526,12 +549,12 @@ fn the_transform_version_names_its_output() {
     let blocking = vec![("env".into(), "block".into()), ("env".into(), "log".into())];
     let options = UnwindOptions { blocking_imports: blocking, preempt_loops: true };
     let (out, _) = instrument(&wasm, &options).unwrap();
-    let copies = rewind_copies(&wasm, &options, &[3, 2]).unwrap().expect("both are lean");
-    assert_eq!(copies.funcs, [2, 3]);
+    let copies = rewind_copies(&wasm, &options, &[4, 3, 2]).unwrap().expect("all are lean");
+    assert_eq!(copies.funcs, [2, 3, 4]);
     let hash = blake3::Hasher::new().update(&out).update(&copies.wasm).finalize().to_hex().to_string();
     assert_eq!(
         (TRANSFORM_VERSION, hash.as_str()),
-        ("unwind-4", "5fe5b15615729ad1619becdb6c407a2fe81d9d3545c64dc734a71cb2a5021b08"),
+        ("unwind-4", "74cf7aeba12041ebb88e6d21f1d17b4abcca70fb0a9d82aeaeab3d78778598b9"),
         "the transform's output changed"
     );
 }
