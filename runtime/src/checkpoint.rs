@@ -481,6 +481,9 @@ pub(crate) async fn run_start(
     }
 }
 
+/// Distinct functions a stopped stack may hold (real stacks hold tens).
+const MAX_STACK_FUNCTIONS: usize = 4096;
+
 /// Before a rewind: each lean function on the unwind stack hands the rewind to its rewind
 /// copy (see `unwind`), so the copies this instance lacks are built and instantiated
 /// first, next to it in the same store. Forks of one image ask for the same functions,
@@ -510,6 +513,13 @@ async fn install_rewind_copies(
     missing.dedup();
     if missing.is_empty() {
         return Ok(());
+    }
+    if missing.len() > MAX_STACK_FUNCTIONS {
+        // Only a crafted image: each copy is compiled, so this bounds that work.
+        return Err(wasmtime::format_err!(
+            "the process's saved stack holds {} distinct functions, more than the {MAX_STACK_FUNCTIONS} a resume builds",
+            missing.len()
+        ));
     }
     let started = std::time::Instant::now();
     let Some(module) = program.rewind_copies(missing).await? else { return Ok(()) };

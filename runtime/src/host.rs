@@ -374,6 +374,9 @@ pub(crate) fn engine_config(settings: EngineSettings) -> Config {
             // The unwind transform adds two tables to a module (saved function references,
             // rewind copies).
             .max_tables_per_module(4)
+            // The copies table has an entry per function: GCC's `cc1` has 32,129. A slot
+            // reserves address space for this many (2 MiB), not memory.
+            .table_elements(1 << 17)
             // Small guests touch little memory: clearing it with memset beats madvise.
             .linear_memory_keep_resident(1 << 20)
             .table_keep_resident(64 << 10);
