@@ -119,13 +119,15 @@ fn corpus(work: &Path) -> Vec<Program> {
                 let w = work.join("yosys");
                 std::fs::create_dir_all(&w).unwrap();
                 std::fs::write(w.join("design.v"), DESIGN).unwrap();
+                // ABC, which `synth` runs, writes its scratch files under /tmp.
+                std::fs::create_dir_all(w.join("tmp")).unwrap();
                 programs.push(Program {
                     name: "yosys",
                     wasm: dir.join("yosys.wasm"),
-                    args: ["yosys", "-q", "-p", "read_verilog /w/design.v; synth -top top; tee -o /w/stat.txt stat"]
+                    args: ["-q", "-p", "read_verilog /w/design.v; synth -top top; tee -o /w/stat.txt stat"]
                         .map(String::from)
                         .to_vec(),
-                    mounts: vec![(w, "/w".into()), (dir.join("share"), "/share".into())],
+                    mounts: vec![(w.join("tmp"), "/tmp".into()), (w, "/w".into()), (dir.join("share"), "/share".into())],
                     env: vec![],
                 });
             }

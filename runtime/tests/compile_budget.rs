@@ -142,3 +142,63 @@ async fn deeply_nested_blocks_around_a_blocking_call_instrument_and_compile_in_b
     let process = sandbox.spawn(Command::new(ProgramRef::Loaded { program, name: "nested".into() })).await.unwrap();
     assert!(process.wait().await.success());
 }
+
+/// A module of one function of `bytes` bytes: calls of a blocking import, over and over
+/// (about 9 million in 100 MB).
+fn one_huge_function(bytes: usize) -> Vec<u8> {
+    use wasm_encoder::*;
+    let mut module = Module::new();
+    let mut types = TypeSection::new();
+    types.ty().function([ValType::I32; 4], [ValType::I32]);
+    types.ty().function([], []);
+    module.section(&types);
+    let mut imports = ImportSection::new();
+    imports.import("wasi_snapshot_preview1", "fd_read", EntityType::Function(0));
+    module.section(&imports);
+    let mut functions = FunctionSection::new();
+    functions.function(1);
+    module.section(&functions);
+    let mut memories = MemorySection::new();
+    memories.memory(MemoryType { minimum: 1, maximum: None, memory64: false, shared: false, page_size_log2: None });
+    module.section(&memories);
+    let mut exports = ExportSection::new();
+    exports.export("_start", ExportKind::Func, 1);
+    exports.export("memory", ExportKind::Memory, 0);
+    module.section(&exports);
+    // i32.const 0 (x4), call 0, drop
+    const CALL: [u8; 11] = [0x41, 0, 0x41, 0, 0x41, 0, 0x41, 0, 0x10, 0, 0x1a];
+    let mut body = Vec::with_capacity(bytes + 16);
+    while body.len() < bytes {
+        body.extend_from_slice(&CALL);
+    }
+    body.push(0x0b);
+    let mut function = Function::new([]);
+    function.raw(body);
+    let mut code = CodeSection::new();
+    code.function(&function);
+    module.section(&code);
+    module.finish()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_megabyte_function_is_refused_in_bounded_time_and_memory() {
+    let module = one_huge_function(100 << 20);
+    assert!(module.len() > 100 << 20);
+    let host = budgeted_host(1 << 30, Duration::from_secs(120), true);
+    let started = Instant::now();
+    let err = host.load_async(module.into(), "huge.wasm".into()).await.err().expect("refused");
+    let took = started.elapsed();
+    let message = err.to_string();
+    assert!(matches!(err, Error::CompileRefused { .. }), "{message}");
+    assert!(message.contains("huge.wasm cannot be compiled"), "{message}");
+    println!("refused in {took:?}: {message}");
+    assert!(took < Duration::from_secs(120), "{took:?}");
+    // The transform refused it before planning (it would have planned 9 million sites):
+    // the host itself stayed small.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let peak = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().to_string();
+    let kib: u64 = peak.split_whitespace().nth(1).unwrap().parse().unwrap();
+    println!("test process peak RSS: {} MiB", kib >> 10);
+    assert!(kib < 2 << 20, "the host's own memory peaked at {} MiB", kib >> 10);
+    run_hello(&host).await;
+}

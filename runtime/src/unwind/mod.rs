@@ -324,6 +324,23 @@ impl Analysis {
         }
     }
 
+    /// Refuses a function with more possible sites than the transform instruments: the
+    /// plan holds a record per site, so a crafted body of millions of calls would make
+    /// the transform itself, which runs in the host, take gigabytes.
+    fn check_site_bound(&self, i: usize) -> Result<(), UnwindError> {
+        let summary = &self.summaries[i];
+        let sites = summary.direct_callees.len() + summary.indirect_types.len() + summary.calling_loops.len();
+        if sites > MAX_SITES_PER_FUNCTION {
+            return Err(UnwindError::Unsupported {
+                feature: format!(
+                    "a function with {sites} calls and loops (the instrumentation budget is {MAX_SITES_PER_FUNCTION})"
+                ),
+                func: Some((self.imports + i) as u32),
+            });
+        }
+        Ok(())
+    }
+
     /// Every function the module has once instrumented: its own, then the helpers.
     fn total_functions(&self) -> u32 {
         (self.imports + self.summaries.len()) as u32 + support::Helpers::COUNT
@@ -427,6 +444,7 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
             code.raw(&wasm[body.range()]);
             continue;
         };
+        analysis.check_site_bound(i)?;
         if kind == emit::Body::Lean {
             copy_callees.extend(&analysis.summaries[i].direct_callees);
             copy_callees.extend(&analysis.summaries[i].ref_funcs);
@@ -740,9 +758,16 @@ fn live_locals(
     liveness::live_at_sites(body, locals, &points, func, budget)
 }
 
+/// Calls and loops one function may have to be instrumented: GCC's `cc1`, the largest
+/// real program tried, has at most 8,600.
+const MAX_SITES_PER_FUNCTION: usize = 250_000;
+
 /// Bound on locals saved over a function's sites, per operator of its body: beyond it the
 /// instrumented function would be many times the original, and so would its compile.
-const LIVE_SAVES_PER_OP: u64 = 4;
+/// Sites saving the same locals share one save path (`emit`), so the code grows far less
+/// than this count, but each site still passes its locals to that path: Cranelift's
+/// memory follows the count. Yosys has a function needing 394,296 (over 4 per operator).
+const LIVE_SAVES_PER_OP: u64 = 16;
 
 const BRANCH_HINTS: &str = "metadata.code.branch_hint";
 
