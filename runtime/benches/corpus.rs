@@ -127,7 +127,11 @@ fn corpus(work: &Path) -> Vec<Program> {
                     args: ["-q", "-p", "read_verilog /w/design.v; synth -top top; tee -o /w/stat.txt stat"]
                         .map(String::from)
                         .to_vec(),
-                    mounts: vec![(w.join("tmp"), "/tmp".into()), (w, "/w".into()), (dir.join("share"), "/share".into())],
+                    mounts: vec![
+                        (w.join("tmp"), "/tmp".into()),
+                        (w, "/w".into()),
+                        (dir.join("share"), "/share".into()),
+                    ],
                     env: vec![],
                 });
             }
