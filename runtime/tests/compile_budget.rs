@@ -189,16 +189,50 @@ async fn a_hundred_megabyte_function_is_refused_in_bounded_time_and_memory() {
     let err = host.load_async(module.into(), "huge.wasm".into()).await.err().expect("refused");
     let took = started.elapsed();
     let message = err.to_string();
-    assert!(matches!(err, Error::CompileRefused { .. }), "{message}");
-    assert!(message.contains("huge.wasm cannot be compiled"), "{message}");
+    // Validation refuses a function body over 7,654,321 bytes (the web's limit) before
+    // the transform or the compiler sees it.
+    assert!(matches!(err, Error::InvalidProgram { .. }), "{message}");
+    assert!(message.contains("huge.wasm is not a valid WebAssembly program"), "{message}");
+    assert!(message.contains("function body size"), "{message}");
     println!("refused in {took:?}: {message}");
-    assert!(took < Duration::from_secs(120), "{took:?}");
-    // The transform refused it before planning (it would have planned 9 million sites):
-    // the host itself stayed small.
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert_host_stayed_small();
+    run_hello(&host).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seven_megabyte_function_of_calls_runs_without_checkpoints_or_is_refused_by_the_budget() {
+    // Just under the body size limit: 680,000 calls, over the transform's 250,000 sites
+    // per function.
+    let module = one_huge_function(7 << 20);
+    let host = budgeted_host(1 << 30, Duration::from_secs(120), true);
+    let started = Instant::now();
+    let loaded = host.load_async(module.into(), "big.wasm".into()).await;
+    let took = started.elapsed();
+    match loaded {
+        Ok(program) => {
+            let why = program.checkpoint_support().expect_err("refused by the transform");
+            assert!(why.contains("instrumentation budget"), "{why}");
+            println!("loaded without checkpoints in {took:?}: {why}");
+        }
+        Err(err) => {
+            let message = err.to_string();
+            assert!(matches!(err, Error::CompileRefused { .. }), "{message}");
+            assert!(message.contains("compile memory budget") || message.contains("compile time budget"), "{message}");
+            println!("refused in {took:?}: {message}");
+        }
+    }
+    assert!(took < Duration::from_secs(150), "{took:?}");
+    assert_host_stayed_small();
+    run_hello(&host).await;
+}
+
+/// The crafted module never reached planning in this process: the host itself stayed
+/// small (the compiler's memory is the worker's, under its budget).
+fn assert_host_stayed_small() {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let peak = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().to_string();
     let kib: u64 = peak.split_whitespace().nth(1).unwrap().parse().unwrap();
     println!("test process peak RSS: {} MiB", kib >> 10);
     assert!(kib < 2 << 20, "the host's own memory peaked at {} MiB", kib >> 10);
-    run_hello(&host).await;
 }
