@@ -167,6 +167,26 @@ impl CodeCache {
         }
     }
 
+    /// One of the host's own helper modules (WAT written here, so trusted and tiny): from
+    /// the cache when it is there, else compiled in this process and stored. Compiling
+    /// them at every start was most of `stasis run`'s own start-up work.
+    pub(crate) fn internal_module(&self, engine: &Engine, wat: &str) -> wasmtime::Result<Module> {
+        let hash = blake3::Hasher::new().update(b"stasis-internal:").update(wat.as_bytes()).finalize();
+        if let Some(Compiled::Module(module)) = self.cached(engine, &hash, ProgramFormat::Module) {
+            return Ok(module);
+        }
+        let module = Module::new(engine, wat)?;
+        if let Some(path) = self.artifact_path(&hash, ProgramFormat::Module) {
+            // A cache that cannot be written costs speed, not correctness.
+            if let Err(err) =
+                module.serialize().map_err(std::io::Error::other).and_then(|s| write_atomically(&path, &s))
+            {
+                tracing::warn!(path = %path.display(), "cannot store a helper module: {err}");
+            }
+        }
+        Ok(module)
+    }
+
     /// Loads the compiled artifact for `bytes`, compiling and storing it on a miss.
     pub(crate) fn load_or_compile(
         &self,
@@ -263,4 +283,40 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         d.sync_all()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAT: &str = r#"(module (func (export "f") (result i32) i32.const 7))"#;
+
+    fn call_f(engine: &Engine, module: &Module) -> i32 {
+        let mut store = wasmtime::Store::new(engine, ());
+        let instance = wasmtime::Instance::new(&mut store, module, &[]).unwrap();
+        instance.get_typed_func::<(), i32>(&mut store, "f").unwrap().call(&mut store, ()).unwrap()
+    }
+
+    #[test]
+    fn helper_modules_are_compiled_once_and_a_corrupt_artifact_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::default();
+        let cache = CodeCache::new(&engine, Some(dir.path().into()), false, None, None);
+        let first = cache.internal_module(&engine, WAT).unwrap();
+        assert_eq!(call_f(&engine, &first), 7);
+        let files: Vec<PathBuf> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let stored = std::fs::read(&files[0]).unwrap();
+        // The next start maps the stored artifact: the file is left as it was.
+        let second = cache.internal_module(&engine, WAT).unwrap();
+        assert_eq!(call_f(&engine, &second), 7);
+        assert_eq!(std::fs::read(&files[0]).unwrap(), stored);
+        // A torn or foreign file is compiled over, not trusted. (Written in place only once
+        // nothing maps it: the cache itself only ever renames new files into place.)
+        drop(second);
+        std::fs::write(&files[0], b"not an artifact").unwrap();
+        let third = cache.internal_module(&engine, WAT).unwrap();
+        assert_eq!(call_f(&engine, &third), 7);
+        assert_eq!(std::fs::read(&files[0]).unwrap(), stored);
+    }
 }

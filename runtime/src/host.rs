@@ -393,15 +393,23 @@ impl Host {
             config.compile_worker.clone().map(|worker| Isolated { worker, budget: config.compile_budget, settings })
         };
         let setup = |e: wasmtime::Error| Error::Start(format!("{e:#}"));
+        let code_cache = CodeCache::new(
+            &engine,
+            config.code_cache_dir.clone(),
+            config.checkpoints,
+            isolated(settings),
+            config.code_cache_max_bytes,
+        );
         let mut core_linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut core_linker, |s: &mut ProcessState| &mut s.wasi).map_err(setup)?;
-        let wasi_helper = wasi_state::helper_pre(&core_linker).map_err(setup)?;
+        let helper = code_cache.internal_module(&engine, wasi_state::HELPER_WAT).map_err(setup)?;
+        let wasi_helper = wasi_state::helper_pre(&core_linker, &helper).map_err(setup)?;
         core_linker.allow_shadowing(true);
         wasi_state::add_recording_shadows(&mut core_linker, wasi_helper.clone()).map_err(setup)?;
         core_linker.allow_shadowing(false);
         guest_imports::add_to_linker(&mut core_linker).map_err(setup)?;
         let checkpoint_linker = if config.checkpoints {
-            let gate = wasmtime::Module::new(&engine, crate::checkpoint::GATE_WAT).map_err(setup)?;
+            let gate = code_cache.internal_module(&engine, crate::checkpoint::GATE_WAT).map_err(setup)?;
             let mut linker = core_linker.clone();
             linker.allow_shadowing(true);
             // `core_linker` keeps the real `fd_read` and `poll_oneoff` the shadows call.
@@ -416,13 +424,6 @@ impl Host {
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_ticker(engine.clone(), ticker_stop.clone());
-        let code_cache = CodeCache::new(
-            &engine,
-            config.code_cache_dir.clone(),
-            config.checkpoints,
-            isolated(settings),
-            config.code_cache_max_bytes,
-        );
         let debug_isolation = isolated(EngineSettings { pool: None, guest_debug: true });
         Ok(Host {
             inner: Arc::new(HostInner {

@@ -129,7 +129,7 @@ struct Helper {
     fd_close: TypedFunc<(i32,), i32>,
 }
 
-const HELPER_WAT: &str = r#"(module
+pub(crate) const HELPER_WAT: &str = r#"(module
   (import "wasi_snapshot_preview1" "path_open"
     (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "fd_renumber" (func $fd_renumber (param i32 i32) (result i32)))
@@ -154,10 +154,13 @@ pub(crate) trait HasFdTracker: Send + 'static {
     fn fds(&mut self) -> &mut FdTracker;
 }
 
-/// Builds the helper for a linker that has the real wasip1 functions.
-pub(crate) fn helper_pre<T: HasFdTracker>(real: &Linker<T>) -> wasmtime::Result<InstancePre<T>> {
-    let module = wasmtime::Module::new(real.engine(), HELPER_WAT)?;
-    real.instantiate_pre(&module)
+/// Builds the helper (`module`, compiled from [`HELPER_WAT`]) for a linker that has the
+/// real wasip1 functions.
+pub(crate) fn helper_pre<T: HasFdTracker>(
+    real: &Linker<T>,
+    module: &wasmtime::Module,
+) -> wasmtime::Result<InstancePre<T>> {
+    real.instantiate_pre(module)
 }
 
 async fn helper<T: HasFdTracker>(
