@@ -178,10 +178,9 @@ impl CodeCache {
         let module = Module::new(engine, wat)?;
         if let Some(path) = self.artifact_path(&hash, ProgramFormat::Module) {
             // A cache that cannot be written costs speed, not correctness.
-            if let Err(err) =
-                module.serialize().map_err(std::io::Error::other).and_then(|s| write_atomically(&path, &s))
-            {
-                tracing::warn!(path = %path.display(), "cannot store a helper module: {err}");
+            match module.serialize().map_err(std::io::Error::other).and_then(|s| write_atomically(&path, &s)) {
+                Ok(()) => self.enforce_bound(&path),
+                Err(err) => tracing::warn!(path = %path.display(), "cannot store a helper module: {err}"),
             }
         }
         Ok(module)
