@@ -52,7 +52,7 @@ pub use code_cache::{ProgramFormat, write_atomically};
 pub use compile_worker::{CompileBudget, CompileWorker};
 pub use error::{Error, Result};
 pub use host::{DEFAULT_MAX_LOADED_PROGRAMS, EPOCH_TICK, Host, HostConfig, Program, detect_format};
-pub use limits::Limits;
+pub use limits::{CpuQuota, Limits};
 pub use memory_snapshot::{MemorySnapshot, MemorySnapshotReport, MemorySnapshotStore, RestoredStdio};
 pub use pause::PauseGuard;
 pub use process::{ExitStatus, OutputMode, Process, StdinMode};

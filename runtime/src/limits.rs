@@ -1,6 +1,7 @@
 //! Resource limits of a process, and the store-side limiter that enforces the memory one.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Limits applied to every process of a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +16,8 @@ pub struct Limits {
     pub output_buffer: usize,
     /// Elements across all tables of the process.
     pub max_table_elements: u64,
+    /// Cores of wasm execution the sandbox's processes share (clones share the quota).
+    pub cpus: Option<CpuQuota>,
 }
 
 impl Default for Limits {
@@ -25,9 +28,76 @@ impl Default for Limits {
             cpu_time: None,
             output_buffer: crate::stdio::DEFAULT_OUTPUT_CAPACITY,
             max_table_elements: 1 << 20,
+            cpus: None,
         }
     }
 }
+
+/// A share of the host's cores for every process of a sandbox together, enforced as
+/// cgroups' `cpu.max` does: in each period of [`CPU_PERIOD`] the processes may spend
+/// `cpus` x the period executing wasm (each charges the time it ran at every epoch tick);
+/// past it, each one sleeps until the period in which its sandbox is back within quota.
+/// So over any second they get at most `cpus` cores; host calls, blocking included, cost
+/// nothing, as with `cpu_time`. (A token bucket that made each process sleep off the
+/// whole debt let every sleeper pay for the others: two guests got half their share.)
+#[derive(Clone)]
+pub struct CpuQuota {
+    cpus: f64,
+    periods: Arc<Mutex<Periods>>,
+}
+
+struct Periods {
+    start: Instant,
+    /// Execution charged to the current period, in nanoseconds (past the quota, a debt
+    /// that later periods pay).
+    used: f64,
+}
+
+pub const CPU_PERIOD: Duration = Duration::from_millis(100);
+
+impl CpuQuota {
+    /// `cpus` must be positive and finite (the API checks what callers send).
+    pub fn new(cpus: f64) -> CpuQuota {
+        assert!(cpus.is_finite() && cpus > 0.0, "a CPU quota of {cpus} cores");
+        CpuQuota { cpus, periods: Arc::new(Mutex::new(Periods { start: Instant::now(), used: 0.0 })) }
+    }
+
+    pub fn cpus(&self) -> f64 {
+        self.cpus
+    }
+
+    /// Charges `spent` of execution; answers how long the caller must sleep to stay within
+    /// the quota, if at all.
+    pub(crate) fn charge(&self, spent: Duration) -> Option<Duration> {
+        let mut periods = self.periods.lock().expect("CPU quota lock");
+        let now = Instant::now();
+        let period = CPU_PERIOD.as_nanos() as f64;
+        let quota = period * self.cpus;
+        let passed = (now.duration_since(periods.start).as_nanos() as f64 / period).floor();
+        if passed >= 1.0 {
+            periods.start += CPU_PERIOD.mul_f64(passed);
+            periods.used = (periods.used - passed * quota).max(0.0);
+        }
+        periods.used += spent.as_nanos() as f64;
+        let owed = (periods.used / quota).floor();
+        (owed >= 1.0).then(|| (periods.start + CPU_PERIOD.mul_f64(owed)).saturating_duration_since(now))
+    }
+}
+
+impl std::fmt::Debug for CpuQuota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CpuQuota({} cores)", self.cpus)
+    }
+}
+
+/// Two quotas are the same when they are one account (a sandbox's).
+impl PartialEq for CpuQuota {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.periods, &other.periods)
+    }
+}
+
+impl Eq for CpuQuota {}
 
 /// The guest asked for more memory than its limit allows.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

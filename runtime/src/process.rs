@@ -13,9 +13,9 @@ use crate::pause::{ProcessPhase, RunPhase};
 use crate::stdio::{OutputBuffer, StdinPipe};
 use crate::wasi_state::{FdTracker, HasFdTracker, SnapshotClock};
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{Notify, watch};
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::I32Exit;
@@ -28,6 +28,14 @@ pub(crate) struct ProcessState {
     kill: Arc<KillSwitch>,
     cpu_ticks: u64,
     max_cpu_ticks: Option<u64>,
+    cpu_quota: Option<crate::limits::CpuQuota>,
+    /// With a quota: time in wasm not yet charged, and since when the guest has been in
+    /// wasm (ticks come late on a busy host, so a tick is not a fixed amount of work).
+    wasm_time: Duration,
+    /// Set when the guest resumes after each tick's yield (the future that ends the yield
+    /// writes it): its task may share a thread with others, so the time since its last
+    /// tick is not its own.
+    wasm_since: Arc<Mutex<WasmClock>>,
     pub(crate) phase: Arc<ProcessPhase>,
     pub(crate) fds: FdTracker,
     /// For reactor components: how each resource they hold was made.
@@ -61,6 +69,9 @@ impl ProcessState {
             kill: kill.clone(),
             cpu_ticks: 0,
             max_cpu_ticks: limits.cpu_time.map(|d| (d.as_nanos() / tick).max(1) as u64),
+            cpu_quota: limits.cpus.clone(),
+            wasm_time: Duration::ZERO,
+            wasm_since: Arc::new(Mutex::new(WasmClock::now())),
             phase,
             fds: FdTracker::new(descriptors),
             handles: Default::default(),
@@ -513,6 +524,8 @@ async fn run_guest(
 ) -> ExitStatus {
     let store = slot.insert(Store::new(program_engine(&program), state));
     configure_store(store);
+    // Loading the program was not the guest's time.
+    *store.data().wasm_since.lock().expect("wasm clock") = WasmClock::now();
     let result = match &program.entry {
         ProgramEntry::Command(pre) => {
             let instance = match pre.instantiate_async(&mut *store).await {
@@ -609,6 +622,39 @@ impl Entry {
     }
 }
 
+/// When a guest started its current stretch in wasm, on which thread, at which CPU time
+/// of that thread. A stretch runs on one thread (the fiber moves only when it yields),
+/// so its CPU time is that thread's; wall time would also count the moments the thread
+/// was not running (measured: two guests under a half-core quota ran on half their share).
+#[derive(Clone, Copy)]
+pub(crate) struct WasmClock {
+    at: Instant,
+    thread: std::thread::ThreadId,
+    thread_cpu: Duration,
+}
+
+impl WasmClock {
+    fn now() -> WasmClock {
+        WasmClock { at: Instant::now(), thread: std::thread::current().id(), thread_cpu: thread_cpu_time() }
+    }
+
+    /// Execution since `self`: the thread's CPU time when still on it, else wall time.
+    fn elapsed(&self) -> Duration {
+        if std::thread::current().id() == self.thread {
+            thread_cpu_time().saturating_sub(self.thread_cpu)
+        } else {
+            self.at.elapsed()
+        }
+    }
+}
+
+fn thread_cpu_time() -> Duration {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
 /// Limits, preemption, kills and pauses for a process's store.
 pub(crate) fn configure_store(store: &mut Store<ProcessState>) {
     store.limiter(|s| &mut s.limiter);
@@ -628,6 +674,22 @@ pub(crate) fn configure_store(store: &mut Store<ProcessState>) {
             let phase = state.phase.clone();
             return Ok(UpdateDeadline::YieldCustom(1, Box::pin(async move { phase.park_if_paused().await })));
         }
+        if let Some(quota) = &state.cpu_quota {
+            let since = *state.wasm_since.lock().expect("wasm clock");
+            let spent = (std::mem::take(&mut state.wasm_time) + since.elapsed()).min(crate::limits::CPU_PERIOD);
+            let wait = quota.charge(spent);
+            let resumed = state.wasm_since.clone();
+            return Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(async move {
+                    match wait {
+                        Some(wait) => tokio::time::sleep(wait).await,
+                        None => tokio::task::yield_now().await,
+                    }
+                    *resumed.lock().expect("wasm clock") = WasmClock::now();
+                }),
+            ));
+        }
         Ok(UpdateDeadline::Yield(1))
     });
     store.call_hook_async(ParkAtHostCalls);
@@ -641,9 +703,25 @@ struct ParkAtHostCalls;
 impl wasmtime::CallHookHandler<ProcessState> for ParkAtHostCalls {
     async fn handle_call_event(
         &self,
-        ctx: wasmtime::StoreContextMut<'_, ProcessState>,
+        mut ctx: wasmtime::StoreContextMut<'_, ProcessState>,
         event: wasmtime::CallHook,
     ) -> wasmtime::Result<()> {
+        let state = ctx.data_mut();
+        if state.cpu_quota.is_some() {
+            match event {
+                wasmtime::CallHook::CallingHost => {
+                    // Restarted here too: wasmtime may run the epoch callback inside a host
+                    // call (seen: at the call), and this stretch must not be charged twice.
+                    let mut since = state.wasm_since.lock().expect("wasm clock");
+                    state.wasm_time += since.elapsed();
+                    *since = WasmClock::now();
+                }
+                wasmtime::CallHook::ReturningFromHost => {
+                    *state.wasm_since.lock().expect("wasm clock") = WasmClock::now()
+                }
+                _ => {}
+            }
+        }
         let phase = &ctx.data().phase;
         match event {
             wasmtime::CallHook::CallingHost => {

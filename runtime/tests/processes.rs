@@ -4,7 +4,7 @@ mod common;
 
 use common::{guest_bytes, guest_path, host, text};
 use stasis_runtime::{
-    Command, Error, ExitStatus, Host, HostConfig, Limits, ProgramRef, Sandbox, SandboxConfig, StdinMode,
+    Command, CpuQuota, Error, ExitStatus, Host, HostConfig, Limits, ProgramRef, Sandbox, SandboxConfig, StdinMode,
 };
 use std::time::{Duration, Instant};
 
@@ -279,4 +279,47 @@ fn compiled_code_is_cached_on_disk_and_a_bad_artifact_is_recompiled() {
     assert_eq!(program.hash(), blake3::hash(&bytes));
     assert!(std::fs::read(&artifacts[0]).unwrap().len() > 100, "rewritten after the bad load");
     eprintln!("warm load took {warm:?}");
+}
+
+/// CPU time this test process has used (user and system).
+fn cpu_used() -> Duration {
+    // SAFETY: getrusage writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, &mut usage), 0);
+        usage
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cpu_bound_guests_in_a_half_core_sandbox_share_half_a_core() {
+    let host = host();
+    let sb = sandbox(&host, Limits { cpus: Some(CpuQuota::new(0.5)), ..Limits::default() });
+    let a = sb.spawn(bytes_cmd("cpuloop.wasm").arg("100000")).await.unwrap();
+    let b = sb.spawn(bytes_cmd("cpuloop.wasm").arg("100000")).await.unwrap();
+    // Past compilation and start-up: both are in their loops.
+    for p in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !text(p.stdout().contents()).contains("progress") {
+            assert!(Instant::now() < deadline, "no progress");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let (cpu, wall) = (cpu_used(), Instant::now());
+    let (a0, b0) = (a.stdout().contents().len(), b.stdout().contents().len());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (cpu, wall) = (cpu_used() - cpu, wall.elapsed());
+    let (a1, b1) = (a.stdout().contents().len(), b.stdout().contents().len());
+    a.kill();
+    b.kill();
+    let cores = cpu.as_secs_f64() / wall.as_secs_f64();
+    println!("two guests under a 0.5-core quota used {cores:.2} cores over {wall:?}");
+    // Unthrottled, the two would hold both cores of a 2-core machine.
+    assert!(cores < 0.65, "{cores:.2} cores");
+    assert!(cores > 0.3, "{cores:.2} cores: the quota starved them");
+    assert!(a1 > a0 && b1 > b0, "both make progress: {a0}->{a1}, {b0}->{b1}");
+    assert!(matches!(a.wait().await, ExitStatus::Killed));
+    assert!(matches!(b.wait().await, ExitStatus::Killed));
 }

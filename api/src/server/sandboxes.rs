@@ -21,7 +21,7 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use stasis_runtime::fs_snapshot::{FsSnapshotStore, RestoreOptions, SnapshotId};
-use stasis_runtime::{Limits, MemorySnapshot, Sandbox, SandboxConfig};
+use stasis_runtime::{CpuQuota, Limits, MemorySnapshot, Sandbox, SandboxConfig};
 use std::collections::HashMap;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -482,7 +482,12 @@ fn sandbox_config(dir: &FsPath, resources: Resources) -> SandboxConfig {
         root: Some(dir.join("root")),
         env: SANDBOX_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         cwd: Some(super::files::HOME.to_string()),
-        limits: Limits { max_memory: Some(resources.memory_mb as u64 * (1 << 20)), ..Limits::default() },
+        limits: Limits {
+            max_memory: Some(resources.memory_mb as u64 * (1 << 20)),
+            // Validated on create; a row from elsewhere with no sane value runs unthrottled.
+            cpus: (resources.cpus.is_finite() && resources.cpus > 0.0).then(|| CpuQuota::new(resources.cpus)),
+            ..Limits::default()
+        },
         ..SandboxConfig::default()
     }
 }
