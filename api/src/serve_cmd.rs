@@ -4,7 +4,9 @@
 //! (its keys mirror the flags: `listen`, `data_dir`, `public_url`, `max_file_size`,
 //! `max_processes`, `max_loaded_programs`, `shutdown_grace`, `checkpoints`, `remote`,
 //! `remote_endpoint`, `remote_region`, `remote_timeout`, `cache_size`, `compile_memory`,
-//! `compile_timeout`, `code_cache_size`), else from the defaults.
+//! `compile_timeout`, `code_cache_size`), else from the defaults. Per-namespace quotas are
+//! set in the file only: `max_sandboxes`, `max_running_processes`, `max_snapshot_bytes`
+//! (each namespace gets them; unset means unbounded).
 
 use crate::server::ServerConfig;
 use clap::Args;
@@ -117,6 +119,9 @@ struct ConfigFile {
     compile_memory: Option<SizeSetting>,
     compile_timeout: Option<String>,
     code_cache_size: Option<SizeSetting>,
+    max_sandboxes: Option<u32>,
+    max_running_processes: Option<u32>,
+    max_snapshot_bytes: Option<SizeSetting>,
 }
 
 /// `max_file_size = "512M"` or a number of bytes.
@@ -211,6 +216,18 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
             .map_err(|e| bad("code_cache_size", &format!("{text:?}"), e))?,
         (None, None) => DEFAULT_CODE_CACHE_SIZE,
     };
+    let quotas = crate::server::quotas::Quotas {
+        max_sandboxes: file.max_sandboxes,
+        max_running_processes: file.max_running_processes,
+        max_snapshot_bytes: match file.max_snapshot_bytes {
+            Some(SizeSetting::Bytes(bytes)) => Some(bytes),
+            Some(SizeSetting::Text(text)) => Some(
+                stasis_runtime::limits::parse_byte_size(&text)
+                    .map_err(|e| bad("max_snapshot_bytes", &format!("{text:?}"), e))?,
+            ),
+            None => None,
+        },
+    };
     if compile_budget.memory < 64 << 20 {
         return Err("compile_memory must be at least 64M (a compiler needs that much to start)".into());
     }
@@ -247,6 +264,7 @@ fn resolve(args: ServeArgs) -> Result<ServerConfig, String> {
         cache_bytes,
         compile_budget,
         code_cache_bytes,
+        quotas,
     })
 }
 

@@ -9,6 +9,12 @@
  *   hostile relink TARGET LINK
  *       move LINK aside (to LINK.moved) if it exists, then make LINK a symlink to
  *       TARGET (relative targets may climb out of the tree); prints "linked"
+ *   hostile openall PATH   open PATH again and again without closing until an open
+ *                          fails; prints "opened N: <strerror>", then closes them all
+ *                          and prints "reopened" if PATH opens again
+ *   hostile fill PATH      append 64 KiB blocks to PATH until a write fails; prints
+ *                          "filled N: <strerror>" (N bytes written), then deletes PATH
+ *                          and prints "rewrote" if a 64 KiB file can be written again
  * Errors print "error: <strerror> WHAT" on stderr and exit 1; bad usage exits 2. */
 #include <errno.h>
 #include <fcntl.h>
@@ -24,7 +30,8 @@ static int fail(const char *what) {
 
 static int usage(void) {
     fprintf(stderr,
-            "usage: hostile sparse PATH BYTES [OFFSET TEXT] | spew BYTES | spin | relink TARGET LINK\n");
+            "usage: hostile sparse PATH BYTES [OFFSET TEXT] | spew BYTES | spin | relink TARGET LINK"
+            " | openall PATH | fill PATH\n");
     return 2;
 }
 
@@ -73,11 +80,52 @@ static int relink(const char *target, const char *link) {
     return 0;
 }
 
+static int openall(const char *path) {
+    static int fds[1 << 16];
+    int n = 0;
+    while (n < (int)(sizeof fds / sizeof fds[0])) {
+        int fd = open(path, O_RDONLY | O_CREAT, 0644);
+        if (fd < 0) break;
+        fds[n++] = fd;
+    }
+    printf("opened %d: %s\n", n, strerror(errno));
+    for (int i = 0; i < n; i++) close(fds[i]);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return fail(path);
+    close(fd);
+    printf("reopened\n");
+    return 0;
+}
+
+static int fill(const char *path) {
+    static char block[65536];
+    memset(block, 'f', sizeof block);
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd < 0) return fail(path);
+    long long total = 0;
+    for (;;) {
+        ssize_t w = write(fd, block, sizeof block);
+        if (w <= 0) break;
+        total += w;
+    }
+    printf("filled %lld: %s\n", total, strerror(errno));
+    close(fd);
+    if (unlink(path) != 0) return fail(path);
+    fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) return fail(path);
+    if (write(fd, block, sizeof block) != (ssize_t)sizeof block) return fail("rewrite");
+    close(fd);
+    printf("rewrote\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) return usage();
     if (strcmp(argv[1], "sparse") == 0) return sparse(argc, argv);
     if (strcmp(argv[1], "spew") == 0 && argc == 3) return spew(strtoll(argv[2], NULL, 10));
     if (strcmp(argv[1], "spin") == 0) return spin();
     if (strcmp(argv[1], "relink") == 0 && argc == 4) return relink(argv[2], argv[3]);
+    if (strcmp(argv[1], "openall") == 0 && argc == 3) return openall(argv[2]);
+    if (strcmp(argv[1], "fill") == 0 && argc == 3) return fill(argv[2]);
     return usage();
 }

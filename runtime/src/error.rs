@@ -29,6 +29,9 @@ pub enum Error {
     /// A directory the caller asked to preopen.
     #[error("cannot open directory `{}`: {source}", path.display())]
     Directory { path: PathBuf, source: std::io::Error },
+    /// The sandbox already runs as many processes as its limit allows.
+    #[error("the sandbox already runs {limit} processes, its limit (`max_processes`); wait for one to exit")]
+    TooManyProcesses { limit: u32 },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("{context}: {source}")]

@@ -18,7 +18,18 @@ pub struct Limits {
     pub max_table_elements: u64,
     /// Cores of wasm execution the sandbox's processes share (clones share the quota).
     pub cpus: Option<CpuQuota>,
+    /// Descriptors a process may have open beyond those it starts with (stdio,
+    /// preopens): each one is a host descriptor, and the host has a finite number.
+    pub max_open_files: u32,
+    /// Processes of the sandbox running at once.
+    pub max_processes: u32,
 }
+
+/// Open descriptors per process by default: enough for compilers and interpreters, and
+/// 64 processes of a sandbox at the bound stay far from a host's file limit.
+pub const DEFAULT_MAX_OPEN_FILES: u32 = 256;
+/// Running processes per sandbox by default.
+pub const DEFAULT_MAX_PROCESSES_PER_SANDBOX: u32 = 64;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -29,6 +40,8 @@ impl Default for Limits {
             output_buffer: crate::stdio::DEFAULT_OUTPUT_CAPACITY,
             max_table_elements: 1 << 20,
             cpus: None,
+            max_open_files: DEFAULT_MAX_OPEN_FILES,
+            max_processes: DEFAULT_MAX_PROCESSES_PER_SANDBOX,
         }
     }
 }

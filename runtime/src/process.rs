@@ -73,7 +73,7 @@ impl ProcessState {
             wasm_time: Duration::ZERO,
             wasm_since: Arc::new(Mutex::new(WasmClock::now())),
             phase,
-            fds: FdTracker::new(descriptors),
+            fds: FdTracker::new(descriptors, limits.max_open_files),
             handles: Default::default(),
             clock,
             checkpoint: None,

@@ -164,6 +164,10 @@ impl Sandbox {
         argv.extend(command.args);
 
         let (wasi, descriptors) = self.wasi_builder(&argv, &env, command.cwd.as_deref())?;
+        // Checked (and the process registered) under one lock, so racing spawns cannot
+        // both take the last slot.
+        let mut processes = self.processes.lock().unwrap();
+        self.check_process_limit(&processes)?;
         let process = Process::start(Launch {
             program,
             wasi,
@@ -176,7 +180,6 @@ impl Sandbox {
             descriptors,
             resume: None,
         });
-        let mut processes = self.processes.lock().unwrap();
         processes.insert(process.pid(), process.clone());
         forget_oldest_exited(&mut processes);
         Ok(process)
@@ -192,6 +195,8 @@ impl Sandbox {
         resume: ResumeFrom,
     ) -> Result<Process> {
         let (wasi, descriptors) = self.wasi_builder(&argv, &[], None)?;
+        // A restore resumes processes one after another before anything else runs.
+        self.check_process_limit(&self.processes.lock().unwrap())?;
         Ok(Process::start(Launch {
             program,
             wasi,
@@ -204,6 +209,19 @@ impl Sandbox {
             descriptors,
             resume: Some(Arc::new(resume)),
         }))
+    }
+
+    /// Processes of this sandbox that have not exited.
+    pub fn running_processes(&self) -> usize {
+        running(&self.processes.lock().unwrap())
+    }
+
+    fn check_process_limit(&self, processes: &BTreeMap<u64, Process>) -> Result<()> {
+        let limit = self.config.limits.max_processes;
+        if running(processes) >= limit as usize {
+            return Err(Error::TooManyProcesses { limit });
+        }
+        Ok(())
     }
 
     /// Loads what a command names, and the argv[0] it runs as.
@@ -350,6 +368,10 @@ impl Sandbox {
 
 /// How many ended processes a sandbox remembers (for listing and their output).
 pub const EXITED_PROCESSES_KEPT: usize = 256;
+
+fn running(processes: &BTreeMap<u64, Process>) -> usize {
+    processes.values().filter(|p| p.status().is_none()).count()
+}
 
 fn forget_oldest_exited(processes: &mut BTreeMap<u64, Process>) {
     let exited: Vec<u64> = processes.values().filter(|p| p.status().is_some()).map(Process::pid).collect();

@@ -30,6 +30,7 @@ use wasmtime::{AsContextMut, Caller, Instance, InstancePre, Linker, Memory, Type
 const ERRNO_SUCCESS: i32 = 0;
 const ERRNO_BADF: i32 = 8;
 const ERRNO_FAULT: i32 = 21;
+const ERRNO_MFILE: i32 = 33;
 const ERRNO_NAMETOOLONG: i32 = 37;
 const OFLAGS_CREAT: u16 = 1;
 const OFLAGS_DIRECTORY: u16 = 2;
@@ -86,12 +87,20 @@ pub(crate) struct FdTracker {
     /// Number of descriptors the process started with: stdio and the preopens.
     initial: u32,
     high_water: u32,
+    /// Descriptors the guest may have open beyond `initial` (`None`: no bound).
+    max_open: Option<u32>,
     helper: Option<Helper>,
 }
 
 impl FdTracker {
-    pub(crate) fn new(initial: u32) -> Self {
-        FdTracker { initial, high_water: initial.saturating_sub(1), ..FdTracker::default() }
+    pub(crate) fn new(initial: u32, max_open: u32) -> Self {
+        FdTracker { initial, high_water: initial.saturating_sub(1), max_open: Some(max_open), ..FdTracker::default() }
+    }
+
+    /// `opened` keeps descriptors closed since (closes are not shadowed), so it only
+    /// bounds the open ones: at the bound, [`prune_closed`] tells.
+    fn may_be_at_open_limit(&self) -> bool {
+        self.max_open.is_some_and(|max| self.opened.len() >= max as usize)
     }
 
     fn note_open(&mut self, dirfd: u32, path: &str, mut record: OpenRecord, fd: u32) {
@@ -216,6 +225,12 @@ pub(crate) fn add_recording_shadows<T: HasFdTracker>(
                     return Ok(ERRNO_FAULT);
                 }
                 let helper = helper(&mut caller, &pre).await?;
+                if caller.data_mut().fds().may_be_at_open_limit() {
+                    prune_closed(&mut caller, &helper).await?;
+                    if caller.data_mut().fds().may_be_at_open_limit() {
+                        return Ok(ERRNO_MFILE);
+                    }
+                }
                 helper.memory.data_mut(&mut caller)[SCRATCH_PATH as usize..][..path_len].copy_from_slice(&path);
                 let errno = helper
                     .path_open
@@ -277,12 +292,27 @@ fn read_u32(memory: &Memory, store: impl wasmtime::AsContext, at: u32) -> u32 {
     u32::from_le_bytes(bytes.try_into().unwrap())
 }
 
+/// Forgets the descriptors the guest has closed since it opened them.
+async fn prune_closed<T: HasFdTracker>(
+    mut store: impl AsContextMut<Data = T>,
+    helper: &Helper,
+) -> wasmtime::Result<()> {
+    let fds: Vec<u32> = store.as_context_mut().data_mut().fds().opened.keys().copied().collect();
+    for fd in fds {
+        if helper.fd_fdstat_get.call_async(&mut store, (fd as i32, SCRATCH_FDSTAT as i32)).await? != ERRNO_SUCCESS {
+            store.as_context_mut().data_mut().fds().opened.remove(&fd);
+        }
+    }
+    Ok(())
+}
+
 /// Reads the descriptor table of a quiescent process.
 pub(crate) async fn capture<T: HasFdTracker>(
     mut store: impl AsContextMut<Data = T>,
     pre: &InstancePre<T>,
 ) -> wasmtime::Result<FdTableImage> {
     let helper = helper(&mut store, pre).await?;
+    prune_closed(&mut store, &helper).await?;
     let mut ctx = store.as_context_mut();
     let tracker = ctx.data_mut().fds();
     let (opened, initial, high_water) = (tracker.opened.clone(), tracker.initial, tracker.high_water);
@@ -293,12 +323,7 @@ pub(crate) async fn capture<T: HasFdTracker>(
         }
     }
     for (fd, open) in opened {
-        let errno = helper.fd_fdstat_get.call_async(&mut store, (fd as i32, SCRATCH_FDSTAT as i32)).await?;
-        if errno != ERRNO_SUCCESS {
-            // Closed since it was opened.
-            store.as_context_mut().data_mut().fds().opened.remove(&fd);
-            continue;
-        }
+        helper.fd_fdstat_get.call_async(&mut store, (fd as i32, SCRATCH_FDSTAT as i32)).await?;
         let filetype = helper.memory.data(&store)[SCRATCH_FDSTAT as usize];
         let offset = if filetype == FILETYPE_REGULAR_FILE {
             let errno = helper.fd_seek.call_async(&mut store, (fd as i32, 0, WHENCE_CUR, SCRATCH_OUT as i32)).await?;

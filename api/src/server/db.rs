@@ -316,6 +316,24 @@ impl Db {
         })
     }
 
+    /// Sandboxes of `namespace` not terminated.
+    pub fn active_sandboxes(&self, namespace: &str) -> rusqlite::Result<i64> {
+        self.with(|c| {
+            c.prepare_cached("SELECT COUNT(*) FROM sandboxes WHERE namespace = ?1 AND status != 'terminated'")?
+                .query_row([namespace], |r| r.get(0))
+        })
+    }
+
+    /// Bytes of `namespace`'s completed snapshots.
+    pub fn snapshot_bytes(&self, namespace: &str) -> rusqlite::Result<i64> {
+        self.with(|c| {
+            c.prepare_cached(
+                "SELECT COALESCE(SUM(size_bytes), 0) FROM snapshots WHERE namespace = ?1 AND status = 'completed'",
+            )?
+            .query_row([namespace], |r| r.get(0))
+        })
+    }
+
     /// Marks a sandbox terminated (once: a terminated record keeps its first reason).
     pub fn terminate_sandbox(&self, id: &str, reason: &str, at: i64) -> rusqlite::Result<()> {
         self.with(|c| {

@@ -27,6 +27,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// A quota (the namespace's, or the sandbox's) would be crossed; the message names it.
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// A service this node depends on (the shared object store) failed; the message says
     /// which and why, without credentials or host paths.
     #[error("{0}")]
@@ -54,7 +57,7 @@ pub enum DataPlaneErrors {
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// Machine-readable reason: `invalid_request`, `unauthorized`, `forbidden`, `not_found`,
-    /// `conflict`, `payload_too_large`, `not_implemented`, `internal`, ...
+    /// `conflict`, `payload_too_large`, `quota_exceeded`, `not_implemented`, `internal`, ...
     code: &'static str,
     message: String,
 }
@@ -69,6 +72,7 @@ impl IntoResponse for ApiError {
             ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", m),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m),
             ApiError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m),
+            ApiError::QuotaExceeded(m) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", m),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
             ApiError::Internal(e) => {
                 let incident = super::ids::incident();
@@ -116,6 +120,7 @@ impl From<stasis_runtime::Error> for ApiError {
             | E::ProgramUnreadable { .. }
             | E::ProgramTooLarge { .. }
             | E::InvalidArgument(_) => ApiError::BadRequest(e.to_string()),
+            E::TooManyProcesses { .. } => ApiError::QuotaExceeded(e.to_string()),
             other => ApiError::Internal(anyhow::Error::new(other)),
         }
     }

@@ -23,6 +23,7 @@ pub mod images;
 mod model;
 mod openapi;
 mod processes;
+pub mod quotas;
 mod sandboxes;
 mod shared;
 mod snapshots;
@@ -137,6 +138,8 @@ pub struct ServerConfig {
     pub compile_budget: stasis_runtime::CompileBudget,
     /// Disk the compiled-code cache may use (least recently used code deleted past it).
     pub code_cache_bytes: u64,
+    /// What each namespace may hold.
+    pub quotas: quotas::Quotas,
 }
 
 /// What handlers see of the configuration.
@@ -164,6 +167,7 @@ pub struct AppState {
     keys: auth::Keys,
     sandboxes: sandboxes::Registry,
     snapshots: snapshots::Snapshots,
+    quotas: quotas::QuotaGate,
     shutting_down: AtomicBool,
 }
 
@@ -248,6 +252,7 @@ impl AppState {
             keys: auth::Keys::default(),
             sandboxes: sandboxes::Registry::default(),
             snapshots,
+            quotas: quotas::QuotaGate::new(config.quotas),
             shutting_down: AtomicBool::new(false),
         });
         tokio::spawn(snapshots::Snapshots::sweeper(Arc::downgrade(&state)));

@@ -197,7 +197,10 @@ pub async fn start_in(
         Some(StdinModeRequest::Pipe) => StdinMode::Pipe,
         Some(StdinModeRequest::Closed) | None => StdinMode::Closed,
     };
+    let slot = state.reserve_process(&live.namespace)?;
     let process = live.sandbox.spawn(command).await?;
+    // The sandbox counts it from here.
+    drop(slot);
     // Terminating a sandbox (or the server) sets its flag, then kills what it finds: a
     // process started meanwhile is either found, or sees the flag here.
     if live.is_terminated() || state.is_shutting_down() {

@@ -169,6 +169,7 @@ impl AppState {
             return Err(ApiError::Conflict("the server is shutting down".into()));
         }
         let timeout_secs = timeout(req.timeout_secs)?;
+        let _slot = self.reserve_sandbox(namespace)?;
         if let Some(name) = &req.name {
             validate_sandbox_name(name)?;
             if self.db.sandbox(namespace, name)?.is_some_and(|s| s.status == SandboxStatus::Running) {
@@ -453,6 +454,12 @@ impl AppState {
     }
 
     /// The running sandbox `id_or_name` of `namespace`, for the data plane.
+    /// Processes running in `namespace`'s live sandboxes.
+    pub fn running_processes(&self, namespace: &str) -> usize {
+        let live: Vec<Arc<LiveSandbox>> = self.sandboxes.live.lock().unwrap().values().cloned().collect();
+        live.iter().filter(|l| l.namespace == namespace).map(|l| l.sandbox.running_processes()).sum()
+    }
+
     pub fn live_sandbox(&self, namespace: &str, id_or_name: &str) -> ApiResult<Arc<LiveSandbox>> {
         if let Some(live) = self.sandboxes.get(id_or_name).filter(|l| l.namespace == namespace) {
             return Ok(live);

@@ -354,6 +354,7 @@ pub async fn create(
     if memory {
         refuse_running(&live)?;
     }
+    state.check_snapshot_quota(&caller.namespace)?;
     if state.is_shutting_down() {
         return Err(ApiError::Conflict("the server is shutting down".into()));
     }
