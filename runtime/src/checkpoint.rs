@@ -216,19 +216,28 @@ struct GateSource {
     module: wasmtime::Module,
 }
 
+/// Instantiates a gate `module`: it imports the caller's memory (as `guest.memory`) and the
+/// real wasip1 functions `names` of `real`, in that order, and exports the memory again,
+/// so the real functions, called through it, read and write the guest's memory.
+pub(crate) async fn instantiate_gate(
+    caller: &mut Caller<'_, ProcessState>,
+    real: &Linker<ProcessState>,
+    module: &wasmtime::Module,
+    names: &[&str],
+) -> wasmtime::Result<Instance> {
+    let memory = guest_memory(caller).ok_or_else(|| wasmtime::format_err!("the guest exports no `memory`"))?;
+    let mut imports = vec![memory.into()];
+    for name in names {
+        imports.push(real.get(&mut *caller, "wasi_snapshot_preview1", name)?);
+    }
+    Instance::new_async(&mut *caller, module, &imports).await
+}
+
 async fn gate(caller: &mut Caller<'_, ProcessState>, source: &GateSource) -> wasmtime::Result<Gate> {
     if let Some(gate) = caller.data().checkpoint.as_ref().and_then(|c| c.gate.clone()) {
         return Ok(gate);
     }
-    let memory = caller
-        .get_export("memory")
-        .and_then(|e| e.into_memory())
-        .ok_or_else(|| wasmtime::format_err!("the guest exports no `memory`"))?;
-    let mut imports = vec![memory.into()];
-    for name in ["fd_read", "poll_oneoff"] {
-        imports.push(source.real.get(&mut *caller, "wasi_snapshot_preview1", name)?);
-    }
-    let instance = Instance::new_async(&mut *caller, &source.module, &imports).await?;
+    let instance = instantiate_gate(caller, &source.real, &source.module, &["fd_read", "poll_oneoff"]).await?;
     let gate = Gate {
         fd_read: instance.get_typed_func(&mut *caller, "fd_read")?,
         poll_oneoff: instance.get_typed_func(&mut *caller, "poll_oneoff")?,

@@ -406,6 +406,9 @@ impl Host {
         let wasi_helper = wasi_state::helper_pre(&core_linker, &helper).map_err(setup)?;
         core_linker.allow_shadowing(true);
         wasi_state::add_recording_shadows(&mut core_linker, wasi_helper.clone()).map_err(setup)?;
+        let disk_gate = code_cache.internal_module(&engine, crate::wasi_disk::DISK_GATE_WAT).map_err(setup)?;
+        let real = core_linker.clone();
+        crate::wasi_disk::add_disk_shadows(&mut core_linker, real, disk_gate, wasi_helper.clone()).map_err(setup)?;
         core_linker.allow_shadowing(false);
         guest_imports::add_to_linker(&mut core_linker).map_err(setup)?;
         let checkpoint_linker = if config.checkpoints {

@@ -23,6 +23,9 @@ pub struct Limits {
     pub max_open_files: u32,
     /// Processes of the sandbox running at once.
     pub max_processes: u32,
+    /// Bytes the sandbox's tree may hold (clones share the account). Enforced on what
+    /// core modules write through WASI; components' writes are not charged yet.
+    pub disk: Option<crate::disk_quota::DiskQuota>,
 }
 
 /// Open descriptors per process by default: enough for compilers and interpreters, and
@@ -42,8 +45,22 @@ impl Default for Limits {
             cpus: None,
             max_open_files: DEFAULT_MAX_OPEN_FILES,
             max_processes: DEFAULT_MAX_PROCESSES_PER_SANDBOX,
+            disk: None,
         }
     }
+}
+
+/// Raises this process's open-file limit to its hard limit, so the per-process bounds
+/// of guests ([`Limits::max_open_files`]) are what binds, not a 1,024 soft default
+/// shared by every sandbox of a server. Returns the limit now in force.
+pub fn raise_open_file_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+    getrlimit(Resource::Nofile).current
 }
 
 /// A share of the host's cores for every process of a sandbox together, enforced as

@@ -38,6 +38,8 @@ pub(crate) struct ProcessState {
     wasm_since: Arc<Mutex<WasmClock>>,
     pub(crate) phase: Arc<ProcessPhase>,
     pub(crate) fds: FdTracker,
+    pub(crate) disk: Option<crate::disk_quota::DiskQuota>,
+    pub(crate) disk_gate: Option<crate::wasi_disk::DiskGate>,
     /// For reactor components: how each resource they hold was made.
     pub(crate) handles: crate::component_handles::HandleTracker,
     pub(crate) clock: SnapshotClock,
@@ -48,6 +50,10 @@ pub(crate) struct ProcessState {
 impl HasFdTracker for ProcessState {
     fn fds(&mut self) -> &mut FdTracker {
         &mut self.fds
+    }
+
+    fn disk(&self) -> Option<&crate::disk_quota::DiskQuota> {
+        self.disk.as_ref()
     }
 }
 
@@ -74,6 +80,8 @@ impl ProcessState {
             wasm_since: Arc::new(Mutex::new(WasmClock::now())),
             phase,
             fds: FdTracker::new(descriptors, limits.max_open_files),
+            disk: limits.disk.clone(),
+            disk_gate: None,
             handles: Default::default(),
             clock,
             checkpoint: None,

@@ -211,6 +211,11 @@ impl Sandbox {
         }))
     }
 
+    /// The quota its tree is held to, if any.
+    pub fn disk_quota(&self) -> Option<&crate::disk_quota::DiskQuota> {
+        self.config.limits.disk.as_ref()
+    }
+
     /// Processes of this sandbox that have not exited.
     pub fn running_processes(&self) -> usize {
         running(&self.processes.lock().unwrap())

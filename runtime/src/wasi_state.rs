@@ -20,6 +20,7 @@
 //! `fd_fdstat_set_flags`, and preopens the guest renumbered (opens relative to them are
 //! replayed relative to the preopen's original number).
 
+use crate::disk_quota::{DiskQuota, ENTRY_BYTES};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +33,9 @@ const ERRNO_BADF: i32 = 8;
 const ERRNO_FAULT: i32 = 21;
 const ERRNO_MFILE: i32 = 33;
 const ERRNO_NAMETOOLONG: i32 = 37;
+const ERRNO_NOENT: i32 = 44;
+pub(crate) const ERRNO_NOSPC: i32 = 51;
+const FDFLAGS_APPEND: u16 = 1;
 const OFLAGS_CREAT: u16 = 1;
 const OFLAGS_DIRECTORY: u16 = 2;
 const OFLAGS_EXCL: u16 = 4;
@@ -43,7 +47,10 @@ const FILETYPE_REGULAR_FILE: u8 = 4;
 /// Where the helper keeps its scratch values: an out-parameter slot, then a path.
 const SCRATCH_OUT: u32 = 0;
 const SCRATCH_FDSTAT: u32 = 16;
-const SCRATCH_PATH: u32 = 64;
+const SCRATCH_FILESTAT: u32 = 64;
+const SCRATCH_PATH: u32 = 128;
+/// Where a filestat's `size` is (after dev, ino, filetype and nlink).
+const FILESTAT_SIZE: u32 = 32;
 const HELPER_PAGE: u32 = 65536;
 
 /// How a descriptor was opened, relative to a preopen.
@@ -136,6 +143,8 @@ struct Helper {
     fd_seek: TypedFunc<(i32, i64, i32, i32), i32>,
     fd_fdstat_get: TypedFunc<(i32, i32), i32>,
     fd_close: TypedFunc<(i32,), i32>,
+    fd_filestat_get: TypedFunc<(i32, i32), i32>,
+    path_filestat_get: TypedFunc<(i32, i32, i32, i32, i32), i32>,
 }
 
 pub(crate) const HELPER_WAT: &str = r#"(module
@@ -145,6 +154,9 @@ pub(crate) const HELPER_WAT: &str = r#"(module
   (import "wasi_snapshot_preview1" "fd_seek" (func $fd_seek (param i32 i64 i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "fd_fdstat_get" (func $fd_fdstat_get (param i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "fd_close" (func $fd_close (param i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_filestat_get" (func $fd_filestat_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "path_filestat_get"
+    (func $path_filestat_get (param i32 i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1 1)
   (func (export "path_open") (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)
     local.get 0 local.get 1 local.get 2 local.get 3 local.get 4
@@ -156,11 +168,17 @@ pub(crate) const HELPER_WAT: &str = r#"(module
   (func (export "fd_fdstat_get") (param i32 i32) (result i32)
     local.get 0 local.get 1 call $fd_fdstat_get)
   (func (export "fd_close") (param i32) (result i32)
-    local.get 0 call $fd_close))"#;
+    local.get 0 call $fd_close)
+  (func (export "fd_filestat_get") (param i32 i32) (result i32)
+    local.get 0 local.get 1 call $fd_filestat_get)
+  (func (export "path_filestat_get") (param i32 i32 i32 i32 i32) (result i32)
+    local.get 0 local.get 1 local.get 2 local.get 3 local.get 4 call $path_filestat_get))"#;
 
 /// Something whose store holds an [`FdTracker`] (the process state).
 pub(crate) trait HasFdTracker: Send + 'static {
     fn fds(&mut self) -> &mut FdTracker;
+    /// The disk quota the process's writes are charged to.
+    fn disk(&self) -> Option<&DiskQuota>;
 }
 
 /// Builds the helper (`module`, compiled from [`HELPER_WAT`]) for a linker that has the
@@ -188,6 +206,8 @@ async fn helper<T: HasFdTracker>(
         fd_seek: instance.get_typed_func(&mut store, "fd_seek")?,
         fd_fdstat_get: instance.get_typed_func(&mut store, "fd_fdstat_get")?,
         fd_close: instance.get_typed_func(&mut store, "fd_close")?,
+        fd_filestat_get: instance.get_typed_func(&mut store, "fd_filestat_get")?,
+        path_filestat_get: instance.get_typed_func(&mut store, "path_filestat_get")?,
     };
     store.data_mut().fds().helper = Some(helper.clone());
     Ok(helper)
@@ -232,6 +252,22 @@ pub(crate) fn add_recording_shadows<T: HasFdTracker>(
                     }
                 }
                 helper.memory.data_mut(&mut caller)[SCRATCH_PATH as usize..][..path_len].copy_from_slice(&path);
+                // Charged to the disk quota: the entry a create makes, and what a
+                // truncation frees.
+                let mut created = None;
+                if let Some(quota) = caller.data().disk().cloned()
+                    && oflags as u16 & (OFLAGS_CREAT | OFLAGS_TRUNC) != 0
+                {
+                    let stat = (dirfd, dirflags, SCRATCH_PATH as i32, path_len as i32, SCRATCH_FILESTAT as i32);
+                    match helper.path_filestat_get.call_async(&mut caller, stat).await? {
+                        ERRNO_NOENT if oflags as u16 & OFLAGS_CREAT != 0 => match quota.reserve(ENTRY_BYTES) {
+                            Ok(reserved) => created = Some((quota, reserved)),
+                            Err(_) => return Ok(ERRNO_NOSPC),
+                        },
+                        ERRNO_SUCCESS if oflags as u16 & OFLAGS_TRUNC != 0 => quota.note_may_have_freed(),
+                        _ => {}
+                    }
+                }
                 let errno = helper
                     .path_open
                     .call_async(
@@ -249,6 +285,9 @@ pub(crate) fn add_recording_shadows<T: HasFdTracker>(
                         ),
                     )
                     .await?;
+                if let Some((quota, reserved)) = created {
+                    quota.settle(reserved, if errno == ERRNO_SUCCESS { ENTRY_BYTES } else { 0 });
+                }
                 if errno != ERRNO_SUCCESS {
                     return Ok(errno);
                 }
@@ -287,9 +326,61 @@ pub(crate) fn add_recording_shadows<T: HasFdTracker>(
     Ok(())
 }
 
+fn read_u64(memory: &Memory, store: impl wasmtime::AsContext, at: u32) -> u64 {
+    let bytes = &memory.data(&store)[at as usize..at as usize + 8];
+    u64::from_le_bytes(bytes.try_into().unwrap())
+}
+
 fn read_u32(memory: &Memory, store: impl wasmtime::AsContext, at: u32) -> u32 {
     let bytes = &memory.data(&store)[at as usize..at as usize + 4];
     u32::from_le_bytes(bytes.try_into().unwrap())
+}
+
+/// What a write to a descriptor needs to know to charge the disk quota.
+pub(crate) struct FileFacts {
+    pub(crate) size: u64,
+    /// Where a `fd_write` lands: the end for an append descriptor.
+    pub(crate) write_offset: u64,
+}
+
+/// [`FileFacts`] of `fd` if it is an open regular file (`None` for anything else).
+pub(crate) async fn file_facts<T: HasFdTracker>(
+    mut store: impl AsContextMut<Data = T>,
+    pre: &InstancePre<T>,
+    fd: i32,
+) -> wasmtime::Result<Option<FileFacts>> {
+    let helper = helper(&mut store, pre).await?;
+    if helper.fd_fdstat_get.call_async(&mut store, (fd, SCRATCH_FDSTAT as i32)).await? != ERRNO_SUCCESS {
+        return Ok(None);
+    }
+    let fdstat = &helper.memory.data(&store)[SCRATCH_FDSTAT as usize..][..4];
+    let (filetype, flags) = (fdstat[0], u16::from_le_bytes([fdstat[2], fdstat[3]]));
+    if filetype != FILETYPE_REGULAR_FILE {
+        return Ok(None);
+    }
+    let Some(size) = file_size(&mut store, pre, fd).await? else { return Ok(None) };
+    let write_offset = if flags & FDFLAGS_APPEND != 0 {
+        size
+    } else {
+        if helper.fd_seek.call_async(&mut store, (fd, 0, WHENCE_CUR, SCRATCH_OUT as i32)).await? != ERRNO_SUCCESS {
+            return Ok(None);
+        }
+        read_u64(&helper.memory, &store, SCRATCH_OUT)
+    };
+    Ok(Some(FileFacts { size, write_offset }))
+}
+
+/// The length of the file open at `fd`.
+pub(crate) async fn file_size<T: HasFdTracker>(
+    mut store: impl AsContextMut<Data = T>,
+    pre: &InstancePre<T>,
+    fd: i32,
+) -> wasmtime::Result<Option<u64>> {
+    let helper = helper(&mut store, pre).await?;
+    if helper.fd_filestat_get.call_async(&mut store, (fd, SCRATCH_FILESTAT as i32)).await? != ERRNO_SUCCESS {
+        return Ok(None);
+    }
+    Ok(Some(read_u64(&helper.memory, &store, SCRATCH_FILESTAT + FILESTAT_SIZE)))
 }
 
 /// Forgets the descriptors the guest has closed since it opened them.
@@ -327,10 +418,7 @@ pub(crate) async fn capture<T: HasFdTracker>(
         let filetype = helper.memory.data(&store)[SCRATCH_FDSTAT as usize];
         let offset = if filetype == FILETYPE_REGULAR_FILE {
             let errno = helper.fd_seek.call_async(&mut store, (fd as i32, 0, WHENCE_CUR, SCRATCH_OUT as i32)).await?;
-            (errno == ERRNO_SUCCESS).then(|| {
-                let bytes = &helper.memory.data(&store)[SCRATCH_OUT as usize..SCRATCH_OUT as usize + 8];
-                u64::from_le_bytes(bytes.try_into().unwrap())
-            })
+            (errno == ERRNO_SUCCESS).then(|| read_u64(&helper.memory, &store, SCRATCH_OUT))
         } else {
             None
         };

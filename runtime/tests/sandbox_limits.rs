@@ -5,7 +5,8 @@
 mod common;
 
 use common::{guest_bytes, host, text};
-use stasis_runtime::{Command, Error, ExitStatus, Limits, ProgramRef, Sandbox, SandboxConfig};
+use stasis_runtime::disk_quota::{ENTRY_BYTES, tree_bytes};
+use stasis_runtime::{Command, DiskQuota, Error, ExitStatus, Limits, ProgramRef, Sandbox, SandboxConfig};
 
 fn hostile(args: &[&str]) -> Command {
     Command::new(ProgramRef::Bytes { bytes: guest_bytes("hostile.wasm"), name: "hostile".into() }).args(args.to_vec())
@@ -52,4 +53,58 @@ async fn processes_past_the_limit_are_refused_and_an_exit_frees_a_slot() {
         p.kill();
         assert_eq!(p.wait().await, ExitStatus::Killed);
     }
+}
+
+fn disk_sandbox(dir: &std::path::Path, bytes: u64) -> Sandbox {
+    sandbox_in(dir, Limits { disk: Some(DiskQuota::new(dir, bytes)), ..Limits::default() })
+}
+
+#[tokio::test]
+async fn writes_past_the_disk_quota_fail_with_enospc_and_deleting_frees_the_space() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("already-there"), vec![7u8; 100_000]).unwrap();
+    let sb = disk_sandbox(tmp.path(), 1 << 20);
+    let p = sb.spawn(hostile(&["fill", "/f"])).await.unwrap();
+    assert_eq!(p.wait().await, ExitStatus::Exited(0), "{}", text(p.stderr().contents()));
+    let out = text(p.stdout().contents());
+    // 64 KiB blocks: as many as fit beside the 100,000 bytes already there.
+    let fit = ((1u64 << 20) - 100_000 - 2 * ENTRY_BYTES) / 65536 * 65536;
+    assert_eq!(out, format!("filled {fit}: No space left on device\nrewrote\n"));
+    assert!(tree_bytes(tmp.path()).unwrap() <= 1 << 20);
+}
+
+#[tokio::test]
+async fn a_sparse_file_past_the_quota_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sb = disk_sandbox(tmp.path(), 1 << 20);
+    let p = sb.spawn(hostile(&["sparse", "/s", "1000000000"])).await.unwrap();
+    assert_eq!(p.wait().await, ExitStatus::Exited(1));
+    assert_eq!(text(p.stderr().contents()), "error: No space left on device ftruncate\n");
+    let p = sb.spawn(hostile(&["sparse", "/s", "500000", "499990", "tail"])).await.unwrap();
+    assert_eq!(p.wait().await, ExitStatus::Exited(0), "{}", text(p.stderr().contents()));
+    assert_eq!(std::fs::metadata(tmp.path().join("s")).unwrap().len(), 500_000);
+    // pwrite past the quota.
+    let p = sb.spawn(hostile(&["sparse", "/t", "0", "2000000", "x"])).await.unwrap();
+    assert_eq!(p.wait().await, ExitStatus::Exited(1));
+    assert_eq!(text(p.stderr().contents()), "error: No space left on device pwrite\n");
+}
+
+#[tokio::test]
+async fn empty_files_and_directories_count_against_the_quota() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Room for about 20 entries.
+    let sb = disk_sandbox(tmp.path(), 20 * ENTRY_BYTES + 100);
+    let p = sb.spawn(hostile(&["openall", "/f"])).await.unwrap();
+    assert_eq!(p.wait().await, ExitStatus::Exited(0));
+    let p = sb
+        .spawn(Command::new(ProgramRef::Bytes { bytes: guest_bytes("micropython.wasm"), name: "mp".into() }).args([
+            "-c",
+            "import os\nn=0\ntry:\n  while True:\n    os.mkdir('/d%d' % n); n+=1\nexcept OSError as e:\n  print(n, e.errno)",
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(p.wait().await, ExitStatus::Exited(0), "{}", text(p.stderr().contents()));
+    // 20 entries fit: the file and 19 directories; then ENOSPC (MicroPython shows WASI's
+    // errno as is: 51).
+    assert_eq!(text(p.stdout().contents()), "19 51\n");
 }

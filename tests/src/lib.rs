@@ -81,8 +81,16 @@ pub fn text(bytes: &[u8]) -> String {
 // --- the REST server (`stasis serve`) ---
 
 /// Guests put in the default image of a [`TestServer`], as `/bin/NAME`.
-pub const IMAGE_GUESTS: [&str; 7] =
-    ["micropython.wasm", "hello.wasm", "sleeper.wasm", "counter.wasm", "trap.wasm", "fileio.wasm", "hostile.wasm"];
+pub const IMAGE_GUESTS: [&str; 8] = [
+    "micropython.wasm",
+    "hello.wasm",
+    "sleeper.wasm",
+    "counter.wasm",
+    "trap.wasm",
+    "fileio.wasm",
+    "hostile.wasm",
+    "memhog.wasm",
+];
 
 /// A `stasis serve` on a free loopback port with its own data directory; killed when
 /// dropped. Its log is `<data>/server.log`.

@@ -66,3 +66,31 @@ fn a_sandbox_runs_at_most_its_process_limit() {
     let refused = sb.post("/api/v1/processes", json!({"command": "sleeper", "args": ["600000"]})).expect(429);
     assert!(message(refused).contains(&format!("already runs {limit} processes, its limit (`max_processes`)")));
 }
+
+#[test]
+fn a_sandbox_tree_stays_within_disk_mb_for_guests_the_files_api_and_restores() {
+    let server = TestServer::start();
+    let api = server.client(&server.key("team"));
+    let id = api.create_sandbox(json!({"resources": {"disk_mb": 2}}));
+    let sb = api.sandbox(&id);
+    // The image takes about 0.5 MB of the 2.
+    let big = vec![1u8; 1 << 20];
+    sb.put("/api/v1/files?path=/tmp/one", &big).expect(204);
+    let refused = sb.put("/api/v1/files?path=/tmp/two", &big).expect(507);
+    assert_eq!(refused.json()["code"], "insufficient_storage");
+    assert!(message(refused).contains("its limit (`resources.disk_mb` = 2) is 2097152 bytes"));
+    sb.get("/api/v1/files?path=/tmp/two").expect(404);
+    // A guest filling the disk gets ENOSPC, not the host's disk.
+    let (exit, out, _) = sb.run("hostile", &["fill", "/tmp/fill"]);
+    assert_eq!(exit["exit_code"], 0, "{exit}");
+    assert!(out.contains(": No space left on device\nrewrote\n"), "{out}");
+    // Deleting frees the space for the files API.
+    sb.delete("/api/v1/files?path=/tmp/one").expect(204);
+    sb.put("/api/v1/files?path=/tmp/two", &big).expect(204);
+    // A snapshot of 1.5 MB of files does not fit a 1 MB sandbox.
+    let snap = api.snapshot(&id, json!(null));
+    assert_eq!(snap["status"], "completed", "{snap}");
+    let refused = api.post("/sandboxes", json!({"snapshot_id": snap["id"], "resources": {"disk_mb": 1}})).expect(507);
+    assert!(message(refused).contains("more than its `resources.disk_mb` (1 MiB)"));
+    api.create_sandbox(json!({"snapshot_id": snap["id"], "resources": {"disk_mb": 3}}));
+}

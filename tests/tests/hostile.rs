@@ -15,9 +15,21 @@ const MAX_LINE: usize = 64 << 10;
 
 /// A sandbox of a fresh tenant: (its client, the sandbox's data-plane client, its id).
 fn tenant(server: &TestServer, namespace: &str) -> (Api, Api, String) {
+    tenant_with(server, namespace, json!({}))
+}
+
+/// The same, with `resources`.
+fn tenant_with(server: &TestServer, namespace: &str, resources: serde_json::Value) -> (Api, Api, String) {
     let api = server.client(&server.key(namespace));
-    let id = api.create_sandbox(json!({}));
+    let id = api.create_sandbox(json!({"resources": resources}));
     (api.clone(), api.sandbox(&id), id)
+}
+
+/// A disk quota no sparse file here reaches: the disk quota counts a file's length, so
+/// under the default (10 GiB) these attacks end in `ENOSPC` before they reach the
+/// defenses the tests are about (`api_limits` tests that refusal).
+fn huge_disk() -> serde_json::Value {
+    json!({"disk_mb": 64u64 << 20})
 }
 
 /// Runs `hostile ARGS` in the sandbox and checks it succeeded; returns its stdout.
@@ -32,7 +44,7 @@ fn hostile(sb: &Api, args: &[&str]) -> String {
 #[test]
 fn a_sparse_program_file_is_refused_not_read() {
     let mut server = TestServer::start();
-    let (_, sb, _) = tenant(&server, "t");
+    let (_, sb, _) = tenant_with(&server, "t", huge_disk());
     hostile(&sb, &["sparse", "/tmp/big.wasm", &TIB.to_string()]);
     hostile(&sb, &["sparse", "/bin/evil.wasm", &TIB.to_string()]);
     for command in ["/tmp/big.wasm", "evil"] {
@@ -134,7 +146,7 @@ fn a_symlinked_home_never_leads_the_host_out_of_the_tree() {
 #[test]
 fn sparse_files_snapshot_by_their_data_and_huge_ones_are_refused() {
     let server = TestServer::start();
-    let (api, sb, id) = tenant(&server, "t");
+    let (api, sb, id) = tenant_with(&server, "t", huge_disk());
     let size = 64 * GIB;
     let offset = size - 4096;
     hostile(&sb, &["sparse", "/tmp/sparse", &size.to_string(), &offset.to_string(), "tail"]);

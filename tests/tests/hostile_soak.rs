@@ -158,7 +158,9 @@ fn well_behaved(api: &Api, i: usize, n: usize) -> Result<(), String> {
 /// One of the attacks of `hostile.rs`, chosen by `n`. Their answers are not checked here
 /// (`hostile.rs` does): only that they hurt no one else.
 fn attack(server: &TestServer, api: &Api, n: usize) {
-    let Some(id) = val(api.post("/sandboxes", json!({})))["sandbox_id"].as_str().map(String::from) else { return };
+    // Sparse files of a TiB need a disk quota that large (it counts lengths).
+    let create = json!({"resources": {"disk_mb": 64u64 << 20}});
+    let Some(id) = val(api.post("/sandboxes", create))["sandbox_id"].as_str().map(String::from) else { return };
     let sb = api.sandbox(&id);
     let hostile = |args: &[&str]| sb.post("/api/v1/processes/run", json!({"command": "hostile", "args": args}));
     match n % ATTACKS {

@@ -131,7 +131,7 @@ pub struct SandboxRow {
     pub termination_reason: Option<String>,
 }
 
-/// What a sandbox asked for (disk is recorded and reported, not enforced).
+/// What a sandbox asked for (each enforced on its processes and files).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Resources {
     pub cpus: f64,

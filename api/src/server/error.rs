@@ -27,6 +27,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The sandbox's disk quota (`resources.disk_mb`) would be crossed.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// A quota (the namespace's, or the sandbox's) would be crossed; the message names it.
     #[error("{0}")]
     QuotaExceeded(String),
@@ -72,6 +75,7 @@ impl IntoResponse for ApiError {
             ApiError::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", m),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m),
             ApiError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m),
+            ApiError::InsufficientStorage(m) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", m),
             ApiError::QuotaExceeded(m) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", m),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
             ApiError::Internal(e) => {

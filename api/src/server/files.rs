@@ -18,6 +18,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use cap_std::fs::{Dir, OpenOptions};
 use futures_util::{StreamExt, stream};
+use stasis_runtime::disk_quota::{DiskQuota, ENTRY_BYTES, NoSpace};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -182,6 +183,8 @@ pub async fn write_file(
     .await?;
     // Removes the temporary file unless the rename below took it.
     let mut pending = PendingUpload { live: live.clone(), name: Some(upload.clone()) };
+    let quota = live.sandbox.disk_quota().cloned();
+    charge(&live, quota.as_ref(), ENTRY_BYTES)?;
     let mut file = tokio::fs::File::from_std(file);
     let mut body = req.into_body().into_data_stream();
     let mut written: u64 = 0;
@@ -195,13 +198,39 @@ pub async fn write_file(
         if written > limit {
             return Err(too_large());
         }
+        charge(&live, quota.as_ref(), chunk.len() as u64)?;
         file.write_all(&chunk).await.map_err(|e| fs_error(&path, e))?;
     }
     file.flush().await.map_err(|e| fs_error(&path, e))?;
     drop(file);
     in_root(&live, &path, move |dir, _| dir.rename(&upload, dir, &target)).await?;
     pending.name = None;
+    if let Some(quota) = &quota {
+        // The file it replaced, if any, is gone.
+        quota.note_may_have_freed();
+    }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Charges `bytes` of an upload to the sandbox's disk quota (kept: the upload is the
+/// bytes it charged, and a failed one is deleted, which frees them).
+fn charge(live: &LiveSandbox, quota: Option<&DiskQuota>, bytes: u64) -> ApiResult<()> {
+    let Some(quota) = quota else { return Ok(()) };
+    match quota.reserve(bytes) {
+        Ok(reserved) => {
+            quota.settle(reserved, bytes);
+            Ok(())
+        }
+        Err(e) => Err(disk_full(live, &e)),
+    }
+}
+
+/// The answer to a write past a sandbox's disk quota.
+pub fn disk_full(live: &LiveSandbox, e: &NoSpace) -> ApiError {
+    ApiError::InsufficientStorage(format!(
+        "sandbox `{}` is out of disk: its files would take {} bytes, its limit (`resources.disk_mb` = {}) is {} bytes",
+        live.id, e.wanted, live.resources.disk_mb, e.limit
+    ))
 }
 
 /// A unique temporary name in the same directory as `rel` (so the rename stays on one
@@ -228,6 +257,9 @@ impl Drop for PendingUpload {
             tokio::task::spawn_blocking(move || {
                 if let Some(dir) = live.sandbox.root() {
                     let _ = dir.remove_file(&name);
+                }
+                if let Some(quota) = live.sandbox.disk_quota() {
+                    quota.note_may_have_freed();
                 }
             });
         }
@@ -256,6 +288,9 @@ pub async fn delete_file(SandboxTarget(live): SandboxTarget, Query(query): Query
         if dir.symlink_metadata(rel)?.is_dir() { dir.remove_dir_all(rel) } else { dir.remove_file(rel) }
     })
     .await?;
+    if let Some(quota) = live.sandbox.disk_quota() {
+        quota.note_may_have_freed();
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

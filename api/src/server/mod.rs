@@ -381,6 +381,8 @@ pub async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     let public_url = public_url.trim_end_matches('/').to_string();
     let state = AppState::open(&config, public_url).await?;
+    let open_files = stasis_runtime::limits::raise_open_file_limit();
+    tracing::info!("open file limit: {}", open_files.map_or("unlimited".to_string(), |n| n.to_string()));
     let app = router(state.clone());
     // The one line on stdout: scripts and tests read the address from it.
     println!("stasis: listening on http://{addr}");

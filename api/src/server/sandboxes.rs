@@ -21,7 +21,7 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use stasis_runtime::fs_snapshot::{FsSnapshotStore, RestoreOptions, SnapshotId};
-use stasis_runtime::{CpuQuota, Limits, MemorySnapshot, Sandbox, SandboxConfig};
+use stasis_runtime::{CpuQuota, DiskQuota, Limits, MemorySnapshot, Sandbox, SandboxConfig};
 use std::collections::HashMap;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -227,6 +227,7 @@ impl AppState {
         self.build_tree(&dir, origin).await?;
         drop(store_guard);
         let sandbox = Sandbox::create(&self.host, sandbox_config(&dir, resources)).map_err(ApiError::internal)?;
+        fits_disk(&sandbox, resources).await?;
         if let Some(memory) = &memory {
             memory.restore_processes(&sandbox).await.map_err(|e| self.restore_error(&e))?;
         }
@@ -484,6 +485,21 @@ impl AppState {
 }
 
 /// How every API sandbox runs: its tree under `dir`, `/home/user` as working directory.
+/// Refuses a tree (an image's, a snapshot's) larger than the sandbox's disk quota; also
+/// takes the count its writers then keep.
+async fn fits_disk(sandbox: &Sandbox, resources: Resources) -> ApiResult<()> {
+    let Some(quota) = sandbox.disk_quota().cloned() else { return Ok(()) };
+    let used = tokio::task::spawn_blocking(move || quota.used()).await?.map_err(ApiError::internal)?;
+    let limit = (resources.disk_mb.max(0) as u64).saturating_mul(1 << 20);
+    if used > limit {
+        return Err(ApiError::InsufficientStorage(format!(
+            "the sandbox's files take {used} bytes, more than its `resources.disk_mb` ({} MiB)",
+            resources.disk_mb
+        )));
+    }
+    Ok(())
+}
+
 fn sandbox_config(dir: &FsPath, resources: Resources) -> SandboxConfig {
     SandboxConfig {
         root: Some(dir.join("root")),
@@ -493,6 +509,7 @@ fn sandbox_config(dir: &FsPath, resources: Resources) -> SandboxConfig {
             max_memory: Some(resources.memory_mb as u64 * (1 << 20)),
             // Validated on create; a row from elsewhere with no sane value runs unthrottled.
             cpus: (resources.cpus.is_finite() && resources.cpus > 0.0).then(|| CpuQuota::new(resources.cpus)),
+            disk: Some(DiskQuota::new(dir.join("root"), (resources.disk_mb.max(0) as u64).saturating_mul(1 << 20))),
             ..Limits::default()
         },
         ..SandboxConfig::default()
