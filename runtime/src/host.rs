@@ -424,6 +424,9 @@ impl Host {
         };
         let mut component_linker = ComponentLinker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker).map_err(|e| Error::Start(format!("{e:#}")))?;
+        // Command components only: reactors run on the debug engine's linker, whose own
+        // shadows of these functions record handles (their writes are not charged yet).
+        crate::component_disk::add_component_disk_shadows(&mut component_linker).map_err(setup)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_ticker(engine.clone(), ticker_stop.clone());

@@ -24,6 +24,7 @@ pub mod civil_time;
 mod code_cache;
 pub mod compile_worker;
 mod component_cow;
+mod component_disk;
 mod component_handles;
 mod component_state;
 pub mod cow_restore;

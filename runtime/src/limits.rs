@@ -24,7 +24,8 @@ pub struct Limits {
     /// Processes of the sandbox running at once.
     pub max_processes: u32,
     /// Bytes the sandbox's tree may hold (clones share the account). Enforced on what
-    /// core modules write through WASI; components' writes are not charged yet.
+    /// core modules and command components write through WASI; reactor components'
+    /// writes are not charged yet.
     pub disk: Option<crate::disk_quota::DiskQuota>,
 }
 

@@ -40,6 +40,9 @@ pub(crate) struct ProcessState {
     pub(crate) fds: FdTracker,
     pub(crate) disk: Option<crate::disk_quota::DiskQuota>,
     pub(crate) disk_gate: Option<crate::wasi_disk::DiskGate>,
+    /// Descriptors a component opened (resource reps; dropped ones pruned at the bound).
+    pub(crate) component_fds: std::collections::BTreeSet<u32>,
+    pub(crate) max_open_files: u32,
     /// For reactor components: how each resource they hold was made.
     pub(crate) handles: crate::component_handles::HandleTracker,
     pub(crate) clock: SnapshotClock,
@@ -82,6 +85,8 @@ impl ProcessState {
             fds: FdTracker::new(descriptors, limits.max_open_files),
             disk: limits.disk.clone(),
             disk_gate: None,
+            component_fds: Default::default(),
+            max_open_files: limits.max_open_files,
             handles: Default::default(),
             clock,
             checkpoint: None,

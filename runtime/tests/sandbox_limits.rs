@@ -108,3 +108,39 @@ async fn empty_files_and_directories_count_against_the_quota() {
     // errno as is: 51).
     assert_eq!(text(p.stdout().contents()), "19 51\n");
 }
+
+// The same attacks from a component (the C guest through the preview1 adapter): its
+// WASIp2 filesystem calls are held to the same limits.
+
+fn hostile_component(args: &[&str]) -> Command {
+    let bytes = guest_bytes("hostile.component.wasm");
+    Command::new(ProgramRef::Bytes { bytes, name: "hostile".into() }).args(args.to_vec())
+}
+
+#[tokio::test]
+async fn a_components_writes_past_the_disk_quota_fail_with_enospc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sb = disk_sandbox(tmp.path(), 1 << 20);
+    let p = sb.spawn(hostile_component(&["fill", "/f"])).await.unwrap();
+    assert_eq!(p.wait().await, ExitStatus::Exited(0), "{}", text(p.stderr().contents()));
+    let fit = ((1u64 << 20) - ENTRY_BYTES) / 65536 * 65536;
+    assert_eq!(text(p.stdout().contents()), format!("filled {fit}: No space left on device\nrewrote\n"));
+    assert!(tree_bytes(tmp.path()).unwrap() <= 1 << 20);
+    let p = sb.spawn(hostile_component(&["sparse", "/s", "1000000000"])).await.unwrap();
+    assert_eq!(p.wait().await, ExitStatus::Exited(1));
+    assert_eq!(text(p.stderr().contents()), "error: No space left on device ftruncate\n");
+    let p = sb.spawn(hostile_component(&["sparse", "/t", "0", "2000000", "x"])).await.unwrap();
+    assert_eq!(p.wait().await, ExitStatus::Exited(1));
+    assert_eq!(text(p.stderr().contents()), "error: No space left on device pwrite\n");
+}
+
+#[tokio::test]
+async fn a_components_open_descriptors_are_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sb = sandbox_in(tmp.path(), Limits { max_open_files: 40, ..Limits::default() });
+    let p = sb.spawn(hostile_component(&["openall", "/f"])).await.unwrap();
+    assert_eq!(p.wait().await, ExitStatus::Exited(0), "{}", text(p.stderr().contents()));
+    // WASIp2 has no "too many open files": the host answers insufficient-memory, which
+    // the adapter reports as ENOMEM.
+    assert_eq!(text(p.stdout().contents()), "opened 40: Out of memory\nreopened\n");
+}
