@@ -39,9 +39,12 @@ fn answer<T>(result: FsResult<T>) -> Answer<T> {
 }
 
 /// The file open at `fd`, if it is one and its process has a quota.
-fn charged_file(store: &mut Store<'_>, fd: &Resource<Descriptor>) -> Option<(DiskQuota, Arc<std::fs::File>)> {
-    let quota = store.data().disk.clone()?;
-    match store.data_mut().ctx().table.get(fd) {
+pub(crate) fn charged_file(
+    state: &mut ProcessState,
+    fd: &Resource<Descriptor>,
+) -> Option<(DiskQuota, Arc<std::fs::File>)> {
+    let quota = state.disk.clone()?;
+    match state.ctx().table.get(fd) {
         Ok(Descriptor::File(f)) => Some((quota, f.file.clone())),
         _ => None,
     }
@@ -63,7 +66,7 @@ async fn resize<T>(
     end: impl FnOnce(u64) -> u64,
     call: impl AsyncFnOnce(&mut Store<'_>) -> FsResult<T>,
 ) -> Answer<T> {
-    let Some((quota, file)) = charged_file(store, fd) else { return answer(call(store).await) };
+    let Some((quota, file)) = charged_file(store.data_mut(), fd) else { return answer(call(store).await) };
     let before = length(&file);
     let Ok(reserved) = quota.reserve(end(before).saturating_sub(before)) else {
         return Ok((Err(ErrorCode::InsufficientSpace),));
@@ -97,22 +100,52 @@ async fn freeing(store: &mut Store<'_>, call: impl AsyncFnOnce(&mut Store<'_>) -
     answer(result)
 }
 
-/// Wraps a file's new output stream in a [`QuotaStream`] when its process has a quota.
-fn charge_stream(
-    store: &mut Store<'_>,
+/// Wraps a file's new output stream (`file`, from [`charged_file`]) in a [`QuotaStream`]
+/// in place; `position`: where it writes, `None` for an append stream.
+pub(crate) fn charge_stream(
+    state: &mut ProcessState,
     file: Option<(DiskQuota, Arc<std::fs::File>)>,
     position: Option<u64>,
-    result: FsResult<Resource<DynOutputStream>>,
-) -> Answer<Resource<DynOutputStream>> {
-    match (result, file) {
-        (Ok(stream), Some((quota, file))) => {
-            let table = store.data_mut().ctx().table;
-            let inner = table.delete(stream)?;
-            let charged_to = position.unwrap_or(0);
-            let wrapped: DynOutputStream = Box::new(QuotaStream { inner, file, position, charged_to, quota });
-            Ok((Ok(table.push(wrapped)?),))
-        }
-        (result, _) => answer(result),
+    made: FsResult<Resource<DynOutputStream>>,
+) -> FsResult<Resource<DynOutputStream>> {
+    let (Ok(stream), Some((quota, file))) = (&made, file) else { return made };
+    let entry = state.ctx().table.get_mut(stream)?;
+    let inner = std::mem::replace(entry, Box::new(wasmtime_wasi::p2::pipe::SinkOutputStream));
+    let charged_to = position.unwrap_or(0);
+    *entry = Box::new(QuotaStream { inner, file, position, charged_to, quota });
+    made
+}
+
+/// What an `open-at` took before it ran: room for the entry a create may make.
+pub(crate) struct OpenCharge(Option<(DiskQuota, Reserved)>);
+
+/// Checks an `open-at` against the descriptor bound and the disk quota before it runs;
+/// the error the guest gets if it may not.
+pub(crate) fn before_open(state: &mut ProcessState, oflags: OpenFlags) -> Result<OpenCharge, ErrorCode> {
+    if !may_open(state) {
+        return Err(ErrorCode::InsufficientMemory);
+    }
+    let Some(quota) = state.disk.clone() else { return Ok(OpenCharge(None)) };
+    if oflags.contains(OpenFlags::TRUNCATE) {
+        quota.note_may_have_freed();
+    }
+    if !oflags.contains(OpenFlags::CREATE) {
+        return Ok(OpenCharge(None));
+    }
+    let reserved = quota.reserve(ENTRY_BYTES).map_err(|_| ErrorCode::InsufficientSpace)?;
+    // Counted as a new entry even when the file was there: the count may be high (a
+    // refusal walks the tree first).
+    quota.note_may_have_freed();
+    Ok(OpenCharge(Some((quota, reserved))))
+}
+
+/// Settles an `open-at` after it ran (`opened`: the new descriptor's rep, if it opened).
+pub(crate) fn after_open(state: &mut ProcessState, charge: OpenCharge, opened: Option<u32>) {
+    if let Some((quota, reserved)) = charge.0 {
+        quota.settle(reserved, if opened.is_some() { ENTRY_BYTES } else { 0 });
+    }
+    if let Some(rep) = opened {
+        state.component_fds.insert(rep);
     }
 }
 
@@ -185,8 +218,7 @@ impl OutputStream for QuotaStream {
 
 /// Whether the process may open one more descriptor: at its bound, the ones it has
 /// dropped since are forgotten first.
-fn may_open(store: &mut Store<'_>) -> bool {
-    let state = store.data_mut();
+fn may_open(state: &mut ProcessState) -> bool {
     let max = state.max_open_files as usize;
     if state.component_fds.len() < max {
         return true;
@@ -196,8 +228,65 @@ fn may_open(store: &mut Store<'_>) -> bool {
     state.component_fds.len() < max
 }
 
-/// Shadows the filesystem functions that change the tree in `linker`.
+/// Shadows every filesystem function that changes the tree or opens a descriptor in
+/// `linker` (command components').
 pub(crate) fn add_component_disk_shadows(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
+    add_tree_shadows(linker)?;
+    linker.allow_shadowing(true);
+    let mut types = linker.instance(FILESYSTEM_TYPES)?;
+    types.func_wrap_async(
+        "[method]descriptor.write-via-stream",
+        |mut store: Store<'_>, (fd, offset): (Resource<Descriptor>, u64)| {
+            Box::new(async move {
+                let state = store.data_mut();
+                let file = charged_file(state, &fd);
+                let made = HostDescriptor::write_via_stream(&mut state.filesystem(), fd, offset);
+                answer(charge_stream(state, file, Some(offset), made))
+            })
+        },
+    )?;
+    types.func_wrap_async(
+        "[method]descriptor.append-via-stream",
+        |mut store: Store<'_>, (fd,): (Resource<Descriptor>,)| {
+            Box::new(async move {
+                let state = store.data_mut();
+                let file = charged_file(state, &fd);
+                let made = HostDescriptor::append_via_stream(&mut state.filesystem(), fd);
+                answer(charge_stream(state, file, None, made))
+            })
+        },
+    )?;
+    types.func_wrap_async(
+        "[method]descriptor.open-at",
+        |mut store: Store<'_>,
+         (fd, path_flags, path, oflags, flags): (
+            Resource<Descriptor>,
+            PathFlags,
+            String,
+            OpenFlags,
+            DescriptorFlags,
+        )| {
+            Box::new(async move {
+                let state = store.data_mut();
+                let charge = match before_open(state, oflags) {
+                    Ok(charge) => charge,
+                    Err(code) => return Ok((Err(code),)),
+                };
+                let opened =
+                    HostDescriptor::open_at(&mut state.filesystem(), fd, path_flags, path, oflags, flags).await;
+                after_open(state, charge, opened.as_ref().ok().map(Resource::rep));
+                answer(opened)
+            })
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// Shadows the functions that change the tree but make no resource: a linker whose
+/// `open-at` and file-stream constructors are shadowed already (reactors', whose shadows
+/// record handles) calls [`before_open`], [`after_open`] and [`charge_stream`] from them.
+pub(crate) fn add_tree_shadows(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
     let mut types = linker.instance(FILESYSTEM_TYPES)?;
     types.func_wrap_async(
@@ -230,66 +319,6 @@ pub(crate) fn add_component_disk_shadows(linker: &mut Linker<ProcessState>) -> w
                     async |s: &mut Store<'_>| HostDescriptor::set_size(&mut s.data_mut().filesystem(), fd, size).await,
                 )
                 .await
-            })
-        },
-    )?;
-    types.func_wrap_async(
-        "[method]descriptor.write-via-stream",
-        |mut store: Store<'_>, (fd, offset): (Resource<Descriptor>, u64)| {
-            Box::new(async move {
-                let file = charged_file(&mut store, &fd);
-                let result = HostDescriptor::write_via_stream(&mut store.data_mut().filesystem(), fd, offset);
-                charge_stream(&mut store, file, Some(offset), result)
-            })
-        },
-    )?;
-    types.func_wrap_async(
-        "[method]descriptor.append-via-stream",
-        |mut store: Store<'_>, (fd,): (Resource<Descriptor>,)| {
-            Box::new(async move {
-                let file = charged_file(&mut store, &fd);
-                let result = HostDescriptor::append_via_stream(&mut store.data_mut().filesystem(), fd);
-                charge_stream(&mut store, file, None, result)
-            })
-        },
-    )?;
-    types.func_wrap_async(
-        "[method]descriptor.open-at",
-        |mut store: Store<'_>,
-         (fd, path_flags, path, oflags, flags): (
-            Resource<Descriptor>,
-            PathFlags,
-            String,
-            OpenFlags,
-            DescriptorFlags,
-        )| {
-            Box::new(async move {
-                if !may_open(&mut store) {
-                    return Ok((Err(ErrorCode::InsufficientMemory),));
-                }
-                if oflags.contains(OpenFlags::TRUNCATE)
-                    && let Some(quota) = &store.data().disk
-                {
-                    quota.note_may_have_freed();
-                }
-                let open = async |s: &mut Store<'_>| {
-                    HostDescriptor::open_at(&mut s.data_mut().filesystem(), fd, path_flags, path, oflags, flags).await
-                };
-                let (result,) = if oflags.contains(OpenFlags::CREATE) {
-                    // Counted as a new entry even when the file was there (the count may
-                    // be high: a refusal walks the tree first).
-                    let charged = entry(&mut store, open).await?;
-                    if let Some(quota) = &store.data().disk {
-                        quota.note_may_have_freed();
-                    }
-                    charged
-                } else {
-                    answer(open(&mut store).await)?
-                };
-                if let Ok(opened) = &result {
-                    store.data_mut().component_fds.insert(opened.rep());
-                }
-                Ok((result,))
             })
         },
     )?;

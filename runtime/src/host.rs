@@ -424,8 +424,6 @@ impl Host {
         };
         let mut component_linker = ComponentLinker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker).map_err(|e| Error::Start(format!("{e:#}")))?;
-        // Command components only: reactors run on the debug engine's linker, whose own
-        // shadows of these functions record handles (their writes are not charged yet).
         crate::component_disk::add_component_disk_shadows(&mut component_linker).map_err(setup)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
@@ -545,6 +543,7 @@ impl Host {
                 let mut linker = ComponentLinker::new(&engine);
                 wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| format!("{e:#}"))?;
                 crate::component_handles::shadows::add(&mut linker).map_err(|e| format!("{e:#}"))?;
+                crate::component_disk::add_tree_shadows(&mut linker).map_err(|e| format!("{e:#}"))?;
                 spawn_ticker(engine.clone(), self.inner.ticker_stop.clone());
                 let code_cache = CodeCache::new(
                     &engine,

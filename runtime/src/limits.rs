@@ -23,9 +23,8 @@ pub struct Limits {
     pub max_open_files: u32,
     /// Processes of the sandbox running at once.
     pub max_processes: u32,
-    /// Bytes the sandbox's tree may hold (clones share the account). Enforced on what
-    /// core modules and command components write through WASI; reactor components'
-    /// writes are not charged yet.
+    /// Bytes the sandbox's tree may hold (clones share the account), enforced on what its
+    /// guests (core modules and components) write through WASI.
     pub disk: Option<crate::disk_quota::DiskQuota>,
 }
 

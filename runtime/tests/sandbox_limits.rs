@@ -144,3 +144,23 @@ async fn a_components_open_descriptors_are_bounded() {
     // the adapter reports as ENOMEM.
     assert_eq!(text(p.stdout().contents()), "opened 40: Out of memory\nreopened\n");
 }
+
+#[tokio::test]
+async fn a_reactor_components_writes_are_held_to_the_disk_quota() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Room for the log file's entry and 100 bytes.
+    let sb = disk_sandbox(tmp.path(), ENTRY_BYTES + 100);
+    let bytes = guest_bytes("tally.component.wasm");
+    let tally = sb.instantiate(Command::new(ProgramRef::Bytes { bytes, name: "tally".into() })).await.unwrap();
+    assert!(tally.call_i32("log-open", &[]).await.unwrap() >= 0);
+    let mut written = 0;
+    for n in 1000..1100 {
+        match tally.call_i32("log-write", &[n]).await.unwrap() {
+            5 => written += 5,
+            -1 => break,
+            other => panic!("log-write answered {other}"),
+        }
+    }
+    assert_eq!(written, 100, "20 lines of 5 bytes fit, the 21st is refused");
+    assert_eq!(std::fs::metadata(tmp.path().join("tally.log")).unwrap().len(), 100);
+}

@@ -8,6 +8,7 @@
 //! is refused at capture anyway.
 
 use super::{DescriptorRecipe, OpenAt, Recipe, counting, flags};
+use crate::component_disk;
 use crate::process::ProcessState;
 use wasmtime::StoreContextMut;
 use wasmtime::component::{Linker, Resource};
@@ -72,10 +73,15 @@ pub(crate) fn add(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
         )| {
             Box::new(async move {
                 let state = store.data_mut();
+                let charge = match component_disk::before_open(state, open_flags) {
+                    Ok(charge) => charge,
+                    Err(code) => return Ok((Err(code),)),
+                };
                 let base = state.handles.descriptor(dir.rep()).cloned();
                 let opened =
                     HostDescriptor::open_at(&mut state.filesystem(), dir, path_flags, path.clone(), open_flags, flags)
                         .await;
+                component_disk::after_open(state, charge, opened.as_ref().ok().map(Resource::rep));
                 let recipe = base.map(|base| {
                     let path = match base.open {
                         None => path,
@@ -111,7 +117,9 @@ pub(crate) fn add(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
         |mut store: Store, (file, offset): (Resource<Descriptor>, u64)| {
             let state = store.data_mut();
             let base = state.handles.descriptor(file.rep()).cloned();
+            let charged = component_disk::charged_file(state, &file);
             let made = HostDescriptor::write_via_stream(&mut state.filesystem(), file, offset);
+            let made = component_disk::charge_stream(state, charged, Some(offset), made);
             let made = made.and_then(|stream| wrap_output(state, stream, offset));
             let recipe = base.map(|file| Recipe::Write { file, position: offset });
             Ok((noted(state, made.map(|(r, p)| (r, Some(p))), recipe)?,))
@@ -120,7 +128,9 @@ pub(crate) fn add(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
     types.func_wrap("[method]descriptor.append-via-stream", |mut store: Store, (file,): (Resource<Descriptor>,)| {
         let state = store.data_mut();
         let base = state.handles.descriptor(file.rep()).cloned();
+        let charged = component_disk::charged_file(state, &file);
         let made = HostDescriptor::append_via_stream(&mut state.filesystem(), file);
+        let made = component_disk::charge_stream(state, charged, None, made);
         let made = made.map(|stream| (stream, None));
         let recipe = base.map(|file| Recipe::Append { file });
         Ok((noted(state, made, recipe)?,))
