@@ -15,6 +15,13 @@
  *   hostile fill PATH      append 64 KiB blocks to PATH until a write fails; prints
  *                          "filled N: <strerror>" (N bytes written), then deletes PATH
  *                          and prints "rewrote" if a 64 KiB file can be written again
+ *   hostile seekwrite PATH OFFSET
+ *                          seek PATH's descriptor to OFFSET and write one byte there
+ *                          (a hole before it); prints "wrote"
+ *   hostile shrinkwrite F G BYTES
+ *                          write BYTES to F, truncate F through a second descriptor,
+ *                          write BYTES to G, then one byte through the first descriptor
+ *                          (still at BYTES: F grows back to BYTES + 1); prints "wrote"
  * Errors print "error: <strerror> WHAT" on stderr and exit 1; bad usage exits 2. */
 #include <errno.h>
 #include <fcntl.h>
@@ -31,7 +38,7 @@ static int fail(const char *what) {
 static int usage(void) {
     fprintf(stderr,
             "usage: hostile sparse PATH BYTES [OFFSET TEXT] | spew BYTES | spin | relink TARGET LINK"
-            " | openall PATH | fill PATH\n");
+            " | openall PATH | fill PATH | seekwrite PATH OFFSET | shrinkwrite F G BYTES\n");
     return 2;
 }
 
@@ -119,6 +126,43 @@ static int fill(const char *path) {
     return 0;
 }
 
+static int seekwrite(const char *path, long long offset) {
+    int fd = open(path, O_WRONLY | O_CREAT, 0644);
+    if (fd < 0) return fail(path);
+    if (lseek(fd, (off_t)offset, SEEK_SET) < 0) return fail("lseek");
+    if (write(fd, "x", 1) != 1) return fail("write");
+    close(fd);
+    printf("wrote\n");
+    return 0;
+}
+
+static int write_all(int fd, long long bytes) {
+    static char block[65536];
+    memset(block, 'w', sizeof block);
+    while (bytes > 0) {
+        size_t n = bytes < (long long)sizeof block ? (size_t)bytes : sizeof block;
+        ssize_t w = write(fd, block, n);
+        if (w <= 0) return -1;
+        bytes -= w;
+    }
+    return 0;
+}
+
+static int shrinkwrite(const char *f, const char *g, long long bytes) {
+    int a = open(f, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (a < 0 || write_all(a, bytes) != 0) return fail(f);
+    int b = open(f, O_WRONLY | O_TRUNC);
+    if (b < 0) return fail(f);
+    close(b);
+    int c = open(g, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (c < 0 || write_all(c, bytes) != 0) return fail(g);
+    close(c);
+    if (write(a, "x", 1) != 1) return fail("shrinkwrite");
+    close(a);
+    printf("wrote\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) return usage();
     if (strcmp(argv[1], "sparse") == 0) return sparse(argc, argv);
@@ -127,5 +171,8 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "relink") == 0 && argc == 4) return relink(argv[2], argv[3]);
     if (strcmp(argv[1], "openall") == 0 && argc == 3) return openall(argv[2]);
     if (strcmp(argv[1], "fill") == 0 && argc == 3) return fill(argv[2]);
+    if (strcmp(argv[1], "seekwrite") == 0 && argc == 4) return seekwrite(argv[2], strtoll(argv[3], NULL, 10));
+    if (strcmp(argv[1], "shrinkwrite") == 0 && argc == 5)
+        return shrinkwrite(argv[2], argv[3], strtoll(argv[4], NULL, 10));
     return usage();
 }

@@ -111,8 +111,8 @@ pub(crate) fn charge_stream(
     let (Ok(stream), Some((quota, file))) = (&made, file) else { return made };
     let entry = state.ctx().table.get_mut(stream)?;
     let inner = std::mem::replace(entry, Box::new(wasmtime_wasi::p2::pipe::SinkOutputStream));
-    let charged_to = position.unwrap_or(0);
-    *entry = Box::new(QuotaStream { inner, file, position, charged_to, quota });
+    let epoch = quota.shrink_epoch();
+    *entry = Box::new(QuotaStream { inner, file, position, charged_to: 0, epoch, quota });
     made
 }
 
@@ -135,7 +135,7 @@ pub(crate) fn before_open(state: &mut ProcessState, oflags: OpenFlags) -> Result
     let reserved = quota.reserve(ENTRY_BYTES).map_err(|_| ErrorCode::InsufficientSpace)?;
     // Counted as a new entry even when the file was there: the count may be high (a
     // refusal walks the tree first).
-    quota.note_may_have_freed();
+    quota.note_may_be_high();
     Ok(OpenCharge(Some((quota, reserved))))
 }
 
@@ -158,11 +158,18 @@ struct QuotaStream {
     /// The end of what this stream has charged: a write still in flight has not grown the
     /// file yet, and must not be charged twice.
     charged_to: u64,
+    /// The quota's shrink epoch `charged_to` is from: once something shrank a file, the
+    /// file may be shorter than what was charged, and only its length counts.
+    epoch: u64,
     quota: DiskQuota,
 }
 
 impl QuotaStream {
     fn charge(&mut self, bytes: usize) -> StreamResult<()> {
+        let epoch = self.quota.shrink_epoch();
+        if epoch != self.epoch {
+            (self.charged_to, self.epoch) = (0, epoch);
+        }
         let size = length(&self.file);
         let start = self.position.unwrap_or(size.max(self.charged_to));
         let end = start.saturating_add(bytes as u64);

@@ -12,6 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// What each entry of the tree costs besides its length.
 pub const ENTRY_BYTES: u64 = 512;
@@ -26,14 +27,47 @@ struct Inner {
     root: PathBuf,
     limit: u64,
     usage: Mutex<Usage>,
+    /// Counts what may have shrunk a file (a truncation, a delete): a writer that knew its
+    /// position was within its file knows it no longer.
+    shrinks: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
 struct Usage {
     /// `None` until the tree is first walked.
     bytes: Option<u64>,
-    /// Something may have freed space since the last walk.
+    /// The count may be above the tree's usage (an overwrite, a free) since the last walk.
     may_be_high: bool,
+    /// Something freed space since the last walk (a delete, a truncation).
+    freed: bool,
+    /// When the last walk ended, and how long it took.
+    last_walk: Option<(Instant, Duration)>,
+}
+
+/// A walk too quick to be worth spacing after a delete.
+const CHEAP_WALK: Duration = Duration::from_micros(200);
+
+impl Usage {
+    /// Walks are spaced so they take at most 1/20 of the time, or 1/3 after a delete (a
+    /// guest hovering at its limit, writing and being refused by turns, cannot keep a host
+    /// thread walking a big tree); until the next one is due, a refusal stands on the count.
+    /// After a delete, a tree that walks in under [`CHEAP_WALK`] is walked at once.
+    fn walk_due(&self) -> bool {
+        self.last_walk.is_none_or(|(at, took)| {
+            if self.freed { took < CHEAP_WALK || at.elapsed() >= took * 2 } else { at.elapsed() >= took * 20 }
+        })
+    }
+
+    /// Counts the tree afresh; an unreadable one counts as full rather than as empty.
+    fn walk(&mut self, root: &Path) -> std::io::Result<()> {
+        let started = Instant::now();
+        let walked = tree_bytes(root);
+        self.bytes = Some(*walked.as_ref().unwrap_or(&u64::MAX));
+        self.may_be_high = false;
+        self.freed = false;
+        self.last_walk = Some((Instant::now(), started.elapsed()));
+        walked.map(drop)
+    }
 }
 
 /// A write past the quota.
@@ -53,7 +87,9 @@ pub struct Reserved(u64);
 impl DiskQuota {
     /// A quota of `limit` bytes for the tree at `root`.
     pub fn new(root: impl Into<PathBuf>, limit: u64) -> DiskQuota {
-        DiskQuota { inner: Arc::new(Inner { root: root.into(), limit, usage: Mutex::default() }) }
+        DiskQuota {
+            inner: Arc::new(Inner { root: root.into(), limit, usage: Mutex::default(), shrinks: Default::default() }),
+        }
     }
 
     pub fn limit(&self) -> u64 {
@@ -64,8 +100,7 @@ impl DiskQuota {
     pub fn used(&self) -> std::io::Result<u64> {
         let mut usage = self.inner.usage.lock().expect("disk quota lock");
         if usage.bytes.is_none() || usage.may_be_high {
-            usage.bytes = Some(tree_bytes(&self.inner.root)?);
-            usage.may_be_high = false;
+            usage.walk(&self.inner.root)?;
         }
         Ok(usage.bytes.unwrap_or(0))
     }
@@ -74,13 +109,8 @@ impl DiskQuota {
     /// first time and before refusing on a count that may be high.
     pub fn reserve(&self, bytes: u64) -> Result<Reserved, NoSpace> {
         let mut usage = self.inner.usage.lock().expect("disk quota lock");
-        let walk = |usage: &mut Usage| {
-            // An unreadable tree counts as full rather than as empty.
-            usage.bytes = Some(tree_bytes(&self.inner.root).unwrap_or(u64::MAX));
-            usage.may_be_high = false;
-        };
         if usage.bytes.is_none() {
-            walk(&mut usage);
+            let _ = usage.walk(&self.inner.root);
         }
         loop {
             let used = usage.bytes.unwrap_or(u64::MAX);
@@ -89,10 +119,10 @@ impl DiskQuota {
                 usage.bytes = Some(wanted);
                 return Ok(Reserved(bytes));
             }
-            if !usage.may_be_high {
+            if !(usage.may_be_high && usage.walk_due()) {
                 return Err(NoSpace { used, wanted, limit: self.inner.limit });
             }
-            walk(&mut usage);
+            let _ = usage.walk(&self.inner.root);
         }
     }
 
@@ -108,6 +138,20 @@ impl DiskQuota {
     /// Space may have been freed (a delete, a rename over a file, a truncation): the next
     /// refusal walks the tree first.
     pub fn note_may_have_freed(&self) {
+        self.inner.shrinks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut usage = self.inner.usage.lock().expect("disk quota lock");
+        usage.may_be_high = true;
+        usage.freed = true;
+    }
+
+    /// How many times something may have shrunk a file of the tree.
+    pub fn shrink_epoch(&self) -> u64 {
+        self.inner.shrinks.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The count may be above the usage (a write charged in full may have overwritten):
+    /// a refusal walks the tree first, when a walk is due.
+    pub fn note_may_be_high(&self) {
         self.inner.usage.lock().expect("disk quota lock").may_be_high = true;
     }
 }
@@ -165,6 +209,23 @@ mod tests {
         std::fs::remove_file(tmp.path().join("b")).unwrap();
         quota.note_may_have_freed();
         let r = quota.reserve(2000).expect("the walk finds the freed space");
+        quota.settle(r, 0);
+        assert_eq!(quota.used().unwrap(), 1000 + ENTRY_BYTES);
+    }
+
+    #[test]
+    fn an_overwrite_count_is_corrected_by_a_walk_when_one_is_due() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("a"), vec![0u8; 1000]).unwrap();
+        let quota = DiskQuota::new(tmp.path(), 4000);
+        // Two overwrites of the same 1000 bytes, each charged in full.
+        for _ in 0..2 {
+            let r = quota.reserve(1000).unwrap();
+            quota.settle(r, 1000);
+            quota.note_may_be_high();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let r = quota.reserve(2000).expect("the walk finds the count high");
         quota.settle(r, 0);
         assert_eq!(quota.used().unwrap(), 1000 + ENTRY_BYTES);
     }

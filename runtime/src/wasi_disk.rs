@@ -12,6 +12,9 @@
 use crate::disk_quota::{DiskQuota, ENTRY_BYTES};
 use crate::process::ProcessState;
 use crate::wasi_state::{self, ERRNO_NOSPC};
+
+/// `fd_seek`'s whence for "from the current position".
+const WHENCE_CUR: i32 = 1;
 use std::sync::Arc;
 use wasmtime::{Caller, InstancePre, Linker, TypedFunc};
 
@@ -26,6 +29,7 @@ pub(crate) const DISK_GATE_WAT: &str = r#"(module
   (import "wasi_snapshot_preview1" "path_unlink_file" (func $unlink (param i32 i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "path_remove_directory" (func $rmdir (param i32 i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "path_rename" (func $rename (param i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_seek" (func $seek (param i32 i64 i32 i32) (result i32)))
   (export "memory" (memory 0))
   (func (export "fd_write") (param i32 i32 i32 i32) (result i32)
     local.get 0 local.get 1 local.get 2 local.get 3 call $fd_write)
@@ -44,9 +48,11 @@ pub(crate) const DISK_GATE_WAT: &str = r#"(module
   (func (export "path_remove_directory") (param i32 i32 i32) (result i32)
     local.get 0 local.get 1 local.get 2 call $rmdir)
   (func (export "path_rename") (param i32 i32 i32 i32 i32 i32) (result i32)
-    local.get 0 local.get 1 local.get 2 local.get 3 local.get 4 local.get 5 call $rename))"#;
+    local.get 0 local.get 1 local.get 2 local.get 3 local.get 4 local.get 5 call $rename)
+  (func (export "fd_seek") (param i32 i64 i32 i32) (result i32)
+    local.get 0 local.get 1 local.get 2 local.get 3 call $seek))"#;
 
-const FORWARDED: [&str; 9] = [
+const FORWARDED: [&str; 10] = [
     "fd_write",
     "fd_pwrite",
     "fd_filestat_set_size",
@@ -56,6 +62,7 @@ const FORWARDED: [&str; 9] = [
     "path_unlink_file",
     "path_remove_directory",
     "path_rename",
+    "fd_seek",
 ];
 
 type PathArgs = (i32, i32, i32);
@@ -75,6 +82,7 @@ pub(crate) struct DiskGate {
     unlink: TypedFunc<PathArgs, i32>,
     rmdir: TypedFunc<PathArgs, i32>,
     rename: TypedFunc<RenameArgs, i32>,
+    seek: TypedFunc<(i32, i64, i32, i32), i32>,
 }
 
 struct Source {
@@ -99,6 +107,7 @@ async fn gate(caller: &mut Caller<'_, ProcessState>, source: &Source) -> wasmtim
         unlink: instance.get_typed_func(&mut *caller, "path_unlink_file")?,
         rmdir: instance.get_typed_func(&mut *caller, "path_remove_directory")?,
         rename: instance.get_typed_func(&mut *caller, "path_rename")?,
+        seek: instance.get_typed_func(&mut *caller, "fd_seek")?,
     };
     caller.data_mut().disk_gate = Some(gate.clone());
     Ok(gate)
@@ -113,8 +122,54 @@ fn iovec_bytes(caller: &mut Caller<'_, ProcessState>, iovs: i32, len: i32) -> Op
     Some(table.chunks_exact(8).map(|iov| u32::from_le_bytes(iov[4..8].try_into().unwrap()) as u64).sum())
 }
 
-/// Runs `call`, a write to `fd` that ends at most at `end`, charged to `quota`: refused
-/// with `ENOSPC` if the growth it may cause does not fit; settled with the real growth.
+/// Runs `call`, a write of the iovecs at `iovs` to `fd`, charged to the quota if `fd` is
+/// one the guest opened (stdio and preopens are not files). Where `fd`'s position is known
+/// to be within its file (it was opened, or written, and nothing seeked it or shrank a
+/// file since), the write grows the file by at most its length and is charged that, with
+/// no size or offset asked for: each is a host call on the blocking pool, and asking at
+/// every write made small-file writes 1.69x slower. The count may then be high after an
+/// overwrite, and a refusal walks the tree first. Elsewhere the write is charged exactly.
+async fn counted_write(
+    caller: &mut Caller<'_, ProcessState>,
+    source: &Source,
+    fd: i32,
+    iovs: i32,
+    len: i32,
+    nwritten: i32,
+    call: impl AsyncFnOnce(&mut Caller<'_, ProcessState>) -> wasmtime::Result<i32>,
+) -> wasmtime::Result<i32> {
+    let Some(quota) = caller.data().disk.clone() else { return call(caller).await };
+    if !caller.data().fds.guest_opened(fd as u32) {
+        return call(caller).await;
+    }
+    let Some(bytes) = iovec_bytes(caller, iovs, len) else { return call(caller).await };
+    let epoch = quota.shrink_epoch();
+    if !caller.data().fds.position_trusted(fd as u32, epoch) {
+        let Some(facts) = wasi_state::file_facts(&mut *caller, &source.helper, fd).await? else {
+            return call(caller).await;
+        };
+        let end = facts.write_offset.saturating_add(bytes);
+        let errno = charged_write(caller, source, quota, fd, facts.size, end, call).await?;
+        caller.data_mut().fds.trust_position(fd as u32, epoch);
+        return Ok(errno);
+    }
+    let Ok(reserved) = quota.reserve(bytes) else { return Ok(ERRNO_NOSPC) };
+    let errno = call(caller).await?;
+    let written = if errno == 0 { guest_u32(caller, nwritten).unwrap_or(0) } else { 0 };
+    quota.settle(reserved, written as u64);
+    quota.note_may_be_high();
+    Ok(errno)
+}
+
+/// A u32 of guest memory.
+fn guest_u32(caller: &mut Caller<'_, ProcessState>, at: i32) -> Option<u32> {
+    let memory = caller.get_export("memory")?.into_memory()?;
+    let bytes = memory.data(&*caller).get(at as u32 as usize..)?.get(..4)?;
+    Some(u32::from_le_bytes(bytes.try_into().ok()?))
+}
+
+/// Runs `call`, a resize of `fd` from `size` to `end` bytes, charged to `quota`: refused
+/// with `ENOSPC` if the growth does not fit; settled with the real growth.
 async fn charged_write(
     caller: &mut Caller<'_, ProcessState>,
     source: &Source,
@@ -178,16 +233,9 @@ pub(crate) fn add_disk_shadows(
             let source = s.clone();
             Box::new(async move {
                 let gate = gate(&mut caller, &source).await?;
-                let (fd, iovs, len, _) = args;
-                if let Some(quota) = caller.data().disk.clone()
-                    && let Some(facts) = wasi_state::file_facts(&mut caller, &source.helper, fd).await?
-                    && let Some(bytes) = iovec_bytes(&mut caller, iovs, len)
-                {
-                    let end = facts.write_offset.saturating_add(bytes);
-                    let call = async |c: &mut Caller<'_, ProcessState>| gate.fd_write.call_async(c, args).await;
-                    return charged_write(&mut caller, &source, quota, fd, facts.size, end, call).await;
-                }
-                gate.fd_write.call_async(&mut caller, args).await
+                let (fd, iovs, len, nwritten) = args;
+                let call = async |c: &mut Caller<'_, ProcessState>| gate.fd_write.call_async(c, args).await;
+                counted_write(&mut caller, &source, fd, iovs, len, nwritten, call).await
             })
         },
     )?;
@@ -201,12 +249,13 @@ pub(crate) fn add_disk_shadows(
                 let gate = gate(&mut caller, &source).await?;
                 let (fd, iovs, len, offset, _) = args;
                 if let Some(quota) = caller.data().disk.clone()
-                    && let Some(facts) = wasi_state::file_facts(&mut caller, &source.helper, fd).await?
+                    && caller.data().fds.guest_opened(fd as u32)
+                    && let Some(size) = wasi_state::file_size(&mut caller, &source.helper, fd).await?
                     && let Some(bytes) = iovec_bytes(&mut caller, iovs, len)
                 {
                     let end = (offset as u64).saturating_add(bytes);
                     let call = async |c: &mut Caller<'_, ProcessState>| gate.fd_pwrite.call_async(c, args).await;
-                    return charged_write(&mut caller, &source, quota, fd, facts.size, end, call).await;
+                    return charged_write(&mut caller, &source, quota, fd, size, end, call).await;
                 }
                 gate.fd_pwrite.call_async(&mut caller, args).await
             })
@@ -228,6 +277,25 @@ pub(crate) fn add_disk_shadows(
                     return charged_write(&mut caller, &source, quota, fd, current, size as u64, call).await;
                 }
                 gate.set_size.call_async(&mut caller, args).await
+            })
+        },
+    )?;
+    let s = source.clone();
+    linker.func_wrap_async(
+        WASI,
+        "fd_seek",
+        move |mut caller: Caller<'_, ProcessState>, args: (i32, i64, i32, i32)| {
+            let source = s.clone();
+            Box::new(async move {
+                let gate = gate(&mut caller, &source).await?;
+                let (fd, offset, whence, _) = args;
+                let errno = gate.seek.call_async(&mut caller, args).await?;
+                // Anything but a tell may put the position past the end: the next write is
+                // charged exactly.
+                if errno == 0 && !(whence == WHENCE_CUR && offset == 0) {
+                    caller.data_mut().fds.distrust_position(fd as u32);
+                }
+                Ok(errno)
             })
         },
     )?;

@@ -33,7 +33,6 @@ const ERRNO_BADF: i32 = 8;
 const ERRNO_FAULT: i32 = 21;
 const ERRNO_MFILE: i32 = 33;
 const ERRNO_NAMETOOLONG: i32 = 37;
-const ERRNO_NOENT: i32 = 44;
 pub(crate) const ERRNO_NOSPC: i32 = 51;
 const FDFLAGS_APPEND: u16 = 1;
 const OFLAGS_CREAT: u16 = 1;
@@ -96,12 +95,38 @@ pub(crate) struct FdTracker {
     high_water: u32,
     /// Descriptors the guest may have open beyond `initial` (`None`: no bound).
     max_open: Option<u32>,
+    /// Descriptors whose position is known to be within their file, with the disk quota's
+    /// shrink epoch when that was known: a write there grows the file by at most its
+    /// length, so the quota needs no size (see `wasi_disk`). A seek, or a file shrinking
+    /// anywhere in the sandbox (a later epoch), ends that.
+    within_file: BTreeMap<u32, u64>,
     helper: Option<Helper>,
 }
 
 impl FdTracker {
     pub(crate) fn new(initial: u32, max_open: u32) -> Self {
         FdTracker { initial, high_water: initial.saturating_sub(1), max_open: Some(max_open), ..FdTracker::default() }
+    }
+
+    /// Notes that `fd`'s position is within its file as of shrink epoch `epoch`.
+    pub(crate) fn trust_position(&mut self, fd: u32, epoch: u64) {
+        self.within_file.insert(fd, epoch);
+    }
+
+    /// Notes that `fd`'s position may be past its file's end (a seek).
+    pub(crate) fn distrust_position(&mut self, fd: u32) {
+        self.within_file.remove(&fd);
+    }
+
+    /// Whether `fd`'s position is known within its file as of shrink epoch `epoch`.
+    pub(crate) fn position_trusted(&self, fd: u32, epoch: u64) -> bool {
+        self.within_file.get(&fd) == Some(&epoch)
+    }
+
+    /// Whether `fd` is a descriptor the guest opened (a file or directory, not stdio or a
+    /// preopen). It may have been closed since.
+    pub(crate) fn guest_opened(&self, fd: u32) -> bool {
+        self.opened.contains_key(&fd)
     }
 
     /// `opened` keeps descriptors closed since (closes are not shadowed), so it only
@@ -127,6 +152,10 @@ impl FdTracker {
         if let Some(record) = self.opened.remove(&from) {
             self.opened.insert(to, record);
         }
+        self.within_file.remove(&to);
+        if let Some(epoch) = self.within_file.remove(&from) {
+            self.within_file.insert(to, epoch);
+        }
         self.high_water = self.high_water.max(to);
     }
 }
@@ -144,7 +173,6 @@ struct Helper {
     fd_fdstat_get: TypedFunc<(i32, i32), i32>,
     fd_close: TypedFunc<(i32,), i32>,
     fd_filestat_get: TypedFunc<(i32, i32), i32>,
-    path_filestat_get: TypedFunc<(i32, i32, i32, i32, i32), i32>,
 }
 
 pub(crate) const HELPER_WAT: &str = r#"(module
@@ -155,8 +183,6 @@ pub(crate) const HELPER_WAT: &str = r#"(module
   (import "wasi_snapshot_preview1" "fd_fdstat_get" (func $fd_fdstat_get (param i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "fd_close" (func $fd_close (param i32) (result i32)))
   (import "wasi_snapshot_preview1" "fd_filestat_get" (func $fd_filestat_get (param i32 i32) (result i32)))
-  (import "wasi_snapshot_preview1" "path_filestat_get"
-    (func $path_filestat_get (param i32 i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1 1)
   (func (export "path_open") (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)
     local.get 0 local.get 1 local.get 2 local.get 3 local.get 4
@@ -170,9 +196,7 @@ pub(crate) const HELPER_WAT: &str = r#"(module
   (func (export "fd_close") (param i32) (result i32)
     local.get 0 call $fd_close)
   (func (export "fd_filestat_get") (param i32 i32) (result i32)
-    local.get 0 local.get 1 call $fd_filestat_get)
-  (func (export "path_filestat_get") (param i32 i32 i32 i32 i32) (result i32)
-    local.get 0 local.get 1 local.get 2 local.get 3 local.get 4 call $path_filestat_get))"#;
+    local.get 0 local.get 1 call $fd_filestat_get))"#;
 
 /// Something whose store holds an [`FdTracker`] (the process state).
 pub(crate) trait HasFdTracker: Send + 'static {
@@ -207,7 +231,6 @@ async fn helper<T: HasFdTracker>(
         fd_fdstat_get: instance.get_typed_func(&mut store, "fd_fdstat_get")?,
         fd_close: instance.get_typed_func(&mut store, "fd_close")?,
         fd_filestat_get: instance.get_typed_func(&mut store, "fd_filestat_get")?,
-        path_filestat_get: instance.get_typed_func(&mut store, "path_filestat_get")?,
     };
     store.data_mut().fds().helper = Some(helper.clone());
     Ok(helper)
@@ -252,20 +275,21 @@ pub(crate) fn add_recording_shadows<T: HasFdTracker>(
                     }
                 }
                 helper.memory.data_mut(&mut caller)[SCRATCH_PATH as usize..][..path_len].copy_from_slice(&path);
-                // Charged to the disk quota: the entry a create makes, and what a
-                // truncation frees.
+                // Charged to the disk quota: the entry a create may make (counted even if
+                // the file was there, so the count may be high: a refusal walks the tree),
+                // and what a truncation frees.
                 let mut created = None;
-                if let Some(quota) = caller.data().disk().cloned()
-                    && oflags as u16 & (OFLAGS_CREAT | OFLAGS_TRUNC) != 0
-                {
-                    let stat = (dirfd, dirflags, SCRATCH_PATH as i32, path_len as i32, SCRATCH_FILESTAT as i32);
-                    match helper.path_filestat_get.call_async(&mut caller, stat).await? {
-                        ERRNO_NOENT if oflags as u16 & OFLAGS_CREAT != 0 => match quota.reserve(ENTRY_BYTES) {
-                            Ok(reserved) => created = Some((quota, reserved)),
+                if let Some(quota) = caller.data().disk().cloned() {
+                    if oflags as u16 & OFLAGS_CREAT != 0 {
+                        match quota.reserve(ENTRY_BYTES) {
+                            Ok(reserved) => created = Some((quota.clone(), reserved)),
                             Err(_) => return Ok(ERRNO_NOSPC),
-                        },
-                        ERRNO_SUCCESS if oflags as u16 & OFLAGS_TRUNC != 0 => quota.note_may_have_freed(),
-                        _ => {}
+                        }
+                    }
+                    if oflags as u16 & OFLAGS_TRUNC != 0 {
+                        quota.note_may_have_freed();
+                    } else if oflags as u16 & OFLAGS_CREAT != 0 {
+                        quota.note_may_be_high();
                     }
                 }
                 let errno = helper
@@ -303,7 +327,14 @@ pub(crate) fn add_recording_shadows<T: HasFdTracker>(
                     rights_inheriting: rights_inheriting as u64,
                     fdflags: fdflags as u16,
                 };
-                caller.data_mut().fds().note_open(dirfd as u32, &path, record, fd);
+                let epoch = caller.data().disk().map(DiskQuota::shrink_epoch);
+                let fds = caller.data_mut().fds();
+                fds.note_open(dirfd as u32, &path, record, fd);
+                match epoch {
+                    // At offset 0: within any file.
+                    Some(epoch) => fds.trust_position(fd, epoch),
+                    None => fds.distrust_position(fd),
+                }
                 Ok(ERRNO_SUCCESS)
             })
         },

@@ -164,3 +164,27 @@ async fn a_reactor_components_writes_are_held_to_the_disk_quota() {
     assert_eq!(written, 100, "20 lines of 5 bytes fit, the 21st is refused");
     assert_eq!(std::fs::metadata(tmp.path().join("tally.log")).unwrap().len(), 100);
 }
+
+#[tokio::test]
+async fn holes_made_by_seeking_or_by_another_descriptor_truncating_are_charged() {
+    for (kind, guest) in [("module", hostile as fn(&[&str]) -> Command), ("component", hostile_component)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let sb = disk_sandbox(tmp.path(), 1 << 20);
+        let p = sb.spawn(guest(&["seekwrite", "/s", "2000000"])).await.unwrap();
+        assert_eq!(p.wait().await, ExitStatus::Exited(1));
+        assert_eq!(text(p.stderr().contents()), "error: No space left on device write\n");
+        let p = sb.spawn(guest(&["seekwrite", "/s", "500000"])).await.unwrap();
+        assert_eq!(p.wait().await, ExitStatus::Exited(0), "{}", text(p.stderr().contents()));
+        std::fs::remove_file(tmp.path().join("s")).unwrap();
+        let p = sb.spawn(guest(&["shrinkwrite", "/f", "/g", "400000"])).await.unwrap();
+        assert_eq!(p.wait().await, ExitStatus::Exited(0), "{}", text(p.stderr().contents()));
+        for name in ["f", "g"] {
+            std::fs::remove_file(tmp.path().join(name)).unwrap();
+        }
+        // 700,000 bytes in g beside f's 700,001 would be past the quota.
+        let p = sb.spawn(guest(&["shrinkwrite", "/f", "/g", "700000"])).await.unwrap();
+        assert_eq!(p.wait().await, ExitStatus::Exited(1), "{kind}");
+        assert_eq!(text(p.stderr().contents()), "error: No space left on device shrinkwrite\n");
+        assert!(tree_bytes(tmp.path()).unwrap() <= 1 << 20);
+    }
+}
