@@ -184,9 +184,12 @@ pub async fn write_file(
     // Removes the temporary file unless the rename below took it.
     let mut pending = PendingUpload { live: live.clone(), name: Some(upload.clone()) };
     let quota = live.sandbox.disk_quota().cloned();
-    charge(&live, quota.as_ref(), ENTRY_BYTES)?;
-    let mut file = tokio::fs::File::from_std(file);
     let mut body = req.into_body().into_data_stream();
+    if let Err(refused) = charge(&live, quota.as_ref(), ENTRY_BYTES) {
+        drain(&mut body).await;
+        return Err(refused);
+    }
+    let mut file = tokio::fs::File::from_std(file);
     let mut written: u64 = 0;
     loop {
         let next = tokio::time::timeout(BODY_IDLE_TIMEOUT, body.next()).await.map_err(|_| {
@@ -196,9 +199,13 @@ pub async fn write_file(
         let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
         written += chunk.len() as u64;
         if written > limit {
+            drain(&mut body).await;
             return Err(too_large());
         }
-        charge(&live, quota.as_ref(), chunk.len() as u64)?;
+        if let Err(refused) = charge(&live, quota.as_ref(), chunk.len() as u64) {
+            drain(&mut body).await;
+            return Err(refused);
+        }
         file.write_all(&chunk).await.map_err(|e| fs_error(&path, e))?;
     }
     file.flush().await.map_err(|e| fs_error(&path, e))?;
@@ -210,6 +217,23 @@ pub async fn write_file(
         quota.note_may_have_freed();
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Reads and discards the rest of a refused upload (up to `DRAIN_LIMIT` bytes, while it
+/// keeps coming), so that a client still sending it reads the refusal instead of a reset
+/// connection.
+async fn drain<S, E>(body: &mut S)
+where
+    S: futures_util::Stream<Item = Result<axum::body::Bytes, E>> + Unpin,
+{
+    const DRAIN_LIMIT: u64 = 64 << 20;
+    let mut drained: u64 = 0;
+    while drained < DRAIN_LIMIT {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), body.next()).await {
+            Ok(Some(Ok(chunk))) => drained += chunk.len() as u64,
+            _ => return,
+        }
+    }
 }
 
 /// Charges `bytes` of an upload to the sandbox's disk quota (kept: the upload is the
