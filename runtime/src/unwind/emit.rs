@@ -5,7 +5,8 @@
 //! if state == REWINDING { frame = release(); target = frame.site; locals = frame[..] }  ;; prologue
 //! block $body (result R)  <original body, instrumented>  end
 //! ```
-//! A lean body's prologue is `if state == REWINDING { return_call_indirect copies[f] }`.
+//! An exported lean body's prologue is `if state == REWINDING { return_call_indirect
+//! copies[f] }`; other lean bodies have none (rewinding callers enter their copies).
 //! At a site, after the call (both bodies): `if state == UNWINDING { save the operands
 //! beneath the call; frame = reserve(); frame[slot(l)] = l for each local l live after the
 //! site; frame.header = (site, f, size); return <dummy R> }`. Every site of a function uses
@@ -65,10 +66,10 @@ enum Slot {
 /// Which of a function's two bodies to emit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Body {
-    /// What the module runs: it can unwind, but not rewind. Its prologue hands a rewind to
-    /// the function's rewind copy (through the copies table) with a tail call, so the
-    /// normal path carries no rewind code: no guards, no skipped-structure exits, no
-    /// joins from the prologue into every site.
+    /// What the module runs: it can unwind, but not rewind. A rewind enters the
+    /// function's rewind copy instead (through the copies table: from a rewinding caller,
+    /// or, for an export, from its prologue with a tail call), so the normal path carries
+    /// no rewind code: no guards, no skipped-structure exits, no joins into every site.
     Lean,
     /// Unwinds and rewinds: the rewind copies, and functions that cannot be copied into
     /// another module (they use data or element segments, which are per module).
@@ -120,6 +121,15 @@ pub(crate) struct Emitter<'a, 'p> {
     hints: Vec<(usize, bool)>,
     /// The normal-path body only: unwinds, never rewinds (see [`Body`]).
     lean: bool,
+    /// A lean body the host may call while rewinding (an export): it keeps the prologue
+    /// that hands the rewind to its copy. Other lean bodies are entered only normally: a
+    /// rewinding caller enters the callee's copy itself (see [`Emitter::rewind_call`]).
+    prologue: bool,
+    /// By function index: whether the module runs a lean body for it (its rewind copy is
+    /// in the copies table at that index when a rewind needs it).
+    lean_funcs: &'p [bool],
+    /// Every function's type index.
+    func_types: &'p [u32],
     type_index: u32,
     /// Maps function indices of the emitted code (a rewind copy calls the module's
     /// functions through imports).
@@ -152,6 +162,9 @@ impl<'a, 'p> Emitter<'a, 'p> {
         live: Vec<Vec<u32>>,
         kind: Body,
         type_index: u32,
+        entry: bool,
+        lean_funcs: &'p [bool],
+        func_types: &'p [u32],
     ) -> Result<Self, UnwindError> {
         let mut locals: Vec<ValType> = params.to_vec();
         for group in body.get_locals_reader()? {
@@ -184,6 +197,9 @@ impl<'a, 'p> Emitter<'a, 'p> {
             param_count: params.len(),
             hints: Vec::new(),
             lean: kind == Body::Lean,
+            prologue: kind == Body::Lean && entry,
+            lean_funcs,
+            func_types,
             type_index,
             remap: None,
             site_group: Vec::new(),
@@ -589,6 +605,9 @@ impl<'a, 'p> Emitter<'a, 'p> {
     }
 
     fn prologue(&mut self) -> Result<(), UnwindError> {
+        if self.lean && !self.prologue {
+            return self.open_body();
+        }
         if self.lean {
             // Rewinding: continue in the rewind copy, in place of this frame.
             self.state_is(REWINDING);
@@ -711,6 +730,64 @@ impl<'a, 'p> Emitter<'a, 'p> {
                 self.save_frame(&saves, SiteId::Const { id: id as u32, entry })
             }
         }
+    }
+
+    /// In a full body, the call at a site whose callee may be a lean body: while
+    /// rewinding, that callee's frame is the next on the unwind stack, and a lean body
+    /// without a prologue cannot rewind, so the call enters its copy (the copies table at
+    /// the callee's index: known here for a direct call, read from the frame's header for
+    /// a call through a table). An empty unwind stack means the callee is the blocking
+    /// import itself, called through a table: called as it is. Answers whether it emitted
+    /// the call (with its operands).
+    fn rewind_call(
+        &mut self,
+        call: &Instruction<'a>,
+        operands: &[u32],
+        results: &[ValType],
+    ) -> Result<bool, UnwindError> {
+        let copies = self.helpers.copies;
+        let entered = match *call {
+            Instruction::Call(f) if self.lean_funcs.get(f as usize) == Some(&true) => {
+                Some((self.func_types[f as usize], Instruction::I32Const(f as i32)))
+            }
+            Instruction::CallIndirect { type_index, .. } => {
+                Some((type_index, Instruction::I32Load(self.helpers.memarg(0, 2))))
+            }
+            _ => None,
+        };
+        let Some((type_index, callee)) = entered else { return Ok(false) };
+        let indirect = matches!(call, Instruction::CallIndirect { .. });
+        let bt = self.block_type(&[], results)?;
+        self.state_is(REWINDING);
+        self.hint(false);
+        self.push(Instruction::If(bt));
+        self.frames.push(Frame::Synthetic);
+        if indirect {
+            self.push(Instruction::GlobalGet(self.helpers.sp));
+            self.push(Instruction::I32Eqz);
+            self.push(Instruction::If(bt));
+            self.frames.push(Frame::Synthetic);
+            self.push_locals(operands);
+            self.push(call.clone());
+            self.push(Instruction::Else);
+            // The function of the frame on top: its header's second word.
+            self.push_locals(&operands[..operands.len() - 1]);
+            self.push(Instruction::GlobalGet(self.helpers.sp));
+            self.push(Instruction::I32Const((HEADER_BYTES - 4) as i32));
+            self.push(Instruction::I32Sub);
+            self.push(callee);
+            self.push(Instruction::CallIndirect { type_index, table_index: copies });
+            self.close_synthetic();
+        } else {
+            self.push_locals(operands);
+            self.push(callee);
+            self.push(Instruction::CallIndirect { type_index, table_index: copies });
+        }
+        self.push(Instruction::Else);
+        self.push_locals(operands);
+        self.push(call.clone());
+        self.close_synthetic();
+        Ok(true)
     }
 
     /// Writes the frame of the locals `saves`, then leaves the function.
@@ -1021,7 +1098,6 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.push(Instruction::LocalGet(*operands.last().expect("index operand")));
             self.push(Instruction::LocalSet(self.index_local.expect("index local")));
         }
-        self.push_locals(&operands);
         let call = match op {
             None => Instruction::Call(self.helpers.yield_fn),
             Some(Operator::Call { function_index } | Operator::ReturnCall { function_index }) => {
@@ -1033,7 +1109,10 @@ impl<'a, 'p> Emitter<'a, 'p> {
             ) => Instruction::CallIndirect { type_index: *type_index, table_index: *table_index },
             Some(other) => return Err(UnwindError::Encode(format!("unexpected site operator {other:?}"))),
         };
-        self.push(call);
+        if self.lean || import || !self.rewind_call(&call, &operands, &results)? {
+            self.push_locals(&operands);
+            self.push(call);
+        }
         self.state_is(UNWINDING);
         self.open_if(false);
         // The call's results stay beneath this block, unused: the function returns.
