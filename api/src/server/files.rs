@@ -186,8 +186,7 @@ pub async fn write_file(
     let quota = live.sandbox.disk_quota().cloned();
     let mut body = req.into_body().into_data_stream();
     if let Err(refused) = charge(&live, quota.as_ref(), ENTRY_BYTES) {
-        drain(&mut body).await;
-        return Err(refused);
+        return refuse(&mut body, refused).await;
     }
     let mut file = tokio::fs::File::from_std(file);
     let mut written: u64 = 0;
@@ -199,12 +198,10 @@ pub async fn write_file(
         let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
         written += chunk.len() as u64;
         if written > limit {
-            drain(&mut body).await;
-            return Err(too_large());
+            return refuse(&mut body, too_large()).await;
         }
         if let Err(refused) = charge(&live, quota.as_ref(), chunk.len() as u64) {
-            drain(&mut body).await;
-            return Err(refused);
+            return refuse(&mut body, refused).await;
         }
         file.write_all(&chunk).await.map_err(|e| fs_error(&path, e))?;
     }
@@ -219,21 +216,24 @@ pub async fn write_file(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Reads and discards the rest of a refused upload (up to `DRAIN_LIMIT` bytes, while it
-/// keeps coming), so that a client still sending it reads the refusal instead of a reset
-/// connection.
-async fn drain<S, E>(body: &mut S)
+/// Refuses an upload with `error` once the rest of its body is read and discarded (up to
+/// `DRAIN_LIMIT` bytes, while it keeps coming), so that a client still sending it reads
+/// the refusal instead of a reset connection.
+async fn refuse<S, E, T>(body: &mut S, error: ApiError) -> ApiResult<T>
 where
     S: futures_util::Stream<Item = Result<axum::body::Bytes, E>> + Unpin,
 {
     const DRAIN_LIMIT: u64 = 64 << 20;
+    // Shorter than `BODY_IDLE_TIMEOUT`: a refused upload holds its connection no longer.
+    const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
     let mut drained: u64 = 0;
     while drained < DRAIN_LIMIT {
-        match tokio::time::timeout(std::time::Duration::from_secs(5), body.next()).await {
+        match tokio::time::timeout(DRAIN_IDLE, body.next()).await {
             Ok(Some(Ok(chunk))) => drained += chunk.len() as u64,
-            _ => return,
+            _ => break,
         }
     }
+    Err(error)
 }
 
 /// Charges `bytes` of an upload to the sandbox's disk quota (kept: the upload is the

@@ -605,23 +605,22 @@ impl<'a, 'p> Emitter<'a, 'p> {
     }
 
     fn prologue(&mut self) -> Result<(), UnwindError> {
-        if self.lean && !self.prologue {
-            return self.open_body();
-        }
         if self.lean {
-            // Rewinding: continue in the rewind copy, in place of this frame.
-            self.state_is(REWINDING);
-            self.hint(false);
-            self.push(Instruction::If(BlockType::Empty));
-            for param in 0..self.param_count as u32 {
-                self.push(Instruction::LocalGet(param));
+            if self.prologue {
+                // Rewinding: continue in the rewind copy, in place of this frame.
+                self.state_is(REWINDING);
+                self.hint(false);
+                self.push(Instruction::If(BlockType::Empty));
+                for param in 0..self.param_count as u32 {
+                    self.push(Instruction::LocalGet(param));
+                }
+                self.push(Instruction::I32Const(self.func as i32));
+                self.push(Instruction::ReturnCallIndirect {
+                    type_index: self.type_index,
+                    table_index: self.helpers.copies,
+                });
+                self.push(Instruction::End);
             }
-            self.push(Instruction::I32Const(self.func as i32));
-            self.push(Instruction::ReturnCallIndirect {
-                type_index: self.type_index,
-                table_index: self.helpers.copies,
-            });
-            self.push(Instruction::End);
             return self.open_body();
         }
         // Rewinding: pop this function's frame, learn the target site, reload the locals.
@@ -635,7 +634,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
         self.push(Instruction::LocalSet(self.target));
         // A frame of another function means a corrupt image: stop cleanly.
         self.push(Instruction::LocalGet(self.base));
-        self.push(Instruction::I32Load(self.helpers.memarg(self.header() + 4, 2)));
+        self.push(Instruction::I32Load(self.helpers.memarg(self.header() + HEADER_FUNC, 2)));
         self.push(Instruction::I32Const(self.func as i32));
         self.push(Instruction::I32Ne);
         self.push(Instruction::If(BlockType::Empty));
@@ -746,23 +745,24 @@ impl<'a, 'p> Emitter<'a, 'p> {
         results: &[ValType],
     ) -> Result<bool, UnwindError> {
         let copies = self.helpers.copies;
-        let entered = match *call {
+        // The callee, when the call names it.
+        let (type_index, direct) = match *call {
             Instruction::Call(f) if self.lean_funcs.get(f as usize) == Some(&true) => {
-                Some((self.func_types[f as usize], Instruction::I32Const(f as i32)))
+                (self.func_types[f as usize], Some(f))
             }
-            Instruction::CallIndirect { type_index, .. } => {
-                Some((type_index, Instruction::I32Load(self.helpers.memarg(0, 2))))
-            }
-            _ => None,
+            Instruction::CallIndirect { type_index, .. } => (type_index, None),
+            _ => return Ok(false),
         };
-        let Some((type_index, callee)) = entered else { return Ok(false) };
-        let indirect = matches!(call, Instruction::CallIndirect { .. });
         let bt = self.block_type(&[], results)?;
         self.state_is(REWINDING);
         self.hint(false);
         self.push(Instruction::If(bt));
         self.frames.push(Frame::Synthetic);
-        if indirect {
+        if let Some(f) = direct {
+            self.push_locals(operands);
+            self.push(Instruction::I32Const(f as i32));
+            self.push(Instruction::CallIndirect { type_index, table_index: copies });
+        } else {
             self.push(Instruction::GlobalGet(self.helpers.sp));
             self.push(Instruction::I32Eqz);
             self.push(Instruction::If(bt));
@@ -770,18 +770,14 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.push_locals(operands);
             self.push(call.clone());
             self.push(Instruction::Else);
-            // The function of the frame on top: its header's second word.
+            // The function of the frame on top (its header ends the stack).
             self.push_locals(&operands[..operands.len() - 1]);
             self.push(Instruction::GlobalGet(self.helpers.sp));
-            self.push(Instruction::I32Const((HEADER_BYTES - 4) as i32));
+            self.push(Instruction::I32Const((HEADER_BYTES - HEADER_FUNC) as i32));
             self.push(Instruction::I32Sub);
-            self.push(callee);
+            self.push(Instruction::I32Load(self.helpers.memarg(0, 2)));
             self.push(Instruction::CallIndirect { type_index, table_index: copies });
             self.close_synthetic();
-        } else {
-            self.push_locals(operands);
-            self.push(callee);
-            self.push(Instruction::CallIndirect { type_index, table_index: copies });
         }
         self.push(Instruction::Else);
         self.push_locals(operands);
@@ -1109,7 +1105,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             ) => Instruction::CallIndirect { type_index: *type_index, table_index: *table_index },
             Some(other) => return Err(UnwindError::Encode(format!("unexpected site operator {other:?}"))),
         };
-        if self.lean || import || !self.rewind_call(&call, &operands, &results)? {
+        if self.lean || !self.rewind_call(&call, &operands, &results)? {
             self.push_locals(&operands);
             self.push(call);
         }
@@ -1152,6 +1148,9 @@ impl<'a, 'p> Emitter<'a, 'p> {
 /// of the whole entry (`u32`: the frame and the operands saved beneath it), so the host
 /// can walk the unwind stack from its top and learn which functions are on it.
 pub(crate) const HEADER_BYTES: u32 = 16;
+
+/// Offset of the function's index in a frame's header.
+pub(crate) const HEADER_FUNC: u32 = 4;
 
 /// Bytes a saved operand of `ty` takes on the unwind stack (function references go to
 /// the reference stack; other references are not written).

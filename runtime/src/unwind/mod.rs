@@ -533,11 +533,7 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
     }
     // A function that rewinds itself is its own rewind copy: a rewinding caller that
     // reaches it through a table enters it through the copies table (see `emit`).
-    let self_rewinding: Vec<u32> = (0..defined)
-        .filter(|&i| analysis.body_kind(i) == Some(emit::Body::Full))
-        .map(|i| (imports + i) as u32)
-        .collect();
-    for &f in &self_rewinding {
+    for f in (0..defined).filter(|&i| analysis.body_kind(i) == Some(emit::Body::Full)).map(|i| (imports + i) as u32) {
         element_section.active(
             Some(helpers.copies),
             &ConstExpr::i32_const(f as i32),
@@ -758,7 +754,7 @@ pub fn stack_functions(stack: &[u8], sp: u32) -> Result<Vec<u32>, String> {
             return Err(format!("a frame at {top} of the unwind stack is shorter than its header"));
         }
         let at = top - header;
-        let (func, bytes) = (word(at + 4), word(at + 8));
+        let (func, bytes) = (word(at + emit::HEADER_FUNC as usize), word(at + 8));
         if bytes < header || bytes > top || bytes % 8 != 0 {
             return Err(format!("the frame at {at} of the unwind stack claims {bytes} bytes"));
         }
