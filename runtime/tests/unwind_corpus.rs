@@ -3,17 +3,8 @@
 
 mod common;
 
-use stasis_runtime::unwind::{UnwindOptions, instrument, rewind_copies};
-
-pub fn wasi_blocking() -> UnwindOptions {
-    UnwindOptions {
-        blocking_imports: vec![
-            ("wasi_snapshot_preview1".into(), "fd_read".into()),
-            ("wasi_snapshot_preview1".into(), "poll_oneoff".into()),
-        ],
-        preempt_loops: true,
-    }
-}
+use stasis_runtime::checkpoint::blocking_imports as wasi_blocking;
+use stasis_runtime::unwind::{instrument, instrument_component, rewind_copies};
 
 #[test]
 fn every_core_module_of_the_corpus_instruments_to_a_valid_module() {
@@ -55,4 +46,37 @@ fn every_core_module_of_the_corpus_instruments_to_a_valid_module() {
         checked += 1;
     }
     assert!(checked >= 5, "only {checked} modules in {}", dir.display());
+}
+
+/// Every component of the corpus (adapter-made, cargo's wasm32-wasip2, componentize-py's
+/// dynamically linked CPython) instruments, module by module, to a valid component.
+#[test]
+fn every_component_of_the_corpus_instruments_to_a_valid_component() {
+    let dir = common::guest_path("hello.wasm").parent().unwrap().to_path_buf();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !name.ends_with(".component.wasm") {
+            continue;
+        }
+        let wasm = std::fs::read(&path).unwrap();
+        let start = std::time::Instant::now();
+        let out = instrument_component(&wasm, &wasi_blocking()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let took = start.elapsed();
+        wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
+            .validate_all(&out.bytes)
+            .unwrap_or_else(|e| panic!("{name}: instrumented component invalid: {e}"));
+        let (instrumented, defined, sites) =
+            out.modules.iter().fold((0, 0, 0), |(i, d, s), m| (i + m.instrumented, d + m.defined, s + m.sites));
+        println!(
+            "{name}: {} -> {} bytes (+{:.1}%), {} core modules, {instrumented}/{defined} functions, {sites} sites, {took:?}",
+            wasm.len(),
+            out.bytes.len(),
+            (out.bytes.len() as f64 / wasm.len() as f64 - 1.0) * 100.0,
+            out.modules.len(),
+        );
+        checked += 1;
+    }
+    assert!(checked >= 6, "only {checked} components in {}", dir.display());
 }

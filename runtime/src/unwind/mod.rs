@@ -53,10 +53,13 @@
 //! reference locals. A non-null `externref`/`exnref` live at a suspension makes that
 //! unwind fail (state [`FAILED`], then a trap): such a value cannot be written out.
 
+mod component;
 mod emit;
 mod liveness;
 mod plan;
 mod support;
+
+pub use component::{HOST_BLOCKING, InstrumentedComponent, instrument_component};
 
 use crate::state_export::{collect_ref_funcs, section_rank};
 use std::ops::Range;
@@ -87,6 +90,10 @@ pub struct UnwindOptions {
     pub blocking_imports: Vec<(String, String)>,
     /// A stop check at every loop header, so CPU-bound code can be stopped too.
     pub preempt_loops: bool,
+    /// Functions of other instances can be in this module's tables (it imports or exports
+    /// one: the modules of a component share tables), so any call through a table may
+    /// reach a function that suspends.
+    pub foreign_table_calls: bool,
 }
 
 /// Where the transform put its state, for the host.
@@ -317,8 +324,7 @@ impl Analysis {
             .map(|(m, n)| options.blocking_imports.iter().any(|(bm, bn)| bm == m && bn == n))
             .collect();
         let summaries = s.bodies.iter().map(|(_, body)| plan::summarize(body)).collect::<Result<Vec<_>, _>>()?;
-        let suspension =
-            plan::Suspension::compute(&s.info, |f| blocking[f], &summaries, &s.table_funcs, options.preempt_loops);
+        let suspension = plan::Suspension::compute(&s.info, |f| blocking[f], &summaries, &s.table_funcs, options);
         let helpers = support::Helpers::new(
             (imports + defined) as u32,
             s.globals.len() as u32,

@@ -125,6 +125,8 @@ pub(crate) struct Suspension {
     /// Signatures of table-reachable functions that can suspend.
     signatures: std::collections::HashSet<FuncType>,
     any_reference: bool,
+    /// Every call through a table may suspend (see `UnwindOptions::foreign_table_calls`).
+    foreign_tables: bool,
 }
 
 impl Suspension {
@@ -133,8 +135,9 @@ impl Suspension {
         blocking_import: impl Fn(usize) -> bool,
         summaries: &[CallSummary],
         table_funcs: &std::collections::BTreeSet<u32>,
-        preempt_loops: bool,
+        options: &super::UnwindOptions,
     ) -> Suspension {
+        let (preempt_loops, foreign_tables) = (options.preempt_loops, options.foreign_table_calls);
         let imports = info.func_imports.len();
         let total = imports + summaries.len();
         let functions: Vec<bool> = (0..total).map(|f| f < imports && blocking_import(f)).collect();
@@ -144,7 +147,7 @@ impl Suspension {
         }
         candidates.sort_unstable();
         candidates.dedup();
-        let mut result = Self::propagate(info, summaries, &candidates, functions);
+        let mut result = Self::propagate(info, summaries, &candidates, functions, foreign_tables);
         // Loops become stop points of their own only in a program that cannot otherwise
         // stop: where blocking calls are reachable, the functions on their way (an
         // interpreter's dispatch loop, a `main` loop that reads) get loop checks anyway,
@@ -156,19 +159,25 @@ impl Suspension {
             for (i, s) in summaries.iter().enumerate() {
                 functions[imports + i] |= !s.calling_loops.is_empty();
             }
-            result = Self::propagate(info, summaries, &candidates, functions);
+            result = Self::propagate(info, summaries, &candidates, functions, foreign_tables);
         }
         result
     }
 
-    fn propagate(info: &ModuleInfo, summaries: &[CallSummary], candidates: &[u32], functions: Vec<bool>) -> Suspension {
+    fn propagate(
+        info: &ModuleInfo,
+        summaries: &[CallSummary],
+        candidates: &[u32],
+        functions: Vec<bool>,
+        foreign_tables: bool,
+    ) -> Suspension {
         let imports = info.func_imports.len();
         let signature = |f: u32| info.type_of_func(f).ok().cloned();
-        let mut result = Suspension { functions, signatures: Default::default(), any_reference: false };
+        let mut result = Suspension { functions, signatures: Default::default(), any_reference: false, foreign_tables };
         loop {
             result.signatures =
                 candidates.iter().filter(|&&f| result.functions[f as usize]).filter_map(|&f| signature(f)).collect();
-            result.any_reference = !result.signatures.is_empty();
+            result.any_reference = foreign_tables || !result.signatures.is_empty();
             let mut changed = false;
             for (i, s) in summaries.iter().enumerate() {
                 let f = imports + i;
@@ -192,7 +201,7 @@ impl Suspension {
 
     /// Whether a call through a table with this type can reach a function that suspends.
     pub fn indirect(&self, info: &ModuleInfo, type_index: u32) -> bool {
-        info.func_type(type_index).map_or(true, |t| self.signatures.contains(t))
+        self.foreign_tables || info.func_type(type_index).map_or(true, |t| self.signatures.contains(t))
     }
 }
 

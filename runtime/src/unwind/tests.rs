@@ -65,7 +65,11 @@ struct Prepared {
 
 fn prepare(wat: &str, preempt: bool) -> Prepared {
     let wasm = wat::parse_str(wat).unwrap();
-    let options = UnwindOptions { blocking_imports: vec![("env".into(), "block".into())], preempt_loops: preempt };
+    let options = UnwindOptions {
+        blocking_imports: vec![("env".into(), "block".into())],
+        preempt_loops: preempt,
+        foreign_table_calls: false,
+    };
     let (instrumented, layout) = instrument(&wasm, &options).unwrap();
     if let Err(e) = wasmparser::Validator::new_with_features(features()).validate_all(&instrumented) {
         let text = wasmprinter::print_bytes(&instrumented).unwrap_or_default();
@@ -425,7 +429,11 @@ fn untouched_functions_stay_byte_identical_and_refusals_name_the_feature() {
         (func (export "run") (param i32) (result i32) local.get 0 call $leaf call $block))"#
     );
     let wasm = wat::parse_str(&wat).unwrap();
-    let options = UnwindOptions { blocking_imports: vec![("env".into(), "block".into())], preempt_loops: false };
+    let options = UnwindOptions {
+        blocking_imports: vec![("env".into(), "block".into())],
+        preempt_loops: false,
+        foreign_table_calls: false,
+    };
     let (_, layout) = instrument(&wasm, &options).unwrap();
     assert_eq!((layout.instrumented, layout.defined), (1, 2));
 
@@ -478,7 +486,11 @@ fn calls_through_tables_follow_only_signatures_that_can_suspend() {
         (func (export "run64") (param i64) (result i64) local.get 0 i32.const 1 call_indirect (type $ll)))"#
     );
     let wasm = wat::parse_str(&wat).unwrap();
-    let options = UnwindOptions { blocking_imports: vec![("env".into(), "block".into())], preempt_loops: false };
+    let options = UnwindOptions {
+        blocking_imports: vec![("env".into(), "block".into())],
+        preempt_loops: false,
+        foreign_table_calls: false,
+    };
     let (_, layout) = instrument(&wasm, &options).unwrap();
     // $blocker and run64 (its signature reaches $blocker); run's only call cannot suspend.
     assert_eq!((layout.instrumented, layout.sites), (2, 2));
@@ -492,7 +504,11 @@ fn instrumentation_checks_are_hinted_for_the_compiler() {
         (func (export "run") (param i32) (result i32) local.get 0 call $leaf call $block))"#
     );
     let wasm = wat::parse_str(&wat).unwrap();
-    let options = UnwindOptions { blocking_imports: vec![("env".into(), "block".into())], preempt_loops: false };
+    let options = UnwindOptions {
+        blocking_imports: vec![("env".into(), "block".into())],
+        preempt_loops: false,
+        foreign_table_calls: false,
+    };
     let (out, _) = instrument(&wasm, &options).unwrap();
     let mut sections = 0;
     for payload in Parser::new(0).parse_all(&out) {
@@ -547,7 +563,7 @@ fn the_transform_version_names_its_output() {
     // Two blocking imports of different parameter types: their argument locals must be
     // numbered the same way every time.
     let blocking = vec![("env".into(), "block".into()), ("env".into(), "log".into())];
-    let options = UnwindOptions { blocking_imports: blocking, preempt_loops: true };
+    let options = UnwindOptions { blocking_imports: blocking, preempt_loops: true, foreign_table_calls: false };
     let (out, _) = instrument(&wasm, &options).unwrap();
     let copies = rewind_copies(&wasm, &options, &[4, 3, 2]).unwrap().expect("all are lean");
     assert_eq!(copies.funcs, [2, 3, 4]);
