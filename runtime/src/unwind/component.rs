@@ -4,18 +4,21 @@
 //! them, every other section byte for byte.
 //!
 //! A core module in a component reaches the host only through lowered imports (named by
-//! their interface, `wasi:io/streams@0.2.0`, ...) and other modules through imports
-//! satisfied by their exports. What can block: the host's blocking WASI p2 functions
-//! ([`HOST_BLOCKING`]), and, without an analysis across modules, any function of another
-//! module (an adapter's `fd_read`, libc's `read` called by libpython). Modules that share
-//! a table with others treat every call through it as one that can suspend.
+//! their interface, `wasi:io/streams@0.2.0`, ...) and other modules through imports their
+//! exports satisfy (by name: `env.read` is libc's `read`; `wasi_snapshot_preview1.fd_read`
+//! the adapter's). What can suspend is worked out over the whole component, to a fixed
+//! point: the host's blocking WASI p2 functions ([`HOST_BLOCKING`]) can; an import of
+//! another module's function can when some module exports a function of that name that
+//! can; a call through a table a module shares with others can when some module puts a
+//! function of that signature that can suspend into one.
 //!
 //! What this does not do yet (issue 15): share one `state` between the modules (each
 //! keeps its own, so a stop cannot yet cross a module boundary), and let the host reach
 //! the state of the instances. An instrumented component runs as the original does.
 
-use super::{UnwindError, UnwindLayout, UnwindOptions, instrument};
-use wasmparser::{BinaryReader, Parser, Payload, TypeRef};
+use super::{UnwindError, UnwindLayout, UnwindOptions, instrument, suspension};
+use std::collections::{BTreeSet, HashSet};
+use wasmparser::{BinaryReader, FuncType, Parser, Payload, TypeRef};
 
 /// WASI p2 functions whose host implementation waits: (interface without its version,
 /// function).
@@ -46,74 +49,171 @@ pub fn instrument_component(component: &[u8], options: &UnwindOptions) -> Result
     if !Parser::is_component(component) {
         return Err(unsupported("input that is not a component"));
     }
-    let mut out = wasm_encoder::Component::new();
-    let mut modules = Vec::new();
+    let mut sections = Vec::new();
     let mut reader = BinaryReader::new(&component[8..], 8);
     while !reader.eof() {
         let id = reader.read_u8()?;
         let size = reader.read_var_u32()? as usize;
         let contents = reader.read_bytes(size)?;
-        let data = match id {
-            CORE_MODULE_SECTION => {
-                let module_options = module_options(contents, options)?;
-                let (bytes, layout) = instrument(contents, &module_options).map_err(|e| in_module(modules.len(), e))?;
-                modules.push(layout);
-                std::borrow::Cow::Owned(bytes)
-            }
-            COMPONENT_SECTION => {
-                refuse_nested_modules(contents)?;
-                std::borrow::Cow::Borrowed(contents)
-            }
-            _ => std::borrow::Cow::Borrowed(contents),
-        };
-        out.section(&wasm_encoder::RawSection { id, data: &data });
+        if id == COMPONENT_SECTION {
+            refuse_nested_modules(contents)?;
+        }
+        sections.push((id, contents));
     }
-    Ok(InstrumentedComponent { bytes: out.finish(), modules })
-}
+    let modules = sections
+        .iter()
+        .filter(|(id, _)| *id == CORE_MODULE_SECTION)
+        .enumerate()
+        .map(|(i, (_, bytes))| ModuleFacts::read(bytes).map_err(|e| in_module(i, e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let linked = Linked::compute(&modules, options)?;
 
-/// A module's options: its blocking imports (the host's blocking functions, every other
-/// module's functions) and whether it shares tables.
-fn module_options(module: &[u8], base: &UnwindOptions) -> Result<UnwindOptions, UnwindError> {
-    let mut options = base.clone();
-    for payload in Parser::new(0).parse_all(module) {
-        match payload? {
-            Payload::ImportSection(reader) => {
-                for import in reader.into_imports() {
-                    let import = import?;
-                    match import.ty {
-                        TypeRef::Func(_) | TypeRef::FuncExact(_) if can_block(import.module, import.name) => {
-                            options.blocking_imports.push((import.module.to_string(), import.name.to_string()));
-                        }
-                        TypeRef::Table(_) => options.foreign_table_calls = true,
-                        _ => {}
-                    }
-                }
-            }
-            Payload::ExportSection(reader) => {
-                for export in reader {
-                    options.foreign_table_calls |= export?.kind == wasmparser::ExternalKind::Table;
-                }
-            }
-            Payload::CodeSectionStart { .. } => break,
-            _ => {}
+    let mut out = wasm_encoder::Component::new();
+    let mut layouts = Vec::new();
+    let mut modules = modules.iter();
+    for (id, contents) in sections {
+        if id == CORE_MODULE_SECTION {
+            let facts = modules.next().expect("one fact per module");
+            let (bytes, layout) =
+                instrument(contents, &linked.options(facts, options)).map_err(|e| in_module(layouts.len(), e))?;
+            layouts.push(layout);
+            out.section(&wasm_encoder::RawSection { id, data: &bytes });
+        } else {
+            out.section(&wasm_encoder::RawSection { id, data: contents });
         }
     }
-    Ok(options)
+    Ok(InstrumentedComponent { bytes: out.finish(), modules: layouts })
 }
 
-/// Whether a function import of a component's core module can wait: a host function
-/// (imported under an interface name, `ns:pkg/iface@version`) when it is a blocking one;
-/// anything of another module (`env`, `wasi_snapshot_preview1`, `libc.so`, ...) unless it
-/// is a canonical built-in (`[resource-drop]...`, `[export]...` modules).
-fn can_block(module: &str, name: &str) -> bool {
-    if module.starts_with("[export]") || name.starts_with("[resource-") {
-        return false;
+/// What the analysis across modules needs of one module.
+struct ModuleFacts<'a> {
+    bytes: &'a [u8],
+    /// Function imports, by function index.
+    func_imports: Vec<(String, String)>,
+    /// Exported functions: (name, function index).
+    func_exports: Vec<(String, u32)>,
+    /// Whether it imports or exports a table (then other modules' functions can be in it).
+    shares_tables: bool,
+}
+
+impl<'a> ModuleFacts<'a> {
+    fn read(bytes: &'a [u8]) -> Result<Self, UnwindError> {
+        let mut facts = ModuleFacts { bytes, func_imports: Vec::new(), func_exports: Vec::new(), shares_tables: false };
+        for payload in Parser::new(0).parse_all(bytes) {
+            match payload? {
+                Payload::ImportSection(reader) => {
+                    for import in reader.into_imports() {
+                        let import = import?;
+                        match import.ty {
+                            TypeRef::Func(_) | TypeRef::FuncExact(_) => {
+                                facts.func_imports.push((import.module.to_string(), import.name.to_string()))
+                            }
+                            TypeRef::Table(_) => facts.shares_tables = true,
+                            _ => {}
+                        }
+                    }
+                }
+                Payload::ExportSection(reader) => {
+                    for export in reader {
+                        let export = export?;
+                        match export.kind {
+                            wasmparser::ExternalKind::Func | wasmparser::ExternalKind::FuncExact => {
+                                facts.func_exports.push((export.name.to_string(), export.index))
+                            }
+                            wasmparser::ExternalKind::Table => facts.shares_tables = true,
+                            _ => {}
+                        }
+                    }
+                }
+                Payload::CodeSectionStart { .. } => break,
+                _ => {}
+            }
+        }
+        Ok(facts)
     }
-    if module.contains(':') || module == "$root" {
-        let interface = module.split('@').next().unwrap_or(module);
-        return HOST_BLOCKING.iter().any(|&(i, n)| i == interface && n == name);
+}
+
+/// What can suspend across the component's modules (see the module docs).
+struct Linked {
+    /// Names of exported functions that can suspend, in any module.
+    exports: BTreeSet<String>,
+    /// Signatures of table-reachable functions that can suspend, in any module.
+    signatures: Vec<FuncType>,
+}
+
+impl Linked {
+    fn compute(modules: &[ModuleFacts<'_>], base: &UnwindOptions) -> Result<Linked, UnwindError> {
+        let mut linked = Linked { exports: BTreeSet::new(), signatures: Vec::new() };
+        // Each round only adds (more blocking imports make more functions suspend), so
+        // this ends; every round is one analysis of each module.
+        loop {
+            let mut exports = linked.exports.clone();
+            let mut signatures: HashSet<FuncType> = linked.signatures.iter().cloned().collect();
+            for (i, facts) in modules.iter().enumerate() {
+                let (functions, table_signatures) =
+                    suspension(facts.bytes, &linked.options(facts, base)).map_err(|e| in_module(i, e))?;
+                for (name, index) in &facts.func_exports {
+                    if functions.get(*index as usize).copied().unwrap_or(false) {
+                        exports.insert(name.clone());
+                    }
+                }
+                signatures.extend(table_signatures);
+            }
+            if exports.len() == linked.exports.len() && signatures.len() == linked.signatures.len() {
+                return Ok(linked);
+            }
+            linked = Linked { exports, signatures: signatures.into_iter().collect() };
+        }
     }
-    true
+
+    /// The transform's options for one module, given what can suspend elsewhere.
+    fn options(&self, facts: &ModuleFacts<'_>, base: &UnwindOptions) -> UnwindOptions {
+        let mut options = base.clone();
+        for (module, name) in &facts.func_imports {
+            let blocks = match import_kind(module, name) {
+                Import::Host => host_blocking(module, name),
+                Import::Builtin => false,
+                Import::Module => self.exports.contains(name),
+            };
+            if blocks {
+                options.blocking_imports.push((module.clone(), name.clone()));
+            }
+        }
+        if facts.shares_tables {
+            options.foreign_signatures = self.signatures.clone();
+        }
+        // A module's loops stop only where they are on the way to a blocking call: one
+        // that stopped on its own would unwind through callers in modules that do not
+        // know it can.
+        options.no_loop_roots = true;
+        options
+    }
+}
+
+enum Import {
+    /// A lowered host function (imported under its interface's name).
+    Host,
+    /// A canonical built-in (`[resource-drop]`, `[export]` resources) or a function
+    /// wit-component's fixups wire into a shim's table (module ""), which modules that
+    /// call it import under its interface's name.
+    Builtin,
+    /// Another module's export.
+    Module,
+}
+
+fn import_kind(module: &str, name: &str) -> Import {
+    if module.is_empty() || module.starts_with("[export]") || name.starts_with("[resource-") {
+        Import::Builtin
+    } else if module.contains(':') || module == "$root" {
+        Import::Host
+    } else {
+        Import::Module
+    }
+}
+
+fn host_blocking(module: &str, name: &str) -> bool {
+    let interface = module.split('@').next().unwrap_or(module);
+    HOST_BLOCKING.iter().any(|&(i, n)| i == interface && n == name)
 }
 
 /// A nested component's core modules are out of the transform's reach (its instances
@@ -139,5 +239,84 @@ fn in_module(index: usize, error: UnwindError) -> UnwindError {
         }
         UnwindError::Encode(e) => UnwindError::Encode(format!("core module {index}: {e}")),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(wat: &str) -> Vec<u8> {
+        wat::parse_str(wat).unwrap()
+    }
+
+    #[test]
+    fn an_import_blocks_only_when_the_export_it_names_can_suspend() {
+        let reader = facts(
+            r#"(module
+              (import "wasi:io/streams@0.2.0" "[method]input-stream.blocking-read" (func $read (param i32)))
+              (import "wasi:io/streams@0.2.0" "[method]output-stream.check-write" (func $check (param i32)))
+              (func (export "read_line") i32.const 0 call $read)
+              (func (export "pure") i32.const 0 call $check))"#,
+        );
+        let user = facts(
+            r#"(module
+              (import "env" "read_line" (func $read_line))
+              (import "env" "pure" (func $pure))
+              (import "[export]$root" "[resource-new]thing" (func $new))
+              (func (export "run") call $read_line call $pure call $new))"#,
+        );
+        let modules = [ModuleFacts::read(&reader).unwrap(), ModuleFacts::read(&user).unwrap()];
+        let base = UnwindOptions { preempt_loops: true, ..Default::default() };
+        let linked = Linked::compute(&modules, &base).unwrap();
+        assert_eq!(linked.exports.iter().collect::<Vec<_>>(), ["read_line", "run"]);
+        let blocking = |i: usize| linked.options(&modules[i], &base).blocking_imports;
+        assert_eq!(
+            blocking(0),
+            [("wasi:io/streams@0.2.0".to_string(), "[method]input-stream.blocking-read".to_string())]
+        );
+        assert_eq!(blocking(1), [("env".to_string(), "read_line".to_string())]);
+        let (functions, _) = suspension(&user, &linked.options(&modules[1], &base)).unwrap();
+        assert!(functions[3], "`run` calls `read_line`");
+    }
+
+    #[test]
+    fn a_call_through_a_shared_table_suspends_by_the_signatures_others_put_there() {
+        // The reader puts its blocking `read_line` (i32) -> () into a table it exports;
+        // the user calls through that table with (i32) -> () and with () -> ().
+        let reader = facts(
+            r#"(module
+              (import "wasi:io/poll@0.2.0" "poll" (func $poll (param i32)))
+              (table (export "table") 2 funcref)
+              (func $read_line (param i32) local.get 0 call $poll)
+              (func $quiet)
+              (elem (i32.const 0) func $read_line $quiet))"#,
+        );
+        let user = facts(
+            r#"(module
+              (import "env" "table" (table 2 funcref))
+              (type $one (func (param i32)))
+              (type $none (func))
+              (func (export "calls_reader") i32.const 7 i32.const 0 call_indirect (type $one))
+              (func (export "calls_quiet") i32.const 1 call_indirect (type $none)))"#,
+        );
+        let modules = [ModuleFacts::read(&reader).unwrap(), ModuleFacts::read(&user).unwrap()];
+        let base = UnwindOptions::default();
+        let linked = Linked::compute(&modules, &base).unwrap();
+        let (functions, _) = suspension(&user, &linked.options(&modules[1], &base)).unwrap();
+        assert_eq!(functions, [true, false]);
+        // Seen alone, the user could not know.
+        let (alone, _) = suspension(&user, &base).unwrap();
+        assert_eq!(alone, [false, false]);
+    }
+
+    #[test]
+    fn core_modules_in_nested_components_are_refused() {
+        let component = wat::parse_str("(component (component (core module)))").unwrap();
+        let err = instrument_component(&component, &UnwindOptions::default()).err().unwrap();
+        assert!(err.to_string().contains("core modules inside a nested component"), "{err}");
+        let module = wat::parse_str("(module)").unwrap();
+        let err = instrument_component(&module, &UnwindOptions::default()).err().unwrap();
+        assert!(err.to_string().contains("not a component"), "{err}");
     }
 }

@@ -90,10 +90,14 @@ pub struct UnwindOptions {
     pub blocking_imports: Vec<(String, String)>,
     /// A stop check at every loop header, so CPU-bound code can be stopped too.
     pub preempt_loops: bool,
-    /// Functions of other instances can be in this module's tables (it imports or exports
-    /// one: the modules of a component share tables), so any call through a table may
-    /// reach a function that suspends.
-    pub foreign_table_calls: bool,
+    /// Signatures of functions that can suspend which other instances put into tables
+    /// this module shares (the modules of a component do): a call through a table with
+    /// one of them can suspend.
+    pub foreign_signatures: Vec<wasmparser::FuncType>,
+    /// Never make loops stop points of their own, even where no blocking import is
+    /// reachable: the modules of a component each see only part of the program, and
+    /// must agree on what can suspend (see `component`).
+    pub no_loop_roots: bool,
 }
 
 /// Where the transform put its state, for the host.
@@ -444,6 +448,18 @@ fn stack_memory() -> MemoryType {
         shared: false,
         page_size_log2: None,
     }
+}
+
+/// What can suspend in `wasm` under `options`, without instrumenting it: by function
+/// index (imports first), and the signatures of its table-reachable functions that can.
+pub(crate) fn suspension(
+    wasm: &[u8],
+    options: &UnwindOptions,
+) -> Result<(Vec<bool>, Vec<wasmparser::FuncType>), UnwindError> {
+    let scanned = scan(wasm)?;
+    let analysis = Analysis::new(&scanned, options)?;
+    let signatures = analysis.suspension.table_signatures().cloned().collect();
+    Ok((analysis.suspension.functions, signatures))
 }
 
 const STATE_GLOBAL: GlobalType = GlobalType { val_type: wasm_encoder::ValType::I32, mutable: true, shared: false };

@@ -125,8 +125,8 @@ pub(crate) struct Suspension {
     /// Signatures of table-reachable functions that can suspend.
     signatures: std::collections::HashSet<FuncType>,
     any_reference: bool,
-    /// Every call through a table may suspend (see `UnwindOptions::foreign_table_calls`).
-    foreign_tables: bool,
+    /// See `UnwindOptions::foreign_signatures`.
+    foreign: std::collections::HashSet<FuncType>,
 }
 
 impl Suspension {
@@ -137,7 +137,7 @@ impl Suspension {
         table_funcs: &std::collections::BTreeSet<u32>,
         options: &super::UnwindOptions,
     ) -> Suspension {
-        let (preempt_loops, foreign_tables) = (options.preempt_loops, options.foreign_table_calls);
+        let foreign: std::collections::HashSet<FuncType> = options.foreign_signatures.iter().cloned().collect();
         let imports = info.func_imports.len();
         let total = imports + summaries.len();
         let functions: Vec<bool> = (0..total).map(|f| f < imports && blocking_import(f)).collect();
@@ -147,19 +147,19 @@ impl Suspension {
         }
         candidates.sort_unstable();
         candidates.dedup();
-        let mut result = Self::propagate(info, summaries, &candidates, functions, foreign_tables);
+        let mut result = Self::propagate(info, summaries, &candidates, functions, foreign.clone());
         // Loops become stop points of their own only in a program that cannot otherwise
         // stop: where blocking calls are reachable, the functions on their way (an
         // interpreter's dispatch loop, a `main` loop that reads) get loop checks anyway,
         // and making every loop a root would instrument nearly every function (MicroPython
         // ran 2x slower). A call-free loop elsewhere then runs to its end before the stop.
         let blocking_reachable = result.functions[imports..].iter().any(|&f| f);
-        if preempt_loops && !blocking_reachable {
+        if options.preempt_loops && !options.no_loop_roots && !blocking_reachable {
             let mut functions = result.functions;
             for (i, s) in summaries.iter().enumerate() {
                 functions[imports + i] |= !s.calling_loops.is_empty();
             }
-            result = Self::propagate(info, summaries, &candidates, functions, foreign_tables);
+            result = Self::propagate(info, summaries, &candidates, functions, foreign);
         }
         result
     }
@@ -169,15 +169,15 @@ impl Suspension {
         summaries: &[CallSummary],
         candidates: &[u32],
         functions: Vec<bool>,
-        foreign_tables: bool,
+        foreign: std::collections::HashSet<FuncType>,
     ) -> Suspension {
         let imports = info.func_imports.len();
         let signature = |f: u32| info.type_of_func(f).ok().cloned();
-        let mut result = Suspension { functions, signatures: Default::default(), any_reference: false, foreign_tables };
+        let mut result = Suspension { functions, signatures: Default::default(), any_reference: false, foreign };
         loop {
             result.signatures =
                 candidates.iter().filter(|&&f| result.functions[f as usize]).filter_map(|&f| signature(f)).collect();
-            result.any_reference = foreign_tables || !result.signatures.is_empty();
+            result.any_reference = !result.signatures.is_empty() || !result.foreign.is_empty();
             let mut changed = false;
             for (i, s) in summaries.iter().enumerate() {
                 let f = imports + i;
@@ -199,9 +199,14 @@ impl Suspension {
         }
     }
 
+    /// Signatures of this module's table-reachable functions that can suspend.
+    pub fn table_signatures(&self) -> impl Iterator<Item = &FuncType> {
+        self.signatures.iter()
+    }
+
     /// Whether a call through a table with this type can reach a function that suspends.
     pub fn indirect(&self, info: &ModuleInfo, type_index: u32) -> bool {
-        self.foreign_tables || info.func_type(type_index).map_or(true, |t| self.signatures.contains(t))
+        info.func_type(type_index).map_or(true, |t| self.signatures.contains(t) || self.foreign.contains(t))
     }
 }
 

@@ -68,7 +68,7 @@ fn prepare(wat: &str, preempt: bool) -> Prepared {
     let options = UnwindOptions {
         blocking_imports: vec![("env".into(), "block".into())],
         preempt_loops: preempt,
-        foreign_table_calls: false,
+        ..Default::default()
     };
     let (instrumented, layout) = instrument(&wasm, &options).unwrap();
     if let Err(e) = wasmparser::Validator::new_with_features(features()).validate_all(&instrumented) {
@@ -432,7 +432,7 @@ fn untouched_functions_stay_byte_identical_and_refusals_name_the_feature() {
     let options = UnwindOptions {
         blocking_imports: vec![("env".into(), "block".into())],
         preempt_loops: false,
-        foreign_table_calls: false,
+        ..Default::default()
     };
     let (_, layout) = instrument(&wasm, &options).unwrap();
     assert_eq!((layout.instrumented, layout.defined), (1, 2));
@@ -489,7 +489,7 @@ fn calls_through_tables_follow_only_signatures_that_can_suspend() {
     let options = UnwindOptions {
         blocking_imports: vec![("env".into(), "block".into())],
         preempt_loops: false,
-        foreign_table_calls: false,
+        ..Default::default()
     };
     let (_, layout) = instrument(&wasm, &options).unwrap();
     // $blocker and run64 (its signature reaches $blocker); run's only call cannot suspend.
@@ -507,7 +507,7 @@ fn instrumentation_checks_are_hinted_for_the_compiler() {
     let options = UnwindOptions {
         blocking_imports: vec![("env".into(), "block".into())],
         preempt_loops: false,
-        foreign_table_calls: false,
+        ..Default::default()
     };
     let (out, _) = instrument(&wasm, &options).unwrap();
     let mut sections = 0;
@@ -563,7 +563,7 @@ fn the_transform_version_names_its_output() {
     // Two blocking imports of different parameter types: their argument locals must be
     // numbered the same way every time.
     let blocking = vec![("env".into(), "block".into()), ("env".into(), "log".into())];
-    let options = UnwindOptions { blocking_imports: blocking, preempt_loops: true, foreign_table_calls: false };
+    let options = UnwindOptions { blocking_imports: blocking, preempt_loops: true, ..Default::default() };
     let (out, _) = instrument(&wasm, &options).unwrap();
     let copies = rewind_copies(&wasm, &options, &[4, 3, 2]).unwrap().expect("all are lean");
     assert_eq!(copies.funcs, [2, 3, 4]);
