@@ -51,16 +51,17 @@ fi
 # Real wasip2 components nobody here assembled: a Rust program built by cargo for its own
 # `wasm32-wasip2` target (std's WASI p2 support, linked by wasm-component-ld), and a
 # Python program made into a component by componentize-py (CPython inside).
-wordfreq="$here/rust/wordfreq"
-if [[ ! "$out/wordfreq.component.wasm" -nt "$wordfreq/src/main.rs" ]]; then
+for crate in wordfreq netcat; do
+    dir="$here/rust/$crate"
+    [[ "$out/$crate.component.wasm" -nt "$dir/src/main.rs" ]] && continue
     if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
         rustup target add wasm32-wasip2
     fi
-    cargo build --quiet --release --target wasm32-wasip2 --manifest-path "$wordfreq/Cargo.toml" \
+    cargo build --quiet --release --target wasm32-wasip2 --manifest-path "$dir/Cargo.toml" \
         --target-dir "$out/rust-target"
-    cp "$out/rust-target/wasm32-wasip2/release/wordfreq.wasm" "$out/wordfreq.component.wasm"
+    cp "$out/rust-target/wasm32-wasip2/release/$crate.wasm" "$out/$crate.component.wasm"
     built=$((built + 1))
-fi
+done
 pysum="$here/python/pysum"
 if [[ ! "$out/pysum.component.wasm" -nt "$pysum/app.py" || ! "$out/pysum.component.wasm" -nt "$pysum/wit/world.wit" ]]; then
     # The world, with the WASI WIT of the wasmtime-wasi the host links as its dependencies.

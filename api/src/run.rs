@@ -21,6 +21,10 @@ pub struct RunArgs {
     /// Set an environment variable for the guest; `NAME` alone passes the host's value.
     #[arg(long = "env", value_name = "NAME[=VAL]")]
     envs: Vec<String>,
+    /// Let the guest use the host's network (WASI p2 sockets and name lookup), as
+    /// `wasmtime run -S inherit-network,allow-ip-name-lookup` does.
+    #[arg(long)]
+    inherit_network: bool,
     #[command(flatten)]
     local: LocalArgs,
     /// Write an image of the running guest to `--checkpoint-out` after this long, e.g. `2s`.
@@ -99,7 +103,7 @@ async fn run(args: RunArgs) -> Result<ExitStatus, String> {
     }
     let preopens: Vec<(String, String)> =
         mounts.iter().map(|m| (m.host.to_string_lossy().into_owned(), m.guest.clone())).collect();
-    let sandbox = local_sandbox(&host, mounts, &args.local)?;
+    let sandbox = local_sandbox(&host, mounts, &args.local, args.inherit_network)?;
     let mut command = Command::new(ProgramRef::Loaded { program, name: file });
     command.args = guest_args;
     command.env = env;
@@ -207,7 +211,7 @@ async fn resume(args: ResumeArgs) -> Result<ExitStatus, String> {
         }
         mounts
     };
-    let sandbox = local_sandbox(&host, mounts, &args.local)?;
+    let sandbox = local_sandbox(&host, mounts, &args.local, false)?;
     snapshot.restore_processes_with(&sandbox, RestoredStdio::Inherit).await.map_err(|e| format!("`{shown}`: {e}"))?;
     let process = sandbox.processes().into_iter().next().ok_or("the image holds no process")?;
     Ok(process.wait().await)
@@ -226,13 +230,14 @@ fn local_host(local: &LocalArgs, checkpoints: bool) -> Result<Host, String> {
     .map_err(|e| e.to_string())
 }
 
-fn local_sandbox(host: &Host, mounts: Vec<Mount>, local: &LocalArgs) -> Result<Sandbox, String> {
+fn local_sandbox(host: &Host, mounts: Vec<Mount>, local: &LocalArgs, network: bool) -> Result<Sandbox, String> {
     Sandbox::create(
         host,
         SandboxConfig {
             mounts,
             limits: Limits { max_memory: local.max_memory, timeout: local.timeout, ..Limits::default() },
             inline_file_io: true,
+            network,
             ..SandboxConfig::default()
         },
     )

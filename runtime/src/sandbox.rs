@@ -41,6 +41,12 @@ pub struct SandboxConfig {
     /// Do file I/O on the guest's own thread instead of a blocking pool: faster for a
     /// single process (the CLI), worse for a server running many.
     pub inline_file_io: bool,
+    /// Guests may use the host's network through WASI p2's `wasi:sockets` (TCP, UDP and
+    /// name lookup), as `wasmtime run -S inherit-network,allow-ip-name-lookup` grants it.
+    /// Off by default: a guest can make sockets but not connect, bind or look up names.
+    /// Snapshots never carry a socket: a reactor holding one is refused by name, and a
+    /// running component cannot be captured.
+    pub network: bool,
 }
 
 /// What to run.
@@ -310,6 +316,9 @@ impl Sandbox {
     ) -> Result<(WasiCtxBuilder, u32)> {
         let mut wasi = WasiCtxBuilder::new();
         wasi.args(argv).envs(env).allow_blocking_current_thread(self.config.inline_file_io);
+        if self.config.network {
+            wasi.inherit_network().allow_tcp(true).allow_udp(true).allow_ip_name_lookup(true);
+        }
         if let Some(cwd) = cwd.or(self.config.cwd.as_deref()) {
             wasi.initial_cwd(cwd);
         }

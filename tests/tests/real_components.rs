@@ -154,3 +154,51 @@ fn a_memory_snapshot_of_a_sandbox_running_a_component_answers_409_and_the_proces
     let snap = api.snapshot(&id, json!({"snapshot_type": "filesystem"}));
     assert_eq!(snap["status"].as_str(), Some("completed"), "{snap}");
 }
+
+/// An uppercasing echo server on loopback: answers each connection with what it sent,
+/// uppercased, and counts the connections it accepted.
+fn echo_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut got = Vec::new();
+            if stream.read_to_end(&mut got).is_ok() {
+                let _ = stream.write_all(&got.to_ascii_uppercase());
+            }
+        }
+    });
+    (port, accepted)
+}
+
+#[test]
+fn inherit_network_lets_a_component_reach_a_loopback_server_and_nothing_does_without_it() {
+    let cache = tempfile::tempdir().unwrap();
+    let (port, accepted) = echo_server();
+    for address in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+        let mut cmd = stasis(cache.path());
+        cmd.args(["run", "--inherit-network"]).arg(guest("netcat.component.wasm")).arg(&address);
+        let out = run_with_stdin(cmd, b"frozen and thawed\n");
+        assert_eq!(out.status.code(), Some(0), "{address}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "FROZEN AND THAWED\n", "{address}");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    // Without the flag: no TCP, no name lookup, and the server never hears of it.
+    for (address, why) in
+        [(format!("127.0.0.1:{port}"), "Permission denied"), (format!("localhost:{port}"), "lookup address")]
+    {
+        let mut cmd = stasis(cache.path());
+        cmd.arg("run").arg(guest("netcat.component.wasm")).arg(&address);
+        let out = run_with_stdin(cmd, b"x\n");
+        assert_eq!(out.status.code(), Some(1), "{address}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(why), "{address}: {}", text(&out.stderr));
+        assert!(out.stdout.is_empty());
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
