@@ -5,8 +5,8 @@ use clap::Args;
 use stasis_runtime::memory_image::ProcessStateImage;
 use stasis_runtime::process::exit_codes;
 use stasis_runtime::{
-    AfterCheckpoint, Command, ExitStatus, Host, HostConfig, Limits, MemorySnapshot, Mount, OutputMode, ProgramRef,
-    RestoredStdio, Sandbox, SandboxConfig, StdinMode,
+    AfterCheckpoint, Command, CpuQuota, ExitStatus, Host, HostConfig, Limits, MemorySnapshot, Mount, OutputMode,
+    ProgramRef, RestoredStdio, Sandbox, SandboxConfig, StdinMode,
 };
 use std::path::PathBuf;
 use std::time::Duration;
@@ -157,6 +157,9 @@ pub struct LocalArgs {
     /// Wall-clock limit, e.g. `2s`, `500ms`, `1m`.
     #[arg(long, value_name = "DURATION", value_parser = stasis_runtime::limits::parse_duration)]
     timeout: Option<Duration>,
+    /// Cores of wasm execution the guest may use, e.g. `0.5` (throttled per 100 ms period).
+    #[arg(long, value_name = "CORES", value_parser = parse_cpus)]
+    cpus: Option<f64>,
     /// Directory for compiled code (default: `$STASIS_CACHE_DIR`, else `$XDG_CACHE_HOME/stasis`,
     /// else `~/.cache/stasis`).
     #[arg(long, value_name = "DIR")]
@@ -235,7 +238,12 @@ fn local_sandbox(host: &Host, mounts: Vec<Mount>, local: &LocalArgs, network: bo
         host,
         SandboxConfig {
             mounts,
-            limits: Limits { max_memory: local.max_memory, timeout: local.timeout, ..Limits::default() },
+            limits: Limits {
+                max_memory: local.max_memory,
+                timeout: local.timeout,
+                cpus: local.cpus.map(CpuQuota::new),
+                ..Limits::default()
+            },
             inline_file_io: true,
             network,
             ..SandboxConfig::default()
@@ -247,6 +255,14 @@ fn local_sandbox(host: &Host, mounts: Vec<Mount>, local: &LocalArgs, network: bo
 fn write_image(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
     stasis_runtime::write_atomically(path, bytes)
         .map_err(|e| format!("cannot write the checkpoint to {}: {e}", path.display()))
+}
+
+/// A positive, finite number of cores.
+fn parse_cpus(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(cpus) if cpus.is_finite() && cpus > 0.0 => Ok(cpus),
+        _ => Err(format!("`{text}` is not a positive number of cores (e.g. `0.5`, `2`)")),
+    }
 }
 
 /// `HOST` or `HOST::GUEST`, as `wasmtime run --dir` takes it.

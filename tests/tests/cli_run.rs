@@ -180,3 +180,41 @@ fn bad_input_gets_one_clear_line_and_exit_125() {
     assert_eq!(code, 2, "clap usage errors exit 2: {stderr}");
     assert!(stderr.contains("unknown unit"), "{stderr}");
 }
+
+/// CPU seconds `pid` has used so far (user + system, from `/proc/PID/stat`).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+#[test]
+fn cpus_throttles_a_cpu_bound_guest_to_its_share_of_a_core() {
+    let c = cache();
+    // Compile first, so the measured run is the guest's loop.
+    let mut warm = stasis(c.path());
+    warm.args(["run"]).arg(guest("cpuloop.wasm")).arg("1");
+    assert!(run(warm).status.success());
+
+    // Unthrottled, it holds a core (less on a machine busy with other tests, but well
+    // above the quota).
+    for (flags, most, least) in [(&["--cpus", "0.1"][..], 0.2, 0.02), (&[][..], f64::MAX, 0.3)] {
+        let mut cmd = stasis(c.path());
+        cmd.arg("run").args(flags).args(["--timeout", "3s"]).arg(guest("cpuloop.wasm")).arg("100000");
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let started = std::time::Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        let cores = cpu_seconds(child.id()) / started.elapsed().as_secs_f64();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(124), "{flags:?}: runs to its timeout");
+        println!("{flags:?}: {cores:.2} cores");
+        assert!(cores < most && cores > least, "{flags:?}: {cores:.2} cores");
+    }
+
+    let (code, stderr) = failure(&["--cpus", "0"], &[], Some(&guest("hello.wasm")));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("not a positive number of cores"), "{stderr}");
+}
