@@ -12,9 +12,14 @@
 //! can; a call through a table a module shares with others can when some module puts a
 //! function of that signature that can suspend into one.
 //!
-//! What this does not do yet (issue 15): share one `state` between the modules (each
-//! keeps its own, so a stop cannot yet cross a module boundary), and let the host reach
-//! the state of the instances. An instrumented component runs as the original does.
+//! Each module keeps its control block (`state`, the unwind stack pointers) in a memory of
+//! its own (`UnwindOptions::control_in_memory`), since a host can own a component's
+//! memories (a `MemoryCreator`) but never reach its globals.
+//!
+//! What this does not do yet (issue 15): share one `state` between the modules (so a stop
+//! cannot yet cross a module boundary), save each module's own globals for the host, and
+//! the host side that arms, captures and resumes. An instrumented component runs as the
+//! original does.
 
 use super::{UnwindError, UnwindLayout, UnwindOptions, instrument, suspension};
 use std::collections::{BTreeSet, HashSet};
@@ -186,6 +191,9 @@ impl Linked {
         // that stopped on its own would unwind through callers in modules that do not
         // know it can.
         options.no_loop_roots = true;
+        // A component's core instances export nothing: a host that owns their memories
+        // can reach the control block there, never a global.
+        options.control_in_memory = true;
         options
     }
 }

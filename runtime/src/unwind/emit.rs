@@ -22,7 +22,7 @@
 //! site (rewinding: skip it, or reload its operands) and once after (unwinding).
 
 use super::plan::{FuncPlan, Site, StructKind};
-use super::support::{Helpers, SaveClass, TypeInterner, save_class};
+use super::support::{Helpers, SaveClass, TypeInterner, Var, save_class};
 use super::{REWINDING, UNWINDING, UnwindError};
 use std::collections::HashMap;
 use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
@@ -406,8 +406,15 @@ impl<'a, 'p> Emitter<'a, 'p> {
         debug_assert!(popped == Some(Frame::Synthetic));
     }
 
+    /// Pushes one of the transform's variables (a global, or a word of the control memory).
+    fn get(&mut self, var: Var) {
+        for i in self.helpers.get(var) {
+            self.push(i);
+        }
+    }
+
     fn state_is(&mut self, value: i32) {
-        self.push(Instruction::GlobalGet(self.helpers.state));
+        self.get(Var::State);
         self.push(Instruction::I32Const(value));
         self.push(Instruction::I32Eq);
     }
@@ -763,7 +770,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.push(Instruction::I32Const(f as i32));
             self.push(Instruction::CallIndirect { type_index, table_index: copies });
         } else {
-            self.push(Instruction::GlobalGet(self.helpers.sp));
+            self.get(Var::Sp);
             self.push(Instruction::I32Eqz);
             self.push(Instruction::If(bt));
             self.frames.push(Frame::Synthetic);
@@ -772,7 +779,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.push(Instruction::Else);
             // The function of the frame on top (its header ends the stack).
             self.push_locals(&operands[..operands.len() - 1]);
-            self.push(Instruction::GlobalGet(self.helpers.sp));
+            self.get(Var::Sp);
             self.push(Instruction::I32Const((HEADER_BYTES - HEADER_FUNC) as i32));
             self.push(Instruction::I32Sub);
             self.push(Instruction::I32Load(self.helpers.memarg(0, 2)));
@@ -857,7 +864,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             let params = self.plan.guards[g].params.clone();
             let inputs = self.stash(Pool::GuardIn, &params)?;
             // Runs unless rewinding (state 2): `ARMED` and `NORMAL` both execute it.
-            self.push(Instruction::GlobalGet(self.helpers.state));
+            self.get(Var::State);
             self.push(Instruction::I32Const(REWINDING));
             self.push(Instruction::I32Ne);
             self.open_if(true);
@@ -967,7 +974,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
         if skippable && kind == StructKind::Loop {
             let entry = self.stash(Pool::LoopIn, &inputs)?;
             // Enter unless rewinding to a site outside.
-            self.push(Instruction::GlobalGet(self.helpers.state));
+            self.get(Var::State);
             self.push(Instruction::I32Const(REWINDING));
             self.push(Instruction::I32Ne);
             self.in_range(first, end);
@@ -982,7 +989,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.push(Instruction::LocalGet(self.target));
             self.push(Instruction::I32Const(then_end as i32));
             self.push(Instruction::I32LtU);
-            self.push(Instruction::GlobalGet(self.helpers.state));
+            self.get(Var::State);
             self.push(Instruction::I32Const(REWINDING));
             self.push(Instruction::I32Ne);
             self.push(Instruction::Select);
@@ -1039,7 +1046,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
         let (kept_locals, operands) = (kept_locals.to_vec(), operands.to_vec());
         if loop_check {
             // The cheap test every iteration pays: state is 0 unless the host armed a stop.
-            self.push(Instruction::GlobalGet(self.helpers.state));
+            self.get(Var::State);
             self.open_if(false);
         }
         if skippable {

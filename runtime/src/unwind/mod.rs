@@ -60,6 +60,7 @@ mod plan;
 mod support;
 
 pub use component::{HOST_BLOCKING, InstrumentedComponent, instrument_component};
+pub use support::CONTROL_BYTES;
 
 use crate::state_export::{collect_ref_funcs, section_rank};
 use std::ops::Range;
@@ -98,6 +99,12 @@ pub struct UnwindOptions {
     /// reachable: the modules of a component each see only part of the program, and
     /// must agree on what can suspend (see `component`).
     pub no_loop_roots: bool,
+    /// Keep `state`, `sp` and `ref_sp` in the first [`CONTROL_BYTES`] of the unwind
+    /// stack's memory (words at 0, 4 and 8; the `sp` word holds `sp - CONTROL_BYTES`, the
+    /// stack starts after them) instead of globals: a host that cannot reach the
+    /// instance's globals (a component's core instances export nothing) but owns its
+    /// memories can then arm a stop and read the stack.
+    pub control_in_memory: bool,
 }
 
 /// Where the transform put its state, for the host.
@@ -334,6 +341,7 @@ impl Analysis {
             s.globals.len() as u32,
             s.memories.len() as u32,
             s.tables.len() as u32,
+            options.control_in_memory,
         );
         let mut analysis = Analysis {
             summaries,
@@ -380,7 +388,7 @@ impl Analysis {
 
     /// Every function the module has once instrumented: its own, then the helpers.
     fn total_functions(&self) -> u32 {
-        (self.imports + self.summaries.len()) as u32 + support::Helpers::COUNT
+        (self.imports + self.summaries.len()) as u32 + self.helpers.count()
     }
 
     /// Emits defined function `i` instrumented: the function, its branch hints, its sites.
@@ -515,7 +523,7 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
         code.function(function);
     }
     if !copy_callees.is_empty() {
-        copy_callees.extend((0..support::Helpers::COUNT).map(|k| helpers.yield_fn + k));
+        copy_callees.extend((0..helpers.count()).map(|k| helpers.yield_fn + k));
     }
 
     // Sections the transform extends, re-encoded; the rest copied byte for byte.
@@ -658,8 +666,7 @@ pub fn rewind_copies(
         return Ok(None);
     }
     let helpers = &analysis.helpers;
-    let mut called: std::collections::BTreeSet<u32> =
-        (0..support::Helpers::COUNT).map(|k| helpers.yield_fn + k).collect();
+    let mut called: std::collections::BTreeSet<u32> = (0..helpers.count()).map(|k| helpers.yield_fn + k).collect();
     let mut referenced = std::collections::BTreeSet::new();
     for &f in &copies {
         let summary = &analysis.summaries[f as usize - imports];
@@ -673,7 +680,8 @@ pub fn rewind_copies(
 
     let info = &scanned.info;
     let mut types = support::TypeInterner::new(info.types.len() as u32);
-    let helper_types = support::Helpers::signatures()
+    let helper_types = helpers
+        .signatures()
         .iter()
         .map(|(params, results)| types.intern(params, results))
         .collect::<Result<Vec<_>, _>>()?;

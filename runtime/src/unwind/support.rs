@@ -74,11 +74,42 @@ pub(crate) struct Helpers {
     pub reserve: u32,
     /// `release(bytes) -> address`: the frame on top of the unwind stack, popped.
     pub release: u32,
+    /// With the control block in memory (`UnwindOptions::control_in_memory`): the unwind
+    /// stack's memory, whose first [`CONTROL_BYTES`] hold `state`, `sp` and `ref_sp`
+    /// ([`Var::address`]); they are set through helpers `set_state`, `set_sp`,
+    /// `set_ref_sp` (after `release`).
+    pub control: Option<u32>,
+}
+
+/// The transform's own variables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Var {
+    State,
+    Sp,
+    RefSp,
+}
+
+/// Bytes at the start of the unwind stack's memory that hold the control block, when it
+/// is kept in memory; the stack starts after them. Its `sp` word holds `sp - CONTROL_BYTES`,
+/// so a fresh (zeroed) memory means an empty stack.
+pub const CONTROL_BYTES: u32 = 16;
+
+impl Var {
+    const ALL: [Var; 3] = [Var::State, Var::Sp, Var::RefSp];
+
+    /// Where it lives in the unwind stack's memory, when it lives there.
+    pub const fn address(self) -> i32 {
+        match self {
+            Var::State => 0,
+            Var::Sp => 4,
+            Var::RefSp => 8,
+        }
+    }
 }
 
 impl Helpers {
     /// Lays the additions out after the module's own functions, globals, memories, tables.
-    pub fn new(functions: u32, globals: u32, memories: u32, tables: u32) -> Self {
+    pub fn new(functions: u32, globals: u32, memories: u32, tables: u32, control_in_memory: bool) -> Self {
         let push = std::array::from_fn(|i| functions + 2 + i as u32);
         let pop = std::array::from_fn(|i| functions + 8 + i as u32);
         Helpers {
@@ -94,14 +125,50 @@ impl Helpers {
             pop,
             reserve: functions + 14,
             release: functions + 15,
+            control: control_in_memory.then_some(memories),
         }
     }
 
     /// Number of helper functions, appended after the module's own.
-    pub const COUNT: u32 = 16;
+    pub fn count(&self) -> u32 {
+        if self.control.is_some() { 19 } else { 16 }
+    }
+
+    /// The global `var` is, or the control memory's word.
+    fn global(&self, var: Var) -> u32 {
+        match var {
+            Var::State => self.state,
+            Var::Sp => self.sp,
+            Var::RefSp => self.ref_sp,
+        }
+    }
+
+    /// Instructions that push `var`.
+    pub fn get(&self, var: Var) -> Vec<Instruction<'static>> {
+        let Some(memory) = self.control else { return vec![Instruction::GlobalGet(self.global(var))] };
+        let mut get = vec![
+            Instruction::I32Const(var.address()),
+            Instruction::I32Load(MemArg { offset: 0, align: 2, memory_index: memory }),
+        ];
+        if var == Var::Sp {
+            get.extend([Instruction::I32Const(CONTROL_BYTES as i32), Instruction::I32Add]);
+        }
+        get
+    }
+
+    /// Instructions that pop a value into `var`.
+    pub fn set(&self, var: Var) -> Vec<Instruction<'static>> {
+        match self.control {
+            None => vec![Instruction::GlobalSet(self.global(var))],
+            Some(_) => {
+                let k = Var::ALL.iter().position(|&v| v == var).expect("a variable") as u32;
+                vec![Instruction::Call(self.release + 1 + k)]
+            }
+        }
+    }
 
     /// The helper functions' signatures, in index order.
-    pub fn signatures() -> Vec<(Vec<ValType>, Vec<ValType>)> {
+    pub fn signatures(&self) -> Vec<(Vec<ValType>, Vec<ValType>)> {
         let mut out = vec![(vec![], vec![]), (vec![], vec![])];
         for class in CLASSES {
             out.push((vec![class_type(class)], vec![]));
@@ -111,6 +178,9 @@ impl Helpers {
         }
         out.push((vec![ValType::I32], vec![ValType::I32]));
         out.push((vec![ValType::I32], vec![ValType::I32]));
+        if self.control.is_some() {
+            out.extend(Var::ALL.map(|_| (vec![ValType::I32], vec![])));
+        }
         out
     }
 
@@ -120,17 +190,55 @@ impl Helpers {
         bodies.extend(CLASSES.map(|class| self.push_body(class)));
         bodies.extend(CLASSES.map(|class| self.pop_body(class)));
         bodies.extend([self.reserve_body(), self.release_body()]);
-        Self::signatures()
+        if let Some(memory) = self.control {
+            bodies.extend(Var::ALL.map(|var| Self::setter_body(memory, var)));
+        }
+        self.signatures()
             .iter()
             .zip(bodies)
             .map(|((params, results), body)| Ok((types.intern(params, results)?, body)))
             .collect()
     }
 
+    fn setter_body(memory: u32, var: Var) -> Function {
+        let mut body = vec![Instruction::I32Const(var.address()), Instruction::LocalGet(0)];
+        if var == Var::Sp {
+            body.extend([Instruction::I32Const(CONTROL_BYTES as i32), Instruction::I32Sub]);
+        }
+        body.extend([Instruction::I32Store(MemArg { offset: 0, align: 2, memory_index: memory }), Instruction::End]);
+        let mut f = Function::new([]);
+        for i in &body {
+            f.instruction(i);
+        }
+        f
+    }
+
+    /// `body` with every `global.get`/`global.set` of the transform's variables as
+    /// `get`/`set` say (identity with the control block in globals).
+    fn body(&self, body: &[Instruction<'static>]) -> Function {
+        let mut f = Function::new([]);
+        for i in body {
+            let var = Var::ALL
+                .into_iter()
+                .find(|&v| matches!(i, Instruction::GlobalGet(g) | Instruction::GlobalSet(g) if *g == self.global(v)));
+            match (var, i) {
+                (Some(var), Instruction::GlobalGet(_)) => self.get(var).iter().for_each(|i| {
+                    f.instruction(i);
+                }),
+                (Some(var), _) => self.set(var).iter().for_each(|i| {
+                    f.instruction(i);
+                }),
+                (None, i) => {
+                    f.instruction(i);
+                }
+            }
+        }
+        f
+    }
+
     fn yield_body(&self) -> Function {
         use Instruction as I;
-        let mut f = Function::new([]);
-        for i in [
+        self.body(&[
             // Rewinding arrived at the innermost frame: carry on from here.
             I::GlobalGet(self.state),
             I::I32Const(REWINDING),
@@ -149,10 +257,7 @@ impl Helpers {
             I::GlobalSet(self.state),
             I::End,
             I::End,
-        ] {
-            f.instruction(&i);
-        }
-        f
+        ])
     }
 
     /// After a `memory.grow`/`table.grow`: a stack that cannot grow fails the unwind.
@@ -187,17 +292,12 @@ impl Helpers {
         body.extend([I::End, I::GlobalGet(self.sp)]);
         body.extend(end);
         body.extend([I::GlobalSet(self.sp), I::End]);
-        let mut f = Function::new([]);
-        for i in &body {
-            f.instruction(i);
-        }
-        f
+        self.body(&body)
     }
 
     fn release_body(&self) -> Function {
         use Instruction as I;
-        let mut f = Function::new([]);
-        for i in [
+        self.body(&[
             // A stack emptier than the frames expect means a corrupt image: stop cleanly.
             I::GlobalGet(self.sp),
             I::LocalGet(0),
@@ -211,28 +311,20 @@ impl Helpers {
             I::GlobalSet(self.sp),
             I::GlobalGet(self.sp),
             I::End,
-        ] {
-            f.instruction(&i);
-        }
-        f
+        ])
     }
 
     fn fail_body(&self) -> Function {
-        let mut f = Function::new([]);
-        for i in [
+        self.body(&[
             Instruction::I32Const(FAILED),
             Instruction::GlobalSet(self.state),
             Instruction::Unreachable,
             Instruction::End,
-        ] {
-            f.instruction(&i);
-        }
-        f
+        ])
     }
 
     fn push_body(&self, class: Class) -> Function {
         use Instruction as I;
-        let mut f = Function::new([]);
         let mut body = Vec::new();
         if class == Class::FuncRef {
             body.extend([
@@ -282,15 +374,11 @@ impl Helpers {
             ]);
         }
         body.push(I::End);
-        for i in &body {
-            f.instruction(i);
-        }
-        f
+        self.body(&body)
     }
 
     fn pop_body(&self, class: Class) -> Function {
         use Instruction as I;
-        let mut f = Function::new([]);
         let (sp, slot) = match class {
             Class::FuncRef => (self.ref_sp, 1),
             Class::V128 => (self.sp, 16),
@@ -316,10 +404,7 @@ impl Helpers {
             body.push(self.load(class, 0));
         }
         body.push(I::End);
-        for i in &body {
-            f.instruction(i);
-        }
-        f
+        self.body(&body)
     }
 
     pub(crate) fn memarg(&self, offset: u32, align: u32) -> MemArg {

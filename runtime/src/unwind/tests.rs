@@ -1,8 +1,9 @@
 //! Unwind then rewind at every suspension point of small hand-written functions, on the
 //! same instance and on a fresh one, and compare with an uninterrupted run.
 
+use super::support::Var;
 use super::*;
-use wasmtime::{Caller, Config, Engine, Extern, Instance, Linker, Module, Store, Val};
+use wasmtime::{AsContextMut, Caller, Config, Engine, Extern, Instance, Linker, Module, Store, Val};
 
 /// Host state of a test run.
 #[derive(Default)]
@@ -13,9 +14,51 @@ struct Host {
     stop_at: Option<u32>,
     /// What the guest logged, in order.
     log: Vec<i64>,
-    /// The instance's state global (host functions are also called from rewind copies,
-    /// which do not export it).
-    state: Option<wasmtime::Global>,
+    /// Where the instance keeps its state (host functions are also called from rewind
+    /// copies, which do not export it).
+    state: Option<Control>,
+}
+
+/// The transform's variables as the host reaches them: globals, or words of the control
+/// memory (`UnwindOptions::control_in_memory`).
+#[derive(Clone, Copy)]
+enum Control {
+    Globals { state: wasmtime::Global, sp: wasmtime::Global },
+    Memory(wasmtime::Memory),
+}
+
+impl Control {
+    fn of(p: &Prepared, store: &mut Store<Host>, instance: &Instance) -> Control {
+        if p.options.control_in_memory {
+            let name = crate::state_export::memory_export(p.layout.stack_memory);
+            Control::Memory(instance.get_memory(&mut *store, &name).unwrap())
+        } else {
+            Control::Globals {
+                state: global(store, instance, p.layout.state_global),
+                sp: global(store, instance, p.layout.sp_global),
+            }
+        }
+    }
+
+    fn get(&self, mut store: impl AsContextMut, var: Var) -> i32 {
+        match (self, var) {
+            (Control::Globals { state, .. }, Var::State) => state.get(&mut store).unwrap_i32(),
+            (Control::Globals { sp, .. }, Var::Sp) => sp.get(&mut store).unwrap_i32(),
+            (Control::Globals { .. }, Var::RefSp) => unreachable!("not read by the tests"),
+            (Control::Memory(memory), var) => {
+                let at = var.address() as usize;
+                let word = i32::from_le_bytes(memory.data(&store)[at..at + 4].try_into().unwrap());
+                if var == Var::Sp { word + CONTROL_BYTES as i32 } else { word }
+            }
+        }
+    }
+
+    fn set_state(&self, mut store: impl AsContextMut, value: i32) {
+        match self {
+            Control::Globals { state, .. } => state.set(&mut store, Val::I32(value)).unwrap(),
+            Control::Memory(memory) => memory.data_mut(&mut store)[..4].copy_from_slice(&value.to_le_bytes()),
+        }
+    }
 }
 
 fn engine() -> Engine {
@@ -24,8 +67,8 @@ fn engine() -> Engine {
     Engine::new(&config).unwrap()
 }
 
-fn state_of(caller: &mut Caller<'_, Host>) -> wasmtime::Global {
-    caller.data().state.expect("the state global")
+fn state_of(caller: &mut Caller<'_, Host>) -> Control {
+    caller.data().state.expect("the state")
 }
 
 fn linker(engine: &Engine) -> Linker<Host> {
@@ -33,11 +76,11 @@ fn linker(engine: &Engine) -> Linker<Host> {
     linker
         .func_wrap("env", "block", |mut caller: Caller<'_, Host>, x: i32| -> i32 {
             let state = state_of(&mut caller);
-            match state.get(&mut caller).unwrap_i32() {
-                REWINDING => state.set(&mut caller, Val::I32(NORMAL)).unwrap(),
+            match state.get(&mut caller, Var::State) {
+                REWINDING => state.set_state(&mut caller, NORMAL),
                 NORMAL if caller.data().stop_at == Some(caller.data().calls) => {
                     caller.data_mut().stop_at = None;
-                    state.set(&mut caller, Val::I32(UNWINDING)).unwrap();
+                    state.set_state(&mut caller, UNWINDING);
                     return -7777; // must never be seen
                 }
                 _ => {}
@@ -63,17 +106,33 @@ struct Prepared {
     state_export: crate::state_export::StateLayout,
 }
 
-fn prepare(wat: &str, preempt: bool) -> Prepared {
+fn prepare_with(wat: &str, preempt: bool, control_in_memory: bool) -> Prepared {
     let wasm = wat::parse_str(wat).unwrap();
     let options = UnwindOptions {
         blocking_imports: vec![("env".into(), "block".into())],
         preempt_loops: preempt,
+        control_in_memory,
         ..Default::default()
     };
     let (instrumented, layout) = instrument(&wasm, &options).unwrap();
     if let Err(e) = wasmparser::Validator::new_with_features(features()).validate_all(&instrumented) {
         let text = wasmprinter::print_bytes(&instrumented).unwrap_or_default();
         panic!("invalid output: {e}\n{text}");
+    }
+    if control_in_memory {
+        // Nothing may use the globals the host could not reach.
+        let own = [layout.state_global, layout.sp_global, layout.ref_sp_global];
+        for payload in wasmparser::Parser::new(0).parse_all(&instrumented) {
+            if let wasmparser::Payload::CodeSectionEntry(body) = payload.unwrap() {
+                for op in body.get_operators_reader().unwrap() {
+                    if let wasmparser::Operator::GlobalGet { global_index }
+                    | wasmparser::Operator::GlobalSet { global_index } = op.unwrap()
+                    {
+                        assert!(!own.contains(&global_index), "global {global_index} used with the control in memory");
+                    }
+                }
+            }
+        }
     }
     let (exported, state_export) = crate::state_export::rewrite(&instrumented).unwrap();
     let engine = engine();
@@ -91,28 +150,28 @@ fn run(p: &Prepared, arg: i32, stop_at: Option<u32>, fresh: bool) -> (Vec<Val>, 
     let linker = linker(&p.engine);
     let mut store = Store::new(&p.engine, Host { stop_at, ..Host::default() });
     let instance = linker.instantiate(&mut store, &p.module).unwrap();
-    store.data_mut().state = Some(global(&mut store, &instance, p.layout.state_global));
+    let state = Control::of(p, &mut store, &instance);
+    store.data_mut().state = Some(state);
     let func = instance.get_func(&mut store, "run").unwrap();
     let mut results = vec![Val::I32(0); func.ty(&store).results().len()];
     func.call(&mut store, &[Val::I32(arg)], &mut results).unwrap();
-    let state = global(&mut store, &instance, p.layout.state_global);
     if stop_at.is_none() {
-        assert_eq!(state.get(&mut store).unwrap_i32(), NORMAL);
+        assert_eq!(state.get(&mut store, Var::State), NORMAL);
         let log = std::mem::take(&mut store.data_mut().log);
         return (results, log, store.data().calls);
     }
-    assert_eq!(state.get(&mut store).unwrap_i32(), UNWINDING, "the guest did not unwind at call {stop_at:?}");
+    assert_eq!(state.get(&mut store, Var::State), UNWINDING, "the guest did not unwind at call {stop_at:?}");
     let (mut store, instance) =
         if fresh { copy_to_fresh(p, &mut store, &instance, &linker) } else { (store, instance) };
-    let state = global(&mut store, &instance, p.layout.state_global);
-    state.set(&mut store, Val::I32(REWINDING)).unwrap();
+    let state = Control::of(p, &mut store, &instance);
+    state.set_state(&mut store, REWINDING);
     install_copies(p, &mut store, &instance);
     let func = instance.get_func(&mut store, "run").unwrap();
     // The argument is a placeholder: the rewound frame restores its own locals.
     func.call(&mut store, &[Val::I32(0)], &mut results).unwrap();
-    assert_eq!(state.get(&mut store).unwrap_i32(), NORMAL);
-    let sp = global(&mut store, &instance, p.layout.sp_global);
-    assert_eq!(sp.get(&mut store).unwrap_i32(), 0, "the unwind stack is empty after a rewind");
+    assert_eq!(state.get(&mut store, Var::State), NORMAL);
+    let empty = if p.options.control_in_memory { CONTROL_BYTES as i32 } else { 0 };
+    assert_eq!(state.get(&mut store, Var::Sp), empty, "the unwind stack is empty after a rewind");
     let log = std::mem::take(&mut store.data_mut().log);
     (results, log, store.data().calls)
 }
@@ -121,8 +180,10 @@ fn run(p: &Prepared, arg: i32, stop_at: Option<u32>, fresh: bool) -> (Vec<Val>, 
 /// copies of the functions on the unwind stack, instantiated next to the instance.
 fn install_copies(p: &Prepared, store: &mut Store<Host>, instance: &Instance) {
     let stack = instance.get_memory(&mut *store, &crate::state_export::memory_export(p.layout.stack_memory)).unwrap();
-    let sp = global(store, instance, p.layout.sp_global).get(&mut *store).unwrap_i32() as u32;
-    let funcs = stack_functions(stack.data(&*store), sp).unwrap();
+    let sp = Control::of(p, store, instance).get(&mut *store, Var::Sp) as u32;
+    // With the control block in memory, the stack starts after it.
+    let base = if p.options.control_in_memory { CONTROL_BYTES } else { 0 };
+    let funcs = stack_functions(&stack.data(&*store)[base as usize..], sp - base).unwrap();
     assert!(!funcs.is_empty(), "an unwound stack holds frames");
     let Some(copies) = rewind_copies(&p.wasm, &p.options, &funcs).unwrap() else { return };
     if let Err(e) = wasmparser::Validator::new_with_features(features()).validate_all(&copies.wasm) {
@@ -145,7 +206,7 @@ fn copy_to_fresh(
     let host = std::mem::take(old.data_mut());
     let mut store = Store::new(&p.engine, host);
     let instance = linker.instantiate(&mut store, &p.module).unwrap();
-    store.data_mut().state = Some(global(&mut store, &instance, p.layout.state_global));
+    store.data_mut().state = Some(Control::of(p, &mut store, &instance));
     for index in 0..p.state_export.memories.len() as u32 {
         let name = crate::state_export::memory_export(index);
         let from = old_instance.get_memory(&mut *old, &name).unwrap();
@@ -164,22 +225,29 @@ fn copy_to_fresh(
     (store, instance)
 }
 
-/// Checks every stop point of `run(arg)` against the uninterrupted run.
+/// Checks every stop point of `run(arg)` against the uninterrupted run, with the
+/// transform's variables in globals and in the control memory.
 fn check_every_stop(wat: &str, arg: i32) -> u32 {
-    let p = prepare(wat, false);
-    let (expected, log, calls) = run(&p, arg, None, false);
-    assert!(calls > 0, "the test function never blocks");
-    for stop in 0..calls {
-        for fresh in [false, true] {
-            let (results, got_log, got_calls) = run(&p, arg, Some(stop), fresh);
-            let results: Vec<String> = results.iter().map(|v| format!("{v:?}")).collect();
-            let expected: Vec<String> = expected.iter().map(|v| format!("{v:?}")).collect();
-            assert_eq!(results, expected, "results after a stop at call {stop} (fresh instance: {fresh})");
-            assert_eq!(got_log, log, "log after a stop at call {stop} (fresh instance: {fresh})");
-            assert_eq!(got_calls, calls);
+    let mut counted = None;
+    for control_in_memory in [false, true] {
+        let p = prepare_with(wat, false, control_in_memory);
+        let (expected, log, calls) = run(&p, arg, None, false);
+        assert!(calls > 0, "the test function never blocks");
+        for stop in 0..calls {
+            for fresh in [false, true] {
+                let what =
+                    format!("a stop at call {stop} (fresh instance: {fresh}, control in memory: {control_in_memory})");
+                let (results, got_log, got_calls) = run(&p, arg, Some(stop), fresh);
+                let results: Vec<String> = results.iter().map(|v| format!("{v:?}")).collect();
+                let expected: Vec<String> = expected.iter().map(|v| format!("{v:?}")).collect();
+                assert_eq!(results, expected, "results after {what}");
+                assert_eq!(got_log, log, "log after {what}");
+                assert_eq!(got_calls, calls);
+            }
         }
+        assert_eq!(*counted.get_or_insert(calls), calls);
     }
-    calls
+    counted.unwrap_or_default()
 }
 
 const IMPORTS: &str = r#"
@@ -402,23 +470,26 @@ fn preemption_at_loop_headers_of_a_cpu_bound_loop() {
             end
             local.get $h))"#
     );
-    let p = prepare(&wat, true);
-    let (expected, _, _) = run(&p, 100_000, None, false);
-    // Arm the stop from outside mid-run: an epoch callback does this in Stasis; here a
-    // fuel-free variant: arm before the call, so the first loop header unwinds.
-    let linker = linker(&p.engine);
-    let mut store = Store::new(&p.engine, Host::default());
-    let instance = linker.instantiate(&mut store, &p.module).unwrap();
-    store.data_mut().state = Some(global(&mut store, &instance, p.layout.state_global));
-    let state = global(&mut store, &instance, p.layout.state_global);
-    state.set(&mut store, Val::I32(ARMED)).unwrap();
-    let run_fn = instance.get_typed_func::<i32, i32>(&mut store, "run").unwrap();
-    run_fn.call(&mut store, 100_000).unwrap();
-    assert_eq!(state.get(&mut store).unwrap_i32(), UNWINDING);
-    state.set(&mut store, Val::I32(REWINDING)).unwrap();
-    install_copies(&p, &mut store, &instance);
-    let result = run_fn.call(&mut store, 0).unwrap();
-    assert_eq!(Val::I32(result).unwrap_i32(), expected[0].unwrap_i32());
+    for control_in_memory in [false, true] {
+        let p = prepare_with(&wat, true, control_in_memory);
+        let (expected, _, _) = run(&p, 100_000, None, false);
+        // Arm the stop from outside mid-run: an epoch callback does this in Stasis; here a
+        // fuel-free variant: arm before the call, so the first loop header unwinds.
+        let linker = linker(&p.engine);
+        let mut store = Store::new(&p.engine, Host::default());
+        let instance = linker.instantiate(&mut store, &p.module).unwrap();
+        let state = Control::of(&p, &mut store, &instance);
+        store.data_mut().state = Some(state);
+        state.set_state(&mut store, ARMED);
+        let run_fn = instance.get_typed_func::<i32, i32>(&mut store, "run").unwrap();
+        run_fn.call(&mut store, 100_000).unwrap();
+        assert_eq!(state.get(&mut store, Var::State), UNWINDING, "control in memory: {control_in_memory}");
+        assert!(state.get(&mut store, Var::Sp) > CONTROL_BYTES as i32, "the frames are on the unwind stack");
+        state.set_state(&mut store, REWINDING);
+        install_copies(&p, &mut store, &instance);
+        let result = run_fn.call(&mut store, 0).unwrap();
+        assert_eq!(Val::I32(result).unwrap_i32(), expected[0].unwrap_i32());
+    }
 }
 
 #[test]
