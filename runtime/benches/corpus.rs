@@ -263,7 +263,7 @@ fn main() {
         let (instrumented, layouts) = if program.component {
             let out = stasis_runtime::unwind::instrument_component(&bytes, &options)
                 .unwrap_or_else(|e| panic!("{}: {e}", program.name));
-            (out.bytes, out.modules)
+            (out.bytes, out.modules.into_iter().flatten().collect())
         } else {
             let (out, layout) = stasis_runtime::unwind::instrument(&bytes, &options)
                 .unwrap_or_else(|e| panic!("{}: {e}", program.name));

@@ -8,7 +8,7 @@ fn main() {
     let t = std::time::Instant::now();
     let out = if wasmparser::Parser::is_component(&wasm) {
         let out = stasis_runtime::unwind::instrument_component(&wasm, &options).unwrap();
-        let sites: u32 = out.modules.iter().map(|m| m.sites).sum();
+        let sites: u32 = out.modules.iter().flatten().map(|m| m.sites).sum();
         println!(
             "transform {:?}: {} -> {} bytes, {} modules, {sites} sites",
             t.elapsed(),

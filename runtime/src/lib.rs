@@ -33,6 +33,7 @@ pub mod error;
 pub mod fs_snapshot;
 mod guest_imports;
 mod host;
+pub mod host_memory;
 pub mod instance_state;
 pub mod limits;
 mod lru;

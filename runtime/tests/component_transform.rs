@@ -63,3 +63,108 @@ async fn instrumented_components_run_as_the_originals() {
         assert_eq!(instrumented, plain, "{guest}");
     }
 }
+
+/// The host side of a stop, without the debug engine: cargo's `wordfreq`, instrumented,
+/// runs on an engine whose memories the host owns (`host_memory`); an epoch callback arms
+/// a stop by writing `ARMED` into the control block at the start of the module's unwind
+/// stack memory, and the program unwinds out of `wasi:cli/run` to the host, its frames in
+/// that memory. (Resuming such a stack is not built yet.)
+#[tokio::test]
+async fn a_running_component_armed_through_its_memory_unwinds_to_the_host() {
+    use stasis_runtime::host_memory::MemoryRegistry;
+    use stasis_runtime::unwind::{ARMED, CONTROL_BYTES, UNWINDING, stack_functions};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+    use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
+
+    struct State {
+        ctx: WasiCtx,
+        table: ResourceTable,
+    }
+    impl WasiView for State {
+        fn ctx(&mut self) -> WasiCtxView<'_> {
+            WasiCtxView { ctx: &mut self.ctx, table: &mut self.table }
+        }
+    }
+
+    let registry = MemoryRegistry;
+    let mut config = wasmtime::Config::new();
+    config.wasm_exceptions(true).epoch_interruption(true);
+    config.with_host_memory(Arc::new(registry.clone())).memory_init_cow(false);
+    let engine = wasmtime::Engine::new(&config).unwrap();
+    let original = guest_bytes("wordfreq.component.wasm");
+    let bytes = instrument_component(&original, &stasis_runtime::checkpoint::blocking_imports()).unwrap().bytes;
+    let component = wasmtime::component::Component::new(&engine, &bytes).unwrap();
+    let mut linker = wasmtime::component::Linker::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+
+    // 200 lines, each followed by a CPU stretch of a few milliseconds.
+    let input: String = (0..200).map(|i| format!("word{i} and more words\n")).collect();
+    let stdout = MemoryOutputPipe::new(1 << 20);
+    let ctx = wasmtime_wasi::WasiCtxBuilder::new()
+        .stdin(MemoryInputPipe::new(input))
+        .stdout(stdout.clone())
+        .env("ROUNDS", "2000000")
+        .args(&["wordfreq", "/"])
+        .build();
+    let mut store = wasmtime::Store::new(&engine, State { ctx, table: ResourceTable::new() });
+    store.set_epoch_deadline(1);
+    let (command, memories) = registry
+        .collect(wasmtime_wasi::p2::bindings::Command::instantiate_async(&mut store, &component, &linker))
+        .await;
+    let command = command.unwrap();
+    // The unwind stacks (with their control blocks) of the instrumented modules: the
+    // program's, and the shim's when its calls through its table count as stop points.
+    let stacks: Vec<_> = memories
+        .iter()
+        .filter(|m| m.ty().maximum() == Some(stasis_runtime::unwind::STACK_MAX_PAGES))
+        .cloned()
+        .collect();
+    assert!(!stacks.is_empty() && stacks.len() < memories.len(), "{} memories", memories.len());
+    let word = |stack: &stasis_runtime::host_memory::HostMemory, at: usize| {
+        i32::from_le_bytes(stack.read(at, 4).unwrap().try_into().unwrap())
+    };
+    assert!(stacks.iter().all(|s| word(s, 0) == 0), "a fresh control block is NORMAL");
+
+    // Arm the stop once the program has run for a while (an epoch tick every 5 ms).
+    let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let armed = stacks.clone();
+    let seen = ticks.clone();
+    store.epoch_deadline_callback(move |_| {
+        if seen.fetch_add(1, Ordering::SeqCst) == 10 {
+            for stack in &armed {
+                assert!(stack.write(0, &ARMED.to_le_bytes()));
+            }
+        }
+        Ok(wasmtime::UpdateDeadline::Continue(1))
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = {
+        let (engine, stop) = (engine.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                engine.increment_epoch();
+            }
+        })
+    };
+    let outcome = command.wasi_cli_run().call_run(&mut store).await;
+    stop.store(true, Ordering::SeqCst);
+    ticker.join().unwrap();
+
+    // `run` returned because the program unwound, not because it finished.
+    assert!(outcome.is_ok(), "{outcome:?}");
+    let unwound: Vec<_> = stacks.iter().filter(|s| word(s, 0) == UNWINDING).collect();
+    assert_eq!(unwound.len(), 1, "one module's control block says it unwound");
+    let stack = unwound[0];
+    let printed = String::from_utf8(stdout.contents().to_vec()).unwrap();
+    let lines = printed.lines().count();
+    assert!(lines < 200, "it stopped before the end of its input ({lines} lines printed)");
+    let sp = (word(stack, 4) + CONTROL_BYTES as i32) as u32;
+    assert!(sp > CONTROL_BYTES, "frames on the unwind stack");
+    let data = stack.read(0, sp as usize).unwrap();
+    let frames = stack_functions(&data[CONTROL_BYTES as usize..], sp - CONTROL_BYTES).unwrap();
+    assert!(frames.len() >= 3, "the stack from `run` down to the stop: {frames:?}");
+    println!("stopped after {lines} lines with {} frames on the unwind stack ({sp} bytes)", frames.len());
+}

@@ -67,8 +67,11 @@ fn every_component_of_the_corpus_instruments_to_a_valid_component() {
         wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
             .validate_all(&out.bytes)
             .unwrap_or_else(|e| panic!("{name}: instrumented component invalid: {e}"));
-        let (instrumented, defined, sites) =
-            out.modules.iter().fold((0, 0, 0), |(i, d, s), m| (i + m.instrumented, d + m.defined, s + m.sites));
+        let (instrumented, defined, sites) = out
+            .modules
+            .iter()
+            .flatten()
+            .fold((0, 0, 0), |(i, d, s), m| (i + m.instrumented, d + m.defined, s + m.sites));
         println!(
             "{name}: {} -> {} bytes (+{:.1}%), {} core modules, {instrumented}/{defined} functions, {sites} sites, {took:?}",
             wasm.len(),

@@ -40,11 +40,12 @@ pub const HOST_BLOCKING: [(&str, &str); 7] = [
 const CORE_MODULE_SECTION: u8 = 1;
 const COMPONENT_SECTION: u8 = 4;
 
-/// A component with every core module instrumented, and each module's layout in the
-/// order the component defines them.
+/// A component with its core modules instrumented, and each module's layout in the order
+/// the component defines them: `None` for a module left as it was (nothing in it can be
+/// on the stack at a stop, so it gets no unwind stack either).
 pub struct InstrumentedComponent {
     pub bytes: Vec<u8>,
-    pub modules: Vec<UnwindLayout>,
+    pub modules: Vec<Option<UnwindLayout>>,
 }
 
 /// Instruments every core module of `component` (see the module docs); `options` say
@@ -81,8 +82,13 @@ pub fn instrument_component(component: &[u8], options: &UnwindOptions) -> Result
             let facts = modules.next().expect("one fact per module");
             let (bytes, layout) =
                 instrument(contents, &linked.options(facts, options)).map_err(|e| in_module(layouts.len(), e))?;
-            layouts.push(layout);
-            out.section(&wasm_encoder::RawSection { id, data: &bytes });
+            if layout.instrumented == 0 {
+                layouts.push(None);
+                out.section(&wasm_encoder::RawSection { id, data: contents });
+            } else {
+                layouts.push(Some(layout));
+                out.section(&wasm_encoder::RawSection { id, data: &bytes });
+            }
         } else {
             out.section(&wasm_encoder::RawSection { id, data: contents });
         }

@@ -60,7 +60,7 @@ mod plan;
 mod support;
 
 pub use component::{HOST_BLOCKING, InstrumentedComponent, instrument_component};
-pub use support::CONTROL_BYTES;
+pub use support::{CONTROL_BYTES, STACK_MAX_PAGES};
 
 use crate::state_export::{collect_ref_funcs, section_rank};
 use std::ops::Range;

@@ -9,7 +9,7 @@ use wasm_encoder::{BlockType, Function, Instruction, MemArg};
 use wasmparser::{RefType, ValType};
 
 /// Largest unwind stack, in 64 KiB pages (so `memory.size << 16` never overflows).
-pub(crate) const STACK_MAX_PAGES: u64 = 16_384;
+pub const STACK_MAX_PAGES: u64 = 16_384;
 
 /// Value classes the unwind stack holds, in the order of `Helpers::push`/`pop`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
