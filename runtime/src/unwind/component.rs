@@ -1,7 +1,8 @@
 //! The transform over a component: every core module it defines (the program's own, the
 //! preview1 adapter, the shims that tie them, the libraries of a dynamically linked one
-//! such as componentize-py's) is instrumented, and the component is re-encoded around
-//! them, every other section byte for byte.
+//! such as componentize-py's) is instrumented, unless nothing in it can be on the stack
+//! at a stop, and the component is re-encoded around them, every other section byte for
+//! byte.
 //!
 //! A core module in a component reaches the host only through lowered imports (named by
 //! their interface, `wasi:io/streams@0.2.0`, ...) and other modules through imports their
@@ -12,9 +13,9 @@
 //! can; a call through a table a module shares with others can when some module puts a
 //! function of that signature that can suspend into one.
 //!
-//! Each module keeps its control block (`state`, the unwind stack pointers) in a memory of
-//! its own (`UnwindOptions::control_in_memory`), since a host can own a component's
-//! memories (a `MemoryCreator`) but never reach its globals.
+//! Each module keeps its control block (`state`, the unwind stack pointers) at the start
+//! of its unwind stack's memory (`UnwindOptions::control_in_memory`), since a host can own
+//! a component's memories (`host_memory`) but never reach its globals.
 //!
 //! What this does not do yet (issue 15): share one `state` between the modules (so a stop
 //! cannot yet cross a module boundary), save each module's own globals for the host, and

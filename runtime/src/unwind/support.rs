@@ -81,12 +81,12 @@ pub(crate) struct Helpers {
     pub control: Option<u32>,
 }
 
-/// The transform's own variables.
+/// The transform's own variables (in this order: their setters' order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Var {
-    State,
-    Sp,
-    RefSp,
+    State = 0,
+    Sp = 1,
+    RefSp = 2,
 }
 
 /// Bytes at the start of the unwind stack's memory that hold the control block, when it
@@ -129,12 +129,13 @@ impl Helpers {
         }
     }
 
-    /// Number of helper functions, appended after the module's own.
+    /// Number of helper functions, appended after the module's own: 16, and a setter per
+    /// variable with the control block in memory.
     pub fn count(&self) -> u32 {
-        if self.control.is_some() { 19 } else { 16 }
+        16 + if self.control.is_some() { Var::ALL.len() as u32 } else { 0 }
     }
 
-    /// The global `var` is, or the control memory's word.
+    /// The global that holds `var` when the control block is in globals.
     fn global(&self, var: Var) -> u32 {
         match var {
             Var::State => self.state,
@@ -160,10 +161,7 @@ impl Helpers {
     pub fn set(&self, var: Var) -> Vec<Instruction<'static>> {
         match self.control {
             None => vec![Instruction::GlobalSet(self.global(var))],
-            Some(_) => {
-                let k = Var::ALL.iter().position(|&v| v == var).expect("a variable") as u32;
-                vec![Instruction::Call(self.release + 1 + k)]
-            }
+            Some(_) => vec![Instruction::Call(self.release + 1 + var as u32)],
         }
     }
 
