@@ -64,6 +64,56 @@ async fn instrumented_components_run_as_the_originals() {
     }
 }
 
+/// The parts of a host that owns a component's memories (see `host_memory`), for cargo's
+/// `wordfreq` instrumented.
+mod owned {
+    pub use stasis_runtime::host_memory::{HostMemory, MemoryRegistry};
+    pub use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
+
+    pub struct State {
+        pub ctx: WasiCtx,
+        pub table: ResourceTable,
+    }
+
+    impl WasiView for State {
+        fn ctx(&mut self) -> WasiCtxView<'_> {
+            WasiCtxView { ctx: &mut self.ctx, table: &mut self.table }
+        }
+    }
+
+    pub fn engine(registry: &MemoryRegistry) -> wasmtime::Engine {
+        let mut config = wasmtime::Config::new();
+        config.wasm_exceptions(true).epoch_interruption(true);
+        config.with_host_memory(std::sync::Arc::new(registry.clone())).memory_init_cow(false);
+        wasmtime::Engine::new(&config).unwrap()
+    }
+
+    pub fn wordfreq(engine: &wasmtime::Engine) -> wasmtime::component::Component {
+        let original = super::guest_bytes("wordfreq.component.wasm");
+        let options = stasis_runtime::checkpoint::blocking_imports();
+        let bytes = super::instrument_component(&original, &options).unwrap().bytes;
+        wasmtime::component::Component::new(engine, &bytes).unwrap()
+    }
+
+    /// The control blocks (at the start of each instrumented module's unwind stack).
+    pub fn stacks(memories: &[HostMemory]) -> Vec<HostMemory> {
+        let max = Some(stasis_runtime::unwind::STACK_MAX_PAGES);
+        memories.iter().filter(|m| m.ty().maximum() == max).cloned().collect()
+    }
+
+    pub fn word(stack: &HostMemory, at: usize) -> i32 {
+        i32::from_le_bytes(stack.read(at, 4).unwrap().try_into().unwrap())
+    }
+
+    /// The functions of the frames on `stack`'s unwind stack, outermost first.
+    pub fn frames(stack: &HostMemory) -> Vec<u32> {
+        use stasis_runtime::unwind::CONTROL_BYTES;
+        let sp = (word(stack, 4) + CONTROL_BYTES as i32) as u32;
+        let data = stack.read(0, sp as usize).unwrap();
+        stasis_runtime::unwind::stack_functions(&data[CONTROL_BYTES as usize..], sp - CONTROL_BYTES).unwrap()
+    }
+}
+
 /// The host side of a stop, without the debug engine: cargo's `wordfreq`, instrumented,
 /// runs on an engine whose memories the host owns (`host_memory`); an epoch callback arms
 /// a stop by writing `ARMED` into the control block at the start of the module's unwind
@@ -71,31 +121,15 @@ async fn instrumented_components_run_as_the_originals() {
 /// that memory. (Resuming such a stack is not built yet.)
 #[tokio::test]
 async fn a_running_component_armed_through_its_memory_unwinds_to_the_host() {
-    use stasis_runtime::host_memory::MemoryRegistry;
-    use stasis_runtime::unwind::{ARMED, CONTROL_BYTES, UNWINDING, stack_functions};
+    use owned::*;
+    use stasis_runtime::unwind::{ARMED, UNWINDING};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
-    use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
-
-    struct State {
-        ctx: WasiCtx,
-        table: ResourceTable,
-    }
-    impl WasiView for State {
-        fn ctx(&mut self) -> WasiCtxView<'_> {
-            WasiCtxView { ctx: &mut self.ctx, table: &mut self.table }
-        }
-    }
 
     let registry = MemoryRegistry;
-    let mut config = wasmtime::Config::new();
-    config.wasm_exceptions(true).epoch_interruption(true);
-    config.with_host_memory(Arc::new(registry.clone())).memory_init_cow(false);
-    let engine = wasmtime::Engine::new(&config).unwrap();
-    let original = guest_bytes("wordfreq.component.wasm");
-    let bytes = instrument_component(&original, &stasis_runtime::checkpoint::blocking_imports()).unwrap().bytes;
-    let component = wasmtime::component::Component::new(&engine, &bytes).unwrap();
+    let engine = engine(&registry);
+    let component = wordfreq(&engine);
     let mut linker = wasmtime::component::Linker::new(&engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
 
@@ -116,15 +150,8 @@ async fn a_running_component_armed_through_its_memory_unwinds_to_the_host() {
     let command = command.unwrap();
     // The unwind stacks (with their control blocks) of the instrumented modules: the
     // program's, and the shim's when its calls through its table count as stop points.
-    let stacks: Vec<_> = memories
-        .iter()
-        .filter(|m| m.ty().maximum() == Some(stasis_runtime::unwind::STACK_MAX_PAGES))
-        .cloned()
-        .collect();
+    let stacks = stacks(&memories);
     assert!(!stacks.is_empty() && stacks.len() < memories.len(), "{} memories", memories.len());
-    let word = |stack: &stasis_runtime::host_memory::HostMemory, at: usize| {
-        i32::from_le_bytes(stack.read(at, 4).unwrap().try_into().unwrap())
-    };
     assert!(stacks.iter().all(|s| word(s, 0) == 0), "a fresh control block is NORMAL");
 
     // Arm the stop once the program has run for a while (an epoch tick every 5 ms).
@@ -161,10 +188,89 @@ async fn a_running_component_armed_through_its_memory_unwinds_to_the_host() {
     let printed = String::from_utf8(stdout.contents().to_vec()).unwrap();
     let lines = printed.lines().count();
     assert!(lines < 200, "it stopped before the end of its input ({lines} lines printed)");
-    let sp = (word(stack, 4) + CONTROL_BYTES as i32) as u32;
-    assert!(sp > CONTROL_BYTES, "frames on the unwind stack");
-    let data = stack.read(0, sp as usize).unwrap();
-    let frames = stack_functions(&data[CONTROL_BYTES as usize..], sp - CONTROL_BYTES).unwrap();
+    let frames = frames(stack);
     assert!(frames.len() >= 3, "the stack from `run` down to the stop: {frames:?}");
-    println!("stopped after {lines} lines with {} frames on the unwind stack ({sp} bytes)", frames.len());
+    println!("stopped after {lines} lines with {} frames on the unwind stack", frames.len());
+}
+
+/// A stop at a blocking call, the other half of the protocol: the host's
+/// `blocking-read` (shadowed, as Stasis's linker would) sees a stop requested, writes
+/// `UNWINDING` into the control blocks and returns at once with a result that needs no
+/// allocation in the guest (`closed`); the program, which reads stdin line by line, unwinds
+/// from that call out of `wasi:cli/run`, its frames in memory, having printed what it had
+/// read before.
+#[tokio::test]
+async fn a_component_blocked_reading_stdin_unwinds_from_the_read() {
+    use owned::*;
+    use stasis_runtime::unwind::UNWINDING;
+    use std::sync::{Arc, Mutex};
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::p2::DynInputStream;
+    use wasmtime_wasi::p2::bindings::io::streams::{self, HostInputStream, StreamError};
+    use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+
+    let registry = MemoryRegistry;
+    let engine = engine(&registry);
+    let component = wordfreq(&engine);
+    let mut linker = wasmtime::component::Linker::<State>::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+    // Where the control blocks are, once instantiated; the read unwinds after 3 reads.
+    let control: Arc<Mutex<(Vec<HostMemory>, u32)>> = Arc::default();
+    let seen = control.clone();
+    linker.allow_shadowing(true);
+    linker
+        .instance("wasi:io/streams@0.2.12")
+        .unwrap()
+        .func_wrap_async(
+            "[method]input-stream.blocking-read",
+            move |mut store: wasmtime::StoreContextMut<'_, State>, (stream, len): (Resource<DynInputStream>, u64)| {
+                let seen = seen.clone();
+                Box::new(async move {
+                    {
+                        let mut control = seen.lock().unwrap();
+                        control.1 += 1;
+                        if control.1 > 3 {
+                            for stack in &control.0 {
+                                assert!(stack.write(0, &UNWINDING.to_le_bytes()));
+                            }
+                            return Ok((Err(StreamError::Closed),));
+                        }
+                    }
+                    let table = &mut store.data_mut().table;
+                    // A dozen bytes per read, so stdin takes several.
+                    let result = match HostInputStream::blocking_read(table, stream, len.min(12)).await {
+                        Ok(bytes) => Ok(bytes),
+                        Err(e) => Err(streams::Host::convert_stream_error(table, e)?),
+                    };
+                    Ok((result,))
+                })
+            },
+        )
+        .unwrap();
+
+    let stdout = MemoryOutputPipe::new(1 << 20);
+    let ctx = wasmtime_wasi::WasiCtxBuilder::new()
+        .stdin(MemoryInputPipe::new("first line\nsecond line\nthird line\nfourth line\n"))
+        .stdout(stdout.clone())
+        .env("ROUNDS", "1000")
+        .args(&["wordfreq", "/"])
+        .build();
+    let mut store = wasmtime::Store::new(&engine, State { ctx, table: ResourceTable::new() });
+    store.set_epoch_deadline(u64::MAX);
+    let (command, memories) = registry
+        .collect(wasmtime_wasi::p2::bindings::Command::instantiate_async(&mut store, &component, &linker))
+        .await;
+    let command = command.unwrap();
+    control.lock().unwrap().0 = stacks(&memories);
+    let outcome = command.wasi_cli_run().call_run(&mut store).await;
+    assert!(outcome.is_ok(), "{outcome:?}");
+
+    let stacks = stacks(&memories);
+    let unwound: Vec<_> = stacks.iter().filter(|s| word(s, 4) > 0).collect();
+    assert_eq!(unwound.len(), 1, "one module holds frames");
+    let frames = frames(unwound[0]);
+    assert!(frames.len() >= 3, "the stack from `run` down to the read: {frames:?}");
+    let printed = String::from_utf8(stdout.contents().to_vec()).unwrap();
+    println!("blocked read after {printed:?}: {} frames", frames.len());
+    assert!(!printed.contains("wordfreq:") && !printed.is_empty(), "{printed:?}");
 }
