@@ -10,8 +10,9 @@
 //! the adapter's). What can suspend is worked out over the whole component, to a fixed
 //! point: the host's blocking WASI p2 functions ([`HOST_BLOCKING`]) can; an import of
 //! another module's function can when some module exports a function of that name that
-//! can; a call through a table a module shares with others can when some module puts a
-//! function of that signature that can suspend into one.
+//! can; a call through a table a module shares with others (imports or exports, matched by
+//! name like functions) can when some module puts a function of that signature that can
+//! suspend into that table.
 //!
 //! Each module keeps its control block (`state`, the unwind stack pointers) at the start
 //! of its unwind stack's memory (`UnwindOptions::control_in_memory`), since a host can own
@@ -23,7 +24,7 @@
 //! original does.
 
 use super::{UnwindError, UnwindLayout, UnwindOptions, instrument, suspension};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use wasmparser::{BinaryReader, FuncType, Parser, Payload, TypeRef};
 
 /// WASI p2 functions whose host implementation waits: (interface without its version,
@@ -104,13 +105,22 @@ struct ModuleFacts<'a> {
     func_imports: Vec<(String, String)>,
     /// Exported functions: (name, function index).
     func_exports: Vec<(String, u32)>,
-    /// Whether it imports or exports a table (then other modules' functions can be in it).
-    shares_tables: bool,
+    /// Tables it shares, by index: the names it imports or exports each under.
+    shared_tables: Vec<(u32, String)>,
+    /// Functions its active element segments put into each table: (table, function).
+    table_funcs: Vec<(u32, u32)>,
 }
 
 impl<'a> ModuleFacts<'a> {
     fn read(bytes: &'a [u8]) -> Result<Self, UnwindError> {
-        let mut facts = ModuleFacts { bytes, func_imports: Vec::new(), func_exports: Vec::new(), shares_tables: false };
+        let mut facts = ModuleFacts {
+            bytes,
+            func_imports: Vec::new(),
+            func_exports: Vec::new(),
+            shared_tables: Vec::new(),
+            table_funcs: Vec::new(),
+        };
+        let mut imported_tables = 0;
         for payload in Parser::new(0).parse_all(bytes) {
             match payload? {
                 Payload::ImportSection(reader) => {
@@ -120,7 +130,10 @@ impl<'a> ModuleFacts<'a> {
                             TypeRef::Func(_) | TypeRef::FuncExact(_) => {
                                 facts.func_imports.push((import.module.to_string(), import.name.to_string()))
                             }
-                            TypeRef::Table(_) => facts.shares_tables = true,
+                            TypeRef::Table(_) => {
+                                facts.shared_tables.push((imported_tables, import.name.to_string()));
+                                imported_tables += 1;
+                            }
                             _ => {}
                         }
                     }
@@ -132,8 +145,33 @@ impl<'a> ModuleFacts<'a> {
                             wasmparser::ExternalKind::Func | wasmparser::ExternalKind::FuncExact => {
                                 facts.func_exports.push((export.name.to_string(), export.index))
                             }
-                            wasmparser::ExternalKind::Table => facts.shares_tables = true,
+                            wasmparser::ExternalKind::Table => {
+                                facts.shared_tables.push((export.index, export.name.to_string()))
+                            }
                             _ => {}
+                        }
+                    }
+                }
+                Payload::ElementSection(reader) => {
+                    for element in reader {
+                        let element = element?;
+                        let wasmparser::ElementKind::Active { table_index, .. } = element.kind else { continue };
+                        let table = table_index.unwrap_or(0);
+                        match element.items {
+                            wasmparser::ElementItems::Functions(funcs) => {
+                                for f in funcs {
+                                    facts.table_funcs.push((table, f?));
+                                }
+                            }
+                            wasmparser::ElementItems::Expressions(_, exprs) => {
+                                for expr in exprs {
+                                    for op in expr?.get_operators_reader() {
+                                        if let wasmparser::Operator::RefFunc { function_index } = op? {
+                                            facts.table_funcs.push((table, function_index));
+                                        }
+                                    }
+                                }
+                            }
                         }
                     }
                 }
@@ -149,32 +187,38 @@ impl<'a> ModuleFacts<'a> {
 struct Linked {
     /// Names of exported functions that can suspend, in any module.
     exports: BTreeSet<String>,
-    /// Signatures of table-reachable functions that can suspend, in any module.
-    signatures: Vec<FuncType>,
+    /// By shared table name: signatures of the functions put into it that can suspend.
+    signatures: BTreeMap<String, HashSet<FuncType>>,
 }
 
 impl Linked {
     fn compute(modules: &[ModuleFacts<'_>], base: &UnwindOptions) -> Result<Linked, UnwindError> {
-        let mut linked = Linked { exports: BTreeSet::new(), signatures: Vec::new() };
+        let mut linked = Linked { exports: BTreeSet::new(), signatures: BTreeMap::new() };
+        let count =
+            |linked: &Linked| linked.exports.len() + linked.signatures.values().map(HashSet::len).sum::<usize>();
         // Each round only adds (more blocking imports make more functions suspend), so
         // this ends; every round is one analysis of each module.
         loop {
-            let mut exports = linked.exports.clone();
-            let mut signatures: HashSet<FuncType> = linked.signatures.iter().cloned().collect();
+            let mut next = Linked { exports: linked.exports.clone(), signatures: linked.signatures.clone() };
             for (i, facts) in modules.iter().enumerate() {
-                let (functions, table_signatures) =
-                    suspension(facts.bytes, &linked.options(facts, base)).map_err(|e| in_module(i, e))?;
+                let functions = suspension(facts.bytes, &linked.options(facts, base)).map_err(|e| in_module(i, e))?;
+                let suspends = |f: u32| functions.get(f as usize).is_some_and(|(s, _)| *s);
                 for (name, index) in &facts.func_exports {
-                    if functions.get(*index as usize).copied().unwrap_or(false) {
-                        exports.insert(name.clone());
+                    if suspends(*index) {
+                        next.exports.insert(name.clone());
                     }
                 }
-                signatures.extend(table_signatures);
+                for &(table, f) in facts.table_funcs.iter().filter(|&&(_, f)| suspends(f)) {
+                    let Some(Some(signature)) = functions.get(f as usize).map(|(_, ty)| ty) else { continue };
+                    for (_, name) in facts.shared_tables.iter().filter(|(t, _)| *t == table) {
+                        next.signatures.entry(name.clone()).or_default().insert(signature.clone());
+                    }
+                }
             }
-            if exports.len() == linked.exports.len() && signatures.len() == linked.signatures.len() {
+            if count(&next) == count(&linked) {
                 return Ok(linked);
             }
-            linked = Linked { exports, signatures: signatures.into_iter().collect() };
+            linked = next;
         }
     }
 
@@ -191,9 +235,8 @@ impl Linked {
                 options.blocking_imports.push((module.clone(), name.clone()));
             }
         }
-        if facts.shares_tables {
-            options.foreign_signatures = self.signatures.clone();
-        }
+        let shared = facts.shared_tables.iter().filter_map(|(_, name)| self.signatures.get(name));
+        options.foreign_signatures = shared.flatten().cloned().collect::<HashSet<_>>().into_iter().collect();
         // A module's loops stop only where they are on the way to a blocking call: one
         // that stopped on its own would unwind through callers in modules that do not
         // know it can.
@@ -291,8 +334,8 @@ mod tests {
             [("wasi:io/streams@0.2.0".to_string(), "[method]input-stream.blocking-read".to_string())]
         );
         assert_eq!(blocking(1), [("env".to_string(), "read_line".to_string())]);
-        let (functions, _) = suspension(&user, &linked.options(&modules[1], &base)).unwrap();
-        assert!(functions[3], "`run` calls `read_line`");
+        let functions = suspension(&user, &linked.options(&modules[1], &base)).unwrap();
+        assert!(functions[3].0, "`run` calls `read_line`");
     }
 
     #[test]
@@ -315,14 +358,27 @@ mod tests {
               (func (export "calls_reader") i32.const 7 i32.const 0 call_indirect (type $one))
               (func (export "calls_quiet") i32.const 1 call_indirect (type $none)))"#,
         );
-        let modules = [ModuleFacts::read(&reader).unwrap(), ModuleFacts::read(&user).unwrap()];
+        // A module sharing another table with the same signatures is not concerned.
+        let stranger = facts(
+            r#"(module
+              (import "env" "other" (table 2 funcref))
+              (type $one (func (param i32)))
+              (func (export "calls_other") i32.const 7 i32.const 0 call_indirect (type $one)))"#,
+        );
+        let modules = [
+            ModuleFacts::read(&reader).unwrap(),
+            ModuleFacts::read(&user).unwrap(),
+            ModuleFacts::read(&stranger).unwrap(),
+        ];
         let base = UnwindOptions::default();
         let linked = Linked::compute(&modules, &base).unwrap();
-        let (functions, _) = suspension(&user, &linked.options(&modules[1], &base)).unwrap();
-        assert_eq!(functions, [true, false]);
+        let suspends = |wasm: &[u8], options: &UnwindOptions| -> Vec<bool> {
+            suspension(wasm, options).unwrap().into_iter().map(|(s, _)| s).collect()
+        };
+        assert_eq!(suspends(&user, &linked.options(&modules[1], &base)), [true, false]);
+        assert_eq!(suspends(&stranger, &linked.options(&modules[2], &base)), [false]);
         // Seen alone, the user could not know.
-        let (alone, _) = suspension(&user, &base).unwrap();
-        assert_eq!(alone, [false, false]);
+        assert_eq!(suspends(&user, &base), [false, false]);
     }
 
     #[test]

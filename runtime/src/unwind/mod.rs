@@ -458,16 +458,23 @@ fn stack_memory() -> MemoryType {
     }
 }
 
-/// What can suspend in `wasm` under `options`, without instrumenting it: by function
-/// index (imports first), and the signatures of its table-reachable functions that can.
+/// What can suspend in `wasm` under `options`, without instrumenting it, by function
+/// index (imports first), with each function's signature (`None` past what the module's
+/// types describe, which validation would have refused).
 pub(crate) fn suspension(
     wasm: &[u8],
     options: &UnwindOptions,
-) -> Result<(Vec<bool>, Vec<wasmparser::FuncType>), UnwindError> {
+) -> Result<Vec<(bool, Option<wasmparser::FuncType>)>, UnwindError> {
     let scanned = scan(wasm)?;
     let analysis = Analysis::new(&scanned, options)?;
-    let signatures = analysis.suspension.table_signatures().cloned().collect();
-    Ok((analysis.suspension.functions, signatures))
+    let info = &scanned.info;
+    Ok(analysis
+        .suspension
+        .functions
+        .iter()
+        .enumerate()
+        .map(|(f, &suspends)| (suspends, info.type_of_func(f as u32).ok().cloned()))
+        .collect())
 }
 
 const STATE_GLOBAL: GlobalType = GlobalType { val_type: wasm_encoder::ValType::I32, mutable: true, shared: false };

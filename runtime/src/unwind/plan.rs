@@ -199,11 +199,6 @@ impl Suspension {
         }
     }
 
-    /// Signatures of this module's table-reachable functions that can suspend.
-    pub fn table_signatures(&self) -> impl Iterator<Item = &FuncType> {
-        self.signatures.iter()
-    }
-
     /// Whether a call through a table with this type can reach a function that suspends.
     pub fn indirect(&self, info: &ModuleInfo, type_index: u32) -> bool {
         info.func_type(type_index).map_or(true, |t| self.signatures.contains(t) || self.foreign.contains(t))
