@@ -184,6 +184,7 @@ impl<'a> ModuleFacts<'a> {
 }
 
 /// What can suspend across the component's modules (see the module docs).
+#[derive(Clone)]
 struct Linked {
     /// Names of exported functions that can suspend, in any module.
     exports: BTreeSet<String>,
@@ -199,7 +200,7 @@ impl Linked {
         // Each round only adds (more blocking imports make more functions suspend), so
         // this ends; every round is one analysis of each module.
         loop {
-            let mut next = Linked { exports: linked.exports.clone(), signatures: linked.signatures.clone() };
+            let mut next = linked.clone();
             for (i, facts) in modules.iter().enumerate() {
                 let functions = suspension(facts.bytes, &linked.options(facts, base)).map_err(|e| in_module(i, e))?;
                 let suspends = |f: u32| functions.get(f as usize).is_some_and(|(s, _)| *s);
@@ -236,7 +237,7 @@ impl Linked {
             }
         }
         let shared = facts.shared_tables.iter().filter_map(|(_, name)| self.signatures.get(name));
-        options.foreign_signatures = shared.flatten().cloned().collect::<HashSet<_>>().into_iter().collect();
+        options.foreign_signatures = shared.flatten().cloned().collect();
         // A module's loops stop only where they are on the way to a blocking call: one
         // that stopped on its own would unwind through callers in modules that do not
         // know it can.

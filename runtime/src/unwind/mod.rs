@@ -94,7 +94,7 @@ pub struct UnwindOptions {
     /// Signatures of functions that can suspend which other instances put into tables
     /// this module shares (the modules of a component do): a call through a table with
     /// one of them can suspend.
-    pub foreign_signatures: Vec<wasmparser::FuncType>,
+    pub foreign_signatures: std::collections::HashSet<wasmparser::FuncType>,
     /// Never make loops stop points of their own, even where no blocking import is
     /// reachable: the modules of a component each see only part of the program, and
     /// must agree on what can suspend (see `component`).

@@ -137,7 +137,7 @@ impl Suspension {
         table_funcs: &std::collections::BTreeSet<u32>,
         options: &super::UnwindOptions,
     ) -> Suspension {
-        let foreign: std::collections::HashSet<FuncType> = options.foreign_signatures.iter().cloned().collect();
+        let foreign = &options.foreign_signatures;
         let imports = info.func_imports.len();
         let total = imports + summaries.len();
         let functions: Vec<bool> = (0..total).map(|f| f < imports && blocking_import(f)).collect();
@@ -147,7 +147,7 @@ impl Suspension {
         }
         candidates.sort_unstable();
         candidates.dedup();
-        let mut result = Self::propagate(info, summaries, &candidates, functions, foreign.clone());
+        let mut result = Self::propagate(info, summaries, &candidates, functions, foreign);
         // Loops become stop points of their own only in a program that cannot otherwise
         // stop: where blocking calls are reachable, the functions on their way (an
         // interpreter's dispatch loop, a `main` loop that reads) get loop checks anyway,
@@ -169,11 +169,12 @@ impl Suspension {
         summaries: &[CallSummary],
         candidates: &[u32],
         functions: Vec<bool>,
-        foreign: std::collections::HashSet<FuncType>,
+        foreign: &std::collections::HashSet<FuncType>,
     ) -> Suspension {
         let imports = info.func_imports.len();
         let signature = |f: u32| info.type_of_func(f).ok().cloned();
-        let mut result = Suspension { functions, signatures: Default::default(), any_reference: false, foreign };
+        let mut result =
+            Suspension { functions, signatures: Default::default(), any_reference: false, foreign: foreign.clone() };
         loop {
             result.signatures =
                 candidates.iter().filter(|&&f| result.functions[f as usize]).filter_map(|&f| signature(f)).collect();
