@@ -43,7 +43,7 @@ pub struct SandboxConfig {
     pub inline_file_io: bool,
     /// Guests may use the host's network through WASI p2's `wasi:sockets` (TCP, UDP and
     /// name lookup), as `wasmtime run -S inherit-network,allow-ip-name-lookup` grants it.
-    /// Off by default: a guest can make sockets but not connect, bind or look up names.
+    /// Off by default: wasmtime-wasi then refuses TCP and UDP and name lookups.
     /// Snapshots never carry a socket: a reactor holding one is refused by name, and a
     /// running component cannot be captured.
     pub network: bool,
