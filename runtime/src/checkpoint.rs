@@ -22,6 +22,7 @@
 //! sleeps what was left of it).
 
 use crate::error::{Error, Result};
+use crate::host_memory::HostMemory;
 use crate::host::Program;
 use crate::instance_state;
 use crate::memory_image::{self, InstanceImage, ProcessImage, ProcessStateImage, SuspendedImage};
@@ -160,11 +161,42 @@ impl CheckpointControl {
     }
 }
 
+/// Where the transform keeps `state`: a global the module exports (core modules), or
+/// the control block at the start of the unwind stack's memory (a component's module,
+/// whose globals no host can reach: see `UnwindOptions::control_in_memory`).
+#[derive(Clone)]
+pub(crate) enum StateCell {
+    Global(Global),
+    Memory(HostMemory),
+}
+
+impl StateCell {
+    pub(crate) fn get(&self, mut store: impl AsContextMut) -> i32 {
+        match self {
+            StateCell::Global(global) => global.get(&mut store).i32().unwrap_or(NORMAL),
+            StateCell::Memory(memory) => {
+                memory.read(0, 4).map_or(NORMAL, |word| i32::from_le_bytes(word.try_into().expect("4 bytes")))
+            }
+        }
+    }
+
+    pub(crate) fn set(&self, mut store: impl AsContextMut, value: i32) {
+        match self {
+            StateCell::Global(global) => {
+                let _ = global.set(&mut store, Val::I32(value));
+            }
+            StateCell::Memory(memory) => {
+                memory.write(0, &value.to_le_bytes());
+            }
+        }
+    }
+}
+
 /// Per-process state of the checkpoint machinery, kept in the store.
 pub(crate) struct Checkpointing {
     pub control: Arc<CheckpointControl>,
-    /// The transform's `state` global, once the instance exists and `_start` runs.
-    pub state: Option<Global>,
+    /// The transform's `state`, once the instance exists and its entry point runs.
+    pub state: Option<StateCell>,
     /// The guest's stdin, when it is a pipe the host can watch.
     pub stdin: Option<StdinPipe>,
     /// Deadlines (monotonic ns) of a sleep in progress, per subscription.
@@ -183,9 +215,9 @@ impl Checkpointing {
         if !cp.control.requested() {
             return;
         }
-        let Some(state) = cp.state else { return };
-        if state.get(&mut *store).i32() == Some(NORMAL) {
-            let _ = state.set(&mut *store, Val::I32(ARMED));
+        let Some(state) = cp.state.clone() else { return };
+        if state.get(&mut *store) == NORMAL {
+            state.set(&mut *store, ARMED);
         }
     }
 }
@@ -250,30 +282,32 @@ async fn gate(caller: &mut Caller<'_, ProcessState>, source: &GateSource) -> was
 }
 
 /// What a blocking import does on entry.
-enum Entry {
+pub(crate) enum Entry {
     /// Run the call (for real, or again after a rewind).
     Proceed { rewound: bool },
     /// The state says unwind: return at once.
     Unwind,
 }
 
-fn set_state(caller: &mut Caller<'_, ProcessState>, value: i32) {
-    if let Some(state) = caller.data().checkpoint.as_ref().and_then(|c| c.state) {
-        let _ = state.set(&mut *caller, Val::I32(value));
+fn set_state(mut store: impl AsContextMut<Data = ProcessState>, value: i32) {
+    if let Some(state) = store.as_context().data().checkpoint.as_ref().and_then(|c| c.state.clone()) {
+        state.set(&mut store, value);
     }
 }
 
-fn entry(caller: &mut Caller<'_, ProcessState>) -> Entry {
-    let Some(cp) = caller.data().checkpoint.as_ref() else { return Entry::Proceed { rewound: false } };
-    let Some(state) = cp.state else { return Entry::Proceed { rewound: false } };
+/// What a blocking host function does on entry: a rewind arriving at it goes on with
+/// the call; a requested stop unwinds from it.
+pub(crate) fn entry(mut store: impl AsContextMut<Data = ProcessState>) -> Entry {
+    let Some(cp) = store.as_context().data().checkpoint.as_ref() else { return Entry::Proceed { rewound: false } };
+    let Some(state) = cp.state.clone() else { return Entry::Proceed { rewound: false } };
     let requested = cp.control.requested();
-    match state.get(&mut *caller).i32() {
-        Some(REWINDING) => {
-            let _ = state.set(&mut *caller, Val::I32(NORMAL));
+    match state.get(&mut store) {
+        REWINDING => {
+            state.set(&mut store, NORMAL);
             Entry::Proceed { rewound: true }
         }
         _ if requested => {
-            let _ = state.set(&mut *caller, Val::I32(UNWINDING));
+            state.set(&mut store, UNWINDING);
             Entry::Unwind
         }
         _ => Entry::Proceed { rewound: false },
@@ -281,16 +315,19 @@ fn entry(caller: &mut Caller<'_, ProcessState>) -> Entry {
 }
 
 /// Waits for `ready`, unless a checkpoint is requested first (then the guest unwinds).
-async fn interruptible(caller: &mut Caller<'_, ProcessState>, ready: impl Future<Output = ()>) -> bool {
-    let Some(control) = caller.data().checkpoint.as_ref().filter(|c| c.state.is_some()).map(|c| c.control.clone())
-    else {
+pub(crate) async fn interruptible(
+    mut store: impl AsContextMut<Data = ProcessState>,
+    ready: impl Future<Output = ()>,
+) -> bool {
+    let data = store.as_context().data();
+    let Some(control) = data.checkpoint.as_ref().filter(|c| c.state.is_some()).map(|c| c.control.clone()) else {
         ready.await;
         return true;
     };
     tokio::select! {
         biased;
         _ = control.wait_requested() => {
-            set_state(caller, UNWINDING);
+            set_state(&mut store, UNWINDING);
             false
         }
         _ = ready => true,
@@ -410,7 +447,7 @@ async fn sleep_until(
         cp.deadlines = Some(deadlines.clone());
     }
     let wait = std::time::Duration::from_nanos(earliest.saturating_sub(now));
-    if !interruptible(caller, tokio::time::sleep(wait)).await {
+    if !interruptible(&mut *caller, tokio::time::sleep(wait)).await {
         return Ok(0); // unwinding; the deadlines stay for the capture
     }
     if let Some(cp) = caller.data_mut().checkpoint.as_mut() {
@@ -449,7 +486,7 @@ pub(crate) async fn run_start(
         .get_global(&mut *store, &crate::state_export::global_export(layout.state_global))
         .ok_or_else(|| wasmtime::format_err!("the transformed module does not export its state"))?;
     if let Some(cp) = store.data_mut().checkpoint.as_mut() {
-        cp.state = Some(state);
+        cp.state = Some(StateCell::Global(state));
     }
     let control = store.data().checkpoint.as_ref().map(|c| c.control.clone()).expect("checkpointing");
     loop {
@@ -461,34 +498,52 @@ pub(crate) async fn run_start(
             control.fail_pending("the process exited before it reached a stop point");
             return Ok(Some(code));
         }
-        let Some(request) = control.take() else {
-            // Unwound with nobody asking (a request withdrawn): just continue.
-            state.set(&mut *store, Val::I32(REWINDING))?;
-            continue;
-        };
-        let captured = capture(&mut *store, instance, program).await;
-        // No wasm runs until the rewind: a sandbox pause (the tree's snapshot) must not
-        // wait for this process. (After the capture: its helper calls move the phase.)
-        let phase = store.data().phase.clone();
-        phase.set(RunPhase::Parked);
-        let failed = captured.is_err();
-        let (release_tx, release_rx) = if request.hold {
-            let (t, r) = oneshot::channel();
-            (Some(t), Some(r))
-        } else {
-            (None, None)
-        };
-        let _ = request.reply.send(captured.map(|c| (c, release_tx)));
-        if let Some(release) = release_rx {
-            let _ = release.await;
+        match after_unwind(store, &control, async |store| capture(store, instance, program).await).await {
+            AfterUnwind::Stop => return Ok(None),
+            AfterUnwind::Rewind => state.set(&mut *store, Val::I32(REWINDING))?,
         }
-        if request.then == AfterCheckpoint::Stop && !failed {
-            return Ok(None);
-        }
-        phase.park_if_paused().await;
-        phase.set(RunPhase::Wasm);
-        state.set(&mut *store, Val::I32(REWINDING))?;
     }
+}
+
+/// What a program that unwound does next.
+pub(crate) enum AfterUnwind {
+    /// Rewind (set `REWINDING` and call its entry point again).
+    Rewind,
+    /// End: it stopped for a checkpoint.
+    Stop,
+}
+
+/// After a program unwound: answers the pending request with what `capture` makes of
+/// it, holds the program while the request asks, and says what comes next (a program that
+/// unwound with nobody asking, a request withdrawn, just goes on).
+pub(crate) async fn after_unwind(
+    store: &mut wasmtime::Store<ProcessState>,
+    control: &CheckpointControl,
+    capture: impl AsyncFnOnce(&mut wasmtime::Store<ProcessState>) -> Result<Captured>,
+) -> AfterUnwind {
+    let Some(request) = control.take() else { return AfterUnwind::Rewind };
+    let captured = capture(&mut *store).await;
+    // No wasm runs until the rewind: a sandbox pause (the tree's snapshot) must not
+    // wait for this process. (After the capture: its helper calls move the phase.)
+    let phase = store.data().phase.clone();
+    phase.set(RunPhase::Parked);
+    let failed = captured.is_err();
+    let (release_tx, release_rx) = if request.hold {
+        let (t, r) = oneshot::channel();
+        (Some(t), Some(r))
+    } else {
+        (None, None)
+    };
+    let _ = request.reply.send(captured.map(|c| (c, release_tx)));
+    if let Some(release) = release_rx {
+        let _ = release.await;
+    }
+    if request.then == AfterCheckpoint::Stop && !failed {
+        return AfterUnwind::Stop;
+    }
+    phase.park_if_paused().await;
+    phase.set(RunPhase::Wasm);
+    AfterUnwind::Rewind
 }
 
 /// Distinct functions a stopped stack may hold (real stacks hold tens).
@@ -581,6 +636,7 @@ async fn capture(
         stdin_closed,
         program_part: None,
         preopens: Vec::new(),
+        handles: Vec::new(),
     };
     Ok(Captured { state, parts })
 }

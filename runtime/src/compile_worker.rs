@@ -67,6 +67,8 @@ fn physical_memory() -> Option<u64> {
 pub struct EngineSettings {
     pub pool: Option<u32>,
     pub guest_debug: bool,
+    /// Linear memories made by the host (`host_memory`): checkpointable components'.
+    pub host_memory: bool,
 }
 
 /// One compilation, as handed to the child (in a file: arguments are visible to `ps`).

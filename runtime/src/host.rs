@@ -198,6 +198,9 @@ pub(crate) struct HostInner {
     /// How the debug engine compiles (see [`DebugEngine`]).
     debug_isolation: Option<Isolated>,
     debug: OnceLock<std::result::Result<DebugEngine, String>>,
+    /// How the engine of checkpointable components compiles (see [`OwnedEngine`]).
+    owned_isolation: Option<Isolated>,
+    owned: OnceLock<std::result::Result<OwnedEngine, String>>,
     component_reactors: Mutex<Lru<blake3::Hash, Arc<Program>>>,
     /// Loaded programs by hash, bounded (`HostConfig::max_loaded_programs`).
     programs: Mutex<Lru<blake3::Hash, Arc<Program>>>,
@@ -238,6 +241,8 @@ pub(crate) struct ResumeProgram {
 pub(crate) enum ProgramEntry {
     Command(InstancePre<ProcessState>),
     Component(CommandPre<ProcessState>),
+    /// A command component loaded with checkpoint support (see `component_checkpoint`).
+    CheckpointableComponent(crate::component_checkpoint::Loaded),
     /// A component without `wasi:cli/run`: it can only run as a reactor. Loaded by
     /// [`Host::load`] on the normal engine (for checking); [`Host::component_reactor`]
     /// loads it again on the debug engine (see [`DebugEngine`]) to run it.
@@ -257,6 +262,19 @@ pub(crate) struct DebugEngine {
     linker: ComponentLinker<ProcessState>,
     code_cache: CodeCache,
 }
+
+/// The engine checkpointable command components run on (see `component_checkpoint`):
+/// their linear memories are made by the host (`host_memory`), which is how it reads and
+/// writes a component's state without `guest_debug`. No instance pool (the host makes
+/// the memories) and no copy-on-write memory images (wasmtime maps those itself), so an
+/// instantiation copies its data segments. Built on first use.
+pub(crate) struct OwnedEngine {
+    engine: Engine,
+    linker: ComponentLinker<ProcessState>,
+    code_cache: CodeCache,
+}
+
+const OWNED_SETTINGS: EngineSettings = EngineSettings { pool: None, guest_debug: false, host_memory: true };
 
 impl Program {
     /// blake3 hash of the wasm bytes.
@@ -327,9 +345,6 @@ impl Program {
         match (&self.unwind, &self.checkpoint_refusal) {
             (Some(layout), _) => Ok(layout),
             (None, Some(why)) => Err(why.clone()),
-            (None, None) if self.format() == ProgramFormat::Component => {
-                Err("components cannot be captured while running yet (only core modules)".into())
-            }
             (None, None) => Err("the host was started without checkpoint support".into()),
         }
     }
@@ -337,7 +352,9 @@ impl Program {
     pub fn format(&self) -> ProgramFormat {
         match self.entry {
             ProgramEntry::Command(_) => ProgramFormat::Module,
-            ProgramEntry::Component(_) | ProgramEntry::ComponentReactor(..) => ProgramFormat::Component,
+            ProgramEntry::Component(_)
+            | ProgramEntry::CheckpointableComponent(_)
+            | ProgramEntry::ComponentReactor(..) => ProgramFormat::Component,
         }
     }
 }
@@ -356,6 +373,10 @@ pub(crate) fn engine_config(settings: EngineSettings) -> Config {
     // For profiling guests with `perf`: wasm functions get names in /tmp/perf-PID.map.
     if std::env::var_os("STASIS_PERFMAP").is_some() {
         config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
+    if settings.host_memory {
+        // Copy-on-write images need memories wasmtime maps itself.
+        config.with_host_memory(Arc::new(crate::host_memory::MemoryRegistry)).memory_init_cow(false);
     }
     if let Some(processes) = pool_size {
         // Pooling keeps instance slots, memories and fiber stacks mapped between
@@ -387,7 +408,7 @@ pub(crate) fn engine_config(settings: EngineSettings) -> Config {
 
 impl Host {
     pub fn new(config: HostConfig) -> Result<Host> {
-        let settings = EngineSettings { pool: config.max_processes, guest_debug: false };
+        let settings = EngineSettings { pool: config.max_processes, guest_debug: false, host_memory: false };
         let engine = Engine::new(&engine_config(settings)).map_err(|e| Error::Start(format!("{e:#}")))?;
         let isolated = |settings| {
             config.compile_worker.clone().map(|worker| Isolated { worker, budget: config.compile_budget, settings })
@@ -428,7 +449,8 @@ impl Host {
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_ticker(engine.clone(), ticker_stop.clone());
-        let debug_isolation = isolated(EngineSettings { pool: None, guest_debug: true });
+        let debug_isolation = isolated(EngineSettings { pool: None, guest_debug: true, host_memory: false });
+        let owned_isolation = isolated(OWNED_SETTINGS);
         Ok(Host {
             inner: Arc::new(HostInner {
                 engine,
@@ -442,6 +464,8 @@ impl Host {
                 code_cache_max_bytes: config.code_cache_max_bytes,
                 debug_isolation,
                 debug: OnceLock::new(),
+                owned_isolation,
+                owned: OnceLock::new(),
                 component_reactors: Mutex::new(Lru::new(config.max_loaded_programs)),
                 programs: Mutex::new(Lru::new(config.max_loaded_programs)),
                 ticker_stop,
@@ -473,6 +497,18 @@ impl Host {
             return Ok(program);
         }
         let format = detect_format(bytes, what)?;
+        let mut component_refusal = None;
+        if format == ProgramFormat::Component && self.inner.checkpoint_linker.is_some() {
+            match self.checkpointable_component(bytes, &hash) {
+                Ok(loaded) => {
+                    let layout = loaded.shape.layout.clone();
+                    let program = self.program(hash, bytes, None, Ok(layout), ProgramEntry::CheckpointableComponent(loaded));
+                    self.inner.programs.lock().unwrap().insert(hash, program.clone());
+                    return Ok(program);
+                }
+                Err(why) => component_refusal = Some(why),
+            }
+        }
         let (layout, unwind, compiled) = match format {
             ProgramFormat::Module => {
                 // The rewrites (the unwind transform takes ~60 ms on MicroPython, seconds on
@@ -496,7 +532,7 @@ impl Host {
                     .code_cache
                     .load_or_compile(&self.inner.engine, bytes, &hash, format)
                     .map_err(|f| compile_error(what, f))?;
-                (None, Err(None), compiled)
+                (None, Err(component_refusal), compiled)
             }
         };
         let link_error = |e: wasmtime::Error| Error::Link { what: what.to_string(), reason: format!("{e:#}") };
@@ -517,7 +553,20 @@ impl Host {
                 }
             }
         };
-        let program = Arc::new(Program {
+        let program = self.program(hash, bytes, layout, unwind, entry);
+        self.inner.programs.lock().unwrap().insert(hash, program.clone());
+        Ok(program)
+    }
+
+    fn program(
+        &self,
+        hash: blake3::Hash,
+        bytes: &[u8],
+        layout: Option<Arc<StateLayout>>,
+        unwind: UnwindOutcome,
+        entry: ProgramEntry,
+    ) -> Arc<Program> {
+        Arc::new(Program {
             hash,
             bytes: bytes.into(),
             layout,
@@ -528,9 +577,71 @@ impl Host {
             host: Arc::downgrade(&self.inner),
             resume: OnceLock::new(),
             rewind_copies: Mutex::new(Lru::new(REWIND_COPY_SETS)),
-        });
-        self.inner.programs.lock().unwrap().insert(hash, program.clone());
-        Ok(program)
+        })
+    }
+
+    /// The engine of checkpointable components, built on first use (with an epoch ticker
+    /// of its own).
+    fn owned_engine(&self) -> std::result::Result<&OwnedEngine, String> {
+        self.inner
+            .owned
+            .get_or_init(|| {
+                let engine = Engine::new(&engine_config(OWNED_SETTINGS)).map_err(|e| format!("{e:#}"))?;
+                let linker = crate::component_checkpoint::linker(&engine).map_err(|e| format!("{e:#}"))?;
+                spawn_ticker(engine.clone(), self.inner.ticker_stop.clone());
+                let code_cache = CodeCache::new(
+                    &engine,
+                    self.inner.code_cache_dir.clone(),
+                    false,
+                    self.inner.owned_isolation.clone(),
+                    self.inner.code_cache_max_bytes,
+                );
+                Ok(OwnedEngine { engine, linker, code_cache })
+            })
+            .as_ref()
+            .map_err(|e| format!("cannot build the engine for checkpointable components: {e}"))
+    }
+
+    /// A command component prepared and compiled to run checkpointable, or why it runs
+    /// without checkpoints. The preparation (the transform: seconds on componentize-py's
+    /// CPython) runs once per program: its outcome is noted in the code cache.
+    fn checkpointable_component(
+        &self,
+        bytes: &[u8],
+        hash: &blake3::Hash,
+    ) -> std::result::Result<crate::component_checkpoint::Loaded, String> {
+        use crate::component_checkpoint::{ComponentShape, Loaded, prepare};
+        let owned = self.owned_engine()?;
+        let key = blake3::Hasher::new()
+            .update(b"checkpointable-component:")
+            .update(crate::unwind::TRANSFORM_VERSION.as_bytes())
+            .update(hash.as_bytes())
+            .finalize();
+        type Note = std::result::Result<(ComponentShape, HandleSupport), String>;
+        let cache = &owned.code_cache;
+        let cached = match cache.note::<Note>(&key) {
+            Some(Err(why)) => return Err(why),
+            Some(Ok((shape, handles))) => cache
+                .cached(&owned.engine, &key, ProgramFormat::Component)
+                .map(|compiled| (shape, handles, compiled)),
+            None => None,
+        };
+        let (shape, handles, compiled) = match cached {
+            Some(cached) => cached,
+            None => {
+                let prepared = prepare(bytes);
+                cache.store_note(&key, &prepared.as_ref().map(|p| (p.shape.clone(), p.handles.clone())).map_err(Clone::clone));
+                let prepared = prepared?;
+                let compiled = cache
+                    .load_or_compile(&owned.engine, &prepared.bytes, &key, ProgramFormat::Component)
+                    .map_err(|f| format!("compiling its checkpointable form: {f}"))?;
+                (prepared.shape, prepared.handles, compiled)
+            }
+        };
+        let Compiled::Component(component) = compiled else { return Err("not a component".into()) };
+        let pre = owned.linker.instantiate_pre(&component).map_err(|e| format!("linking: {e:#}"))?;
+        let pre = CommandPre::new(pre).map_err(|_| "it exports no `wasi:cli/run` (not a command)".to_string())?;
+        Ok(Loaded { pre, shape, handles })
     }
 
     /// The debug engine, built on first use (with an epoch ticker of its own).
@@ -538,7 +649,7 @@ impl Host {
         self.inner
             .debug
             .get_or_init(|| {
-                let config = engine_config(EngineSettings { pool: None, guest_debug: true });
+                let config = engine_config(EngineSettings { pool: None, guest_debug: true, host_memory: false });
                 let engine = Engine::new(&config).map_err(|e| format!("{e:#}"))?;
                 let mut linker = ComponentLinker::new(&engine);
                 wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| format!("{e:#}"))?;

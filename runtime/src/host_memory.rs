@@ -26,7 +26,16 @@ use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
 
 thread_local! {
     /// The memories of the instantiation being polled on this thread, if one is collected.
-    static COLLECTING: RefCell<Option<Arc<Mutex<Vec<HostMemory>>>>> = const { RefCell::new(None) };
+    static COLLECTING: RefCell<Option<Arc<Mutex<Collection>>>> = const { RefCell::new(None) };
+}
+
+#[derive(Default)]
+struct Collection {
+    created: Vec<HostMemory>,
+    /// Bytes each memory starts with, in creation order, when more than its minimum (a
+    /// restore makes memories at their captured size: wasmtime reads a memory's size
+    /// from it once, so one cannot be grown behind its back later).
+    sizes: Vec<usize>,
 }
 
 /// The engine's memory creator (`Config::with_host_memory`); engines using it must turn
@@ -37,16 +46,23 @@ pub struct MemoryRegistry;
 impl MemoryRegistry {
     /// Runs `instantiation`, and answers with its output and the memories it created.
     pub async fn collect<F: Future>(&self, instantiation: F) -> (F::Output, Vec<HostMemory>) {
-        let created = Arc::new(Mutex::new(Vec::new()));
+        self.collect_sized(instantiation, Vec::new()).await
+    }
+
+    /// [`MemoryRegistry::collect`], the k-th memory created starting with `sizes[k]`
+    /// bytes when that is more than its minimum (the caller checks them against its
+    /// limits first; past a memory's reservation, creating it fails).
+    pub async fn collect_sized<F: Future>(&self, instantiation: F, sizes: Vec<usize>) -> (F::Output, Vec<HostMemory>) {
+        let created = Arc::new(Mutex::new(Collection { created: Vec::new(), sizes }));
         let output = Collecting { inner: Box::pin(instantiation), created: created.clone() }.await;
-        let memories = std::mem::take(&mut *created.lock().unwrap());
+        let memories = std::mem::take(&mut created.lock().unwrap().created);
         (output, memories)
     }
 }
 
 struct Collecting<F: Future> {
     inner: Pin<Box<F>>,
-    created: Arc<Mutex<Vec<HostMemory>>>,
+    created: Arc<Mutex<Collection>>,
 }
 
 impl<F: Future> Future for Collecting<F> {
@@ -119,6 +135,20 @@ impl HostMemory {
     }
 }
 
+impl HostMemory {
+    /// Zeroes the whole memory (its pages go back to the kernel). Same duty as `read`.
+    pub fn clear(&self) -> std::io::Result<()> {
+        let size = self.size();
+        if size == 0 {
+            return Ok(());
+        }
+        // SAFETY: the accessible part of a private anonymous mapping, which reads as zeros
+        // once its pages are dropped; see `read` for who may touch it.
+        unsafe { rustix::mm::madvise(self.region.base.cast(), size, rustix::mm::Advice::LinuxDontNeed) }?;
+        Ok(())
+    }
+}
+
 struct Linear {
     region: Arc<Region>,
     /// Bytes that may ever be accessible (the reservation without the guard).
@@ -182,16 +212,24 @@ unsafe impl MemoryCreator for MemoryRegistry {
             )
         }
         .map_err(|e| format!("reserving {reserved} bytes for a linear memory: {e}"))?;
+        let declared = ty.maximum().map(|pages| pages.saturating_mul(ty.page_size()));
         let region = Arc::new(Region { ty, base: base.cast(), reserved, size: AtomicUsize::new(0) });
         let mut memory = Linear { region: region.clone(), capacity };
-        if minimum > 0 {
-            memory.grow_to(minimum).map_err(|e| format!("{e:#}"))?;
-        }
-        COLLECTING.with(|c| {
-            if let Some(created) = &*c.borrow() {
-                created.lock().unwrap().push(HostMemory { region });
-            }
+        let collection = COLLECTING.with(|c| c.borrow().clone());
+        let planned = collection.as_ref().and_then(|c| {
+            let c = c.lock().unwrap();
+            c.sizes.get(c.created.len()).copied()
         });
+        let size = planned.unwrap_or(0).max(minimum);
+        if let Some(max) = declared.filter(|&max| size as u64 > max) {
+            return Err(format!("a memory of {size} bytes is past its declared maximum ({max} bytes)"));
+        }
+        if size > 0 {
+            memory.grow_to(size).map_err(|e| format!("{e:#}"))?;
+        }
+        if let Some(collection) = collection {
+            collection.lock().unwrap().created.push(HostMemory { region });
+        }
         Ok(Box::new(memory))
     }
 }

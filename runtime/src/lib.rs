@@ -23,6 +23,7 @@ pub mod checkpoint;
 pub mod civil_time;
 mod code_cache;
 pub mod compile_worker;
+mod component_checkpoint;
 mod component_cow;
 mod component_disk;
 mod component_handles;

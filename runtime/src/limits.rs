@@ -160,6 +160,21 @@ impl StoreLimiter {
     }
 }
 
+impl StoreLimiter {
+    /// Counts memory a restore created beyond what its modules asked for (a memory the
+    /// host made at its captured size, which the limiter only saw at its minimum).
+    pub(crate) fn restored(&mut self, extra: u64) -> Result<(), MemoryLimitExceeded> {
+        let requested = self.memory_in_use.saturating_add(extra);
+        if let Some(limit) = self.max_memory
+            && requested > limit
+        {
+            return Err(MemoryLimitExceeded { requested, limit });
+        }
+        self.memory_in_use = requested;
+        Ok(())
+    }
+}
+
 impl wasmtime::ResourceLimiter for StoreLimiter {
     fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         let requested = self.memory_in_use - current as u64 + desired as u64;

@@ -46,7 +46,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 pub const MAGIC: [u8; 8] = *b"STASISMI";
-pub const VERSION: (u16, u16) = (1, 2);
+pub const VERSION: (u16, u16) = (1, 3);
 pub const PREFIX_LEN: usize = 52;
 /// Largest header accepted: descriptors, globals and run lists of many processes fit in a
 /// fraction of this.
@@ -117,6 +117,11 @@ pub struct SuspendedImage {
     pub program_part: Option<u32>,
     /// `(host directory, guest path)` the process had (standalone images).
     pub preopens: Vec<(String, String)>,
+    /// A component's host resources, by resource-table slot (format 1.3; a core
+    /// module's descriptors are in `instance.fds`). Its memories are in `instance`, in the
+    /// order its instantiation creates them; it has no globals or tables there (its
+    /// modules keep their globals on the unwind stack).
+    pub handles: Vec<HandleImage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -128,17 +133,53 @@ pub struct ComponentImage {
 }
 
 /// How process states are encoded: 1.1 images have components without handles, under
-/// the variant index `IdleComponent` had then; 1.2 adds a variant at the end.
+/// the variant index `IdleComponent` had then; 1.2 adds a variant at the end; 1.3 adds
+/// suspended components (with handles) at the end, core modules keep the 1.1 record.
 mod wire {
     use super::*;
+
+    /// A suspended process as 1.1 and 1.2 encode it.
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct SuspendedWithoutHandles {
+        instance: InstanceImage,
+        sleep_deadlines: Vec<u64>,
+        stdin: Vec<u8>,
+        stdin_closed: bool,
+        program_part: Option<u32>,
+        preopens: Vec<(String, String)>,
+    }
+
+    impl From<SuspendedWithoutHandles> for SuspendedImage {
+        fn from(s: SuspendedWithoutHandles) -> Self {
+            let SuspendedWithoutHandles { instance, sleep_deadlines, stdin, stdin_closed, program_part, preopens } = s;
+            SuspendedImage {
+                instance,
+                sleep_deadlines,
+                stdin,
+                stdin_closed,
+                program_part,
+                preopens,
+                handles: Vec::new(),
+            }
+        }
+    }
+
+    impl From<SuspendedImage> for SuspendedWithoutHandles {
+        fn from(s: SuspendedImage) -> Self {
+            let SuspendedImage { instance, sleep_deadlines, stdin, stdin_closed, program_part, preopens, handles: _ } =
+                s;
+            SuspendedWithoutHandles { instance, sleep_deadlines, stdin, stdin_closed, program_part, preopens }
+        }
+    }
 
     #[derive(Serialize, Deserialize)]
     pub(super) enum ProcessState {
         Exited(ExitRecord),
         Idle(InstanceImage),
         IdleComponentWithoutHandles { instances: Vec<CoreStateImage>, monotonic_ns: u64 },
-        Suspended(SuspendedImage),
+        Suspended(SuspendedWithoutHandles),
         IdleComponent(ComponentImage),
+        SuspendedWithHandles(SuspendedImage),
     }
 
     impl From<ProcessState> for ProcessStateImage {
@@ -149,8 +190,9 @@ mod wire {
                 ProcessState::IdleComponentWithoutHandles { instances, monotonic_ns } => {
                     ProcessStateImage::IdleComponent(ComponentImage { instances, monotonic_ns, handles: Vec::new() })
                 }
-                ProcessState::Suspended(s) => ProcessStateImage::Suspended(s),
+                ProcessState::Suspended(s) => ProcessStateImage::Suspended(s.into()),
                 ProcessState::IdleComponent(c) => ProcessStateImage::IdleComponent(c),
+                ProcessState::SuspendedWithHandles(s) => ProcessStateImage::Suspended(s),
             }
         }
     }
@@ -160,7 +202,8 @@ mod wire {
             match state {
                 ProcessStateImage::Exited(e) => ProcessState::Exited(e),
                 ProcessStateImage::Idle(i) => ProcessState::Idle(i),
-                ProcessStateImage::Suspended(s) => ProcessState::Suspended(s),
+                ProcessStateImage::Suspended(s) if s.handles.is_empty() => ProcessState::Suspended(s.into()),
+                ProcessStateImage::Suspended(s) => ProcessState::SuspendedWithHandles(s),
                 ProcessStateImage::IdleComponent(c) => ProcessState::IdleComponent(c),
             }
         }

@@ -24,7 +24,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 /// Store data of a process.
 pub(crate) struct ProcessState {
     pub(crate) wasi: WasiP1Ctx,
-    limiter: StoreLimiter,
+    pub(crate) limiter: StoreLimiter,
     kill: Arc<KillSwitch>,
     cpu_ticks: u64,
     max_cpu_ticks: Option<u64>,
@@ -597,6 +597,15 @@ async fn run_guest(
             },
             Err(e) => return classify(e, store),
         },
+        ProgramEntry::CheckpointableComponent(loaded) => {
+            use crate::component_checkpoint::{Failure, run};
+            match run(store, loaded, resume.as_deref()).await {
+                Ok(Some(code)) => return ExitStatus::Exited(code),
+                Ok(None) => return ExitStatus::Checkpointed,
+                Err(Failure::Wasm(e)) => Err(e),
+                Err(Failure::Restore(why)) => return ExitStatus::StartFailed(format!("restoring the process: {why}")),
+            }
+        }
         ProgramEntry::ComponentReactor(..) => {
             return ExitStatus::StartFailed(
                 "the component exports no `wasi:cli/run`: it is not a command (instantiate it as a reactor)".into(),
@@ -755,6 +764,7 @@ pub(crate) fn program_engine(program: &Program) -> &wasmtime::Engine {
     match &program.entry {
         ProgramEntry::Command(pre) => pre.module().engine(),
         ProgramEntry::Component(pre) => pre.engine(),
+        ProgramEntry::CheckpointableComponent(loaded) => loaded.pre.engine(),
         ProgramEntry::ComponentReactor(pre, _) => pre.engine(),
     }
 }

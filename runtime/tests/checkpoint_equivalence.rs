@@ -24,6 +24,7 @@ struct Scenario {
     stdin: &'static [&'static str],
     /// Snapshots taken at random moments while it runs (after the stdin lines).
     random_stops: usize,
+    env: &'static [(&'static str, &'static str)],
 }
 
 const MICROPYTHON_SCRIPT: &str = "\
@@ -43,15 +44,15 @@ print('done', total)
 
 fn scenarios() -> Vec<Scenario> {
     vec![
-        Scenario { guest: "hello.wasm", args: &["a", "b c"], stdin: &[], random_stops: 1 },
-        Scenario { guest: "counter.wasm", args: &[], stdin: &["1\n", "2\n", "oops\n", "39\n"], random_stops: 0 },
-        Scenario { guest: "cpuloop.wasm", args: &["8", "1"], stdin: &[], random_stops: 6 },
-        Scenario { guest: "sleeper.wasm", args: &["150"], stdin: &[], random_stops: 2 },
-        Scenario { guest: "writer.wasm", args: &["/", "4000"], stdin: &[], random_stops: 5 },
-        Scenario { guest: "fileio.wasm", args: &["append", "/out.txt", "appended"], stdin: &[], random_stops: 1 },
-        Scenario { guest: "memhog.wasm", args: &["48"], stdin: &[], random_stops: 3 },
-        Scenario { guest: "trap.wasm", args: &["divzero"], stdin: &[], random_stops: 1 },
-        Scenario { guest: "micropython.wasm", args: &["/main.py"], stdin: &["5\n", "-3\n"], random_stops: 4 },
+        Scenario { guest: "hello.wasm", args: &["a", "b c"], stdin: &[], random_stops: 1, env: &[] },
+        Scenario { guest: "counter.wasm", args: &[], stdin: &["1\n", "2\n", "oops\n", "39\n"], random_stops: 0, env: &[] },
+        Scenario { guest: "cpuloop.wasm", args: &["8", "1"], stdin: &[], random_stops: 6, env: &[] },
+        Scenario { guest: "sleeper.wasm", args: &["150"], stdin: &[], random_stops: 2, env: &[] },
+        Scenario { guest: "writer.wasm", args: &["/", "4000"], stdin: &[], random_stops: 5, env: &[] },
+        Scenario { guest: "fileio.wasm", args: &["append", "/out.txt", "appended"], stdin: &[], random_stops: 1, env: &[] },
+        Scenario { guest: "memhog.wasm", args: &["48"], stdin: &[], random_stops: 3, env: &[] },
+        Scenario { guest: "trap.wasm", args: &["divzero"], stdin: &[], random_stops: 1, env: &[] },
+        Scenario { guest: "micropython.wasm", args: &["/main.py"], stdin: &["5\n", "-3\n"], random_stops: 4, env: &[] },
     ]
 }
 
@@ -142,9 +143,13 @@ fn status_text(status: &ExitStatus) -> String {
 
 fn command(s: &Scenario) -> Command {
     let name = s.guest.trim_end_matches(".wasm").to_string();
-    Command::new(ProgramRef::Bytes { bytes: guest_bytes(s.guest), name })
+    let mut command = Command::new(ProgramRef::Bytes { bytes: guest_bytes(s.guest), name })
         .args(s.args.iter().copied())
-        .stdin(StdinMode::Pipe)
+        .stdin(StdinMode::Pipe);
+    for (key, value) in s.env {
+        command = command.env(*key, *value);
+    }
+    command
 }
 
 async fn finish(process: &Process, root: &Path) -> Outcome {
@@ -206,6 +211,28 @@ async fn interrupted(world: &mut World, s: &Scenario, seed: u64) -> (Outcome, us
         }
     }
     (finish(&process, &root).await, stops)
+}
+
+/// Command components, run checkpointable on the engine whose memories the host owns:
+/// cargo's wasm32-wasip2 `wordfreq` (reads stdin line by line, a CPU loop per line, a
+/// file at the end), stopped blocked on each line and at random moments in its loops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_print_and_write_the_same_when_stopped_and_continued_on_fresh_instances() {
+    let mut world = World::new();
+    let lines = &["the cat sat\n", "on The mat\n", "a cat, a hat\n", "and THE end\n", "of it\n", "cat\n"];
+    let s = Scenario {
+        guest: "wordfreq.component.wasm",
+        args: &["/"],
+        stdin: lines,
+        random_stops: 6,
+        env: &[("ROUNDS", "200000000")],
+    };
+    let expected = uninterrupted(&mut world, &s).await;
+    assert!(expected.status == "exited with status 0" || expected.status.contains('0'), "{expected:?}");
+    let (got, stops) = interrupted(&mut world, &s, 7).await;
+    assert_eq!(got, expected, "{} after {stops} stops", s.guest);
+    println!("{}: {stops} stops, same output, status and files", s.guest);
+    assert!(stops >= lines.len(), "only {stops} stops happened");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@
 //! Capture walks the `ResourceTable`: each entry must be a stream or a descriptor that a
 //! recorded call created (the shadows in `shadows` note how: which stdio stream, which
 //! preopen, which path with which flags, which file stream at which position). Anything
-//! else (a pollable, a socket, a directory listing in progress) refuses the snapshot with
+//! else (a clock's pollable, a socket, a directory listing in progress) refuses the snapshot with
 //! its name.
 //!
 //! Restore builds the host objects the same way (through WASI's own functions, so a
@@ -38,7 +38,7 @@ use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemView};
 use wasmtime_wasi::p2::bindings::cli::{stderr, stdin, stdout};
 use wasmtime_wasi::p2::bindings::filesystem::preopens;
 use wasmtime_wasi::p2::bindings::filesystem::types::{self as fs, HostDescriptor};
-use wasmtime_wasi::p2::{DynInputStream, DynOutputStream};
+use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, DynPollable};
 
 /// The resource types a component's snapshots can carry (those its rewrite added inject
 /// exports for), or why it can carry none.
@@ -53,11 +53,13 @@ pub enum ResourceKind {
     InputStream,
     OutputStream,
     Descriptor,
+    /// A stream's pollable (`subscribe`).
+    Pollable,
 }
 
 impl ResourceKind {
-    pub(crate) const ALL: [ResourceKind; 3] =
-        [ResourceKind::InputStream, ResourceKind::OutputStream, ResourceKind::Descriptor];
+    pub(crate) const ALL: [ResourceKind; 4] =
+        [ResourceKind::InputStream, ResourceKind::OutputStream, ResourceKind::Descriptor, ResourceKind::Pollable];
 
     /// The interface (up to its version) and the resource's name in it.
     pub(crate) fn wit_name(self) -> (&'static str, &'static str) {
@@ -65,6 +67,7 @@ impl ResourceKind {
             ResourceKind::InputStream => ("wasi:io/streams@", "input-stream"),
             ResourceKind::OutputStream => ("wasi:io/streams@", "output-stream"),
             ResourceKind::Descriptor => ("wasi:filesystem/types@", "descriptor"),
+            ResourceKind::Pollable => ("wasi:io/poll@", "pollable"),
         }
     }
 
@@ -106,6 +109,9 @@ pub enum Recipe {
     Read { file: DescriptorRecipe, position: u64 },
     Write { file: DescriptorRecipe, position: u64 },
     Append { file: DescriptorRecipe },
+    /// The pollable of the stream at resource-table slot `stream` (an input stream's when
+    /// `input`), which is rebuilt first.
+    Subscribe { stream: u32, input: bool },
 }
 
 impl Recipe {
@@ -116,6 +122,7 @@ impl Recipe {
                 ResourceKind::OutputStream
             }
             Recipe::Descriptor(_) => ResourceKind::Descriptor,
+            Recipe::Subscribe { .. } => ResourceKind::Pollable,
         }
     }
 }
@@ -142,6 +149,11 @@ impl HandleTracker {
 
     fn forget(&mut self, slot: u32) {
         self.made.remove(&slot);
+    }
+
+    /// Whether `slot` holds the stdin stream (made by `get-stdin`).
+    pub(crate) fn is_stdin(&self, slot: u32) -> bool {
+        matches!(self.made.get(&slot), Some((Recipe::Stdin, _)))
     }
 
     fn descriptor(&self, slot: u32) -> Option<&DescriptorRecipe> {
@@ -173,7 +185,7 @@ fn kind_of(entry: &dyn std::any::Any) -> Result<ResourceKind, &'static str> {
     } else if entry.is::<Descriptor>() {
         Ok(ResourceKind::Descriptor)
     } else if entry.is::<DynPollable>() {
-        Err("a pollable")
+        Ok(ResourceKind::Pollable)
     } else if entry.is::<IoError>() {
         Err("a stream error")
     } else if entry.is::<ReaddirIterator>() {
@@ -210,6 +222,8 @@ enum Payload {
     Input(DynInputStream),
     Output(DynOutputStream),
     Descriptor(Descriptor),
+    /// Made in place, from its stream (already back at its slot).
+    Subscribe { stream: u32, input: bool },
 }
 
 /// Puts `handles` back into a freshly instantiated component (see the module docs);
@@ -287,6 +301,7 @@ pub(crate) async fn restore(
             Some(Payload::Input(s)) => (ResourceKind::InputStream, table.push(s).map(|r| r.rep())),
             Some(Payload::Output(s)) => (ResourceKind::OutputStream, table.push(s).map(|r| r.rep())),
             Some(Payload::Descriptor(d)) => (ResourceKind::Descriptor, table.push(d).map(|r| r.rep())),
+            Some(Payload::Subscribe { stream, input }) => (ResourceKind::Pollable, subscribe(table, stream, input)?),
             None if fillers.len() >= MAX_HANDLES as usize => return Err("too many free slots to fill".into()),
             None => {
                 fillers.push(next);
@@ -371,7 +386,29 @@ async fn inject(
         ResourceKind::InputStream => call::<DynInputStream>(store, instance, name, Resource::new_own(slot)).await,
         ResourceKind::OutputStream => call::<DynOutputStream>(store, instance, name, Resource::new_own(slot)).await,
         ResourceKind::Descriptor => call::<Descriptor>(store, instance, name, Resource::new_own(slot)).await,
+        ResourceKind::Pollable => call::<DynPollable>(store, instance, name, Resource::new_own(slot)).await,
     }
+}
+
+/// The pollable of the stream at `stream`, pushed into `table` (a child of the stream,
+/// as `subscribe` makes it); a crafted image naming no such stream is refused.
+fn subscribe(
+    table: &mut ResourceTable,
+    stream: u32,
+    input: bool,
+) -> Result<Result<u32, wasmtime::component::ResourceTableError>, String> {
+    use wasmtime_wasi::p2::bindings::io::streams::{HostInputStream, HostOutputStream};
+    let made = match input {
+        true if table.get(&Resource::<DynInputStream>::new_borrow(stream)).is_ok() => {
+            HostInputStream::subscribe(table, Resource::new_borrow(stream))
+        }
+        false if table.get(&Resource::<DynOutputStream>::new_borrow(stream)).is_ok() => {
+            HostOutputStream::subscribe(table, Resource::new_borrow(stream))
+        }
+        _ => return Err(format!("a pollable of slot {stream}, which holds no such stream before it")),
+    };
+    let made = made.map_err(|e| format!("subscribing to slot {stream}: {e:#}"))?;
+    Ok(Ok(made.rep()))
 }
 
 /// Makes the object `recipe` describes in the store's (scratch) table and takes it out.
@@ -408,6 +445,7 @@ async fn build(state: &mut ProcessState, recipe: &Recipe) -> Result<(Payload, Op
         Recipe::Append { file } => {
             (Payload::Output(file_stream(state, file, |fs, d| HostDescriptor::append_via_stream(fs, d)).await?), None)
         }
+        Recipe::Subscribe { stream, input } => (Payload::Subscribe { stream: *stream, input: *input }, None),
     })
 }
 

@@ -44,18 +44,27 @@ fn try_rewrite(bytes: &[u8]) -> Result<Rewritten, String> {
     let types = types.as_ref();
 
     let mut imports = Vec::new();
-    let mut depth = 0u32;
+    // Modules and components being read, innermost last.
+    let mut nesting: Vec<bool> = Vec::new();
     for payload in Parser::new(0).parse_all(bytes) {
-        match payload.map_err(|e| format!("invalid component: {e}"))? {
-            Payload::ModuleSection { .. } => depth += 1,
-            Payload::ComponentSection { .. } if depth == 0 => {
+        let payload = payload.map_err(|e| format!("invalid component: {e}"))?;
+        let in_component = nesting.contains(&true);
+        match payload {
+            Payload::ModuleSection { .. } | Payload::InstanceSection(_) | Payload::ComponentCanonicalSection(_)
+                if in_component =>
+            {
                 // Handles live in one table per component instance; the host can only
-                // reach the outer one.
-                return Err("it nests components, whose handle tables the host cannot reach".into());
+                // reach the outer one. (Nested components of only types, imports and
+                // exports, which wit-component makes for exported interfaces, hold none.)
+                return Err("it nests components with code of their own, whose handle tables the host cannot reach"
+                    .into());
             }
-            Payload::ComponentSection { .. } => depth += 1,
-            Payload::End(_) if depth > 0 => depth -= 1,
-            Payload::ComponentCanonicalSection(reader) if depth == 0 => {
+            Payload::ModuleSection { .. } => nesting.push(false),
+            Payload::ComponentSection { .. } => nesting.push(true),
+            Payload::End(_) if !nesting.is_empty() => {
+                nesting.pop();
+            }
+            Payload::ComponentCanonicalSection(reader) if nesting.is_empty() => {
                 for canon in reader {
                     if let CanonicalFunction::ResourceNew { .. } = canon.map_err(|e| e.to_string())? {
                         // Its own resources share the table with host ones and have no host
@@ -64,7 +73,7 @@ fn try_rewrite(bytes: &[u8]) -> Result<Rewritten, String> {
                     }
                 }
             }
-            Payload::ComponentImportSection(reader) if depth == 0 => {
+            Payload::ComponentImportSection(reader) if nesting.is_empty() => {
                 for import in reader {
                     let import = import.map_err(|e| e.to_string())?;
                     if let ComponentTypeRef::Instance(_) = import.ty {
@@ -205,8 +214,13 @@ mod tests {
 
     #[test]
     fn components_whose_tables_cannot_be_rebuilt_say_why() {
-        let nested = handles(&format!("(component {STREAMS} (component))")).unwrap_err();
-        assert!(nested.contains("nests components"), "{nested}");
+        let nested = handles(&format!("(component {STREAMS} (component (core module)))")).unwrap_err();
+        assert!(nested.contains("nests components with code"), "{nested}");
+        // wit-component wraps exported interfaces in components of types and exports only.
+        let wrapper = format!(
+            r#"(component {STREAMS} (component (import "f" (func $f)) (export "g" (func $f))))"#
+        );
+        assert_eq!(handles(&wrapper), Ok(vec![ResourceKind::OutputStream]));
         let own = handles(&format!(
             "(component {STREAMS} (type $r (resource (rep i32))) (core func (canon resource.new $r)))"
         ))

@@ -1,7 +1,8 @@
 //! Linker shadows that note how each stream and descriptor a component gets was made.
 //!
-//! Every WASIp2 function that returns a stream or a descriptor (the three stdio getters,
-//! `get-directories`, `open-at` and the three file-stream constructors) is replaced in the
+//! Every WASIp2 function that returns a stream, a stream's pollable or a descriptor (the
+//! three stdio getters, `get-directories`, `open-at`, the three file-stream constructors
+//! and the streams' `subscribe`) is replaced in the
 //! reactor components' linker by one that calls wasmtime-wasi's own implementation and
 //! notes the recipe under the slot of the new resource; file streams are wrapped so that
 //! their position is known. Sockets also make streams, but a component holding a socket
@@ -18,11 +19,12 @@ use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemView};
 use wasmtime_wasi::p2::bindings::cli::{stderr, stdin, stdout};
 use wasmtime_wasi::p2::bindings::filesystem::preopens;
 use wasmtime_wasi::p2::bindings::filesystem::types::{self as fs, HostDescriptor};
+use wasmtime_wasi::p2::bindings::io::streams::{HostInputStream, HostOutputStream};
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, FsResult};
 
 /// The WASI 0.2 version wasmtime-wasi 48 defines; imports of older 0.2 versions resolve
 /// to it.
-const WASI: &str = "0.2.12";
+pub(crate) const WASI: &str = "0.2.12";
 
 type Store<'a> = StoreContextMut<'a, ProcessState>;
 
@@ -59,6 +61,23 @@ pub(crate) fn add(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
             Ok((list,))
         },
     )?;
+
+    // A stream's pollable (wasi-libc keeps one per stream it has waited on).
+    let mut streams = linker.instance(&format!("wasi:io/streams@{WASI}"))?;
+    streams.func_wrap("[method]input-stream.subscribe", |mut store: Store, (stream,): (Resource<DynInputStream>,)| {
+        let state = store.data_mut();
+        let parent = stream.rep();
+        let pollable = HostInputStream::subscribe(state.ctx().table, stream)?;
+        state.handles.note(pollable.rep(), Recipe::Subscribe { stream: parent, input: true }, None);
+        Ok((pollable,))
+    })?;
+    streams.func_wrap("[method]output-stream.subscribe", |mut store: Store, (stream,): (Resource<DynOutputStream>,)| {
+        let state = store.data_mut();
+        let parent = stream.rep();
+        let pollable = HostOutputStream::subscribe(state.ctx().table, stream)?;
+        state.handles.note(pollable.rep(), Recipe::Subscribe { stream: parent, input: false }, None);
+        Ok((pollable,))
+    })?;
 
     let mut types = linker.instance(&format!("wasi:filesystem/types@{WASI}"))?;
     types.func_wrap_async(

@@ -245,6 +245,8 @@ impl Linked {
         // A component's core instances export nothing: a host that owns their memories
         // can reach the control block there, never a global.
         options.control_in_memory = true;
+        // Nor can it build rewind copies that import the instance's globals and tables.
+        options.self_contained = true;
         options
     }
 }

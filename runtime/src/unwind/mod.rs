@@ -54,6 +54,7 @@
 //! unwind fail (state [`FAILED`], then a trap): such a value cannot be written out.
 
 mod component;
+mod contained;
 mod emit;
 mod liveness;
 mod plan;
@@ -61,6 +62,10 @@ mod support;
 
 pub use component::{HOST_BLOCKING, InstrumentedComponent, instrument_component};
 pub use support::{CONTROL_BYTES, STACK_MAX_PAGES};
+
+/// Where the control block (`UnwindOptions::control_in_memory`) keeps the unwind stack's
+/// function-reference count: a capture refuses a stack holding references.
+pub const CONTROL_REF_SP: u32 = support::Var::RefSp.address() as u32;
 
 use crate::state_export::{collect_ref_funcs, section_rank};
 use std::ops::Range;
@@ -105,6 +110,13 @@ pub struct UnwindOptions {
     /// instance's globals (a component's core instances export nothing) but owns its
     /// memories can then arm a stop and read the stack.
     pub control_in_memory: bool,
+    /// Make the module resumable with no help from outside it (a component's modules,
+    /// whose globals and tables no host can reach): every lean function's rewind copy is
+    /// in the module (not built by the host at resume), and each exported function that
+    /// can suspend is entered through a wrapper that pushes the module's mutable globals
+    /// onto the unwind stack once the program has unwound, and pops them back before a
+    /// rewind (see [`UnwindLayout::saved_global_bytes`]).
+    pub self_contained: bool,
 }
 
 /// Where the transform put its state, for the host.
@@ -124,6 +136,10 @@ pub struct UnwindLayout {
     pub instrumented: u32,
     pub defined: u32,
     pub sites: u32,
+    /// With `UnwindOptions::self_contained`: bytes of saved globals at the top of an
+    /// unwound stack (above the frames).
+    #[serde(default)]
+    pub saved_global_bytes: u32,
 }
 
 impl UnwindLayout {
@@ -172,6 +188,8 @@ struct Scanned<'a> {
     exports: Vec<(String, wasm_encoder::ExportKind, u32)>,
     /// Functions the module exports: the host's entry points.
     exported_funcs: std::collections::BTreeSet<u32>,
+    /// Function exports, by name, in the module's order.
+    func_exports: Vec<(String, u32)>,
     /// Functions a table can hold: element segments and `ref.func` in global initializers
     /// (`ref.func` in code is in the call summaries).
     table_funcs: std::collections::BTreeSet<u32>,
@@ -194,6 +212,7 @@ fn scan(wasm: &[u8]) -> Result<Scanned<'_>, UnwindError> {
         element_reader: None,
         exports: Vec::new(),
         exported_funcs: Default::default(),
+        func_exports: Vec::new(),
         table_funcs: Default::default(),
     };
     let shared = || UnwindError::Unsupported { feature: "shared memory (threads)".into(), func: None };
@@ -272,6 +291,7 @@ fn scan(wasm: &[u8]) -> Result<Scanned<'_>, UnwindError> {
                         wasmparser::ExternalKind::Tag => K::Tag,
                         wasmparser::ExternalKind::Func | wasmparser::ExternalKind::FuncExact => {
                             s.exported_funcs.insert(export.index);
+                            s.func_exports.push((export.name.to_string(), export.index));
                             continue;
                         }
                     };
@@ -483,9 +503,11 @@ const STATE_GLOBAL: GlobalType = GlobalType { val_type: wasm_encoder::ValType::I
 pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, UnwindLayout), UnwindError> {
     let scanned = scan(wasm)?;
     let analysis = Analysis::new(&scanned, options)?;
+    let defined_globals = scanned.global_reader.as_ref().map_or(0, |r| r.count() as usize);
     let Scanned {
         info,
         sections,
+        exports,
         bodies,
         type_reader,
         function_reader,
@@ -532,6 +554,20 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
     if !copy_callees.is_empty() {
         copy_callees.extend((0..helpers.count()).map(|k| helpers.yield_fn + k));
     }
+    let contained = match options.self_contained {
+        true => Some(contained::build(wasm, &analysis, &mut types, analysis.total_functions(), defined_globals)?),
+        false => None,
+    };
+    if let Some(contained) = &contained {
+        for (_, function) in &contained.functions {
+            code.function(function);
+        }
+        for (index, hints) in &contained.hints {
+            branch_hints.function_hints(*index, hints.iter().cloned());
+        }
+        // Copies call lean bodies directly: nothing for a host to export.
+        copy_callees.clear();
+    }
 
     // Sections the transform extends, re-encoded; the rest copied byte for byte.
     let mut type_section = TypeSection::new();
@@ -543,7 +579,7 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
     if let Some(reader) = function_reader {
         RoundtripReencoder.parse_function_section(&mut function_section, reader).map_err(encode_error)?;
     }
-    for (ty, _) in &helper_functions {
+    for (ty, _) in helper_functions.iter().chain(contained.iter().flat_map(|c| &c.functions)) {
         function_section.function(*ty);
     }
     let mut table_section = TableSection::new();
@@ -577,6 +613,13 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
             Elements::Functions(vec![f].into()),
         );
     }
+    for &(slot, copy) in contained.iter().flat_map(|c| &c.copies) {
+        element_section.active(
+            Some(helpers.copies),
+            &ConstExpr::i32_const(slot as i32),
+            Elements::Functions(vec![copy].into()),
+        );
+    }
     if !copy_callees.is_empty() {
         // Declared, so the snapshot rewrite exports them (`state_export`) for the copies.
         let declared: Vec<u32> = copy_callees.into_iter().collect();
@@ -594,10 +637,21 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
         rebuilt.push((S::Element as u8, section_payload(&element_section)));
     }
     rebuilt.push((S::Code as u8, section_payload(&code)));
+    if let Some(contained) = &contained {
+        let mut export_section = wasm_encoder::ExportSection::new();
+        for (name, kind, index) in &exports {
+            export_section.export(name, *kind, *index);
+        }
+        for (name, f) in &contained.exports {
+            export_section.export(name, wasm_encoder::ExportKind::Func, *f);
+        }
+        rebuilt.push((S::Export as u8, section_payload(&export_section)));
+    }
 
     let mut ordered: Vec<(u8, &[u8])> = sections
         .iter()
         .filter(|(id, _)| *id != 0 && !is_rebuilt(*id))
+        .filter(|(id, _)| contained.is_none() || *id != wasm_encoder::SectionId::Export as u8)
         .map(|(id, range)| (*id, &wasm[range.clone()]))
         .chain(rebuilt.iter().map(|(id, data)| (*id, data.as_slice())))
         .collect();
@@ -628,6 +682,7 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
         instrumented,
         defined: defined as u32,
         sites,
+        saved_global_bytes: contained.as_ref().map_or(0, |c| c.saved_global_bytes),
     };
     Ok((module.finish(), layout))
 }

@@ -1,0 +1,440 @@
+//! Running command components, stopped and continued (here or on a fresh instance).
+//!
+//! The core-module route (`checkpoint`) reads and writes the instance's state through
+//! exports the snapshot rewrite adds. A component's core instances export nothing the
+//! host can reach, so a checkpointable component is prepared differently:
+//! - its core modules go through the unwind transform self-contained
+//!   (`unwind::instrument_component`): the control block lives in the unwind stack's
+//!   memory, rewind copies are in the module, and the module's mutable globals are pushed
+//!   onto the unwind stack once the program has unwound out of `wasi:cli/run`;
+//! - it runs on an engine whose linear memories the host makes (`host_memory`), so every
+//!   memory of every core instance, unwind stack included, is in the host's hands;
+//! - the handle-table exports reactor components get (`component_handles::rewrite`)
+//!   let a restore put its streams and descriptors back under their handles.
+//!
+//! A stop is then: the blocking WASI functions (`blocking-read` of stdin, and the
+//! blocking writes, at entry) or a loop check see the request, the program unwinds out
+//! of `run`, the host copies every memory and notes the resources held; to continue, it
+//! sets `REWINDING` and calls `run` again. A restore creates the memories at their
+//! captured sizes, writes them, rebuilds the handles and calls `run` rewinding.
+//!
+//! Not yet: a stop can only be on the stack of one core module (the program's own; a
+//! component whose stop points span modules, such as componentize-py's, is refused at
+//! load, with the reason, and runs without checkpoints); a sleep (`poll`) is not a stop
+//! point, and a pollable or socket held at a stop refuses the capture.
+
+use crate::checkpoint::{self, Captured, StateCell};
+use crate::component_handles::{self, HandleSupport};
+use crate::error::{Error, Result};
+use crate::host_memory::{HostMemory, MemoryRegistry};
+use crate::instance_state;
+use crate::memory_image::{InstanceImage, MemoryImage, SuspendedImage};
+use crate::process::{ProcessState, ResumeFrom};
+use crate::unwind::{self, REWINDING, UNWINDING, UnwindLayout};
+use serde::{Deserialize, Serialize};
+use wasmparser::{Parser, Payload};
+use wasmtime::Store;
+use wasmtime::component::Linker;
+use wasmtime_wasi::WasiView;
+use wasmtime_wasi::p2::bindings::{Command, CommandPre};
+
+/// Where a checkpointable component keeps what a capture reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ComponentShape {
+    /// The instrumented module's transform layout.
+    pub layout: UnwindLayout,
+    /// Linear memories an instantiation creates, and which of them (in creation order)
+    /// is the unwind stack with the control block.
+    pub memories: usize,
+    pub stack: usize,
+}
+
+/// A component as its checkpointable form is compiled: the bytes, its shape, and which
+/// host resources its snapshots can carry.
+pub(crate) struct Prepared {
+    pub bytes: Vec<u8>,
+    pub shape: ComponentShape,
+    pub handles: HandleSupport,
+}
+
+/// Prepares `component` (see the module docs), or says why it cannot be checkpointed.
+pub(crate) fn prepare(component: &[u8]) -> std::result::Result<Prepared, String> {
+    let instrumented = unwind::instrument_component(component, &checkpoint::blocking_imports())
+        .map_err(|e| format!("the checkpoint transform: {e}"))?;
+    let stoppable: Vec<usize> = (0..instrumented.modules.len()).filter(|&m| instrumented.modules[m].is_some()).collect();
+    let module = match stoppable[..] {
+        [module] => module,
+        [] => return Err("nothing in it can be stopped".into()),
+        _ => {
+            return Err(format!(
+                "its stop points span {} core modules; a stop across modules is not supported yet",
+                stoppable.len()
+            ));
+        }
+    };
+    let layout = instrumented.modules[module].clone().expect("an instrumented module");
+    for (m, facts) in modules(component)?.iter().enumerate() {
+        if let Some(why) = facts.runtime_changes {
+            return Err(format!("core module {m} {why}"));
+        }
+        if facts.mutable_globals && m != module {
+            return Err(format!("core module {m} keeps mutable globals, and nothing of it can be stopped to save them"));
+        }
+    }
+    let (memories, stack) = memory_order(&instrumented.bytes, module)?;
+    let rewritten = component_handles::rewrite::rewrite(&instrumented.bytes);
+    Ok(Prepared { bytes: rewritten.bytes, shape: ComponentShape { layout, memories, stack }, handles: rewritten.handles })
+}
+
+/// What a core module keeps that a restore cannot rebuild from its memories.
+#[derive(Default)]
+struct ModuleFacts {
+    /// The transform saves mutable globals only in the module it instruments.
+    mutable_globals: bool,
+    /// Code that changes tables or segments at run time: a fresh instance has them as
+    /// instantiation left them.
+    runtime_changes: Option<&'static str>,
+}
+
+fn modules(component: &[u8]) -> std::result::Result<Vec<ModuleFacts>, String> {
+    use wasmparser::Operator as O;
+    let invalid = |e: wasmparser::BinaryReaderError| format!("invalid component: {e}");
+    let mut facts: Vec<ModuleFacts> = Vec::new();
+    let mut depth = 0;
+    for payload in Parser::new(0).parse_all(component) {
+        let payload = payload.map_err(invalid)?;
+        match &payload {
+            Payload::ModuleSection { .. } => {
+                depth += 1;
+                facts.push(ModuleFacts::default());
+                continue;
+            }
+            Payload::ComponentSection { .. } => depth += 1,
+            Payload::End(_) if depth > 0 => depth -= 1,
+            _ => {}
+        }
+        let Some(last) = facts.last_mut().filter(|_| depth > 0) else { continue };
+        match payload {
+            Payload::GlobalSection(reader) => {
+                for global in reader {
+                    last.mutable_globals |= global.map_err(invalid)?.ty.mutable;
+                }
+            }
+            Payload::CodeSectionEntry(body) if last.runtime_changes.is_none() => {
+                for op in body.get_operators_reader().map_err(invalid)? {
+                    last.runtime_changes = match op.map_err(invalid)? {
+                        O::TableSet { .. } | O::TableGrow { .. } | O::TableFill { .. } | O::TableCopy { .. } => {
+                            Some("changes its tables at run time")
+                        }
+                        O::TableInit { .. } | O::ElemDrop { .. } | O::MemoryInit { .. } | O::DataDrop { .. } => {
+                            Some("uses its segments at run time")
+                        }
+                        _ => continue,
+                    };
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(facts)
+}
+
+/// Memories the component's instantiation creates, in order (each core instance's defined
+/// memories, in instantiation order), and the position of `module`'s unwind stack (its
+/// last memory) among them.
+fn memory_order(component: &[u8], module: usize) -> std::result::Result<(usize, usize), String> {
+    let invalid = |e: wasmparser::BinaryReaderError| format!("invalid component: {e}");
+    let mut defined = Vec::new();
+    let mut created = 0usize;
+    let mut stack = None;
+    let mut depth = 0;
+    for payload in Parser::new(0).parse_all(component) {
+        match payload.map_err(invalid)? {
+            Payload::ModuleSection { .. } => {
+                depth += 1;
+                defined.push(0usize);
+            }
+            Payload::ComponentSection { .. } => depth += 1,
+            Payload::End(_) if depth > 0 => depth -= 1,
+            Payload::MemorySection(reader) if depth == 1 => *defined.last_mut().expect("a module") += reader.count() as usize,
+            Payload::InstanceSection(reader) if depth == 0 => {
+                for instance in reader {
+                    let wasmparser::Instance::Instantiate { module_index, .. } = instance.map_err(invalid)? else {
+                        continue;
+                    };
+                    let count = *defined.get(module_index as usize).ok_or("a core instance of an unknown module")?;
+                    created += count;
+                    if module_index as usize == module {
+                        if stack.is_some() {
+                            return Err("its stoppable module is instantiated twice".into());
+                        }
+                        stack = Some(created - 1);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let stack = stack.ok_or("its stoppable module is never instantiated")?;
+    Ok((created, stack))
+}
+
+/// The linker of checkpointable components: WASI, the handle and tree shadows reactors
+/// have, and the blocking stream functions made stop points.
+pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<ProcessState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    component_handles::shadows::add(&mut linker)?;
+    crate::component_disk::add_tree_shadows(&mut linker)?;
+    add_blocking_shadows(&mut linker)?;
+    Ok(linker)
+}
+
+/// `blocking-read` (interruptible when it waits on stdin) and the blocking writes (at
+/// entry), honouring the stop protocol (see `checkpoint::entry`). Unwinding, each answers
+/// with something that needs no allocation in the guest (`closed`, or success), which the
+/// unwinding caller never reads.
+fn add_blocking_shadows(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::p2::bindings::io::streams::{self, HostInputStream, HostOutputStream, StreamError};
+    use wasmtime_wasi::p2::{DynInputStream, DynOutputStream};
+    type Ctx<'a> = wasmtime::StoreContextMut<'a, ProcessState>;
+    let streams = format!("wasi:io/streams@{}", component_handles::shadows::WASI);
+    linker.allow_shadowing(true);
+    let mut instance = linker.instance(&streams)?;
+    instance.func_wrap_async(
+        "[method]input-stream.blocking-read",
+        |mut store: Ctx<'_>, (stream, len): (Resource<DynInputStream>, u64)| {
+            Box::new(async move {
+                if let checkpoint::Entry::Unwind = checkpoint::entry(&mut store) {
+                    return Ok((Err(StreamError::Closed),));
+                }
+                let state = store.data();
+                let stdin = state.checkpoint.as_ref().and_then(|c| c.stdin.clone());
+                let reads_stdin = state.handles.is_stdin(stream.rep());
+                if let Some(stdin) = stdin.filter(|_| reads_stdin)
+                    && !checkpoint::interruptible(&mut store, stdin.readable()).await
+                {
+                    return Ok((Err(StreamError::Closed),));
+                }
+                let table = store.data_mut().wasi.ctx().table;
+                let result = match HostInputStream::blocking_read(table, stream, len).await {
+                    Ok(bytes) => Ok(bytes),
+                    Err(e) => Err(streams::Host::convert_stream_error(table, e)?),
+                };
+                Ok((result,))
+            })
+        },
+    )?;
+    instance.func_wrap_async(
+        "[method]output-stream.blocking-write-and-flush",
+        |mut store: Ctx<'_>, (stream, bytes): (Resource<DynOutputStream>, Vec<u8>)| {
+            Box::new(async move {
+                if let checkpoint::Entry::Unwind = checkpoint::entry(&mut store) {
+                    return Ok((Ok(()),));
+                }
+                let table = store.data_mut().wasi.ctx().table;
+                let result = match HostOutputStream::blocking_write_and_flush(table, stream, bytes.into()).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(streams::Host::convert_stream_error(table, e)?),
+                };
+                Ok((result,))
+            })
+        },
+    )?;
+    instance.func_wrap_async(
+        "[method]output-stream.blocking-flush",
+        |mut store: Ctx<'_>, (stream,): (Resource<DynOutputStream>,)| {
+            Box::new(async move {
+                if let checkpoint::Entry::Unwind = checkpoint::entry(&mut store) {
+                    return Ok((Ok(()),));
+                }
+                let table = store.data_mut().wasi.ctx().table;
+                let result = match HostOutputStream::blocking_flush(table, stream).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(streams::Host::convert_stream_error(table, e)?),
+                };
+                Ok((result,))
+            })
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// A checkpointable component, loaded on the engine whose memories the host makes.
+pub(crate) struct Loaded {
+    pub pre: CommandPre<ProcessState>,
+    pub shape: ComponentShape,
+    pub handles: HandleSupport,
+}
+
+/// Why a checkpointable component did not run to its end.
+pub(crate) enum Failure {
+    /// The guest failed (a trap, an exit, a limit): the process's status says which.
+    Wasm(wasmtime::Error),
+    /// Its image could not be put back.
+    Restore(String),
+}
+
+/// Instantiates the component (continuing `resume` when given) and runs `wasi:cli/run`,
+/// answering checkpoint requests, until it ends: `Some(exit code)`, or `None` when it
+/// stopped for a checkpoint.
+pub(crate) async fn run(
+    store: &mut Store<ProcessState>,
+    loaded: &Loaded,
+    resume: Option<&ResumeFrom>,
+) -> std::result::Result<Option<i32>, Failure> {
+    let shape = &loaded.shape;
+    let sizes = match resume {
+        Some(resume) => planned_sizes(shape, &resume.image).map_err(Failure::Restore)?,
+        None => Vec::new(),
+    };
+    let instantiation = loaded.pre.instance_pre().instantiate_async(&mut *store);
+    let (instance, memories) = MemoryRegistry.collect_sized(instantiation, sizes).await;
+    let instance = instance.map_err(Failure::Wasm)?;
+    let command = Command::new(&mut *store, &instance).map_err(Failure::Wasm)?;
+    if memories.len() != shape.memories {
+        return Err(Failure::Restore(format!(
+            "the component made {} linear memories where its checkpoint form makes {}",
+            memories.len(),
+            shape.memories
+        )));
+    }
+    let state = StateCell::Memory(memories[shape.stack].clone());
+    let control = {
+        let cp = store.data_mut().checkpoint.as_mut().expect("checkpointable components have checkpointing");
+        cp.state = Some(state.clone());
+        cp.control.clone()
+    };
+    if let Some(resume) = resume {
+        restore(store, &instance, loaded, &memories, &resume.image, &resume.parts).await?;
+    }
+    loop {
+        let result = command.wasi_cli_run().call_run(&mut *store).await.map_err(Failure::Wasm)?;
+        if state.get(&mut *store) != UNWINDING {
+            control.fail_pending("the process exited before it reached a stop point");
+            return Ok(Some(if result.is_ok() { 0 } else { 1 }));
+        }
+        let capture = async |store: &mut Store<ProcessState>| capture(store, loaded, &memories);
+        match checkpoint::after_unwind(store, &control, capture).await {
+            checkpoint::AfterUnwind::Stop => return Ok(None),
+            checkpoint::AfterUnwind::Rewind => state.set(&mut *store, REWINDING),
+        }
+    }
+}
+
+fn word(memory: &HostMemory, at: usize) -> i32 {
+    memory.read(at, 4).map_or(0, |w| i32::from_le_bytes(w.try_into().expect("4 bytes")))
+}
+
+/// Captures an unwound component: every memory (the unwind stack, with the frames and
+/// the saved globals, among them) and the resources it holds.
+fn capture(store: &mut Store<ProcessState>, loaded: &Loaded, memories: &[HostMemory]) -> Result<Captured> {
+    let refused = |why: String| Error::NotQuiescent(format!("the component cannot be captured: {why}"));
+    if word(&memories[loaded.shape.stack], unwind::CONTROL_REF_SP as usize) != 0 {
+        return Err(refused("a function reference is live on its stack, which an image cannot hold".into()));
+    }
+    let handles = component_handles::capture(store.data_mut(), &loaded.handles).map_err(refused)?;
+    let mut images = Vec::with_capacity(memories.len());
+    let mut parts = Vec::with_capacity(memories.len());
+    for (i, memory) in memories.iter().enumerate() {
+        let data = memory.read(0, memory.size()).expect("a memory's own bytes");
+        let (image, stored) = instance_state::memory_image(&data, i as u32);
+        images.push(image);
+        parts.push(stored);
+    }
+    let data = store.data();
+    let cp = data.checkpoint.as_ref().expect("checkpointing");
+    let (stdin, stdin_closed) = match &cp.stdin {
+        Some(pipe) => (pipe.pending(), pipe.is_closed()),
+        None => (Vec::new(), false),
+    };
+    let state = SuspendedImage {
+        instance: InstanceImage {
+            memories: images,
+            globals: Vec::new(),
+            tables: Vec::new(),
+            fds: Default::default(),
+            monotonic_ns: data.clock.now_ns(),
+        },
+        sleep_deadlines: Vec::new(),
+        stdin,
+        stdin_closed,
+        program_part: None,
+        preopens: Vec::new(),
+        handles,
+    };
+    Ok(Captured { state, parts })
+}
+
+/// The size each memory is made at for `image`, checked against the shape.
+fn planned_sizes(shape: &ComponentShape, image: &SuspendedImage) -> std::result::Result<Vec<usize>, String> {
+    let i = &image.instance;
+    if i.memories.len() != shape.memories || !i.globals.is_empty() || !i.tables.is_empty() {
+        return Err(format!(
+            "the image holds {} memories, {} globals and {} tables; this component keeps its state in {} memories",
+            i.memories.len(),
+            i.globals.len(),
+            i.tables.len(),
+            shape.memories
+        ));
+    }
+    i.memories.iter().map(|m| usize::try_from(m.size_bytes).map_err(|_| "a memory too large".to_string())).collect()
+}
+
+/// Writes `image` into a fresh instance made at its sizes, puts its resources back and
+/// makes it rewind at the next call of `run`.
+async fn restore(
+    store: &mut Store<ProcessState>,
+    instance: &wasmtime::component::Instance,
+    loaded: &Loaded,
+    memories: &[HostMemory],
+    image: &SuspendedImage,
+    parts: &[Vec<u8>],
+) -> std::result::Result<(), Failure> {
+    let restore_error = |e: String| Failure::Restore(e);
+    let mut extra = 0u64;
+    for (k, (memory, saved)) in memories.iter().zip(&image.instance.memories).enumerate() {
+        if memory.size() as u64 != saved.size_bytes {
+            return Err(restore_error(format!(
+                "memory {k} is {} bytes, its image {} (smaller than the module's minimum?)",
+                memory.size(),
+                saved.size_bytes
+            )));
+        }
+        let minimum = memory.ty().minimum().saturating_mul(memory.ty().page_size());
+        extra += saved.size_bytes.saturating_sub(minimum);
+    }
+    store.data_mut().limiter.restored(extra).map_err(|e| Failure::Wasm(e.into()))?;
+    for (k, (memory, saved)) in memories.iter().zip(&image.instance.memories).enumerate() {
+        let bytes = instance_state::part(parts, saved.part).map_err(|e| restore_error(e.to_string()))?;
+        write_memory(memory, saved, bytes).map_err(|e| restore_error(format!("memory {k}: {e}")))?;
+    }
+    let state = StateCell::Memory(memories[loaded.shape.stack].clone());
+    if state.get(&mut *store) != UNWINDING {
+        return Err(restore_error("the image's process was not stopped at a suspension point".into()));
+    }
+    component_handles::restore(store, instance, &image.handles, &loaded.handles)
+        .await
+        .map_err(|e| restore_error(format!("rebuilding its resources: {e}")))?;
+    state.set(&mut *store, REWINDING);
+    Ok(())
+}
+
+/// Zeroes `memory` and copies the image's stored pages in.
+fn write_memory(memory: &HostMemory, image: &MemoryImage, bytes: &[u8]) -> std::result::Result<(), String> {
+    use crate::memory_image::IMAGE_PAGE;
+    memory.clear().map_err(|e| format!("clearing it: {e}"))?;
+    let mut at = 0usize;
+    for &(start, count) in &image.runs {
+        let (from, len) = ((start * IMAGE_PAGE) as usize, (count * IMAGE_PAGE) as usize);
+        let written = bytes.get(at..at + len).is_some_and(|run| memory.write(from, run));
+        if !written {
+            return Err("a page run is outside the memory or the stored pages".into());
+        }
+        at += len;
+    }
+    Ok(())
+}
