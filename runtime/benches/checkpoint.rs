@@ -6,8 +6,12 @@
 //! - the idle MicroPython REPL (it has run `x = 6*7` and waits for its next line):
 //!   snapshot p50, image size, warm restore p50, and the memory of 1,000 idle forks.
 //!
+//! - command components (cargo's `wordfreq`): plain vs checkpointable spawn-to-exit,
+//!   snapshot and restore p50 idle with 1 MiB of heap touched, 1,000 idle forks.
+//!
 //! Run: `cargo bench -p stasis-runtime --bench checkpoint` after `guests/build.sh`.
-//! `CHECKPOINT_BENCH_FORKS=200` makes the fork run smaller.
+//! `CHECKPOINT_BENCH_FORKS=200` makes the fork runs smaller; `CHECKPOINT_BENCH=components`
+//! runs only the components' figures.
 //!
 //! Figures on the development VM (2 vCPUs), 2026-11-29:
 //! - transform: hello 23 -> 33 KiB (+42%) in 3.2 ms; MicroPython 362 -> 740 KiB (+104%)
@@ -193,14 +197,137 @@ async fn repl_figures(host: &Host) {
     }
 }
 
+/// Command components (issue 15): cargo's `wordfreq` plain (normal engine, original
+/// bytes) and checkpointable (the self-contained transform, on the engine whose memories
+/// the host makes), then idle with over 1 MiB of heap touched (it has counted a 1 MiB
+/// line of distinct words and waits for its next line): snapshot and restore p50, and
+/// the memory of idle forks.
+async fn component_figures(plain: &Host, checkpoints: &Host) {
+    println!("\n## command components: cargo's wasm32-wasip2 `wordfreq`");
+    let lines: String = (0..40).map(|i| format!("w{i} x{} y{}\n", i % 7, i % 3)).collect();
+    let run = async |host: &Host| {
+        let sandbox = Sandbox::create(host, SandboxConfig::default()).unwrap();
+        let command = Command::new(ProgramRef::Bytes { bytes: guest("wordfreq.component.wasm"), name: "wordfreq".into() })
+            .args(["/"])
+            .env("ROUNDS", "2000000")
+            .stdin(StdinMode::Bytes(lines.clone().into_bytes()));
+        let start = Instant::now();
+        let status = sandbox.spawn(command).await.unwrap().wait().await;
+        assert!(status.success(), "{status}");
+        start.elapsed()
+    };
+    run(plain).await;
+    run(checkpoints).await;
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..7 {
+        a.push(run(plain).await);
+        b.push(run(checkpoints).await);
+    }
+    let (a, b) = (percentile(&mut a, 0.5), percentile(&mut b, 0.5));
+    println!(
+        "40 lines, a 2M-round loop each, spawn to exit: plain {}, checkpointable {}: {:+.1}%",
+        ms(a),
+        ms(b),
+        (b.as_secs_f64() / a.as_secs_f64() - 1.0) * 100.0
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let images = MemorySnapshotStore::open(tmp.path()).unwrap();
+    let sandbox = Sandbox::create(checkpoints, SandboxConfig::default()).unwrap();
+    let command = Command::new(ProgramRef::Bytes { bytes: guest("wordfreq.component.wasm"), name: "wordfreq".into() })
+        .args(["/"])
+        .env("ROUNDS", "1000")
+        .stdin(StdinMode::Pipe);
+    let process = sandbox.spawn(command).await.unwrap();
+    let mut big = String::new();
+    let mut i = 0;
+    while big.len() < 1 << 20 {
+        big += &format!("word{i} ");
+        i += 1;
+    }
+    big.push('\n');
+    process.stdin().unwrap().write(big.as_bytes()).unwrap();
+    wait_for(&process, "line 1:").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut samples = Vec::new();
+    let mut last = None;
+    for _ in 0..30 {
+        let start = Instant::now();
+        let report = sandbox.snapshot_memory(None, &images).await.unwrap();
+        samples.push(start.elapsed());
+        if let Some(old) = last.replace(report.clone()) {
+            images.delete(&old.id).unwrap();
+        }
+    }
+    let report = last.unwrap();
+    println!(
+        "idle after a 1 MiB line ({i} words): snapshot p50 {} (p99 {}): stop and capture {}, encode {}, durable write {}; image {} KiB ({} KiB of non-zero memory)",
+        ms(percentile(&mut samples, 0.5)),
+        ms(percentile(&mut samples, 0.99)),
+        ms(report.hold),
+        ms(report.encode),
+        ms(report.write),
+        report.image_bytes / 1024,
+        report.memory_bytes / 1024
+    );
+    let snapshot = MemorySnapshot::open(checkpoints, &images, &report.id).unwrap();
+    let (mut restore, mut respond) = (Vec::new(), Vec::new());
+    for _ in 0..30 {
+        let start = Instant::now();
+        let restored = snapshot.restore(checkpoints, SandboxConfig::default(), None).await.unwrap();
+        restore.push(start.elapsed());
+        let p = restored.processes().into_iter().find(|p| p.status().is_none()).unwrap();
+        p.stdin().unwrap().write(b"one more\n").unwrap();
+        wait_for(&p, "line 2:").await;
+        respond.push(start.elapsed());
+        p.kill();
+    }
+    println!(
+        "restore p50 {} (p99 {}); restore to the answer to its next line p50 {}",
+        us(percentile(&mut restore, 0.5)),
+        us(percentile(&mut restore, 0.99)),
+        ms(percentile(&mut respond, 0.5))
+    );
+
+    let forks: usize = std::env::var("CHECKPOINT_BENCH_FORKS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let (rss0, pss0) = memory_mib();
+    let start = Instant::now();
+    let mut kept = Vec::with_capacity(forks);
+    for _ in 0..forks {
+        kept.push(snapshot.restore(checkpoints, SandboxConfig::default(), None).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let took = start.elapsed();
+    let (rss1, pss1) = memory_mib();
+    println!(
+        "{forks} idle forks: {} ({} each), RSS +{:.0} MiB, PSS +{:.0} MiB ({:.2} MiB RSS each)",
+        ms(took),
+        us(took / forks as u32),
+        rss1 - rss0,
+        pss1 - pss0,
+        (rss1 - rss0) / forks as f64
+    );
+    let answering = kept[forks / 2].processes().into_iter().find(|p| p.status().is_none()).unwrap();
+    answering.stdin().unwrap().write(b"one more\n").unwrap();
+    wait_for(&answering, "line 2:").await;
+    for sandbox in kept {
+        sandbox.kill_all();
+    }
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
-        transform_figures();
+        if std::env::var("CHECKPOINT_BENCH").as_deref() != Ok("components") {
+            transform_figures();
+        }
         let plain = Host::new(HostConfig { max_processes: None, ..HostConfig::default() }).unwrap();
         let checkpoints =
             Host::new(HostConfig { max_processes: None, checkpoints: true, ..HostConfig::default() }).unwrap();
-        tax_figures(&plain, &checkpoints).await;
-        repl_figures(&checkpoints).await;
+        if std::env::var("CHECKPOINT_BENCH").as_deref() != Ok("components") {
+            tax_figures(&plain, &checkpoints).await;
+            repl_figures(&checkpoints).await;
+        }
+        component_figures(&plain, &checkpoints).await;
     });
 }

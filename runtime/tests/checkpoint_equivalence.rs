@@ -225,7 +225,7 @@ async fn components_print_and_write_the_same_when_stopped_and_continued_on_fresh
         args: &["/"],
         stdin: lines,
         random_stops: 6,
-        env: &[("ROUNDS", "200000000")],
+        env: &[("ROUNDS", "20000000")],
     };
     let expected = uninterrupted(&mut world, &s).await;
     assert!(expected.status == "exited with status 0" || expected.status.contains('0'), "{expected:?}");

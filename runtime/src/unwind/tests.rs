@@ -106,15 +106,30 @@ struct Prepared {
     state_export: crate::state_export::StateLayout,
 }
 
-fn prepare_with(wat: &str, preempt: bool, control_in_memory: bool) -> Prepared {
+/// Where the transform keeps its variables, and how a resume gets the module's globals.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Globals,
+    ControlInMemory,
+    /// A component's module (`UnwindOptions::self_contained`): a fresh instance gets only
+    /// the memories (the globals come back from the unwind stack), and no copies module.
+    SelfContained,
+}
+
+const MODES: [Mode; 3] = [Mode::Globals, Mode::ControlInMemory, Mode::SelfContained];
+
+fn prepare_with(wat: &str, preempt: bool, mode: Mode) -> Prepared {
     let wasm = wat::parse_str(wat).unwrap();
+    let control_in_memory = mode != Mode::Globals;
     let options = UnwindOptions {
         blocking_imports: vec![("env".into(), "block".into())],
         preempt_loops: preempt,
         control_in_memory,
+        self_contained: mode == Mode::SelfContained,
         ..Default::default()
     };
     let (instrumented, layout) = instrument(&wasm, &options).unwrap();
+    assert_eq!(layout.saved_global_bytes > 0, options.self_contained && wat.contains("(global $sp (mut"));
     if let Err(e) = wasmparser::Validator::new_with_features(features()).validate_all(&instrumented) {
         let text = wasmprinter::print_bytes(&instrumented).unwrap_or_default();
         panic!("invalid output: {e}\n{text}");
@@ -165,7 +180,9 @@ fn run(p: &Prepared, arg: i32, stop_at: Option<u32>, fresh: bool) -> (Vec<Val>, 
         if fresh { copy_to_fresh(p, &mut store, &instance, &linker) } else { (store, instance) };
     let state = Control::of(p, &mut store, &instance);
     state.set_state(&mut store, REWINDING);
-    install_copies(p, &mut store, &instance);
+    if !p.options.self_contained {
+        install_copies(p, &mut store, &instance);
+    }
     let func = instance.get_func(&mut store, "run").unwrap();
     // The argument is a placeholder: the rewound frame restores its own locals.
     func.call(&mut store, &[Val::I32(0)], &mut results).unwrap();
@@ -217,7 +234,8 @@ fn copy_to_fresh(
         to.data_mut(&mut store).copy_from_slice(&bytes);
     }
     for (index, info) in p.state_export.globals.iter().enumerate() {
-        if info.mutable {
+        // A component's host cannot reach them: the module brings its own back.
+        if info.mutable && !p.options.self_contained {
             let from = global(old, old_instance, index as u32).get(&mut *old);
             global(&mut store, &instance, index as u32).set(&mut store, from).unwrap();
         }
@@ -229,14 +247,13 @@ fn copy_to_fresh(
 /// transform's variables in globals and in the control memory.
 fn check_every_stop(wat: &str, arg: i32) -> u32 {
     let mut counted = None;
-    for control_in_memory in [false, true] {
-        let p = prepare_with(wat, false, control_in_memory);
+    for mode in MODES {
+        let p = prepare_with(wat, false, mode);
         let (expected, log, calls) = run(&p, arg, None, false);
         assert!(calls > 0, "the test function never blocks");
         for stop in 0..calls {
             for fresh in [false, true] {
-                let what =
-                    format!("a stop at call {stop} (fresh instance: {fresh}, control in memory: {control_in_memory})");
+                let what = format!("a stop at call {stop} (fresh instance: {fresh}, {mode:?})");
                 let (results, got_log, got_calls) = run(&p, arg, Some(stop), fresh);
                 let results: Vec<String> = results.iter().map(|v| format!("{v:?}")).collect();
                 let expected: Vec<String> = expected.iter().map(|v| format!("{v:?}")).collect();
@@ -470,8 +487,8 @@ fn preemption_at_loop_headers_of_a_cpu_bound_loop() {
             end
             local.get $h))"#
     );
-    for control_in_memory in [false, true] {
-        let p = prepare_with(&wat, true, control_in_memory);
+    for mode in MODES {
+        let p = prepare_with(&wat, true, mode);
         let (expected, _, _) = run(&p, 100_000, None, false);
         // Arm the stop from outside mid-run: an epoch callback does this in Stasis; here a
         // fuel-free variant: arm before the call, so the first loop header unwinds.
@@ -483,10 +500,12 @@ fn preemption_at_loop_headers_of_a_cpu_bound_loop() {
         state.set_state(&mut store, ARMED);
         let run_fn = instance.get_typed_func::<i32, i32>(&mut store, "run").unwrap();
         run_fn.call(&mut store, 100_000).unwrap();
-        assert_eq!(state.get(&mut store, Var::State), UNWINDING, "control in memory: {control_in_memory}");
+        assert_eq!(state.get(&mut store, Var::State), UNWINDING, "{mode:?}");
         assert!(state.get(&mut store, Var::Sp) > CONTROL_BYTES as i32, "the frames are on the unwind stack");
         state.set_state(&mut store, REWINDING);
-        install_copies(&p, &mut store, &instance);
+        if mode != Mode::SelfContained {
+            install_copies(&p, &mut store, &instance);
+        }
         let result = run_fn.call(&mut store, 0).unwrap();
         assert_eq!(Val::I32(result).unwrap_i32(), expected[0].unwrap_i32());
     }
@@ -512,6 +531,56 @@ fn untouched_functions_stay_byte_identical_and_refusals_name_the_feature() {
     let err = instrument(&shared, &options).unwrap_err().to_string();
     assert!(err.contains("shared memory"), "{err}");
     assert!(matches!(instrument(b"\0asm\x01\0\0\0\x01\xff", &options), Err(UnwindError::Invalid(_))));
+}
+
+/// A C-style shadow stack: a mutable global moved before the blocking call and back after
+/// it, with a value kept in linear memory under it. Self-contained, the fresh instance
+/// gets no globals from the host: the module's wrapper of `run` pushed them onto the
+/// unwind stack once unwound and pops them back before the rewind.
+#[test]
+fn a_mutable_global_comes_back_with_the_stack() {
+    let wat = format!(
+        r#"(module {IMPORTS}
+        (memory 1)
+        (global $sp (mut i32) (i32.const 4096))
+        (global $count (mut i64) (i64.const 0))
+        (func $frame (param $x i32) (result i32)
+            (local $at i32)
+            global.get $sp
+            i32.const 16
+            i32.sub
+            local.tee $at
+            global.set $sp
+            local.get $at
+            local.get $x
+            i32.store
+            global.get $count
+            i64.const 1
+            i64.add
+            global.set $count
+            local.get $x
+            call $block
+            local.get $at
+            i32.load
+            i32.add
+            global.get $sp
+            i32.add
+            global.get $count
+            call $log
+            local.get $at
+            i32.const 16
+            i32.add
+            global.set $sp)
+        (func (export "run") (param $x i32) (result i32)
+            local.get $x
+            call $frame
+            local.get $x
+            i32.const 1
+            i32.add
+            call $frame
+            i32.add))"#
+    );
+    assert_eq!(check_every_stop(&wat, 9), 2);
 }
 
 #[test]
