@@ -192,7 +192,7 @@ fn worker() -> CompileWorker {
 /// Compiles `bytes` in a child as a host does; answers (wall time, peak RSS in bytes).
 fn compile_cost(bytes: &[u8], format: ProgramFormat, out: &Path) -> (Duration, u64) {
     let budget = CompileBudget { memory: 20 << 30, time: Duration::from_secs(1800) };
-    let settings = EngineSettings { pool: None, guest_debug: false };
+    let settings = EngineSettings { pool: None, guest_debug: false, host_memory: false };
     match compile_worker::compile(&worker(), budget, settings, bytes, format, out) {
         Ok(stats) => (stats.wall, stats.peak_rss),
         Err(e) => panic!("compiling: {e}"),

@@ -22,8 +22,8 @@
 //! sleeps what was left of it).
 
 use crate::error::{Error, Result};
-use crate::host_memory::HostMemory;
 use crate::host::Program;
+use crate::host_memory::HostMemory;
 use crate::instance_state;
 use crate::memory_image::{self, InstanceImage, ProcessImage, ProcessStateImage, SuspendedImage};
 use crate::pause::RunPhase;

@@ -61,7 +61,8 @@ pub(crate) struct Prepared {
 pub(crate) fn prepare(component: &[u8]) -> std::result::Result<Prepared, String> {
     let instrumented = unwind::instrument_component(component, &checkpoint::blocking_imports())
         .map_err(|e| format!("the checkpoint transform: {e}"))?;
-    let stoppable: Vec<usize> = (0..instrumented.modules.len()).filter(|&m| instrumented.modules[m].is_some()).collect();
+    let stoppable: Vec<usize> =
+        (0..instrumented.modules.len()).filter(|&m| instrumented.modules[m].is_some()).collect();
     let module = match stoppable[..] {
         [module] => module,
         [] => return Err("nothing in it can be stopped".into()),
@@ -78,12 +79,18 @@ pub(crate) fn prepare(component: &[u8]) -> std::result::Result<Prepared, String>
             return Err(format!("core module {m} {why}"));
         }
         if facts.mutable_globals && m != module {
-            return Err(format!("core module {m} keeps mutable globals, and nothing of it can be stopped to save them"));
+            return Err(format!(
+                "core module {m} keeps mutable globals, and nothing of it can be stopped to save them"
+            ));
         }
     }
     let (memories, stack) = memory_order(&instrumented.bytes, module)?;
     let rewritten = component_handles::rewrite::rewrite(&instrumented.bytes);
-    Ok(Prepared { bytes: rewritten.bytes, shape: ComponentShape { layout, memories, stack }, handles: rewritten.handles })
+    Ok(Prepared {
+        bytes: rewritten.bytes,
+        shape: ComponentShape { layout, memories, stack },
+        handles: rewritten.handles,
+    })
 }
 
 /// What a core module keeps that a restore cannot rebuild from its memories.
@@ -157,7 +164,9 @@ fn memory_order(component: &[u8], module: usize) -> std::result::Result<(usize, 
             }
             Payload::ComponentSection { .. } => depth += 1,
             Payload::End(_) if depth > 0 => depth -= 1,
-            Payload::MemorySection(reader) if depth == 1 => *defined.last_mut().expect("a module") += reader.count() as usize,
+            Payload::MemorySection(reader) if depth == 1 => {
+                *defined.last_mut().expect("a module") += reader.count() as usize
+            }
             Payload::InstanceSection(reader) if depth == 0 => {
                 for instance in reader {
                     let wasmparser::Instance::Instantiate { module_index, .. } = instance.map_err(invalid)? else {
@@ -235,7 +244,7 @@ fn add_blocking_shadows(linker: &mut Linker<ProcessState>) -> wasmtime::Result<(
                     return Ok((Ok(()),));
                 }
                 let table = store.data_mut().wasi.ctx().table;
-                let result = match HostOutputStream::blocking_write_and_flush(table, stream, bytes.into()).await {
+                let result = match HostOutputStream::blocking_write_and_flush(table, stream, bytes).await {
                     Ok(()) => Ok(()),
                     Err(e) => Err(streams::Host::convert_stream_error(table, e)?),
                 };

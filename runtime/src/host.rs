@@ -502,7 +502,8 @@ impl Host {
             match self.checkpointable_component(bytes, &hash) {
                 Ok(loaded) => {
                     let layout = loaded.shape.layout.clone();
-                    let program = self.program(hash, bytes, None, Ok(layout), ProgramEntry::CheckpointableComponent(loaded));
+                    let program =
+                        self.program(hash, bytes, None, Ok(layout), ProgramEntry::CheckpointableComponent(loaded));
                     self.inner.programs.lock().unwrap().insert(hash, program.clone());
                     return Ok(program);
                 }
@@ -621,16 +622,19 @@ impl Host {
         let cache = &owned.code_cache;
         let cached = match cache.note::<Note>(&key) {
             Some(Err(why)) => return Err(why),
-            Some(Ok((shape, handles))) => cache
-                .cached(&owned.engine, &key, ProgramFormat::Component)
-                .map(|compiled| (shape, handles, compiled)),
+            Some(Ok((shape, handles))) => {
+                cache.cached(&owned.engine, &key, ProgramFormat::Component).map(|compiled| (shape, handles, compiled))
+            }
             None => None,
         };
         let (shape, handles, compiled) = match cached {
             Some(cached) => cached,
             None => {
                 let prepared = prepare(bytes);
-                cache.store_note(&key, &prepared.as_ref().map(|p| (p.shape.clone(), p.handles.clone())).map_err(Clone::clone));
+                cache.store_note(
+                    &key,
+                    &prepared.as_ref().map(|p| (p.shape.clone(), p.handles.clone())).map_err(Clone::clone),
+                );
                 let prepared = prepared?;
                 let compiled = cache
                     .load_or_compile(&owned.engine, &prepared.bytes, &key, ProgramFormat::Component)

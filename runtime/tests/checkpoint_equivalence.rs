@@ -45,11 +45,23 @@ print('done', total)
 fn scenarios() -> Vec<Scenario> {
     vec![
         Scenario { guest: "hello.wasm", args: &["a", "b c"], stdin: &[], random_stops: 1, env: &[] },
-        Scenario { guest: "counter.wasm", args: &[], stdin: &["1\n", "2\n", "oops\n", "39\n"], random_stops: 0, env: &[] },
+        Scenario {
+            guest: "counter.wasm",
+            args: &[],
+            stdin: &["1\n", "2\n", "oops\n", "39\n"],
+            random_stops: 0,
+            env: &[],
+        },
         Scenario { guest: "cpuloop.wasm", args: &["8", "1"], stdin: &[], random_stops: 6, env: &[] },
         Scenario { guest: "sleeper.wasm", args: &["150"], stdin: &[], random_stops: 2, env: &[] },
         Scenario { guest: "writer.wasm", args: &["/", "4000"], stdin: &[], random_stops: 5, env: &[] },
-        Scenario { guest: "fileio.wasm", args: &["append", "/out.txt", "appended"], stdin: &[], random_stops: 1, env: &[] },
+        Scenario {
+            guest: "fileio.wasm",
+            args: &["append", "/out.txt", "appended"],
+            stdin: &[],
+            random_stops: 1,
+            env: &[],
+        },
         Scenario { guest: "memhog.wasm", args: &["48"], stdin: &[], random_stops: 3, env: &[] },
         Scenario { guest: "trap.wasm", args: &["divzero"], stdin: &[], random_stops: 1, env: &[] },
         Scenario { guest: "micropython.wasm", args: &["/main.py"], stdin: &["5\n", "-3\n"], random_stops: 4, env: &[] },

@@ -106,12 +106,23 @@ pub enum Recipe {
     Stdout,
     Stderr,
     Descriptor(DescriptorRecipe),
-    Read { file: DescriptorRecipe, position: u64 },
-    Write { file: DescriptorRecipe, position: u64 },
-    Append { file: DescriptorRecipe },
+    Read {
+        file: DescriptorRecipe,
+        position: u64,
+    },
+    Write {
+        file: DescriptorRecipe,
+        position: u64,
+    },
+    Append {
+        file: DescriptorRecipe,
+    },
     /// The pollable of the stream at resource-table slot `stream` (an input stream's when
     /// `input`), which is rebuilt first.
-    Subscribe { stream: u32, input: bool },
+    Subscribe {
+        stream: u32,
+        input: bool,
+    },
 }
 
 impl Recipe {
@@ -223,7 +234,10 @@ enum Payload {
     Output(DynOutputStream),
     Descriptor(Descriptor),
     /// Made in place, from its stream (already back at its slot).
-    Subscribe { stream: u32, input: bool },
+    Subscribe {
+        stream: u32,
+        input: bool,
+    },
 }
 
 /// Puts `handles` back into a freshly instantiated component (see the module docs);

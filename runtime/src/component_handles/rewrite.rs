@@ -56,8 +56,9 @@ fn try_rewrite(bytes: &[u8]) -> Result<Rewritten, String> {
                 // Handles live in one table per component instance; the host can only
                 // reach the outer one. (Nested components of only types, imports and
                 // exports, which wit-component makes for exported interfaces, hold none.)
-                return Err("it nests components with code of their own, whose handle tables the host cannot reach"
-                    .into());
+                return Err(
+                    "it nests components with code of their own, whose handle tables the host cannot reach".into()
+                );
             }
             Payload::ModuleSection { .. } => nesting.push(false),
             Payload::ComponentSection { .. } => nesting.push(true),
@@ -217,9 +218,7 @@ mod tests {
         let nested = handles(&format!("(component {STREAMS} (component (core module)))")).unwrap_err();
         assert!(nested.contains("nests components with code"), "{nested}");
         // wit-component wraps exported interfaces in components of types and exports only.
-        let wrapper = format!(
-            r#"(component {STREAMS} (component (import "f" (func $f)) (export "g" (func $f))))"#
-        );
+        let wrapper = format!(r#"(component {STREAMS} (component (import "f" (func $f)) (export "g" (func $f))))"#);
         assert_eq!(handles(&wrapper), Ok(vec![ResourceKind::OutputStream]));
         let own = handles(&format!(
             "(component {STREAMS} (type $r (resource (rep i32))) (core func (canon resource.new $r)))"

@@ -64,20 +64,26 @@ pub(crate) fn add(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
 
     // A stream's pollable (wasi-libc keeps one per stream it has waited on).
     let mut streams = linker.instance(&format!("wasi:io/streams@{WASI}"))?;
-    streams.func_wrap("[method]input-stream.subscribe", |mut store: Store, (stream,): (Resource<DynInputStream>,)| {
-        let state = store.data_mut();
-        let parent = stream.rep();
-        let pollable = HostInputStream::subscribe(state.ctx().table, stream)?;
-        state.handles.note(pollable.rep(), Recipe::Subscribe { stream: parent, input: true }, None);
-        Ok((pollable,))
-    })?;
-    streams.func_wrap("[method]output-stream.subscribe", |mut store: Store, (stream,): (Resource<DynOutputStream>,)| {
-        let state = store.data_mut();
-        let parent = stream.rep();
-        let pollable = HostOutputStream::subscribe(state.ctx().table, stream)?;
-        state.handles.note(pollable.rep(), Recipe::Subscribe { stream: parent, input: false }, None);
-        Ok((pollable,))
-    })?;
+    streams.func_wrap(
+        "[method]input-stream.subscribe",
+        |mut store: Store, (stream,): (Resource<DynInputStream>,)| {
+            let state = store.data_mut();
+            let parent = stream.rep();
+            let pollable = HostInputStream::subscribe(state.ctx().table, stream)?;
+            state.handles.note(pollable.rep(), Recipe::Subscribe { stream: parent, input: true }, None);
+            Ok((pollable,))
+        },
+    )?;
+    streams.func_wrap(
+        "[method]output-stream.subscribe",
+        |mut store: Store, (stream,): (Resource<DynOutputStream>,)| {
+            let state = store.data_mut();
+            let parent = stream.rep();
+            let pollable = HostOutputStream::subscribe(state.ctx().table, stream)?;
+            state.handles.note(pollable.rep(), Recipe::Subscribe { stream: parent, input: false }, None);
+            Ok((pollable,))
+        },
+    )?;
 
     let mut types = linker.instance(&format!("wasi:filesystem/types@{WASI}"))?;
     types.func_wrap_async(

@@ -14,14 +14,15 @@
 //! name like functions) can when some module puts a function of that signature that can
 //! suspend into that table.
 //!
-//! Each module keeps its control block (`state`, the unwind stack pointers) at the start
-//! of its unwind stack's memory (`UnwindOptions::control_in_memory`), since a host can own
-//! a component's memories (`host_memory`) but never reach its globals.
+//! Each module is instrumented self-contained (`UnwindOptions::self_contained`): its
+//! control block (`state`, the unwind stack pointers) at the start of its unwind stack's
+//! memory, its rewind copies inside it, its mutable globals saved on that stack by its
+//! exports' wrappers; a host can own a component's memories (`host_memory`) but never
+//! reach its globals or tables. An instrumented component runs as the original does;
+//! `component_checkpoint` stops and resumes one.
 //!
-//! What this does not do yet (issue 15): share one `state` between the modules (so a stop
-//! cannot yet cross a module boundary), save each module's own globals for the host, and
-//! the host side that arms, captures and resumes. An instrumented component runs as the
-//! original does.
+//! Not yet (issue 15): one `state` shared by the modules, so a stop cannot cross a module
+//! boundary (a component whose stop points span modules is not captured).
 
 use super::{UnwindError, UnwindLayout, UnwindOptions, instrument, suspension};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
