@@ -637,6 +637,7 @@ async fn capture(
         program_part: None,
         preopens: Vec::new(),
         handles: Vec::new(),
+        instantiation_growth: Vec::new(),
     };
     Ok(Captured { state, parts })
 }

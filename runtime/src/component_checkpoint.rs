@@ -18,10 +18,13 @@
 //! sets `REWINDING` and calls `run` again. A restore creates the memories at their
 //! captured sizes, writes them, rebuilds the handles and calls `run` rewinding.
 //!
-//! Not yet: a stop can only be on the stack of one core module (the program's own; a
-//! component whose stop points span modules, such as componentize-py's, is refused at
-//! load, with the reason, and runs without checkpoints); a sleep (`poll`) is not a stop
-//! point, and a pollable or socket held at a stop refuses the capture.
+//! A stop can cross modules (an adapter-made component's program calls the adapter's
+//! `fd_read`, which blocks): the instrumented modules share one unwind stack and one
+//! `state` (`unwind::instrument_component`), whose memory is the one the host watches.
+//! Not yet: a module that shares the stack may define no memory of its own, and modules
+//! with mutable globals must all be instrumented (else the component runs without
+//! checkpoints, saying why); a sleep (`poll`) is not a stop point, and a clock's pollable
+//! or a socket held at a stop refuses the capture.
 
 use crate::checkpoint::{self, Captured, StateCell};
 use crate::component_handles::{self, HandleSupport};
@@ -32,6 +35,7 @@ use crate::memory_image::{InstanceImage, MemoryImage, SuspendedImage};
 use crate::process::{ProcessState, ResumeFrom};
 use crate::unwind::{self, REWINDING, UNWINDING, UnwindLayout};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 use wasmparser::{Parser, Payload};
 use wasmtime::Store;
 use wasmtime::component::Linker;
@@ -61,30 +65,21 @@ pub(crate) struct Prepared {
 pub(crate) fn prepare(component: &[u8]) -> std::result::Result<Prepared, String> {
     let instrumented = unwind::instrument_component(component, &checkpoint::blocking_imports())
         .map_err(|e| format!("the checkpoint transform: {e}"))?;
-    let stoppable: Vec<usize> =
+    let stoppable: BTreeSet<usize> =
         (0..instrumented.modules.len()).filter(|&m| instrumented.modules[m].is_some()).collect();
-    let module = match stoppable[..] {
-        [module] => module,
-        [] => return Err("nothing in it can be stopped".into()),
-        _ => {
-            return Err(format!(
-                "its stop points span {} core modules; a stop across modules is not supported yet",
-                stoppable.len()
-            ));
-        }
-    };
-    let layout = instrumented.modules[module].clone().expect("an instrumented module");
+    if stoppable.is_empty() {
+        return Err("nothing in it can be stopped".into());
+    }
     for (m, facts) in modules(component)?.iter().enumerate() {
         if let Some(why) = facts.runtime_changes {
             return Err(format!("core module {m} {why}"));
         }
-        if facts.mutable_globals && m != module {
-            return Err(format!(
-                "core module {m} keeps mutable globals, and nothing of it can be stopped to save them"
-            ));
+        if facts.mutable_globals && !stoppable.contains(&m) {
+            return Err(format!("core module {m} keeps mutable globals, and nothing of it can be stopped to save them"));
         }
     }
-    let (memories, stack) = memory_order(&instrumented.bytes, module)?;
+    let (memories, stack, module) = memory_order(&instrumented.bytes, &stoppable)?;
+    let layout = instrumented.modules[module].clone().expect("an instrumented module");
     let rewritten = component_handles::rewrite::rewrite(&instrumented.bytes);
     Ok(Prepared {
         bytes: rewritten.bytes,
@@ -148,9 +143,13 @@ fn modules(component: &[u8]) -> std::result::Result<Vec<ModuleFacts>, String> {
 }
 
 /// Memories the component's instantiation creates, in order (each core instance's defined
-/// memories, in instantiation order), and the position of `module`'s unwind stack (its
-/// last memory) among them.
-fn memory_order(component: &[u8], module: usize) -> std::result::Result<(usize, usize), String> {
+/// memories, in instantiation order), the position among them of the unwind stack (the
+/// last memory of the first `stoppable` module instantiated, which the others share:
+/// see `unwind::instrument_component`), and that module.
+fn memory_order(
+    component: &[u8],
+    stoppable: &BTreeSet<usize>,
+) -> std::result::Result<(usize, usize, usize), String> {
     let invalid = |e: wasmparser::BinaryReaderError| format!("invalid component: {e}");
     let mut defined = Vec::new();
     let mut created = 0usize;
@@ -164,29 +163,29 @@ fn memory_order(component: &[u8], module: usize) -> std::result::Result<(usize, 
             }
             Payload::ComponentSection { .. } => depth += 1,
             Payload::End(_) if depth > 0 => depth -= 1,
-            Payload::MemorySection(reader) if depth == 1 => {
-                *defined.last_mut().expect("a module") += reader.count() as usize
-            }
+            Payload::MemorySection(reader) if depth == 1 => *defined.last_mut().expect("a module") += reader.count() as usize,
             Payload::InstanceSection(reader) if depth == 0 => {
                 for instance in reader {
                     let wasmparser::Instance::Instantiate { module_index, .. } = instance.map_err(invalid)? else {
                         continue;
                     };
-                    let count = *defined.get(module_index as usize).ok_or("a core instance of an unknown module")?;
+                    let module = module_index as usize;
+                    let count = *defined.get(module).ok_or("a core instance of an unknown module")?;
                     created += count;
-                    if module_index as usize == module {
-                        if stack.is_some() {
-                            return Err("its stoppable module is instantiated twice".into());
+                    match stack {
+                        Some((_, owner)) if owner == module => {
+                            return Err("the module holding its unwind stack is instantiated twice".into());
                         }
-                        stack = Some(created - 1);
+                        None if stoppable.contains(&module) => stack = Some((created - 1, module)),
+                        _ => {}
                     }
                 }
             }
             _ => {}
         }
     }
-    let stack = stack.ok_or("its stoppable module is never instantiated")?;
-    Ok((created, stack))
+    let (stack, module) = stack.ok_or("its stoppable modules are never instantiated")?;
+    Ok((created, stack, module))
 }
 
 /// The linker of checkpointable components: WASI, the handle and tree shadows reactors
@@ -311,6 +310,9 @@ pub(crate) async fn run(
             shape.memories
         )));
     }
+    // What start code grew (measured on every instantiation, so that the images of a
+    // restored process record it too).
+    let growth: Vec<u64> = memories.iter().map(|m| m.size().saturating_sub(m.initial_size()) as u64).collect();
     let state = StateCell::Memory(memories[shape.stack].clone());
     let control = {
         let cp = store.data_mut().checkpoint.as_mut().expect("checkpointable components have checkpointing");
@@ -326,7 +328,7 @@ pub(crate) async fn run(
             control.fail_pending("the process exited before it reached a stop point");
             return Ok(Some(if result.is_ok() { 0 } else { 1 }));
         }
-        let capture = async |store: &mut Store<ProcessState>| capture(store, loaded, &memories);
+        let capture = async |store: &mut Store<ProcessState>| capture(store, loaded, &memories, &growth);
         match checkpoint::after_unwind(store, &control, capture).await {
             checkpoint::AfterUnwind::Stop => return Ok(None),
             checkpoint::AfterUnwind::Rewind => state.set(&mut *store, REWINDING),
@@ -340,7 +342,12 @@ fn word(memory: &HostMemory, at: usize) -> i32 {
 
 /// Captures an unwound component: every memory (the unwind stack, with the frames and
 /// the saved globals, among them) and the resources it holds.
-fn capture(store: &mut Store<ProcessState>, loaded: &Loaded, memories: &[HostMemory]) -> Result<Captured> {
+fn capture(
+    store: &mut Store<ProcessState>,
+    loaded: &Loaded,
+    memories: &[HostMemory],
+    growth: &[u64],
+) -> Result<Captured> {
     let refused = |why: String| Error::NotQuiescent(format!("the component cannot be captured: {why}"));
     if word(&memories[loaded.shape.stack], unwind::CONTROL_REF_SP as usize) != 0 {
         return Err(refused("a function reference is live on its stack, which an image cannot hold".into()));
@@ -374,6 +381,7 @@ fn capture(store: &mut Store<ProcessState>, loaded: &Loaded, memories: &[HostMem
         program_part: None,
         preopens: Vec::new(),
         handles,
+        instantiation_growth: growth.to_vec(),
     };
     Ok(Captured { state, parts })
 }
@@ -390,7 +398,17 @@ fn planned_sizes(shape: &ComponentShape, image: &SuspendedImage) -> std::result:
             shape.memories
         ));
     }
-    i.memories.iter().map(|m| usize::try_from(m.size_bytes).map_err(|_| "a memory too large".to_string())).collect()
+    if image.instantiation_growth.len() != i.memories.len() {
+        return Err("the image does not say how its memories grew while instantiated".into());
+    }
+    i.memories
+        .iter()
+        .zip(&image.instantiation_growth)
+        .map(|(m, &grew)| {
+            let size = m.size_bytes.checked_sub(grew).ok_or("a memory grew by more than its size")?;
+            usize::try_from(size).map_err(|_| "a memory too large".to_string())
+        })
+        .collect()
 }
 
 /// Writes `image` into a fresh instance made at its sizes, puts its resources back and
@@ -408,13 +426,14 @@ async fn restore(
     for (k, (memory, saved)) in memories.iter().zip(&image.instance.memories).enumerate() {
         if memory.size() as u64 != saved.size_bytes {
             return Err(restore_error(format!(
-                "memory {k} is {} bytes, its image {} (smaller than the module's minimum?)",
+                "memory {k} is {} bytes once instantiated, its image {} (its start code grew it otherwise?)",
                 memory.size(),
                 saved.size_bytes
             )));
         }
+        // The limiter saw each memory made at its minimum, then what start code grew.
         let minimum = memory.ty().minimum().saturating_mul(memory.ty().page_size());
-        extra += saved.size_bytes.saturating_sub(minimum);
+        extra += (memory.initial_size() as u64).saturating_sub(minimum);
     }
     store.data_mut().limiter.restored(extra).map_err(|e| Failure::Wasm(e.into()))?;
     for (k, (memory, saved)) in memories.iter().zip(&image.instance.memories).enumerate() {

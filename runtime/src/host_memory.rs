@@ -103,12 +103,19 @@ impl Drop for Region {
 #[derive(Clone)]
 pub struct HostMemory {
     region: Arc<Region>,
+    /// Bytes it was created with.
+    initial: usize,
 }
 
 impl HostMemory {
     /// The memory's type, as its module declared it.
     pub fn ty(&self) -> &MemoryType {
         &self.region.ty
+    }
+
+    /// Bytes the memory was created with (its minimum, or the size a restore asked for).
+    pub fn initial_size(&self) -> usize {
+        self.initial
     }
 
     /// Bytes the memory has now.
@@ -228,7 +235,7 @@ unsafe impl MemoryCreator for MemoryRegistry {
             memory.grow_to(size).map_err(|e| format!("{e:#}"))?;
         }
         if let Some(collection) = collection {
-            collection.lock().unwrap().created.push(HostMemory { region });
+            collection.lock().unwrap().created.push(HostMemory { region, initial: size });
         }
         Ok(Box::new(memory))
     }

@@ -122,6 +122,10 @@ pub struct SuspendedImage {
     /// order its instantiation creates them; it has no globals or tables there (its
     /// modules keep their globals on the unwind stack).
     pub handles: Vec<HandleImage>,
+    /// A component's: bytes each memory grew by while it was instantiated (start code,
+    /// such as the preview1 adapter's stack allocation, grows memories; a restore makes
+    /// each memory that much smaller, so that it has its captured size once started).
+    pub instantiation_growth: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,14 +164,23 @@ mod wire {
                 program_part,
                 preopens,
                 handles: Vec::new(),
+                instantiation_growth: Vec::new(),
             }
         }
     }
 
     impl From<SuspendedImage> for SuspendedWithoutHandles {
         fn from(s: SuspendedImage) -> Self {
-            let SuspendedImage { instance, sleep_deadlines, stdin, stdin_closed, program_part, preopens, handles: _ } =
-                s;
+            let SuspendedImage {
+                instance,
+                sleep_deadlines,
+                stdin,
+                stdin_closed,
+                program_part,
+                preopens,
+                handles: _,
+                instantiation_growth: _,
+            } = s;
             SuspendedWithoutHandles { instance, sleep_deadlines, stdin, stdin_closed, program_part, preopens }
         }
     }
@@ -202,7 +215,9 @@ mod wire {
             match state {
                 ProcessStateImage::Exited(e) => ProcessState::Exited(e),
                 ProcessStateImage::Idle(i) => ProcessState::Idle(i),
-                ProcessStateImage::Suspended(s) if s.handles.is_empty() => ProcessState::Suspended(s.into()),
+                ProcessStateImage::Suspended(s) if s.handles.is_empty() && s.instantiation_growth.is_empty() => {
+                    ProcessState::Suspended(s.into())
+                }
                 ProcessStateImage::Suspended(s) => ProcessState::SuspendedWithHandles(s),
                 ProcessStateImage::IdleComponent(c) => ProcessState::IdleComponent(c),
             }

@@ -41,6 +41,100 @@ pub const HOST_BLOCKING: [(&str, &str); 7] = [
 ];
 
 const CORE_MODULE_SECTION: u8 = 1;
+const CORE_INSTANCE_SECTION: u8 = 2;
+
+/// Name under which the first instrumented module instantiated exports the unwind stack
+/// the others import (as module and field, and as the instantiation argument naming it).
+const SHARED_STACK: &str = "stasis:unwind-stack";
+
+/// One unwind stack for all of a component's instrumented modules (see
+/// `UnwindOptions::stack_export`), when more than one is instrumented: a stop can then
+/// cross from one module into another (an adapter-made component's program and adapter).
+struct SharedStack {
+    /// The module that defines the stack (the first of them instantiated), and the core
+    /// instance that is its instantiation.
+    owner: Option<(usize, u32)>,
+    /// The other instrumented modules: they import it.
+    sharers: BTreeSet<usize>,
+}
+
+impl SharedStack {
+    fn plan(
+        sections: &[(u8, &[u8])],
+        modules: &[ModuleFacts<'_>],
+        linked: &Linked,
+        base: &UnwindOptions,
+    ) -> Result<SharedStack, UnwindError> {
+        let mut instrumented = BTreeSet::new();
+        for (m, facts) in modules.iter().enumerate() {
+            let functions = suspension(facts.bytes, &linked.options(facts, base)).map_err(|e| in_module(m, e))?;
+            if functions.iter().skip(facts.func_imports.len()).any(|(suspends, _)| *suspends) {
+                instrumented.insert(m);
+            }
+        }
+        let none = SharedStack { owner: None, sharers: BTreeSet::new() };
+        if instrumented.len() < 2 {
+            return Ok(none);
+        }
+        let mut instance = 0u32;
+        for (_, contents) in sections.iter().filter(|(id, _)| *id == CORE_INSTANCE_SECTION) {
+            for made in wasmparser::InstanceSectionReader::new(BinaryReader::new(contents, 0))? {
+                if let wasmparser::Instance::Instantiate { module_index, .. } = made?
+                    && instrumented.remove(&(module_index as usize))
+                {
+                    return Ok(SharedStack { owner: Some((module_index as usize, instance)), sharers: instrumented });
+                }
+                instance += 1;
+            }
+        }
+        // Instrumented modules nobody instantiates: nothing to share.
+        Ok(none)
+    }
+
+    fn configure(&self, module: usize, options: &mut UnwindOptions) {
+        match self.owner {
+            Some((owner, _)) if owner == module => options.stack_export = Some(SHARED_STACK.into()),
+            Some(_) if self.sharers.contains(&module) => {
+                options.stack_import = Some((SHARED_STACK.into(), SHARED_STACK.into()))
+            }
+            _ => {}
+        }
+    }
+
+    /// A core instance section with every instantiation of a sharing module given the
+    /// owner's instance as the argument its stack import names.
+    fn instances(&self, contents: &[u8]) -> Result<wasm_encoder::InstanceSection, UnwindError> {
+        use wasm_encoder::{ExportKind as K, ModuleArg};
+        let (_, owner_instance) = self.owner.expect("a shared stack");
+        let mut section = wasm_encoder::InstanceSection::new();
+        for made in wasmparser::InstanceSectionReader::new(BinaryReader::new(contents, 0))? {
+            match made? {
+                wasmparser::Instance::Instantiate { module_index, args } => {
+                    let mut new_args: Vec<(&str, ModuleArg)> =
+                        args.iter().map(|arg| (arg.name, ModuleArg::Instance(arg.index))).collect();
+                    if self.sharers.contains(&(module_index as usize)) {
+                        new_args.push((SHARED_STACK, ModuleArg::Instance(owner_instance)));
+                    }
+                    section.instantiate(module_index, new_args);
+                }
+                wasmparser::Instance::FromExports(exports) => {
+                    let items = exports.iter().map(|e| {
+                        let kind = match e.kind {
+                            wasmparser::ExternalKind::Func | wasmparser::ExternalKind::FuncExact => K::Func,
+                            wasmparser::ExternalKind::Table => K::Table,
+                            wasmparser::ExternalKind::Memory => K::Memory,
+                            wasmparser::ExternalKind::Global => K::Global,
+                            wasmparser::ExternalKind::Tag => K::Tag,
+                        };
+                        (e.name, kind, e.index)
+                    });
+                    section.export_items(items);
+                }
+            }
+        }
+        Ok(section)
+    }
+}
 const COMPONENT_SECTION: u8 = 4;
 
 /// A component with its core modules instrumented, and each module's layout in the order
@@ -76,15 +170,18 @@ pub fn instrument_component(component: &[u8], options: &UnwindOptions) -> Result
         .map(|(i, (_, bytes))| ModuleFacts::read(bytes).map_err(|e| in_module(i, e)))
         .collect::<Result<Vec<_>, _>>()?;
     let linked = Linked::compute(&modules, options)?;
+    let stacks = SharedStack::plan(&sections, &modules, &linked, options)?;
 
     let mut out = wasm_encoder::Component::new();
     let mut layouts = Vec::new();
-    let mut modules = modules.iter();
+    let mut facts = modules.iter();
     for (id, contents) in sections {
         if id == CORE_MODULE_SECTION {
-            let facts = modules.next().expect("one fact per module");
-            let (bytes, layout) =
-                instrument(contents, &linked.options(facts, options)).map_err(|e| in_module(layouts.len(), e))?;
+            let m = layouts.len();
+            let facts = facts.next().expect("one fact per module");
+            let mut module_options = linked.options(facts, options);
+            stacks.configure(m, &mut module_options);
+            let (bytes, layout) = instrument(contents, &module_options).map_err(|e| in_module(m, e))?;
             if layout.instrumented == 0 {
                 layouts.push(None);
                 out.section(&wasm_encoder::RawSection { id, data: contents });
@@ -92,6 +189,8 @@ pub fn instrument_component(component: &[u8], options: &UnwindOptions) -> Result
                 layouts.push(Some(layout));
                 out.section(&wasm_encoder::RawSection { id, data: &bytes });
             }
+        } else if id == CORE_INSTANCE_SECTION && stacks.owner.is_some() {
+            out.section(&stacks.instances(contents)?);
         } else {
             out.section(&wasm_encoder::RawSection { id, data: contents });
         }

@@ -117,6 +117,14 @@ pub struct UnwindOptions {
     /// onto the unwind stack once the program has unwound, and pops them back before a
     /// rewind (see [`UnwindLayout::saved_global_bytes`]).
     pub self_contained: bool,
+    /// The modules of a component share one unwind stack, so that a stop can cross from
+    /// one to another (frames of every module on one stack, in call order, and one
+    /// `state`): the first module instantiated defines it and exports it under this name...
+    pub stack_export: Option<String>,
+    /// ...and the others import it, as their last memory, under this (module, name); a
+    /// module that imports it must define no memory of its own (its memory indices stay
+    /// as they were).
+    pub stack_import: Option<(String, String)>,
 }
 
 /// Where the transform put its state, for the host.
@@ -179,6 +187,7 @@ struct Scanned<'a> {
     sections: Vec<(u8, Range<usize>)>,
     bodies: Vec<(FuncToValidate<ValidatorResources>, FunctionBody<'a>)>,
     type_reader: Option<wasmparser::TypeSectionReader<'a>>,
+    import_reader: Option<wasmparser::ImportSectionReader<'a>>,
     function_reader: Option<wasmparser::FunctionSectionReader<'a>>,
     table_reader: Option<wasmparser::TableSectionReader<'a>>,
     memory_reader: Option<wasmparser::MemorySectionReader<'a>>,
@@ -205,6 +214,7 @@ fn scan(wasm: &[u8]) -> Result<Scanned<'_>, UnwindError> {
         sections: Vec::new(),
         bodies: Vec::new(),
         type_reader: None,
+        import_reader: None,
         function_reader: None,
         table_reader: None,
         memory_reader: None,
@@ -235,6 +245,7 @@ fn scan(wasm: &[u8]) -> Result<Scanned<'_>, UnwindError> {
                 s.type_reader = Some(reader.clone());
             }
             Payload::ImportSection(reader) => {
+                s.import_reader = Some(reader.clone());
                 for import in reader.clone().into_imports() {
                     let import = import?;
                     match import.ty {
@@ -504,10 +515,17 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
     let scanned = scan(wasm)?;
     let analysis = Analysis::new(&scanned, options)?;
     let defined_globals = scanned.global_reader.as_ref().map_or(0, |r| r.count() as usize);
+    if options.stack_import.is_some() && scanned.memory_reader.is_some() {
+        return Err(UnwindError::Unsupported {
+            feature: "a memory of its own in a module sharing another module's unwind stack".into(),
+            func: None,
+        });
+    }
     let Scanned {
         info,
         sections,
         exports,
+        import_reader,
         bodies,
         type_reader,
         function_reader,
@@ -592,7 +610,18 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
     if let Some(reader) = memory_reader {
         RoundtripReencoder.parse_memory_section(&mut memory_section, reader).map_err(encode_error)?;
     }
-    memory_section.memory(stack_memory());
+    let mut import_section = ImportSection::new();
+    match &options.stack_import {
+        Some((module, name)) => {
+            if let Some(reader) = import_reader {
+                RoundtripReencoder.parse_import_section(&mut import_section, reader).map_err(encode_error)?;
+            }
+            import_section.import(module, name, EntityType::Memory(stack_memory()));
+        }
+        None => {
+            memory_section.memory(stack_memory());
+        }
+    }
     let mut global_section = GlobalSection::new();
     if let Some(reader) = global_reader {
         RoundtripReencoder.parse_global_section(&mut global_section, reader).map_err(encode_error)?;
@@ -629,9 +658,14 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
     let mut rebuilt: Vec<(u8, Vec<u8>)> = Vec::new();
     use wasm_encoder::SectionId as S;
     rebuilt.push((S::Type as u8, section_payload(&type_section)));
+    if options.stack_import.is_some() {
+        rebuilt.push((S::Import as u8, section_payload(&import_section)));
+    }
     rebuilt.push((S::Function as u8, section_payload(&function_section)));
     rebuilt.push((S::Table as u8, section_payload(&table_section)));
-    rebuilt.push((S::Memory as u8, section_payload(&memory_section)));
+    if !memory_section.is_empty() {
+        rebuilt.push((S::Memory as u8, section_payload(&memory_section)));
+    }
     rebuilt.push((S::Global as u8, section_payload(&global_section)));
     if !element_section.is_empty() {
         rebuilt.push((S::Element as u8, section_payload(&element_section)));
@@ -645,6 +679,9 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
         for (name, f) in &contained.exports {
             export_section.export(name, wasm_encoder::ExportKind::Func, *f);
         }
+        if let Some(name) = &options.stack_export {
+            export_section.export(name, wasm_encoder::ExportKind::Memory, helpers.memory);
+        }
         rebuilt.push((S::Export as u8, section_payload(&export_section)));
     }
 
@@ -652,6 +689,7 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
         .iter()
         .filter(|(id, _)| *id != 0 && !is_rebuilt(*id))
         .filter(|(id, _)| contained.is_none() || *id != wasm_encoder::SectionId::Export as u8)
+        .filter(|(id, _)| options.stack_import.is_none() || *id != wasm_encoder::SectionId::Import as u8)
         .map(|(id, range)| (*id, &wasm[range.clone()]))
         .chain(rebuilt.iter().map(|(id, data)| (*id, data.as_slice())))
         .collect();
