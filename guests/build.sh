@@ -31,7 +31,7 @@ for src in "$here"/src/*.c; do
     built=$((built + 1))
 done
 
-components=(hello fileio counter hostile cpuloop)
+components=(hello fileio counter hostile cpuloop writer)
 need_components=0
 for name in "${components[@]}" tally; do
     [[ "$out/$name.component.wasm" -nt "$out/$name.wasm" ]] || need_components=1

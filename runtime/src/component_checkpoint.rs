@@ -5,8 +5,9 @@
 //! host can reach, so a checkpointable component is prepared differently:
 //! - its core modules go through the unwind transform self-contained
 //!   (`unwind::instrument_component`): the control block lives in the unwind stack's
-//!   memory, rewind copies are in the module, and the module's mutable globals are pushed
-//!   onto the unwind stack once the program has unwound out of `wasi:cli/run`;
+//!   memory, rewind copies are in the module, and each module's mutable globals are
+//!   pushed onto the unwind stack once the program has unwound out of `wasi:cli/run` (the
+//!   host calls each instance's `SAVE_GLOBALS`, lifted to a component export here);
 //! - it runs on an engine whose linear memories the host makes (`host_memory`), so every
 //!   memory of every core instance, unwind stack included, is in the host's hands;
 //! - the handle-table exports reactor components get (`component_handles::rewrite`)
@@ -51,6 +52,9 @@ pub(crate) struct ComponentShape {
     /// is the unwind stack with the control block.
     pub memories: usize,
     pub stack: usize,
+    /// Component exports (save, restore) of the globals of each instrumented core
+    /// instance, in instantiation order (see `unwind::SAVE_GLOBALS`).
+    pub globals: Vec<(String, String)>,
 }
 
 /// A component as its checkpointable form is compiled: the bytes, its shape, and which
@@ -80,12 +84,77 @@ pub(crate) fn prepare(component: &[u8]) -> std::result::Result<Prepared, String>
     }
     let (memories, stack, module) = memory_order(&instrumented.bytes, &stoppable)?;
     let layout = instrumented.modules[module].clone().expect("an instrumented module");
-    let rewritten = component_handles::rewrite::rewrite(&instrumented.bytes);
-    Ok(Prepared {
-        bytes: rewritten.bytes,
-        shape: ComponentShape { layout, memories, stack },
-        handles: rewritten.handles,
-    })
+    let (bytes, globals) = export_globals(&instrumented.bytes, &stoppable)?;
+    let rewritten = component_handles::rewrite::rewrite(&bytes);
+    let shape = ComponentShape { layout, memories, stack, globals };
+    Ok(Prepared { bytes: rewritten.bytes, shape, handles: rewritten.handles })
+}
+
+/// Lifts every instrumented core instance's `SAVE_GLOBALS` and `RESTORE_GLOBALS` to
+/// component exports the host can call (appended after the component's own sections,
+/// adding only to the end of each index space); their names, in instantiation order.
+fn export_globals(
+    component: &[u8],
+    stoppable: &BTreeSet<usize>,
+) -> std::result::Result<(Vec<u8>, Vec<(String, String)>), String> {
+    use wasm_encoder::{
+        Alias, CanonicalFunctionSection, CanonicalOption, ComponentAliasSection, ComponentExportKind,
+        ComponentExportSection, ComponentTypeSection, ExportKind,
+    };
+    let invalid = |e: wasmparser::BinaryReaderError| format!("invalid component: {e}");
+    let mut validator = wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all());
+    let types = validator.validate_all(component).map_err(invalid)?;
+    let types = types.as_ref();
+    let mut instances = Vec::new();
+    let mut next = 0u32;
+    let mut depth = 0;
+    for payload in Parser::new(0).parse_all(component) {
+        match payload.map_err(invalid)? {
+            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
+            Payload::End(_) if depth > 0 => depth -= 1,
+            Payload::InstanceSection(reader) if depth == 0 => {
+                for instance in reader {
+                    if let wasmparser::Instance::Instantiate { module_index, .. } = instance.map_err(invalid)?
+                        && stoppable.contains(&(module_index as usize))
+                    {
+                        instances.push(next);
+                    }
+                    next += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    let (core_funcs, func_type, funcs) =
+        (types.function_count(), types.component_type_count(), types.component_function_count());
+    let mut aliases = ComponentAliasSection::new();
+    for &instance in &instances {
+        for name in [unwind::SAVE_GLOBALS, unwind::RESTORE_GLOBALS] {
+            aliases.alias(Alias::CoreInstanceExport { instance, kind: ExportKind::Func, name });
+        }
+    }
+    let mut type_section = ComponentTypeSection::new();
+    type_section.function().params(Vec::<(&str, wasm_encoder::ComponentValType)>::new()).result(None);
+    let mut lifts = CanonicalFunctionSection::new();
+    let mut exports = ComponentExportSection::new();
+    let mut names = Vec::new();
+    for k in 0..instances.len() as u32 {
+        let (save, restore) = (format!("stasis-save-globals-{k}"), format!("stasis-restore-globals-{k}"));
+        for (j, name) in [&save, &restore].into_iter().enumerate() {
+            let index = 2 * k + j as u32;
+            lifts.lift(core_funcs + index, func_type, Vec::<CanonicalOption>::new());
+            exports.export(name, ComponentExportKind::Func, funcs + index, None);
+        }
+        names.push((save, restore));
+    }
+    let mut added = wasm_encoder::Component::new();
+    added.section(&aliases).section(&type_section).section(&lifts).section(&exports);
+    let mut out = component.to_vec();
+    out.extend_from_slice(&added.finish()[8..]);
+    wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
+        .validate_all(&out)
+        .map_err(|e| format!("the globals exports do not validate: {e}"))?;
+    Ok((out, names))
 }
 
 /// What a core module keeps that a restore cannot rebuild from its memories.
@@ -328,12 +397,40 @@ pub(crate) async fn run(
             control.fail_pending("the process exited before it reached a stop point");
             return Ok(Some(if result.is_ok() { 0 } else { 1 }));
         }
+        globals(store, &instance, shape, Globals::Save).await.map_err(Failure::Wasm)?;
         let capture = async |store: &mut Store<ProcessState>| capture(store, loaded, &memories, &growth);
         match checkpoint::after_unwind(store, &control, capture).await {
             checkpoint::AfterUnwind::Stop => return Ok(None),
-            checkpoint::AfterUnwind::Rewind => state.set(&mut *store, REWINDING),
+            checkpoint::AfterUnwind::Rewind => {
+                globals(store, &instance, shape, Globals::Restore).await.map_err(Failure::Wasm)?;
+                state.set(&mut *store, REWINDING);
+            }
         }
     }
+}
+
+enum Globals {
+    Save,
+    Restore,
+}
+
+/// Every instrumented core instance's globals pushed onto the unwind stack (in
+/// instantiation order), or popped back (in reverse).
+async fn globals(
+    store: &mut Store<ProcessState>,
+    instance: &wasmtime::component::Instance,
+    shape: &ComponentShape,
+    what: Globals,
+) -> wasmtime::Result<()> {
+    let names: Vec<&String> = match what {
+        Globals::Save => shape.globals.iter().map(|(save, _)| save).collect(),
+        Globals::Restore => shape.globals.iter().rev().map(|(_, restore)| restore).collect(),
+    };
+    for name in names {
+        let func = instance.get_typed_func::<(), ()>(&mut *store, name)?;
+        func.call_async(&mut *store, ()).await?;
+    }
+    Ok(())
 }
 
 fn word(memory: &HostMemory, at: usize) -> i32 {
@@ -447,6 +544,9 @@ async fn restore(
     component_handles::restore(store, instance, &image.handles, &loaded.handles)
         .await
         .map_err(|e| restore_error(format!("rebuilding its resources: {e}")))?;
+    globals(store, instance, &loaded.shape, Globals::Restore)
+        .await
+        .map_err(|e| restore_error(format!("restoring its globals: {e:#}")))?;
     state.set(&mut *store, REWINDING);
     Ok(())
 }

@@ -251,6 +251,7 @@ async fn components_print_and_write_the_same_when_stopped_and_continued_on_fresh
             env: &[],
         },
         Scenario { guest: "cpuloop.component.wasm", args: &["8", "1"], stdin: &[], random_stops: 6, env: &[] },
+        Scenario { guest: "writer.component.wasm", args: &["/", "4000"], stdin: &[], random_stops: 5, env: &[] },
     ];
     for s in &scenarios {
         let expected = uninterrupted(&mut world, s).await;

@@ -88,14 +88,11 @@ mod owned {
         wasmtime::Engine::new(&config).unwrap()
     }
 
-    /// The instrumented component, and the bytes of globals its module saves above the
-    /// frames of an unwound stack.
-    pub fn wordfreq(engine: &wasmtime::Engine) -> (wasmtime::component::Component, u32) {
+    pub fn wordfreq(engine: &wasmtime::Engine) -> wasmtime::component::Component {
         let original = super::guest_bytes("wordfreq.component.wasm");
         let options = stasis_runtime::checkpoint::blocking_imports();
-        let instrumented = super::instrument_component(&original, &options).unwrap();
-        let saved = instrumented.modules.iter().flatten().map(|layout| layout.saved_global_bytes).sum();
-        (wasmtime::component::Component::new(engine, &instrumented.bytes).unwrap(), saved)
+        let bytes = super::instrument_component(&original, &options).unwrap().bytes;
+        wasmtime::component::Component::new(engine, &bytes).unwrap()
     }
 
     /// The control blocks (at the start of each instrumented module's unwind stack).
@@ -108,15 +105,12 @@ mod owned {
         i32::from_le_bytes(stack.read(at, 4).unwrap().try_into().unwrap())
     }
 
-    /// The functions of the frames on `stack`'s unwind stack, outermost first (below the
-    /// `saved` bytes of globals on top).
-    pub fn frames(stack: &HostMemory, saved: u32) -> Vec<u32> {
+    /// The functions of the frames on `stack`'s unwind stack, outermost first.
+    pub fn frames(stack: &HostMemory) -> Vec<u32> {
         use stasis_runtime::unwind::CONTROL_BYTES;
         let sp = (word(stack, 4) + CONTROL_BYTES as i32) as u32;
-        assert!(sp >= CONTROL_BYTES + saved, "the saved globals are on the stack");
         let data = stack.read(0, sp as usize).unwrap();
-        let frames = sp - CONTROL_BYTES - saved;
-        stasis_runtime::unwind::stack_functions(&data[CONTROL_BYTES as usize..][..frames as usize], frames).unwrap()
+        stasis_runtime::unwind::stack_functions(&data[CONTROL_BYTES as usize..], sp - CONTROL_BYTES).unwrap()
     }
 }
 
@@ -124,7 +118,7 @@ mod owned {
 /// runs on an engine whose memories the host owns (`host_memory`); an epoch callback arms
 /// a stop by writing `ARMED` into the control block at the start of the module's unwind
 /// stack memory, and the program unwinds out of `wasi:cli/run` to the host, its frames in
-/// that memory, the module's globals saved above the frames.
+/// that memory.
 #[tokio::test]
 async fn a_running_component_armed_through_its_memory_unwinds_to_the_host() {
     use owned::*;
@@ -135,7 +129,7 @@ async fn a_running_component_armed_through_its_memory_unwinds_to_the_host() {
 
     let registry = MemoryRegistry;
     let engine = engine(&registry);
-    let (component, saved) = wordfreq(&engine);
+    let component = wordfreq(&engine);
     let mut linker = wasmtime::component::Linker::new(&engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
 
@@ -194,7 +188,7 @@ async fn a_running_component_armed_through_its_memory_unwinds_to_the_host() {
     let printed = String::from_utf8(stdout.contents().to_vec()).unwrap();
     let lines = printed.lines().count();
     assert!(lines < 200, "it stopped before the end of its input ({lines} lines printed)");
-    let frames = frames(stack, saved);
+    let frames = frames(stack);
     assert!(frames.len() >= 3, "the stack from `run` down to the stop: {frames:?}");
     println!("stopped after {lines} lines with {} frames on the unwind stack", frames.len());
 }
@@ -217,7 +211,7 @@ async fn a_component_blocked_reading_stdin_unwinds_from_the_read() {
 
     let registry = MemoryRegistry;
     let engine = engine(&registry);
-    let (component, saved) = wordfreq(&engine);
+    let component = wordfreq(&engine);
     let mut linker = wasmtime::component::Linker::<State>::new(&engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
     // Where the control blocks are, once instantiated; the read unwinds after 3 reads.
@@ -274,7 +268,7 @@ async fn a_component_blocked_reading_stdin_unwinds_from_the_read() {
     let stacks = stacks(&memories);
     let unwound: Vec<_> = stacks.iter().filter(|s| word(s, 4) > 0).collect();
     assert_eq!(unwound.len(), 1, "one module holds frames");
-    let frames = frames(unwound[0], saved);
+    let frames = frames(unwound[0]);
     assert!(frames.len() >= 3, "the stack from `run` down to the read: {frames:?}");
     let printed = String::from_utf8(stdout.contents().to_vec()).unwrap();
     println!("blocked read after {printed:?}: {} frames", frames.len());

@@ -4,15 +4,21 @@
 //! - Every lean function's rewind copy is compiled into the module and put into the
 //!   copies table by an element segment (a host cannot build copies that import the
 //!   instance's globals and tables, as it does for core modules).
-//! - Each exported function that can suspend is entered through a wrapper: once the
-//!   program has unwound out of it, the wrapper pushes the module's mutable globals (the
-//!   C stack pointer, TLS base...) onto the unwind stack, above the frames; before a
-//!   rewind it pops them back. A rewind skips the code that set them, so they must come
-//!   back as they were at the stop.
+//! - Two exports, [`SAVE_GLOBALS`] and [`RESTORE_GLOBALS`], push the module's mutable
+//!   globals (the C stack pointer, the preview1 adapter's state pointer...) onto the
+//!   unwind stack and pop them back: the host calls every module's save once the program
+//!   has unwound (whether or not the module is on the stopped stack) and the restores, in
+//!   reverse order, before the rewind. A rewind skips the code that set them, so they
+//!   must come back as they were at the stop.
 
-use super::support::{Class, Helpers, SaveClass, TypeInterner, Var, save_class};
+use super::support::{Class, SaveClass, TypeInterner, save_class};
 use super::{Analysis, Scanned, UnwindError, emit};
-use wasm_encoder::{BlockType, BranchHint, Function, Instruction};
+use wasm_encoder::{BranchHint, Function, Instruction};
+
+/// Export that pushes the module's mutable globals onto the unwind stack.
+pub const SAVE_GLOBALS: &str = "stasis:save-globals";
+/// Export that pops them back.
+pub const RESTORE_GLOBALS: &str = "stasis:restore-globals";
 
 /// The functions appended after the helpers, and what points at them.
 pub(super) struct Contained {
@@ -21,7 +27,7 @@ pub(super) struct Contained {
     pub hints: Vec<(u32, Vec<BranchHint>)>,
     /// (copies table slot, function) for each copy.
     pub copies: Vec<(u32, u32)>,
-    /// Every function export, the suspending ones pointed at their wrappers.
+    /// Every function export, the module's own and the two above.
     pub exports: Vec<(String, u32)>,
     pub saved_global_bytes: u32,
 }
@@ -60,17 +66,22 @@ pub(super) fn build(
 
     let saved = saved_globals(&scanned, defined_globals)?;
     out.saved_global_bytes = saved.iter().map(|(_, class)| slot_bytes(*class)).sum();
-    for (name, f) in &scanned.func_exports {
-        let suspends = analysis.suspension.functions.get(*f as usize).copied().unwrap_or(false);
-        if !suspends || (*f as usize) < imports {
-            out.exports.push((name.clone(), *f));
-            continue;
-        }
-        let ty = scanned.info.type_of_func(*f)?;
-        let wrapper = wrapper(&analysis.helpers, *f, ty.params().len() as u32, &saved);
-        out.exports.push((name.clone(), first + out.functions.len() as u32));
-        out.functions.push((scanned.info.func_types[*f as usize], wrapper));
+    out.exports = scanned.func_exports.clone();
+    let helpers = &analysis.helpers;
+    let (save, restore) = (first + out.functions.len() as u32, first + out.functions.len() as u32 + 1);
+    let no_params = types.intern(&[], &[])?;
+    let mut body: Vec<Instruction<'static>> = Vec::new();
+    for &(g, class) in &saved {
+        body.extend([Instruction::GlobalGet(g), Instruction::Call(helpers.push[class as usize])]);
     }
+    out.functions.push((no_params, function(body)));
+    let mut body: Vec<Instruction<'static>> = Vec::new();
+    for &(g, class) in saved.iter().rev() {
+        body.extend([Instruction::Call(helpers.pop[class as usize]), Instruction::GlobalSet(g)]);
+    }
+    out.functions.push((no_params, function(body)));
+    out.exports.push((SAVE_GLOBALS.into(), save));
+    out.exports.push((RESTORE_GLOBALS.into(), restore));
     Ok(out)
 }
 
@@ -99,27 +110,8 @@ fn slot_bytes(class: Class) -> u32 {
     if class == Class::V128 { 16 } else { 8 }
 }
 
-/// `f`'s wrapper: globals back before a rewind, saved after an unwind.
-fn wrapper(helpers: &Helpers, f: u32, params: u32, saved: &[(u32, Class)]) -> Function {
-    use Instruction as I;
-    let mut body: Vec<Instruction<'static>> = Vec::new();
-    let when = |body: &mut Vec<Instruction<'static>>, state: i32| {
-        body.extend(helpers.get(Var::State));
-        body.extend([I::I32Const(state), I::I32Eq, I::If(BlockType::Empty)]);
-    };
-    when(&mut body, super::REWINDING);
-    for &(g, class) in saved.iter().rev() {
-        body.extend([I::Call(helpers.pop[class as usize]), I::GlobalSet(g)]);
-    }
-    body.push(I::End);
-    body.extend((0..params).map(I::LocalGet));
-    body.push(I::Call(f));
-    // The results stay beneath the test.
-    when(&mut body, super::UNWINDING);
-    for &(g, class) in saved {
-        body.extend([I::GlobalGet(g), I::Call(helpers.push[class as usize])]);
-    }
-    body.extend([I::End, I::End]);
+fn function(mut body: Vec<Instruction<'static>>) -> Function {
+    body.push(Instruction::End);
     let mut function = Function::new([]);
     for i in &body {
         function.instruction(i);

@@ -61,6 +61,7 @@ mod plan;
 mod support;
 
 pub use component::{HOST_BLOCKING, InstrumentedComponent, instrument_component};
+pub use contained::{RESTORE_GLOBALS, SAVE_GLOBALS};
 pub use support::{CONTROL_BYTES, STACK_MAX_PAGES};
 
 /// Where the control block (`UnwindOptions::control_in_memory`) keeps the unwind stack's
@@ -144,8 +145,7 @@ pub struct UnwindLayout {
     pub instrumented: u32,
     pub defined: u32,
     pub sites: u32,
-    /// With `UnwindOptions::self_contained`: bytes of saved globals at the top of an
-    /// unwound stack (above the frames).
+    /// With `UnwindOptions::self_contained`: bytes its [`SAVE_GLOBALS`] pushes.
     #[serde(default)]
     pub saved_global_bytes: u32,
 }

@@ -176,9 +176,11 @@ fn run(p: &Prepared, arg: i32, stop_at: Option<u32>, fresh: bool) -> (Vec<Val>, 
         return (results, log, store.data().calls);
     }
     assert_eq!(state.get(&mut store, Var::State), UNWINDING, "the guest did not unwind at call {stop_at:?}");
+    globals(p, &mut store, &instance, SAVE_GLOBALS);
     let (mut store, instance) =
         if fresh { copy_to_fresh(p, &mut store, &instance, &linker) } else { (store, instance) };
     let state = Control::of(p, &mut store, &instance);
+    globals(p, &mut store, &instance, RESTORE_GLOBALS);
     state.set_state(&mut store, REWINDING);
     if !p.options.self_contained {
         install_copies(p, &mut store, &instance);
@@ -191,6 +193,14 @@ fn run(p: &Prepared, arg: i32, stop_at: Option<u32>, fresh: bool) -> (Vec<Val>, 
     assert_eq!(state.get(&mut store, Var::Sp), empty, "the unwind stack is empty after a rewind");
     let log = std::mem::take(&mut store.data_mut().log);
     (results, log, store.data().calls)
+}
+
+/// What a component's host does once the program has unwound (`SAVE_GLOBALS`) and
+/// before the rewind (`RESTORE_GLOBALS`), for a self-contained module.
+fn globals(p: &Prepared, store: &mut Store<Host>, instance: &Instance, export: &str) {
+    if p.options.self_contained {
+        instance.get_typed_func::<(), ()>(&mut *store, export).unwrap().call(&mut *store, ()).unwrap();
+    }
 }
 
 /// What the host does before a rewind (`checkpoint::install_rewind_copies`): the rewind
@@ -502,6 +512,8 @@ fn preemption_at_loop_headers_of_a_cpu_bound_loop() {
         run_fn.call(&mut store, 100_000).unwrap();
         assert_eq!(state.get(&mut store, Var::State), UNWINDING, "{mode:?}");
         assert!(state.get(&mut store, Var::Sp) > CONTROL_BYTES as i32, "the frames are on the unwind stack");
+        globals(&p, &mut store, &instance, SAVE_GLOBALS);
+        globals(&p, &mut store, &instance, RESTORE_GLOBALS);
         state.set_state(&mut store, REWINDING);
         if mode != Mode::SelfContained {
             install_copies(&p, &mut store, &instance);
@@ -535,8 +547,8 @@ fn untouched_functions_stay_byte_identical_and_refusals_name_the_feature() {
 
 /// A C-style shadow stack: a mutable global moved before the blocking call and back after
 /// it, with a value kept in linear memory under it. Self-contained, the fresh instance
-/// gets no globals from the host: the module's wrapper of `run` pushed them onto the
-/// unwind stack once unwound and pops them back before the rewind.
+/// gets no globals from the host: the module's `SAVE_GLOBALS` pushed them onto the
+/// unwind stack once unwound and its `RESTORE_GLOBALS` pops them back before the rewind.
 #[test]
 fn a_mutable_global_comes_back_with_the_stack() {
     let wat = format!(
