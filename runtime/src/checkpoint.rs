@@ -289,7 +289,7 @@ pub(crate) enum Entry {
     Unwind,
 }
 
-fn set_state(mut store: impl AsContextMut<Data = ProcessState>, value: i32) {
+pub(crate) fn set_state(mut store: impl AsContextMut<Data = ProcessState>, value: i32) {
     if let Some(state) = store.as_context().data().checkpoint.as_ref().and_then(|c| c.state.clone()) {
         state.set(&mut store, value);
     }
@@ -302,6 +302,8 @@ pub(crate) fn entry(mut store: impl AsContextMut<Data = ProcessState>) -> Entry 
     let Some(state) = cp.state.clone() else { return Entry::Proceed { rewound: false } };
     let requested = cp.control.requested();
     match state.get(&mut store) {
+        // Inside an export the host called mid-call (`realloc`): never a stop.
+        unwind::HELD => Entry::Proceed { rewound: false },
         REWINDING => {
             state.set(&mut store, NORMAL);
             Entry::Proceed { rewound: true }

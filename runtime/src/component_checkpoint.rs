@@ -13,8 +13,8 @@
 //! - the handle-table exports reactor components get (`component_handles::rewrite`)
 //!   let a restore put its streams and descriptors back under their handles.
 //!
-//! A stop is then: the blocking WASI functions (`blocking-read` of stdin, and the
-//! blocking writes, at entry) or a loop check see the request, the program unwinds out
+//! A stop is then: the blocking WASI functions (`blocking-read` of stdin, `poll` and
+//! `pollable.block`, which wait interruptibly, and the blocking writes, at entry) or a loop check see the request, the program unwinds out
 //! of `run`, the host copies every memory and notes the resources held; to continue, it
 //! sets `REWINDING` and calls `run` again. A restore creates the memories at their
 //! captured sizes, writes them, rebuilds the handles and calls `run` rewinding.
@@ -22,10 +22,12 @@
 //! A stop can cross modules (an adapter-made component's program calls the adapter's
 //! `fd_read`, which blocks): the instrumented modules share one unwind stack and one
 //! `state` (`unwind::instrument_component`), whose memory is the one the host watches.
-//! Not yet: a module that shares the stack may define no memory of its own, and modules
-//! with mutable globals must all be instrumented (else the component runs without
-//! checkpoints, saying why); a sleep (`poll`) is not a stop point, and a clock's pollable
-//! or a socket held at a stop refuses the capture.
+//! Not yet: a module that shares the stack may define no memory of its own, modules with
+//! mutable globals must all be instrumented, and none may import a mutable global (a
+//! dynamically linked program such as componentize-py's CPython: it stops and continues,
+//! but its stdout after a resume is lost, not yet understood); such a component runs
+//! without checkpoints, saying why. A clock's pollable or a socket held at a stop refuses
+//! the capture.
 
 use crate::checkpoint::{self, Captured, StateCell};
 use crate::component_handles::{self, HandleSupport};
@@ -54,7 +56,7 @@ pub(crate) struct ComponentShape {
     pub stack: usize,
     /// Component exports (save, restore) of the globals of each instrumented core
     /// instance, in instantiation order (see `unwind::SAVE_GLOBALS`).
-    pub globals: Vec<(String, String)>,
+    pub globals: GlobalsExports,
 }
 
 /// A component as its checkpointable form is compiled: the bytes, its shape, and which
@@ -78,8 +80,18 @@ pub(crate) fn prepare(component: &[u8]) -> std::result::Result<Prepared, String>
         if let Some(why) = facts.runtime_changes {
             return Err(format!("core module {m} {why}"));
         }
+        if facts.imports_mutable_globals {
+            // componentize-py's CPython: it stops and continues, but what it writes to
+            // stdout after a resume is lost (not yet understood): refused until it is.
+            return Err(format!(
+                "core module {m} imports mutable globals from another (a dynamically linked program): \
+                 not supported yet"
+            ));
+        }
         if facts.mutable_globals && !stoppable.contains(&m) {
-            return Err(format!("core module {m} keeps mutable globals, and nothing of it can be stopped to save them"));
+            return Err(format!(
+                "core module {m} keeps mutable globals, and nothing of it can be stopped to save them"
+            ));
         }
     }
     let (memories, stack, module) = memory_order(&instrumented.bytes, &stoppable)?;
@@ -90,13 +102,16 @@ pub(crate) fn prepare(component: &[u8]) -> std::result::Result<Prepared, String>
     Ok(Prepared { bytes: rewritten.bytes, shape, handles: rewritten.handles })
 }
 
+/// (save, restore) export names, one pair per instrumented core instance.
+type GlobalsExports = Vec<(String, String)>;
+
 /// Lifts every instrumented core instance's `SAVE_GLOBALS` and `RESTORE_GLOBALS` to
 /// component exports the host can call (appended after the component's own sections,
 /// adding only to the end of each index space); their names, in instantiation order.
 fn export_globals(
     component: &[u8],
     stoppable: &BTreeSet<usize>,
-) -> std::result::Result<(Vec<u8>, Vec<(String, String)>), String> {
+) -> std::result::Result<(Vec<u8>, GlobalsExports), String> {
     use wasm_encoder::{
         Alias, CanonicalFunctionSection, CanonicalOption, ComponentAliasSection, ComponentExportKind,
         ComponentExportSection, ComponentTypeSection, ExportKind,
@@ -160,8 +175,10 @@ fn export_globals(
 /// What a core module keeps that a restore cannot rebuild from its memories.
 #[derive(Default)]
 struct ModuleFacts {
-    /// The transform saves mutable globals only in the module it instruments.
+    /// The transform saves mutable globals only in the modules it instruments.
     mutable_globals: bool,
+    /// It imports a mutable global (dynamic linking: a shared `__stack_pointer`, GOT).
+    imports_mutable_globals: bool,
     /// Code that changes tables or segments at run time: a fresh instance has them as
     /// instantiation left them.
     runtime_changes: Option<&'static str>,
@@ -186,6 +203,13 @@ fn modules(component: &[u8]) -> std::result::Result<Vec<ModuleFacts>, String> {
         }
         let Some(last) = facts.last_mut().filter(|_| depth > 0) else { continue };
         match payload {
+            Payload::ImportSection(reader) => {
+                for import in reader.into_imports() {
+                    if let wasmparser::TypeRef::Global(global) = import.map_err(invalid)?.ty {
+                        last.imports_mutable_globals |= global.mutable;
+                    }
+                }
+            }
             Payload::GlobalSection(reader) => {
                 for global in reader {
                     last.mutable_globals |= global.map_err(invalid)?.ty.mutable;
@@ -215,10 +239,7 @@ fn modules(component: &[u8]) -> std::result::Result<Vec<ModuleFacts>, String> {
 /// memories, in instantiation order), the position among them of the unwind stack (the
 /// last memory of the first `stoppable` module instantiated, which the others share:
 /// see `unwind::instrument_component`), and that module.
-fn memory_order(
-    component: &[u8],
-    stoppable: &BTreeSet<usize>,
-) -> std::result::Result<(usize, usize, usize), String> {
+fn memory_order(component: &[u8], stoppable: &BTreeSet<usize>) -> std::result::Result<(usize, usize, usize), String> {
     let invalid = |e: wasmparser::BinaryReaderError| format!("invalid component: {e}");
     let mut defined = Vec::new();
     let mut created = 0usize;
@@ -232,7 +253,9 @@ fn memory_order(
             }
             Payload::ComponentSection { .. } => depth += 1,
             Payload::End(_) if depth > 0 => depth -= 1,
-            Payload::MemorySection(reader) if depth == 1 => *defined.last_mut().expect("a module") += reader.count() as usize,
+            Payload::MemorySection(reader) if depth == 1 => {
+                *defined.last_mut().expect("a module") += reader.count() as usize
+            }
             Payload::InstanceSection(reader) if depth == 0 => {
                 for instance in reader {
                     let wasmparser::Instance::Instantiate { module_index, .. } = instance.map_err(invalid)? else {
@@ -274,8 +297,9 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<Proce
 /// unwinding caller never reads.
 fn add_blocking_shadows(linker: &mut Linker<ProcessState>) -> wasmtime::Result<()> {
     use wasmtime::component::Resource;
+    use wasmtime_wasi::p2::bindings::io::poll;
     use wasmtime_wasi::p2::bindings::io::streams::{self, HostInputStream, HostOutputStream, StreamError};
-    use wasmtime_wasi::p2::{DynInputStream, DynOutputStream};
+    use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, DynPollable};
     type Ctx<'a> = wasmtime::StoreContextMut<'a, ProcessState>;
     let streams = format!("wasi:io/streams@{}", component_handles::shadows::WASI);
     linker.allow_shadowing(true);
@@ -336,8 +360,50 @@ fn add_blocking_shadows(linker: &mut Linker<ProcessState>) -> wasmtime::Result<(
             })
         },
     )?;
+    // `poll` and `pollable.block` wait for as long as their pollables say (wasi-libc reads
+    // stdin and sleeps through them): a request ends the wait and the program unwinds. A
+    // stream's pollable is carried by an image; a clock's refuses the capture, and the
+    // program, rewound, waits again for what is left.
+    let mut poll = linker.instance(&format!("wasi:io/poll@{}", component_handles::shadows::WASI))?;
+    poll.func_wrap_async("poll", |mut store: Ctx<'_>, (pollables,): (Vec<Resource<DynPollable>>,)| {
+        Box::new(async move {
+            let ready = until_stop(&mut store, async |table| poll::Host::poll(table, pollables).await).await;
+            Ok((ready.transpose()?.unwrap_or_default(),))
+        })
+    })?;
+    poll.func_wrap_async("[method]pollable.block", |mut store: Ctx<'_>, (pollable,): (Resource<DynPollable>,)| {
+        Box::new(async move {
+            let done = until_stop(&mut store, async |table| poll::HostPollable::block(table, pollable).await).await;
+            done.transpose().map(|_| ())
+        })
+    })?;
     linker.allow_shadowing(false);
     Ok(())
+}
+
+/// Runs `wait` on the store's resource table unless a stop is due or requested first:
+/// `None` when the program is to unwind instead (its state then says so).
+async fn until_stop<T>(
+    store: &mut wasmtime::StoreContextMut<'_, ProcessState>,
+    wait: impl AsyncFnOnce(&mut wasmtime::component::ResourceTable) -> T,
+) -> Option<T> {
+    if let checkpoint::Entry::Unwind = checkpoint::entry(&mut *store) {
+        return None;
+    }
+    let control = store.data().checkpoint.as_ref().filter(|c| c.state.is_some()).map(|c| c.control.clone());
+    let table = store.data_mut().wasi.ctx().table;
+    let done = match &control {
+        None => Some(wait(table).await),
+        Some(control) => tokio::select! {
+            biased;
+            _ = control.wait_requested() => None,
+            done = wait(table) => Some(done),
+        },
+    };
+    if done.is_none() {
+        checkpoint::set_state(&mut *store, UNWINDING);
+    }
+    done
 }
 
 /// A checkpointable component, loaded on the engine whose memories the host makes.

@@ -614,7 +614,7 @@ impl Host {
         use crate::component_checkpoint::{ComponentShape, Loaded, prepare};
         let owned = self.owned_engine()?;
         let key = blake3::Hasher::new()
-            .update(b"checkpointable-component-3:")
+            .update(b"checkpointable-component-5:")
             .update(crate::unwind::TRANSFORM_VERSION.as_bytes())
             .update(hash.as_bytes())
             .finalize();

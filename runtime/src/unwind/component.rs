@@ -16,13 +16,13 @@
 //!
 //! Each module is instrumented self-contained (`UnwindOptions::self_contained`): its
 //! control block (`state`, the unwind stack pointers) at the start of its unwind stack's
-//! memory, its rewind copies inside it, its mutable globals saved on that stack by its
-//! exports' wrappers; a host can own a component's memories (`host_memory`) but never
-//! reach its globals or tables. An instrumented component runs as the original does;
-//! `component_checkpoint` stops and resumes one.
-//!
-//! Not yet (issue 15): one `state` shared by the modules, so a stop cannot cross a module
-//! boundary (a component whose stop points span modules is not captured).
+//! memory, its rewind copies inside it, its mutable globals pushed onto that stack by an
+//! export the host calls; a host can own a component's memories (`host_memory`) but never
+//! reach its globals or tables. When more than one module is instrumented, they share one
+//! unwind stack (and so one `state`): a stop can cross from one into another
+//! ([`SharedStack`]). The exports the host calls in the middle of a host call (`realloc`,
+//! `post-return`) run held (`UnwindOptions::held_exports`). An instrumented component runs
+//! as the original does; `component_checkpoint` stops and resumes one.
 
 use super::{UnwindError, UnwindLayout, UnwindOptions, instrument, suspension};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -46,6 +46,77 @@ const CORE_INSTANCE_SECTION: u8 = 2;
 /// Name under which the first instrumented module instantiated exports the unwind stack
 /// the others import (as module and field, and as the instantiation argument naming it).
 const SHARED_STACK: &str = "stasis:unwind-stack";
+
+/// The core exports the host calls in the middle of a host call, by module: those named
+/// as `realloc` or `post-return` of a lowered or lifted function (see
+/// `UnwindOptions::held_exports`).
+/// The core exports the host calls in the middle of a call, by module: (all of them,
+/// the `post-return` ones).
+type Held = BTreeMap<usize, (BTreeSet<String>, BTreeSet<String>)>;
+
+fn held_exports(sections: &[(u8, &[u8])]) -> Result<Held, UnwindError> {
+    const ALIAS_SECTION: u8 = 6;
+    const CANONICAL_SECTION: u8 = 8;
+    let mut instance_modules: Vec<Option<usize>> = Vec::new();
+    // Core functions, by index: the (core instance, export) an alias names, if one does.
+    let mut core_funcs: Vec<Option<(u32, String)>> = Vec::new();
+    let mut held = Held::new();
+    for (id, contents) in sections {
+        let reader = || BinaryReader::new(contents, 0);
+        match *id {
+            CORE_INSTANCE_SECTION => {
+                for made in wasmparser::InstanceSectionReader::new(reader())? {
+                    instance_modules.push(match made? {
+                        wasmparser::Instance::Instantiate { module_index, .. } => Some(module_index as usize),
+                        wasmparser::Instance::FromExports(_) => None,
+                    });
+                }
+            }
+            ALIAS_SECTION => {
+                for alias in wasmparser::ComponentAliasSectionReader::new(reader())? {
+                    if let wasmparser::ComponentAlias::CoreInstanceExport {
+                        kind: wasmparser::ExternalKind::Func | wasmparser::ExternalKind::FuncExact,
+                        instance_index,
+                        name,
+                    } = alias?
+                    {
+                        core_funcs.push(Some((instance_index, name.to_string())));
+                    }
+                }
+            }
+            CANONICAL_SECTION => {
+                for canon in wasmparser::ComponentCanonicalSectionReader::new(reader())? {
+                    let canon = canon?;
+                    let options = match &canon {
+                        wasmparser::CanonicalFunction::Lift { options, .. }
+                        | wasmparser::CanonicalFunction::Lower { options, .. } => &options[..],
+                        _ => &[],
+                    };
+                    for option in options {
+                        let (f, post_return) = match option {
+                            wasmparser::CanonicalOption::Realloc(f) => (f, false),
+                            wasmparser::CanonicalOption::PostReturn(f) => (f, true),
+                            _ => continue,
+                        };
+                        let Some(Some((instance, name))) = core_funcs.get(*f as usize) else { continue };
+                        if let Some(Some(module)) = instance_modules.get(*instance as usize) {
+                            let (all, post_returns) = held.entry(*module).or_default();
+                            all.insert(name.clone());
+                            if post_return {
+                                post_returns.insert(name.clone());
+                            }
+                        }
+                    }
+                    if !matches!(canon, wasmparser::CanonicalFunction::Lift { .. }) {
+                        core_funcs.push(None);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(held)
+}
 
 /// One unwind stack for all of a component's instrumented modules (see
 /// `UnwindOptions::stack_export`), when more than one is instrumented: a stop can then
@@ -171,6 +242,7 @@ pub fn instrument_component(component: &[u8], options: &UnwindOptions) -> Result
         .collect::<Result<Vec<_>, _>>()?;
     let linked = Linked::compute(&modules, options)?;
     let stacks = SharedStack::plan(&sections, &modules, &linked, options)?;
+    let held = held_exports(&sections)?;
 
     let mut out = wasm_encoder::Component::new();
     let mut layouts = Vec::new();
@@ -181,6 +253,10 @@ pub fn instrument_component(component: &[u8], options: &UnwindOptions) -> Result
             let facts = facts.next().expect("one fact per module");
             let mut module_options = linked.options(facts, options);
             stacks.configure(m, &mut module_options);
+            if let Some((held, post_return)) = held.get(&m) {
+                module_options.held_exports = held.clone();
+                module_options.post_return_exports = post_return.clone();
+            }
             let (bytes, layout) = instrument(contents, &module_options).map_err(|e| in_module(m, e))?;
             if layout.instrumented == 0 {
                 layouts.push(None);
@@ -482,6 +558,37 @@ mod tests {
         assert_eq!(suspends(&stranger, &linked.options(&modules[2], &base)), [false]);
         // Seen alone, the user could not know.
         assert_eq!(suspends(&user, &base), [false, false]);
+    }
+
+    #[test]
+    fn reallocs_and_post_returns_are_found_as_the_host_calls_them() {
+        let component = wat::parse_str(
+            r#"(component
+              (import "f" (func $f (result string)))
+              (core module $m
+                (memory (export "memory") 1)
+                (func (export "realloc") (param i32 i32 i32 i32) (result i32) i32.const 0)
+                (func (export "run") (result i32) i32.const 0)
+                (func (export "post") (param i32)))
+              (core instance $i (instantiate $m))
+              (core func $lowered (canon lower (func $f) (memory (core memory $i "memory"))
+                (realloc (core func $i "realloc"))))
+              (func (export "run") (result string)
+                (canon lift (core func $i "run") (memory (core memory $i "memory"))
+                  (realloc (core func $i "realloc")) (post-return (core func $i "post")))))"#,
+        )
+        .unwrap();
+        let mut sections = Vec::new();
+        let mut reader = BinaryReader::new(&component[8..], 8);
+        while !reader.eof() {
+            let id = reader.read_u8().unwrap();
+            let size = reader.read_var_u32().unwrap() as usize;
+            sections.push((id, reader.read_bytes(size).unwrap()));
+        }
+        let held = held_exports(&sections).unwrap();
+        let (all, post_returns) = &held[&0];
+        assert_eq!(all.iter().collect::<Vec<_>>(), ["post", "realloc"]);
+        assert_eq!(post_returns.iter().collect::<Vec<_>>(), ["post"]);
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! - Every lean function's rewind copy is compiled into the module and put into the
 //!   copies table by an element segment (a host cannot build copies that import the
 //!   instance's globals and tables, as it does for core modules).
+//! - Exports the host calls in the middle of a host call (`realloc`) run held (see
+//!   `UnwindOptions::held_exports`).
 //! - Two exports, [`SAVE_GLOBALS`] and [`RESTORE_GLOBALS`], push the module's mutable
 //!   globals (the C stack pointer, the preview1 adapter's state pointer...) onto the
 //!   unwind stack and pop them back: the host calls every module's save once the program
@@ -11,7 +13,7 @@
 //!   reverse order, before the rewind. A rewind skips the code that set them, so they
 //!   must come back as they were at the stop.
 
-use super::support::{Class, SaveClass, TypeInterner, save_class};
+use super::support::{Class, Helpers, SaveClass, TypeInterner, Var, save_class};
 use super::{Analysis, Scanned, UnwindError, emit};
 use wasm_encoder::{BranchHint, Function, Instruction};
 
@@ -40,6 +42,7 @@ pub(super) fn build(
     types: &mut TypeInterner,
     first: u32,
     defined_globals: usize,
+    options: &super::UnwindOptions,
 ) -> Result<Contained, UnwindError> {
     let mut scanned = super::scan(wasm)?;
     let imports = analysis.imports;
@@ -66,9 +69,21 @@ pub(super) fn build(
 
     let saved = saved_globals(&scanned, defined_globals)?;
     out.saved_global_bytes = saved.iter().map(|(_, class)| slot_bytes(*class)).sum();
-    out.exports = scanned.func_exports.clone();
     let helpers = &analysis.helpers;
-    let (save, restore) = (first + out.functions.len() as u32, first + out.functions.len() as u32 + 1);
+    for (name, f) in &scanned.func_exports {
+        let suspends = analysis.suspension.functions.get(*f as usize).copied().unwrap_or(false);
+        let post_return = options.post_return_exports.contains(name);
+        if !(post_return || options.held_exports.contains(name) && suspends) {
+            out.exports.push((name.clone(), *f));
+            continue;
+        }
+        let ty = scanned.info.type_of_func(*f)?;
+        let wrapper = held_wrapper(helpers, *f, ty.params().len() as u32, post_return);
+        out.exports.push((name.clone(), first + out.functions.len() as u32));
+        out.functions.push((scanned.info.func_types[*f as usize], wrapper));
+    }
+    let save = first + out.functions.len() as u32;
+    let restore = save + 1;
     let no_params = types.intern(&[], &[])?;
     let mut body: Vec<Instruction<'static>> = Vec::new();
     for &(g, class) in &saved {
@@ -108,6 +123,38 @@ fn saved_globals(scanned: &Scanned<'_>, defined: usize) -> Result<Vec<(u32, Clas
 
 fn slot_bytes(class: Class) -> u32 {
     if class == Class::V128 { 16 } else { 8 }
+}
+
+/// `f` run in state `HELD`, the state put back after; a `post_return` one not run at all
+/// while the program unwinds.
+fn held_wrapper(helpers: &Helpers, f: u32, params: u32, post_return: bool) -> Function {
+    let old = params;
+    let mut body: Vec<Instruction<'static>> = Vec::new();
+    if post_return {
+        body.extend(helpers.get(Var::State));
+        body.extend([
+            Instruction::I32Const(super::UNWINDING),
+            Instruction::I32Eq,
+            Instruction::If(wasm_encoder::BlockType::Empty),
+            Instruction::Return,
+            Instruction::End,
+        ]);
+    }
+    body.extend(helpers.get(Var::State));
+    body.push(Instruction::LocalSet(old));
+    body.push(Instruction::I32Const(super::HELD));
+    body.extend(helpers.set(Var::State));
+    body.extend((0..params).map(Instruction::LocalGet));
+    body.push(Instruction::Call(f));
+    // The results stay beneath.
+    body.push(Instruction::LocalGet(old));
+    body.extend(helpers.set(Var::State));
+    body.push(Instruction::End);
+    let mut function = Function::new([(1, wasm_encoder::ValType::I32)]);
+    for i in &body {
+        function.instruction(i);
+    }
+    function
 }
 
 fn function(mut body: Vec<Instruction<'static>>) -> Function {

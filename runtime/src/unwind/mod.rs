@@ -84,6 +84,10 @@ pub const UNWINDING: i32 = 1;
 pub const REWINDING: i32 = 2;
 pub const ARMED: i32 = 3;
 pub const FAILED: i32 = 4;
+/// No stop now: a self-contained module's export the host calls in the middle of a host
+/// call (a `cabi_realloc` lowering a result) runs in this state, so that neither a stop
+/// being unwound nor an armed one touches it (see `UnwindOptions::held_exports`).
+pub const HELD: i32 = 5;
 
 /// Part of the compiled-code key and of the engine fingerprint images record: change it
 /// whenever the transform's output changes (site numbers are what a rewind follows, so an
@@ -126,6 +130,17 @@ pub struct UnwindOptions {
     /// module that imports it must define no memory of its own (its memory indices stay
     /// as they were).
     pub stack_import: Option<(String, String)>,
+    /// Exports the host calls while the program is inside a host call (a component's
+    /// `realloc` and `post-return` functions): with `self_contained`, each that can
+    /// suspend is entered through a wrapper that runs it in state [`HELD`] and puts the
+    /// state back after, so that a `realloc` run while a stop unwinds (a host function
+    /// answering with a list) does not unwind with it.
+    pub held_exports: std::collections::BTreeSet<String>,
+    /// Of those, the `post-return` functions: the host calls one after the export it
+    /// belongs to returns, which it also does when the program unwound out of it; the
+    /// wrapper then skips it (it would free what the stopped call still holds: the
+    /// call's real end, after the rewind, runs it).
+    pub post_return_exports: std::collections::BTreeSet<String>,
 }
 
 /// Where the transform put its state, for the host.
@@ -573,7 +588,9 @@ pub fn instrument(wasm: &[u8], options: &UnwindOptions) -> Result<(Vec<u8>, Unwi
         copy_callees.extend((0..helpers.count()).map(|k| helpers.yield_fn + k));
     }
     let contained = match options.self_contained {
-        true => Some(contained::build(wasm, &analysis, &mut types, analysis.total_functions(), defined_globals)?),
+        true => {
+            Some(contained::build(wasm, &analysis, &mut types, analysis.total_functions(), defined_globals, options)?)
+        }
         false => None,
     };
     if let Some(contained) = &contained {
