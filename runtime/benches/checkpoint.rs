@@ -206,34 +206,54 @@ async fn component_figures(plain: &Host, checkpoints: &Host) {
     println!("\n## command components: cargo's wasm32-wasip2 `wordfreq`");
     let lines: String = (0..40).map(|i| format!("w{i} x{} y{}\n", i % 7, i % 3)).collect();
     let root = tempfile::tempdir().unwrap();
-    let run = async |host: &Host| {
-        let config = SandboxConfig { root: Some(root.path().into()), ..SandboxConfig::default() };
-        let sandbox = Sandbox::create(host, config).unwrap();
-        let command =
-            Command::new(ProgramRef::Bytes { bytes: guest("wordfreq.component.wasm"), name: "wordfreq".into() })
-                .args(["/"])
-                .env("ROUNDS", "2000000")
-                .stdin(StdinMode::Bytes(lines.clone().into_bytes()));
-        let start = Instant::now();
-        let process = sandbox.spawn(command).await.unwrap();
-        let status = process.wait().await;
-        assert!(status.success(), "{status}: {}", String::from_utf8_lossy(&process.stderr().contents()));
-        start.elapsed()
-    };
-    run(plain).await;
-    run(checkpoints).await;
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for _ in 0..7 {
-        a.push(run(plain).await);
-        b.push(run(checkpoints).await);
+    // (program, args, env, stdin, what)
+    let cases: [(&str, &[&str], &[(&str, &str)], &str, &str); 2] = [
+        (
+            "wordfreq.component.wasm",
+            &["/"],
+            &[("ROUNDS", "2000000")],
+            &lines,
+            "wordfreq, 40 lines with a 2M-round loop each",
+        ),
+        (
+            "cpuloop.component.wasm",
+            &["20", "100"],
+            &[],
+            "",
+            "cpuloop (C under the preview1 adapter, two instrumented modules)",
+        ),
+    ];
+    for (program, args, env, stdin, what) in cases {
+        let run = async |host: &Host| {
+            let config = SandboxConfig { root: Some(root.path().into()), ..SandboxConfig::default() };
+            let sandbox = Sandbox::create(host, config).unwrap();
+            let mut command = Command::new(ProgramRef::Bytes { bytes: guest(program), name: program.into() })
+                .args(args.iter().copied())
+                .stdin(StdinMode::Bytes(stdin.as_bytes().to_vec()));
+            for (key, value) in env {
+                command = command.env(*key, *value);
+            }
+            let start = Instant::now();
+            let process = sandbox.spawn(command).await.unwrap();
+            let status = process.wait().await;
+            assert!(status.success(), "{status}: {}", String::from_utf8_lossy(&process.stderr().contents()));
+            start.elapsed()
+        };
+        run(plain).await;
+        run(checkpoints).await;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..7 {
+            a.push(run(plain).await);
+            b.push(run(checkpoints).await);
+        }
+        let (a, b) = (percentile(&mut a, 0.5), percentile(&mut b, 0.5));
+        println!(
+            "{what}, spawn to exit: plain {}, checkpointable {}: {:+.1}%",
+            ms(a),
+            ms(b),
+            (b.as_secs_f64() / a.as_secs_f64() - 1.0) * 100.0
+        );
     }
-    let (a, b) = (percentile(&mut a, 0.5), percentile(&mut b, 0.5));
-    println!(
-        "40 lines, a 2M-round loop each, spawn to exit: plain {}, checkpointable {}: {:+.1}%",
-        ms(a),
-        ms(b),
-        (b.as_secs_f64() / a.as_secs_f64() - 1.0) * 100.0
-    );
 
     let tmp = tempfile::tempdir().unwrap();
     let images = MemorySnapshotStore::open(tmp.path()).unwrap();
