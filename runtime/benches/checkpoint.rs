@@ -113,25 +113,32 @@ async fn wait_for(process: &Process, needle: &str) {
 
 async fn repl_figures(host: &Host) {
     println!("\n## idle MicroPython REPL (after `x = 6*7`, waiting for its next line)");
-    let tmp = tempfile::tempdir().unwrap();
-    let images = MemorySnapshotStore::open(tmp.path()).unwrap();
     let sandbox = Sandbox::create(host, SandboxConfig::default()).unwrap();
     let command = Command::new(ProgramRef::Bytes { bytes: guest("micropython.wasm"), name: "micropython".into() })
         .args(["-i"])
         .stdin(StdinMode::Pipe);
     let cold = Instant::now();
-    let process = sandbox.spawn(command.clone()).await.unwrap();
+    let process = sandbox.spawn(command).await.unwrap();
     process.stdin().unwrap().write(b"x = 6*7\nprint('ready')\n").unwrap();
     wait_for(&process, "ready").await;
     let cold = cold.elapsed();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    println!("a cold start to `ready`: {}", ms(cold));
+    idle_figures(host, &sandbox, 50, b"print(x)\n", "42").await;
+}
 
-    let mut samples = Vec::new();
+/// The figures of a sandbox whose process is idle, waiting for its next line: snapshot
+/// p50 (of `samples`), image size, restore p50 and restore to the process's answer to
+/// `next` (it prints `answer`), and the memory of idle forks.
+async fn idle_figures(host: &Host, sandbox: &Sandbox, samples: usize, next: &[u8], answer: &str) {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let images = MemorySnapshotStore::open(tmp.path()).unwrap();
+    let mut taken = Vec::new();
     let mut last = None;
-    for _ in 0..50 {
+    for _ in 0..samples {
         let start = Instant::now();
         let report = sandbox.snapshot_memory(None, &images).await.unwrap();
-        samples.push(start.elapsed());
+        taken.push(start.elapsed());
         if let Some(old) = last.replace(report.clone()) {
             images.delete(&old.id).unwrap();
         }
@@ -139,8 +146,8 @@ async fn repl_figures(host: &Host) {
     let report = last.unwrap();
     println!(
         "snapshot p50 {} (p99 {}): stop and capture {}, encode {}, durable write {}; image {} KiB ({} KiB of non-zero memory)",
-        ms(percentile(&mut samples, 0.5)),
-        ms(percentile(&mut samples, 0.99)),
+        ms(percentile(&mut taken, 0.5)),
+        ms(percentile(&mut taken, 0.99)),
         ms(report.hold),
         ms(report.encode),
         ms(report.write),
@@ -152,22 +159,21 @@ async fn repl_figures(host: &Host) {
     let snapshot = MemorySnapshot::open(host, &images, &report.id).unwrap();
     println!("opening the snapshot (verify, decompress): {}", ms(opening.elapsed()));
     let (mut restore, mut respond) = (Vec::new(), Vec::new());
-    for _ in 0..50 {
+    for _ in 0..samples {
         let start = Instant::now();
         let restored = snapshot.restore(host, SandboxConfig::default(), None).await.unwrap();
         restore.push(start.elapsed());
         let p = restored.processes().into_iter().find(|p| p.status().is_none()).unwrap();
-        p.stdin().unwrap().write(b"print(x)\n").unwrap();
-        wait_for(&p, "42").await;
+        p.stdin().unwrap().write(next).unwrap();
+        wait_for(&p, answer).await;
         respond.push(start.elapsed());
         p.kill();
     }
     println!(
-        "warm restore p50 {} (p99 {}); restore to the answer of `print(x)` p50 {}; a cold start to the same point: {}",
+        "warm restore p50 {} (p99 {}); restore to its answer to the next line p50 {}",
         us(percentile(&mut restore, 0.5)),
         us(percentile(&mut restore, 0.99)),
-        ms(percentile(&mut respond, 0.5)),
-        ms(cold)
+        ms(percentile(&mut respond, 0.5))
     );
 
     let forks: usize = std::env::var("CHECKPOINT_BENCH_FORKS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
@@ -190,8 +196,8 @@ async fn repl_figures(host: &Host) {
         (rss1 - rss0) / forks as f64
     );
     let answering = kept[forks / 2].processes().into_iter().find(|p| p.status().is_none()).unwrap();
-    answering.stdin().unwrap().write(b"print(x)\n").unwrap();
-    wait_for(&answering, "42").await;
+    answering.stdin().unwrap().write(next).unwrap();
+    wait_for(&answering, answer).await;
     for sandbox in kept {
         sandbox.kill_all();
     }
@@ -206,33 +212,25 @@ async fn component_figures(plain: &Host, checkpoints: &Host) {
     println!("\n## command components: cargo's wasm32-wasip2 `wordfreq`");
     let lines: String = (0..40).map(|i| format!("w{i} x{} y{}\n", i % 7, i % 3)).collect();
     let root = tempfile::tempdir().unwrap();
-    // (program, args, env, stdin, what)
-    let cases: [(&str, &[&str], &[(&str, &str)], &str, &str); 2] = [
+    let command = |program: &str| Command::new(ProgramRef::Bytes { bytes: guest(program), name: program.into() });
+    let cases = [
         (
-            "wordfreq.component.wasm",
-            &["/"],
-            &[("ROUNDS", "2000000")],
-            &lines,
+            command("wordfreq.component.wasm")
+                .args(["/"])
+                .env("ROUNDS", "2000000")
+                .stdin(StdinMode::Bytes(lines.into_bytes())),
             "wordfreq, 40 lines with a 2M-round loop each",
         ),
         (
-            "cpuloop.component.wasm",
-            &["20", "100"],
-            &[],
-            "",
+            command("cpuloop.component.wasm").args(["20", "100"]),
             "cpuloop (C under the preview1 adapter, two instrumented modules)",
         ),
     ];
-    for (program, args, env, stdin, what) in cases {
+    for (command, what) in cases {
         let run = async |host: &Host| {
             let config = SandboxConfig { root: Some(root.path().into()), ..SandboxConfig::default() };
             let sandbox = Sandbox::create(host, config).unwrap();
-            let mut command = Command::new(ProgramRef::Bytes { bytes: guest(program), name: program.into() })
-                .args(args.iter().copied())
-                .stdin(StdinMode::Bytes(stdin.as_bytes().to_vec()));
-            for (key, value) in env {
-                command = command.env(*key, *value);
-            }
+            let command = command.clone();
             let start = Instant::now();
             let process = sandbox.spawn(command).await.unwrap();
             let status = process.wait().await;
@@ -255,8 +253,6 @@ async fn component_figures(plain: &Host, checkpoints: &Host) {
         );
     }
 
-    let tmp = tempfile::tempdir().unwrap();
-    let images = MemorySnapshotStore::open(tmp.path()).unwrap();
     let sandbox = Sandbox::create(checkpoints, SandboxConfig::default()).unwrap();
     let command = Command::new(ProgramRef::Bytes { bytes: guest("wordfreq.component.wasm"), name: "wordfreq".into() })
         .args(["/"])
@@ -272,72 +268,8 @@ async fn component_figures(plain: &Host, checkpoints: &Host) {
     big.push('\n');
     process.stdin().unwrap().write(big.as_bytes()).unwrap();
     wait_for(&process, "line 1:").await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let mut samples = Vec::new();
-    let mut last = None;
-    for _ in 0..30 {
-        let start = Instant::now();
-        let report = sandbox.snapshot_memory(None, &images).await.unwrap();
-        samples.push(start.elapsed());
-        if let Some(old) = last.replace(report.clone()) {
-            images.delete(&old.id).unwrap();
-        }
-    }
-    let report = last.unwrap();
-    println!(
-        "idle after a {} KiB line ({i} words): snapshot p50 {} (p99 {}): stop and capture {}, encode {}, durable write {}; image {} KiB ({} KiB of non-zero memory)",
-        big.len() / 1024,
-        ms(percentile(&mut samples, 0.5)),
-        ms(percentile(&mut samples, 0.99)),
-        ms(report.hold),
-        ms(report.encode),
-        ms(report.write),
-        report.image_bytes / 1024,
-        report.memory_bytes / 1024
-    );
-    let snapshot = MemorySnapshot::open(checkpoints, &images, &report.id).unwrap();
-    let (mut restore, mut respond) = (Vec::new(), Vec::new());
-    for _ in 0..30 {
-        let start = Instant::now();
-        let restored = snapshot.restore(checkpoints, SandboxConfig::default(), None).await.unwrap();
-        restore.push(start.elapsed());
-        let p = restored.processes().into_iter().find(|p| p.status().is_none()).unwrap();
-        p.stdin().unwrap().write(b"one more\n").unwrap();
-        wait_for(&p, "line 2:").await;
-        respond.push(start.elapsed());
-        p.kill();
-    }
-    println!(
-        "restore p50 {} (p99 {}); restore to the answer to its next line p50 {}",
-        us(percentile(&mut restore, 0.5)),
-        us(percentile(&mut restore, 0.99)),
-        ms(percentile(&mut respond, 0.5))
-    );
-
-    let forks: usize = std::env::var("CHECKPOINT_BENCH_FORKS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
-    let (rss0, pss0) = memory_mib();
-    let start = Instant::now();
-    let mut kept = Vec::with_capacity(forks);
-    for _ in 0..forks {
-        kept.push(snapshot.restore(checkpoints, SandboxConfig::default(), None).await.unwrap());
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let took = start.elapsed();
-    let (rss1, pss1) = memory_mib();
-    println!(
-        "{forks} idle forks: {} ({} each), RSS +{:.0} MiB, PSS +{:.0} MiB ({:.2} MiB RSS each)",
-        ms(took),
-        us(took / forks as u32),
-        rss1 - rss0,
-        pss1 - pss0,
-        (rss1 - rss0) / forks as f64
-    );
-    let answering = kept[forks / 2].processes().into_iter().find(|p| p.status().is_none()).unwrap();
-    answering.stdin().unwrap().write(b"one more\n").unwrap();
-    wait_for(&answering, "line 2:").await;
-    for sandbox in kept {
-        sandbox.kill_all();
-    }
+    println!("idle after a {} KiB line ({i} words):", big.len() / 1024);
+    idle_figures(checkpoints, &sandbox, 30, b"one more\n", "line 2:").await;
 }
 
 fn main() {

@@ -619,20 +619,22 @@ async fn capture(
         memories.push(memory);
         parts.push(data);
     }
-    let data = store.data_mut();
-    let cp = data.checkpoint.as_mut().expect("checkpointing");
+    let instance = InstanceImage { memories, globals: captured.globals, tables: captured.tables, fds, monotonic_ns: 0 };
+    let state = suspended(store.data(), instance);
+    Ok(Captured { state, parts })
+}
+
+/// The image of an unwound process whose instance holds `instance` (its clock is read
+/// here), with what its pending host call needs: unread stdin, a sleep's deadlines.
+pub(crate) fn suspended(data: &ProcessState, mut instance: InstanceImage) -> SuspendedImage {
+    let cp = data.checkpoint.as_ref().expect("checkpointing");
     let (stdin, stdin_closed) = match &cp.stdin {
         Some(pipe) => (pipe.pending(), pipe.is_closed()),
         None => (Vec::new(), false),
     };
-    let state = SuspendedImage {
-        instance: InstanceImage {
-            memories,
-            globals: captured.globals,
-            tables: captured.tables,
-            fds,
-            monotonic_ns: data.clock.now_ns(),
-        },
+    instance.monotonic_ns = data.clock.now_ns();
+    SuspendedImage {
+        instance,
         sleep_deadlines: cp.deadlines.clone().unwrap_or_default(),
         stdin,
         stdin_closed,
@@ -640,8 +642,7 @@ async fn capture(
         preopens: Vec::new(),
         handles: Vec::new(),
         instantiation_growth: Vec::new(),
-    };
-    Ok(Captured { state, parts })
+    }
 }
 
 /// Writes a suspended process's state into a fresh instance and makes it rewind at its

@@ -69,14 +69,9 @@ pub(crate) struct Prepared {
 
 /// Prepares `component` (see the module docs), or says why it cannot be checkpointed.
 pub(crate) fn prepare(component: &[u8]) -> std::result::Result<Prepared, String> {
-    let instrumented = unwind::instrument_component(component, &checkpoint::blocking_imports())
-        .map_err(|e| format!("the checkpoint transform: {e}"))?;
-    let stoppable: BTreeSet<usize> =
-        (0..instrumented.modules.len()).filter(|&m| instrumented.modules[m].is_some()).collect();
-    if stoppable.is_empty() {
-        return Err("nothing in it can be stopped".into());
-    }
-    for (m, facts) in modules(component)?.iter().enumerate() {
+    // The cheap refusals come first: the transform of a large program takes seconds.
+    let facts = modules(component)?;
+    for (m, facts) in facts.iter().enumerate() {
         if let Some(why) = facts.runtime_changes {
             return Err(format!("core module {m} {why}"));
         }
@@ -88,15 +83,21 @@ pub(crate) fn prepare(component: &[u8]) -> std::result::Result<Prepared, String>
                  not supported yet"
             ));
         }
-        if facts.mutable_globals && !stoppable.contains(&m) {
-            return Err(format!(
-                "core module {m} keeps mutable globals, and nothing of it can be stopped to save them"
-            ));
-        }
     }
-    let (memories, stack, module) = memory_order(&instrumented.bytes, &stoppable)?;
+    let instrumented = unwind::instrument_component(component, &checkpoint::blocking_imports())
+        .map_err(|e| format!("the checkpoint transform: {e}"))?;
+    let stoppable: BTreeSet<usize> =
+        (0..instrumented.modules.len()).filter(|&m| instrumented.modules[m].is_some()).collect();
+    if stoppable.is_empty() {
+        return Err("nothing in it can be stopped".into());
+    }
+    if let Some(m) = (0..facts.len()).find(|m| facts[*m].mutable_globals && !stoppable.contains(m)) {
+        return Err(format!("core module {m} keeps mutable globals, and nothing of it can be stopped to save them"));
+    }
+    let core = CoreLayout::read(&instrumented.bytes)?;
+    let (memories, stack, module) = core.memory_order(&stoppable)?;
     let layout = instrumented.modules[module].clone().expect("an instrumented module");
-    let (bytes, globals) = export_globals(&instrumented.bytes, &stoppable)?;
+    let (bytes, globals) = export_globals(&instrumented.bytes, &core, &stoppable)?;
     let rewritten = component_handles::rewrite::rewrite(&bytes);
     let shape = ComponentShape { layout, memories, stack, globals };
     Ok(Prepared { bytes: rewritten.bytes, shape, handles: rewritten.handles })
@@ -110,6 +111,7 @@ type GlobalsExports = Vec<(String, String)>;
 /// adding only to the end of each index space); their names, in instantiation order.
 fn export_globals(
     component: &[u8],
+    layout: &CoreLayout,
     stoppable: &BTreeSet<usize>,
 ) -> std::result::Result<(Vec<u8>, GlobalsExports), String> {
     use wasm_encoder::{
@@ -120,26 +122,9 @@ fn export_globals(
     let mut validator = wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all());
     let types = validator.validate_all(component).map_err(invalid)?;
     let types = types.as_ref();
-    let mut instances = Vec::new();
-    let mut next = 0u32;
-    let mut depth = 0;
-    for payload in Parser::new(0).parse_all(component) {
-        match payload.map_err(invalid)? {
-            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
-            Payload::End(_) if depth > 0 => depth -= 1,
-            Payload::InstanceSection(reader) if depth == 0 => {
-                for instance in reader {
-                    if let wasmparser::Instance::Instantiate { module_index, .. } = instance.map_err(invalid)?
-                        && stoppable.contains(&(module_index as usize))
-                    {
-                        instances.push(next);
-                    }
-                    next += 1;
-                }
-            }
-            _ => {}
-        }
-    }
+    let instances: Vec<u32> = (0..layout.instances.len() as u32)
+        .filter(|&i| layout.instances[i as usize].is_some_and(|m| stoppable.contains(&m)))
+        .collect();
     let (core_funcs, func_type, funcs) =
         (types.function_count(), types.component_type_count(), types.component_function_count());
     let mut aliases = ComponentAliasSection::new();
@@ -235,49 +220,64 @@ fn modules(component: &[u8]) -> std::result::Result<Vec<ModuleFacts>, String> {
     Ok(facts)
 }
 
-/// Memories the component's instantiation creates, in order (each core instance's defined
-/// memories, in instantiation order), the position among them of the unwind stack (the
-/// last memory of the first `stoppable` module instantiated, which the others share:
-/// see `unwind::instrument_component`), and that module.
-fn memory_order(component: &[u8], stoppable: &BTreeSet<usize>) -> std::result::Result<(usize, usize, usize), String> {
-    let invalid = |e: wasmparser::BinaryReaderError| format!("invalid component: {e}");
-    let mut defined = Vec::new();
-    let mut created = 0usize;
-    let mut stack = None;
-    let mut depth = 0;
-    for payload in Parser::new(0).parse_all(component) {
-        match payload.map_err(invalid)? {
-            Payload::ModuleSection { .. } => {
-                depth += 1;
-                defined.push(0usize);
-            }
-            Payload::ComponentSection { .. } => depth += 1,
-            Payload::End(_) if depth > 0 => depth -= 1,
-            Payload::MemorySection(reader) if depth == 1 => {
-                *defined.last_mut().expect("a module") += reader.count() as usize
-            }
-            Payload::InstanceSection(reader) if depth == 0 => {
-                for instance in reader {
-                    let wasmparser::Instance::Instantiate { module_index, .. } = instance.map_err(invalid)? else {
-                        continue;
-                    };
-                    let module = module_index as usize;
-                    let count = *defined.get(module).ok_or("a core instance of an unknown module")?;
-                    created += count;
-                    match stack {
-                        Some((_, owner)) if owner == module => {
-                            return Err("the module holding its unwind stack is instantiated twice".into());
-                        }
-                        None if stoppable.contains(&module) => stack = Some((created - 1, module)),
-                        _ => {}
+/// A component's core modules and instances as a host sees them at instantiation.
+struct CoreLayout {
+    /// Memories each core module defines.
+    defined_memories: Vec<usize>,
+    /// The module each core instance instantiates (`None`: made from exports).
+    instances: Vec<Option<usize>>,
+}
+
+impl CoreLayout {
+    fn read(component: &[u8]) -> std::result::Result<CoreLayout, String> {
+        let invalid = |e: wasmparser::BinaryReaderError| format!("invalid component: {e}");
+        let mut layout = CoreLayout { defined_memories: Vec::new(), instances: Vec::new() };
+        let mut depth = 0;
+        for payload in Parser::new(0).parse_all(component) {
+            match payload.map_err(invalid)? {
+                Payload::ModuleSection { .. } => {
+                    depth += 1;
+                    layout.defined_memories.push(0);
+                }
+                Payload::ComponentSection { .. } => depth += 1,
+                Payload::End(_) if depth > 0 => depth -= 1,
+                Payload::MemorySection(reader) if depth == 1 => {
+                    *layout.defined_memories.last_mut().expect("a module") += reader.count() as usize
+                }
+                Payload::InstanceSection(reader) if depth == 0 => {
+                    for instance in reader {
+                        layout.instances.push(match instance.map_err(invalid)? {
+                            wasmparser::Instance::Instantiate { module_index, .. } => Some(module_index as usize),
+                            wasmparser::Instance::FromExports(_) => None,
+                        });
                     }
                 }
+                _ => {}
             }
-            _ => {}
         }
+        Ok(layout)
     }
-    let (stack, module) = stack.ok_or("its stoppable modules are never instantiated")?;
-    Ok((created, stack, module))
+
+    /// Memories the instantiation creates, in order (each core instance's defined
+    /// memories, in instantiation order), the position among them of the unwind stack
+    /// (the last memory of the first `stoppable` module instantiated, which the others
+    /// share: see `unwind::instrument_component`), and that module.
+    fn memory_order(&self, stoppable: &BTreeSet<usize>) -> std::result::Result<(usize, usize, usize), String> {
+        let mut created = 0usize;
+        let mut stack = None;
+        for &module in self.instances.iter().flatten() {
+            created += *self.defined_memories.get(module).ok_or("a core instance of an unknown module")?;
+            match stack {
+                Some((_, owner)) if owner == module => {
+                    return Err("the module holding its unwind stack is instantiated twice".into());
+                }
+                None if stoppable.contains(&module) => stack = Some((created - 1, module)),
+                _ => {}
+            }
+        }
+        let (stack, module) = stack.ok_or("its stoppable modules are never instantiated")?;
+        Ok((created, stack, module))
+    }
 }
 
 /// The linker of checkpointable components: WASI, the handle and tree shadows reactors
@@ -524,27 +524,17 @@ fn capture(
         images.push(image);
         parts.push(stored);
     }
-    let data = store.data();
-    let cp = data.checkpoint.as_ref().expect("checkpointing");
-    let (stdin, stdin_closed) = match &cp.stdin {
-        Some(pipe) => (pipe.pending(), pipe.is_closed()),
-        None => (Vec::new(), false),
+    let instance = InstanceImage {
+        memories: images,
+        globals: Vec::new(),
+        tables: Vec::new(),
+        fds: Default::default(),
+        monotonic_ns: 0,
     };
     let state = SuspendedImage {
-        instance: InstanceImage {
-            memories: images,
-            globals: Vec::new(),
-            tables: Vec::new(),
-            fds: Default::default(),
-            monotonic_ns: data.clock.now_ns(),
-        },
-        sleep_deadlines: Vec::new(),
-        stdin,
-        stdin_closed,
-        program_part: None,
-        preopens: Vec::new(),
         handles,
         instantiation_growth: growth.to_vec(),
+        ..checkpoint::suspended(store.data(), instance)
     };
     Ok(Captured { state, parts })
 }

@@ -12,7 +12,7 @@
 //! forks of the snapshot, and copies a page only when one of them writes it.
 //!
 //! Why mapping over memory wasmtime owns is sound here: the debug engine allocates on
-//! demand (no pooling, see `host::DebugEngine`), so every linear memory is its own mmap
+//! demand (no pooling, see `host::DEBUG_SETTINGS`), so every linear memory is its own mmap
 //! reservation, unmapped whole when its instance is dropped, never handed to another
 //! instance; the mapping covers exactly the memory's accessible bytes (whole wasm pages,
 //! so host-page aligned), and growing the memory later only changes the protection of

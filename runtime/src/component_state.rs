@@ -2,7 +2,7 @@
 //!
 //! A component's core instances (its module, the preview1 adapter, the shims that tie
 //! them) export nothing the host can reach, so reactor components run on the host's debug
-//! engine (see `host::DebugEngine`) and their state is read with `Store::debug_all_instances`
+//! engine (see `host::DEBUG_SETTINGS`) and their state is read with `Store::debug_all_instances`
 //! and the `debug_memory`/`debug_global`/`debug_table`/`debug_function` accessors. A fresh
 //! instance of the same component has the same core instances in the same order, which is
 //! what a restore writes into.

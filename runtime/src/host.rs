@@ -195,12 +195,12 @@ pub(crate) struct HostInner {
     copy_on_write_restore: bool,
     code_cache_dir: Option<PathBuf>,
     code_cache_max_bytes: Option<u64>,
-    /// How the debug engine compiles (see [`DebugEngine`]).
+    /// How the debug engine compiles (see [`DEBUG_SETTINGS`]).
     debug_isolation: Option<Isolated>,
-    debug: OnceLock<std::result::Result<DebugEngine, String>>,
-    /// How the engine of checkpointable components compiles (see [`OwnedEngine`]).
+    debug: OnceLock<std::result::Result<SideEngine, String>>,
+    /// How the engine of checkpointable components compiles (see [`OWNED_SETTINGS`]).
     owned_isolation: Option<Isolated>,
-    owned: OnceLock<std::result::Result<OwnedEngine, String>>,
+    owned: OnceLock<std::result::Result<SideEngine, String>>,
     component_reactors: Mutex<Lru<blake3::Hash, Arc<Program>>>,
     /// Loaded programs by hash, bounded (`HostConfig::max_loaded_programs`).
     programs: Mutex<Lru<blake3::Hash, Arc<Program>>>,
@@ -245,9 +245,17 @@ pub(crate) enum ProgramEntry {
     CheckpointableComponent(crate::component_checkpoint::Loaded),
     /// A component without `wasi:cli/run`: it can only run as a reactor. Loaded by
     /// [`Host::load`] on the normal engine (for checking); [`Host::component_reactor`]
-    /// loads it again on the debug engine (see [`DebugEngine`]) to run it.
+    /// loads it again on the debug engine (see [`DEBUG_SETTINGS`]) to run it.
     /// With which host resources its snapshots can carry.
     ComponentReactor(wasmtime::component::InstancePre<ProcessState>, HandleSupport),
+}
+
+/// An engine beside the host's own, built on first use for the components that need it
+/// (with an epoch ticker and a code cache of its own).
+pub(crate) struct SideEngine {
+    pub(crate) engine: Engine,
+    linker: ComponentLinker<ProcessState>,
+    code_cache: CodeCache,
 }
 
 /// The engine reactor components run on: `guest_debug` on, because a component's core
@@ -256,24 +264,14 @@ pub(crate) enum ProgramEntry {
 /// wasmtime 48 reaches them. Its price (DESIGN.md section 3: a CPU-bound loop 2.8x slower,
 /// instantiation ~8x slower) is why only components asked to run as reactors use it:
 /// core modules get their state exported by a load-time rewrite instead (`state_export`),
-/// and component commands keep the normal engine.
-pub(crate) struct DebugEngine {
-    pub(crate) engine: Engine,
-    linker: ComponentLinker<ProcessState>,
-    code_cache: CodeCache,
-}
+/// and component commands keep the normal engine (or the owned one, [`OWNED_SETTINGS`]).
+pub(crate) const DEBUG_SETTINGS: EngineSettings = EngineSettings { pool: None, guest_debug: true, host_memory: false };
 
 /// The engine checkpointable command components run on (see `component_checkpoint`):
 /// their linear memories are made by the host (`host_memory`), which is how it reads and
 /// writes a component's state without `guest_debug`. No instance pool (the host makes
 /// the memories) and no copy-on-write memory images (wasmtime maps those itself), so an
-/// instantiation copies its data segments. Built on first use.
-pub(crate) struct OwnedEngine {
-    engine: Engine,
-    linker: ComponentLinker<ProcessState>,
-    code_cache: CodeCache,
-}
-
+/// instantiation copies its data segments.
 const OWNED_SETTINGS: EngineSettings = EngineSettings { pool: None, guest_debug: false, host_memory: true };
 
 impl Program {
@@ -449,7 +447,7 @@ impl Host {
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_ticker(engine.clone(), ticker_stop.clone());
-        let debug_isolation = isolated(EngineSettings { pool: None, guest_debug: true, host_memory: false });
+        let debug_isolation = isolated(DEBUG_SETTINGS);
         let owned_isolation = isolated(OWNED_SETTINGS);
         Ok(Host {
             inner: Arc::new(HostInner {
@@ -581,23 +579,31 @@ impl Host {
         })
     }
 
-    /// The engine of checkpointable components, built on first use (with an epoch ticker
-    /// of its own).
-    fn owned_engine(&self) -> std::result::Result<&OwnedEngine, String> {
+    /// An engine configured by `settings` with the component linker `linker` makes for it.
+    fn side_engine(
+        &self,
+        settings: EngineSettings,
+        isolation: Option<Isolated>,
+        linker: impl FnOnce(&Engine) -> wasmtime::Result<ComponentLinker<ProcessState>>,
+    ) -> std::result::Result<SideEngine, String> {
+        let engine = Engine::new(&engine_config(settings)).map_err(|e| format!("{e:#}"))?;
+        let linker = linker(&engine).map_err(|e| format!("{e:#}"))?;
+        spawn_ticker(engine.clone(), self.inner.ticker_stop.clone());
+        let cache_dir = self.inner.code_cache_dir.clone();
+        let code_cache = CodeCache::new(&engine, cache_dir, false, isolation, self.inner.code_cache_max_bytes);
+        Ok(SideEngine { engine, linker, code_cache })
+    }
+
+    /// The engine of checkpointable components, built on first use.
+    fn owned_engine(&self) -> std::result::Result<&SideEngine, String> {
         self.inner
             .owned
             .get_or_init(|| {
-                let engine = Engine::new(&engine_config(OWNED_SETTINGS)).map_err(|e| format!("{e:#}"))?;
-                let linker = crate::component_checkpoint::linker(&engine).map_err(|e| format!("{e:#}"))?;
-                spawn_ticker(engine.clone(), self.inner.ticker_stop.clone());
-                let code_cache = CodeCache::new(
-                    &engine,
-                    self.inner.code_cache_dir.clone(),
-                    false,
+                self.side_engine(
+                    OWNED_SETTINGS,
                     self.inner.owned_isolation.clone(),
-                    self.inner.code_cache_max_bytes,
-                );
-                Ok(OwnedEngine { engine, linker, code_cache })
+                    crate::component_checkpoint::linker,
+                )
             })
             .as_ref()
             .map_err(|e| format!("cannot build the engine for checkpointable components: {e}"))
@@ -648,26 +654,18 @@ impl Host {
         Ok(Loaded { pre, shape, handles })
     }
 
-    /// The debug engine, built on first use (with an epoch ticker of its own).
-    fn debug_engine(&self) -> Result<&DebugEngine> {
+    /// The debug engine, built on first use.
+    fn debug_engine(&self) -> Result<&SideEngine> {
         self.inner
             .debug
             .get_or_init(|| {
-                let config = engine_config(EngineSettings { pool: None, guest_debug: true, host_memory: false });
-                let engine = Engine::new(&config).map_err(|e| format!("{e:#}"))?;
-                let mut linker = ComponentLinker::new(&engine);
-                wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| format!("{e:#}"))?;
-                crate::component_handles::shadows::add(&mut linker).map_err(|e| format!("{e:#}"))?;
-                crate::component_disk::add_tree_shadows(&mut linker).map_err(|e| format!("{e:#}"))?;
-                spawn_ticker(engine.clone(), self.inner.ticker_stop.clone());
-                let code_cache = CodeCache::new(
-                    &engine,
-                    self.inner.code_cache_dir.clone(),
-                    false,
-                    self.inner.debug_isolation.clone(),
-                    self.inner.code_cache_max_bytes,
-                );
-                Ok(DebugEngine { engine, linker, code_cache })
+                self.side_engine(DEBUG_SETTINGS, self.inner.debug_isolation.clone(), |engine| {
+                    let mut linker = ComponentLinker::new(engine);
+                    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+                    crate::component_handles::shadows::add(&mut linker)?;
+                    crate::component_disk::add_tree_shadows(&mut linker)?;
+                    Ok(linker)
+                })
             })
             .as_ref()
             .map_err(|e| Error::Start(format!("cannot build the debug engine for reactor components: {e}")))

@@ -130,19 +130,8 @@ struct SharedStack {
 }
 
 impl SharedStack {
-    fn plan(
-        sections: &[(u8, &[u8])],
-        modules: &[ModuleFacts<'_>],
-        linked: &Linked,
-        base: &UnwindOptions,
-    ) -> Result<SharedStack, UnwindError> {
-        let mut instrumented = BTreeSet::new();
-        for (m, facts) in modules.iter().enumerate() {
-            let functions = suspension(facts.bytes, &linked.options(facts, base)).map_err(|e| in_module(m, e))?;
-            if functions.iter().skip(facts.func_imports.len()).any(|(suspends, _)| *suspends) {
-                instrumented.insert(m);
-            }
-        }
+    fn plan(sections: &[(u8, &[u8])], linked: &Linked) -> Result<SharedStack, UnwindError> {
+        let mut instrumented = linked.instrumented.clone();
         let none = SharedStack { owner: None, sharers: BTreeSet::new() };
         if instrumented.len() < 2 {
             return Ok(none);
@@ -241,7 +230,7 @@ pub fn instrument_component(component: &[u8], options: &UnwindOptions) -> Result
         .map(|(i, (_, bytes))| ModuleFacts::read(bytes).map_err(|e| in_module(i, e)))
         .collect::<Result<Vec<_>, _>>()?;
     let linked = Linked::compute(&modules, options)?;
-    let stacks = SharedStack::plan(&sections, &modules, &linked, options)?;
+    let stacks = SharedStack::plan(&sections, &linked)?;
     let held = held_exports(&sections)?;
 
     let mut out = wasm_encoder::Component::new();
@@ -366,19 +355,26 @@ struct Linked {
     exports: BTreeSet<String>,
     /// By shared table name: signatures of the functions put into it that can suspend.
     signatures: BTreeMap<String, HashSet<FuncType>>,
+    /// Modules with a function that can suspend (the transform instruments them).
+    instrumented: BTreeSet<usize>,
 }
 
 impl Linked {
     fn compute(modules: &[ModuleFacts<'_>], base: &UnwindOptions) -> Result<Linked, UnwindError> {
-        let mut linked = Linked { exports: BTreeSet::new(), signatures: BTreeMap::new() };
+        let mut linked =
+            Linked { exports: BTreeSet::new(), signatures: BTreeMap::new(), instrumented: BTreeSet::new() };
         let count =
             |linked: &Linked| linked.exports.len() + linked.signatures.values().map(HashSet::len).sum::<usize>();
         // Each round only adds (more blocking imports make more functions suspend), so
         // this ends; every round is one analysis of each module.
         loop {
             let mut next = linked.clone();
+            let mut instrumented = BTreeSet::new();
             for (i, facts) in modules.iter().enumerate() {
                 let functions = suspension(facts.bytes, &linked.options(facts, base)).map_err(|e| in_module(i, e))?;
+                if functions.iter().skip(facts.func_imports.len()).any(|(suspends, _)| *suspends) {
+                    instrumented.insert(i);
+                }
                 let suspends = |f: u32| functions.get(f as usize).is_some_and(|(s, _)| *s);
                 for (name, index) in &facts.func_exports {
                     if suspends(*index) {
@@ -393,6 +389,8 @@ impl Linked {
                 }
             }
             if count(&next) == count(&linked) {
+                // This round ran with the final options: what it found is what gets instrumented.
+                linked.instrumented = instrumented;
                 return Ok(linked);
             }
             linked = next;
