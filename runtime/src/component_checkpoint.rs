@@ -22,12 +22,12 @@
 //! A stop can cross modules (an adapter-made component's program calls the adapter's
 //! `fd_read`, which blocks): the instrumented modules share one unwind stack and one
 //! `state` (`unwind::instrument_component`), whose memory is the one the host watches.
-//! Not yet: a module that shares the stack may define no memory of its own, modules with
-//! mutable globals must all be instrumented, and none may import a mutable global (a
-//! dynamically linked program such as componentize-py's CPython: it stops and continues,
-//! but its stdout after a resume is lost, not yet understood); such a component runs
-//! without checkpoints, saying why. A clock's pollable or a socket held at a stop refuses
-//! the capture.
+//! A dynamically linked program (componentize-py's CPython: a dozen libraries sharing one
+//! memory, table, `__stack_pointer` and GOT) is no different: a mutable global is saved
+//! by the module that defines it, whoever imports it. Not yet: a module that shares the
+//! stack may define no memory of its own, and modules with mutable globals must all be
+//! instrumented; such a component runs without checkpoints, saying why. A clock's
+//! pollable or a socket held at a stop refuses the capture.
 
 use crate::checkpoint::{self, Captured, StateCell};
 use crate::component_handles::{self, HandleSupport};
@@ -74,14 +74,6 @@ pub(crate) fn prepare(component: &[u8]) -> std::result::Result<Prepared, String>
     for (m, facts) in facts.iter().enumerate() {
         if let Some(why) = facts.runtime_changes {
             return Err(format!("core module {m} {why}"));
-        }
-        if facts.imports_mutable_globals {
-            // componentize-py's CPython: it stops and continues, but what it writes to
-            // stdout after a resume is lost (not yet understood): refused until it is.
-            return Err(format!(
-                "core module {m} imports mutable globals from another (a dynamically linked program): \
-                 not supported yet"
-            ));
         }
     }
     let instrumented = unwind::instrument_component(component, &checkpoint::blocking_imports())
@@ -162,8 +154,6 @@ fn export_globals(
 struct ModuleFacts {
     /// The transform saves mutable globals only in the modules it instruments.
     mutable_globals: bool,
-    /// It imports a mutable global (dynamic linking: a shared `__stack_pointer`, GOT).
-    imports_mutable_globals: bool,
     /// Code that changes tables or segments at run time: a fresh instance has them as
     /// instantiation left them.
     runtime_changes: Option<&'static str>,
@@ -188,13 +178,6 @@ fn modules(component: &[u8]) -> std::result::Result<Vec<ModuleFacts>, String> {
         }
         let Some(last) = facts.last_mut().filter(|_| depth > 0) else { continue };
         match payload {
-            Payload::ImportSection(reader) => {
-                for import in reader.into_imports() {
-                    if let wasmparser::TypeRef::Global(global) = import.map_err(invalid)?.ty {
-                        last.imports_mutable_globals |= global.mutable;
-                    }
-                }
-            }
             Payload::GlobalSection(reader) => {
                 for global in reader {
                     last.mutable_globals |= global.map_err(invalid)?.ty.mutable;

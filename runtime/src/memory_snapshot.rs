@@ -590,7 +590,10 @@ impl MemorySnapshot {
                         stderr: process.stderr.clone(),
                     };
                     let (stdin, output) = match stdio {
-                        RestoredStdio::Capture if suspended.stdin_closed => (StdinMode::Closed, OutputMode::Capture),
+                        // Input written before the close and not yet read is still the guest's.
+                        RestoredStdio::Capture if suspended.stdin_closed && suspended.stdin.is_empty() => {
+                            (StdinMode::Closed, OutputMode::Capture)
+                        }
                         RestoredStdio::Capture => (StdinMode::Pipe, OutputMode::Capture),
                         RestoredStdio::Inherit => (StdinMode::Inherit, OutputMode::Inherit),
                     };

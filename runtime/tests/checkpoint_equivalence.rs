@@ -227,7 +227,7 @@ async fn interrupted(world: &mut World, s: &Scenario, seed: u64) -> (Outcome, us
 
 /// Command components, run checkpointable on the engine whose memories the host owns:
 /// cargo's wasm32-wasip2 `wordfreq` (reads stdin line by line, a CPU loop per line, a
-/// file at the end), and adapter-made C programs (the preview1 adapter and the program
+/// file at the end), componentize-py's `pysum` (the same in Python), and adapter-made C programs (the preview1 adapter and the program
 /// are two instrumented modules sharing one unwind stack: a stop blocked in `fd_read`
 /// crosses from the adapter into the program; a CPU loop stops at its loop headers), each
 /// stopped blocked on each line and at random moments.
@@ -252,6 +252,16 @@ async fn components_print_and_write_the_same_when_stopped_and_continued_on_fresh
         },
         Scenario { guest: "cpuloop.component.wasm", args: &["8", "1"], stdin: &[], random_stops: 6, env: &[] },
         Scenario { guest: "writer.component.wasm", args: &["/", "4000"], stdin: &[], random_stops: 5, env: &[] },
+        // componentize-py: CPython as a dozen dynamically linked modules (one memory,
+        // table, stack pointer and GOT shared among them), stopped in `poll` and in its
+        // interpreter loop.
+        Scenario {
+            guest: "pysum.component.wasm",
+            args: &[],
+            stdin: &["1 2 3\n", "40\n", "-7 100\n"],
+            random_stops: 4,
+            env: &[("ROUNDS", "200000")],
+        },
     ];
     for s in &scenarios {
         let expected = uninterrupted(&mut world, s).await;
@@ -274,4 +284,42 @@ async fn every_guest_prints_and_writes_the_same_when_stopped_and_continued_on_fr
         total_stops += stops;
     }
     assert!(total_stops >= 15, "only {total_stops} stops happened: the guests ended too fast");
+}
+
+/// Input written and closed while the program computes, before it reads any: the stop
+/// finds it unread in a closed pipe, and the continued program reads all of it, then
+/// end of file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_written_and_closed_before_a_stop_is_read_after_it() {
+    const LATE_READER: &str = "\
+import sys
+x = 0
+for i in range(1000000):
+    x = (x * 31 + i) % 1000003
+total = 0
+for line in sys.stdin:
+    total += int(line)
+print('sum', total, 'mix', x)
+";
+    let mut world = World::new();
+    let (sandbox, root) = world.sandbox();
+    std::fs::write(root.join("late.py"), LATE_READER).unwrap();
+    let command =
+        Command::new(ProgramRef::Bytes { bytes: guest_bytes("micropython.wasm"), name: "micropython".into() })
+            .arg("/late.py")
+            .stdin(StdinMode::Pipe);
+    let process = sandbox.spawn(command).await.unwrap();
+    let stdin = process.stdin().unwrap();
+    stdin.write(b"5\n7\n").unwrap();
+    stdin.close();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_restored, root, continued) =
+        world.stop_and_continue(&sandbox, &process).await.expect("stopped in its loop, before reading");
+    let got = finish(&continued, &root).await;
+    assert_eq!(got.status, "exited with code 0", "{}", got.stderr);
+    let mut x = 0u64;
+    for i in 0..1_000_000u64 {
+        x = (x * 31 + i) % 1_000_003;
+    }
+    assert_eq!(got.stdout, format!("sum 12 mix {x}\n"));
 }

@@ -375,7 +375,8 @@ impl Api {
     /// Waits until process `pid` of this client's sandbox has printed `line`.
     #[track_caller]
     pub fn wait_for_line(&self, pid: u64, line: &str) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        // Long enough for a large program's first compile.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             let stdout = self.get(&format!("/api/v1/processes/{pid}/stdout")).expect(200).json();
             if stdout["lines"].as_array().unwrap().iter().any(|l| l == line) {
