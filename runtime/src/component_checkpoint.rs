@@ -438,7 +438,7 @@ pub(crate) async fn run(
         cp.control.clone()
     };
     if let Some(resume) = resume {
-        restore(store, &instance, loaded, &memories, &resume.image, &resume.parts).await?;
+        restore(store, &instance, loaded, &memories, resume).await?;
     }
     loop {
         let result = command.wasi_cli_run().call_run(&mut *store).await.map_err(Failure::Wasm)?;
@@ -554,9 +554,9 @@ async fn restore(
     instance: &wasmtime::component::Instance,
     loaded: &Loaded,
     memories: &[HostMemory],
-    image: &SuspendedImage,
-    parts: &[Vec<u8>],
+    resume: &ResumeFrom,
 ) -> std::result::Result<(), Failure> {
+    let (image, parts) = (&resume.image, &resume.parts);
     let restore_error = |e: String| Failure::Restore(e);
     let mut extra = 0u64;
     for (k, (memory, saved)) in memories.iter().zip(&image.instance.memories).enumerate() {
@@ -573,6 +573,12 @@ async fn restore(
     }
     store.data_mut().limiter.restored(extra).map_err(|e| Failure::Wasm(e.into()))?;
     for (k, (memory, saved)) in memories.iter().zip(&image.instance.memories).enumerate() {
+        if let Some(file) = resume.memories.as_ref().and_then(|m| m.file(k)) {
+            match memory.map(file) {
+                Ok(()) => continue,
+                Err(e) => tracing::warn!("memory {k} is copied, not mapped: {e}"),
+            }
+        }
         let bytes = instance_state::part(parts, saved.part).map_err(|e| restore_error(e.to_string()))?;
         write_memory(memory, saved, bytes).map_err(|e| restore_error(format!("memory {k}: {e}")))?;
     }

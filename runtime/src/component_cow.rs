@@ -35,26 +35,11 @@ impl ComponentMemories {
     /// Lays out every memory of `instances` in a memfd; `parts` are the image's
     /// decompressed parts.
     pub(crate) fn prepare(instances: &[CoreStateImage], parts: &[Vec<u8>]) -> std::io::Result<ComponentMemories> {
-        // A memory seen through several instances names one part (validation checked that
-        // its views agree), and is laid out once.
-        let mut laid_out: HashMap<u32, Arc<std::fs::File>> = HashMap::new();
-        let mut files = Vec::with_capacity(instances.len());
-        for instance in instances {
-            let mut memories = Vec::with_capacity(instance.memories.len());
-            for image in &instance.memories {
-                let file = match laid_out.get(&image.part) {
-                    Some(file) => file.clone(),
-                    None => {
-                        let bytes = parts.get(image.part as usize).map(Vec::as_slice).unwrap_or_default();
-                        let file = Arc::new(lay_out(image, bytes)?);
-                        laid_out.insert(image.part, file.clone());
-                        file
-                    }
-                };
-                memories.push(file);
-            }
-            files.push(memories);
-        }
+        let mut layouts = Layouts { parts, laid_out: HashMap::new() };
+        let files = instances
+            .iter()
+            .map(|instance| instance.memories.iter().map(|image| layouts.file(image)).collect())
+            .collect::<std::io::Result<_>>()?;
         Ok(ComponentMemories { files })
     }
 
@@ -95,6 +80,45 @@ impl ComponentMemories {
             }
         }
         Ok(())
+    }
+}
+
+/// The memories of a stopped command component (`component_checkpoint`), in creation
+/// order, each in a file its restores map over the memory the host made for it
+/// (`HostMemory::map`).
+pub(crate) struct SuspendedMemories {
+    files: Vec<Arc<std::fs::File>>,
+}
+
+impl SuspendedMemories {
+    pub(crate) fn prepare(memories: &[MemoryImage], parts: &[Vec<u8>]) -> std::io::Result<SuspendedMemories> {
+        let mut layouts = Layouts { parts, laid_out: HashMap::new() };
+        let files = memories.iter().map(|image| layouts.file(image)).collect::<std::io::Result<_>>()?;
+        Ok(SuspendedMemories { files })
+    }
+
+    /// The file of the k-th memory.
+    pub(crate) fn file(&self, k: usize) -> Option<&std::fs::File> {
+        self.files.get(k).map(|file| &**file)
+    }
+}
+
+/// Memfds of an image's memories, one per part: a memory seen through several instances
+/// names one part (validation checked that its views agree), and is laid out once.
+struct Layouts<'a> {
+    parts: &'a [Vec<u8>],
+    laid_out: HashMap<u32, Arc<std::fs::File>>,
+}
+
+impl Layouts<'_> {
+    fn file(&mut self, image: &MemoryImage) -> std::io::Result<Arc<std::fs::File>> {
+        if let Some(file) = self.laid_out.get(&image.part) {
+            return Ok(file.clone());
+        }
+        let bytes = self.parts.get(image.part as usize).map(Vec::as_slice).unwrap_or_default();
+        let file = Arc::new(lay_out(image, bytes)?);
+        self.laid_out.insert(image.part, file.clone());
+        Ok(file)
     }
 }
 

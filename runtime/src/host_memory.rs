@@ -156,6 +156,37 @@ impl HostMemory {
     }
 }
 
+impl HostMemory {
+    /// Maps `file` (exactly the memory's size) over the whole memory, copy-on-write: its
+    /// pages are shared with every other mapping of the file until written. Same duty as
+    /// `read`; [`HostMemory::clear`] then brings the file's contents back, not zeros.
+    pub fn map(&self, file: &std::fs::File) -> std::io::Result<()> {
+        let size = self.size();
+        if file.metadata()?.len() != size as u64 {
+            return Err(std::io::Error::other("the file is not the memory's size"));
+        }
+        if size == 0 {
+            return Ok(());
+        }
+        if !size.is_multiple_of(rustix::param::page_size()) {
+            return Err(std::io::Error::other("the memory is not a whole number of host pages"));
+        }
+        // SAFETY: the accessible part of our own reservation, a whole number of host pages
+        // from its page-aligned base; nothing holds a reference into its contents.
+        unsafe {
+            rustix::mm::mmap(
+                self.region.base.cast(),
+                size,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED,
+                file,
+                0,
+            )
+        }?;
+        Ok(())
+    }
+}
+
 struct Linear {
     region: Arc<Region>,
     /// Bytes that may ever be accessible (the reservation without the guard).

@@ -34,7 +34,7 @@
 
 use crate::checkpoint::ProcessCheckpoint;
 use crate::code_cache::write_atomically;
-use crate::component_cow::ComponentMemories;
+use crate::component_cow::{ComponentMemories, SuspendedMemories};
 use crate::cow_restore;
 use crate::error::{Error, Result};
 use crate::fs_snapshot::{FsSnapshotStore, SnapshotId};
@@ -508,6 +508,13 @@ impl MemorySnapshot {
                     let memories = memories.inspect_err(|e| tracing::warn!("component restores will copy: {e}"));
                     memories.ok().map(|m| Mapped::Component(Arc::new(m)))
                 }
+                (ProcessStateImage::Suspended(suspended), Some(program))
+                    if !host.copy_restore() && program.format() == crate::ProgramFormat::Component =>
+                {
+                    let memories = SuspendedMemories::prepare(&suspended.instance.memories, &parts);
+                    let memories = memories.inspect_err(|e| tracing::warn!("component restores will copy: {e}"));
+                    memories.ok().map(|m| Mapped::Suspended(Arc::new(m)))
+                }
                 _ => None,
             });
         }
@@ -588,6 +595,10 @@ impl MemorySnapshot {
                         parts: self.parts.clone(),
                         stdout: process.stdout.clone(),
                         stderr: process.stderr.clone(),
+                        memories: match &self.cow[index] {
+                            Some(Mapped::Suspended(memories)) => Some(memories.clone()),
+                            _ => None,
+                        },
                     };
                     let (stdin, output) = match stdio {
                         // Input written before the close and not yet read is still the guest's.

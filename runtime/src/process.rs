@@ -245,6 +245,8 @@ pub(crate) struct ResumeFrom {
     pub(crate) parts: Arc<Vec<Vec<u8>>>,
     pub(crate) stdout: Vec<u8>,
     pub(crate) stderr: Vec<u8>,
+    /// A component's memories laid out to be mapped copy-on-write (else they are copied).
+    pub(crate) memories: Option<Arc<crate::component_cow::SuspendedMemories>>,
 }
 
 /// A handle to a running or finished process. Cloning it is cheap; all clones see the

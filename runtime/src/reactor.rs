@@ -70,6 +70,8 @@ pub(crate) enum Mapped {
     Module(wasmtime::Module, std::sync::Arc<ResumeProgram>),
     /// A component: the image's memories, laid out to be mapped (`component_cow`).
     Component(std::sync::Arc<crate::component_cow::ComponentMemories>),
+    /// A stopped command component: its memories, laid out to be mapped.
+    Suspended(std::sync::Arc<crate::component_cow::SuspendedMemories>),
 }
 
 /// Where a reactor's state comes from.

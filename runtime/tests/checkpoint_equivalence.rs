@@ -87,7 +87,11 @@ struct World {
 
 impl World {
     fn new() -> World {
-        let host = Host::new(HostConfig { checkpoints: true, ..HostConfig::default() }).unwrap();
+        World::on(HostConfig { checkpoints: true, ..HostConfig::default() })
+    }
+
+    fn on(config: HostConfig) -> World {
+        let host = Host::new(config).unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let fs = Arc::new(FsSnapshotStore::open(tmp.path().join("fs")).unwrap());
         let images = MemorySnapshotStore::open(tmp.path().join("memory")).unwrap();
@@ -322,4 +326,57 @@ print('sum', total, 'mix', x)
         x = (x * 31 + i) % 1_000_003;
     }
     assert_eq!(got.stdout, format!("sum 12 mix {x}\n"));
+}
+
+/// Forks of a running component from one snapshot (cargo's `wordfreq`, blocked on its
+/// second line) go their own ways, whether the restores map its memories copy-on-write
+/// or copy them: each is given its own next line and prints and writes what an
+/// uninterrupted run on the same input does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forks_of_a_running_component_diverge_whether_mapped_or_copied() {
+    let command = || {
+        Command::new(ProgramRef::Bytes { bytes: guest_bytes("wordfreq.component.wasm"), name: "wordfreq".into() })
+            .arg("/")
+            .env("ROUNDS", "1000")
+            .stdin(StdinMode::Pipe)
+    };
+    let endings = ["a b c\n", "dog\n", "the cat again\n"];
+    for cow in [true, false] {
+        let mut world =
+            World::on(HostConfig { checkpoints: true, copy_on_write_restore: cow, ..HostConfig::default() });
+        let mut expected = Vec::new();
+        for ending in endings {
+            let (sandbox, root) = world.sandbox();
+            let process = sandbox.spawn(command()).await.unwrap();
+            process.stdin().unwrap().write(format!("the cat\n{ending}").as_bytes()).unwrap();
+            process.stdin().unwrap().close();
+            expected.push(finish(&process, &root).await);
+        }
+
+        let (sandbox, _root) = world.sandbox();
+        let process = sandbox.spawn(command()).await.unwrap();
+        process.stdin().unwrap().write(b"the cat\n").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !process.stdout().contents().contains(&b'\n') {
+            assert!(std::time::Instant::now() < deadline, "no first line");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let report = sandbox.snapshot_memory(Some(world.fs.clone()), &world.images).await.unwrap();
+        process.kill();
+        let snapshot = MemorySnapshot::open(&world.host, &world.images, &report.id).unwrap();
+        assert_eq!(snapshot.copy_on_write(), cow);
+        let mut forks = Vec::new();
+        for ending in endings {
+            let root = world.fresh_root();
+            let config = SandboxConfig { root: Some(root.clone()), ..SandboxConfig::default() };
+            let fork = snapshot.restore(&world.host, config, Some(&world.fs)).await.unwrap();
+            let continued = fork.processes().into_iter().max_by_key(|p| p.pid()).unwrap();
+            continued.stdin().unwrap().write(ending.as_bytes()).unwrap();
+            continued.stdin().unwrap().close();
+            forks.push((fork, root, continued));
+        }
+        for ((_fork, root, continued), expected) in forks.iter().zip(&expected) {
+            assert_eq!(&finish(continued, root).await, expected, "cow={cow}");
+        }
+    }
 }
