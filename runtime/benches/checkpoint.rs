@@ -183,12 +183,23 @@ async fn idle_figures(host: &Host, sandbox: &Sandbox, samples: usize, next: &[u8
     for _ in 0..forks {
         kept.push(snapshot.restore(host, SandboxConfig::default(), None).await.unwrap());
     }
-    // Let every fork rewind to its blocked read.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let made = start.elapsed();
+    // A restore returns before its process has instantiated and rewound to its blocked
+    // read: wait until the forks' memory stops growing (a quarter second without 1 MiB).
+    let mut last = memory_mib().0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = memory_mib().0;
+        if (now - last).abs() < 1.0 {
+            break;
+        }
+        last = now;
+    }
     let took = start.elapsed();
     let (rss1, pss1) = memory_mib();
     println!(
-        "{forks} idle forks: {} ({} each), RSS +{:.0} MiB, PSS +{:.0} MiB ({:.2} MiB RSS each)",
+        "{forks} idle forks: restored in {}, all idle after {} ({} each), RSS +{:.0} MiB, PSS +{:.0} MiB ({:.2} MiB RSS each)",
+        ms(made),
         ms(took),
         us(took / forks as u32),
         rss1 - rss0,
@@ -207,7 +218,7 @@ async fn idle_figures(host: &Host, sandbox: &Sandbox, samples: usize, next: &[u8
 /// bytes) and checkpointable (the self-contained transform, on the engine whose memories
 /// the host makes), then idle with about 1 MiB of memory touched (it has counted a 96 KiB
 /// line of distinct words into its map and waits for its next line): snapshot and restore
-/// p50, and the memory of idle forks.
+/// p50, and the memory of idle forks; the same for componentize-py's CPython.
 async fn component_figures(plain: &Host, checkpoints: &Host) {
     println!("\n## command components: cargo's wasm32-wasip2 `wordfreq`");
     let lines: String = (0..40).map(|i| format!("w{i} x{} y{}\n", i % 7, i % 3)).collect();
@@ -254,11 +265,8 @@ async fn component_figures(plain: &Host, checkpoints: &Host) {
     }
 
     let sandbox = Sandbox::create(checkpoints, SandboxConfig::default()).unwrap();
-    let command = Command::new(ProgramRef::Bytes { bytes: guest("wordfreq.component.wasm"), name: "wordfreq".into() })
-        .args(["/"])
-        .env("ROUNDS", "1000")
-        .stdin(StdinMode::Pipe);
-    let process = sandbox.spawn(command).await.unwrap();
+    let wordfreq = command("wordfreq.component.wasm").args(["/"]).env("ROUNDS", "1000").stdin(StdinMode::Pipe);
+    let process = sandbox.spawn(wordfreq).await.unwrap();
     let mut big = String::new();
     let mut i = 0;
     while big.len() < 96 << 10 {
@@ -270,6 +278,15 @@ async fn component_figures(plain: &Host, checkpoints: &Host) {
     wait_for(&process, "line 1:").await;
     println!("idle after a {} KiB line ({i} words):", big.len() / 1024);
     idle_figures(checkpoints, &sandbox, 30, b"one more\n", "line 2:").await;
+
+    // CPython: 14 dynamically linked modules, 12 MB of memory.
+    println!("\n## componentize-py's CPython (`pysum`), idle on its second line");
+    let sandbox = Sandbox::create(checkpoints, SandboxConfig::default()).unwrap();
+    let process =
+        sandbox.spawn(command("pysum.component.wasm").env("ROUNDS", "1000").stdin(StdinMode::Pipe)).await.unwrap();
+    process.stdin().unwrap().write(b"1 2 3\n").unwrap();
+    wait_for(&process, "line 1:").await;
+    idle_figures(checkpoints, &sandbox, 20, b"40\n", "line 2:").await;
 }
 
 fn main() {
