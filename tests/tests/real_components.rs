@@ -171,7 +171,7 @@ fn a_componentize_py_program_stopped_mid_loop_is_finished_by_resume() {
     let image = cache.path().join("pysum.img");
     let input = b"1 2 3\n40\n-7 100\n";
     let mut cmd = stasis(cache.path());
-    cmd.args(["run", "--env", "ROUNDS=2000000", "--checkpoint-after", "1s", "--checkpoint-and-stop"])
+    cmd.args(["run", "--env", "ROUNDS=4000000", "--checkpoint-after", "1s", "--checkpoint-and-stop"])
         .arg("--checkpoint-out")
         .arg(&image)
         .arg("--dir")
@@ -188,7 +188,7 @@ fn a_componentize_py_program_stopped_mid_loop_is_finished_by_resume() {
     resume.arg("resume").arg(&image);
     let resumed = run(resume);
     assert_eq!(resumed.status.code(), Some(0), "{}", text(&resumed.stderr));
-    let mix = pysum_mix(2_000_000);
+    let mix = pysum_mix(4_000_000);
     assert_eq!(
         before + &text(&resumed.stdout),
         format!("line 1: total 6, mix {mix:08x}\nline 2: total 46, mix {mix:08x}\nline 3: total 139, mix {mix:08x}\n")
