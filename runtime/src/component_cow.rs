@@ -66,16 +66,7 @@ impl ComponentMemories {
                 // SAFETY: see the module docs: `data` is the whole accessible part of an
                 // unshared linear memory in its own reservation, page-aligned and a whole
                 // number of pages long; nothing else refers to its contents now.
-                let at = unsafe {
-                    rustix::mm::mmap(
-                        data.as_mut_ptr().cast(),
-                        data.len(),
-                        rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                        rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED,
-                        &**file,
-                        0,
-                    )
-                };
+                let at = unsafe { crate::host_memory::map_private(data.as_mut_ptr(), data.len(), file) };
                 at.map_err(|e| StateError::Write { what: what.clone(), reason: format!("mapping the image: {e}") })?;
             }
         }

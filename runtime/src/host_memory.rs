@@ -173,18 +173,29 @@ impl HostMemory {
         }
         // SAFETY: the accessible part of our own reservation, a whole number of host pages
         // from its page-aligned base; nothing holds a reference into its contents.
-        unsafe {
-            rustix::mm::mmap(
-                self.region.base.cast(),
-                size,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED,
-                file,
-                0,
-            )
-        }?;
-        Ok(())
+        unsafe { map_private(self.region.base, size, file) }
     }
+}
+
+/// Maps the first `len` bytes of `file` over `at..at + len`, readable, writable and
+/// private (a write copies the page; the file never changes).
+///
+/// # Safety
+/// `at..at + len` must be whole host pages of a mapping the caller owns, that nothing
+/// else reads or writes while this runs and whose old contents nothing refers to.
+pub(crate) unsafe fn map_private(at: *mut u8, len: usize, file: &std::fs::File) -> std::io::Result<()> {
+    // SAFETY: the caller's duty above.
+    unsafe {
+        rustix::mm::mmap(
+            at.cast(),
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED,
+            file,
+            0,
+        )
+    }?;
+    Ok(())
 }
 
 struct Linear {

@@ -123,16 +123,22 @@ impl World {
             }
         };
         let snapshot = MemorySnapshot::open(&self.host, &self.images, &report.id).unwrap();
-        let root = self.fresh_root();
-        let config = SandboxConfig { root: Some(root.clone()), ..SandboxConfig::default() };
-        let restored = snapshot.restore(&self.host, config, Some(&self.fs)).await.unwrap();
+        let (restored, root, continued) = self.restore(&snapshot).await;
         // The original would go on too; the run continues in the copy.
         process.kill();
-        let continued = restored.processes().into_iter().max_by_key(|p| p.pid()).expect("the process came back");
         if continued.status().is_some() {
             return None; // it had ended by the snapshot: nothing more to stop
         }
         Some((restored, root, continued))
+    }
+
+    /// `snapshot` restored in a fresh tree, with its newest process.
+    async fn restore(&mut self, snapshot: &MemorySnapshot) -> (Sandbox, PathBuf, Process) {
+        let root = self.fresh_root();
+        let config = SandboxConfig { root: Some(root.clone()), ..SandboxConfig::default() };
+        let restored = snapshot.restore(&self.host, config, Some(&self.fs)).await.unwrap();
+        let continued = restored.processes().into_iter().max_by_key(|p| p.pid()).expect("the process came back");
+        (restored, root, continued)
     }
 }
 
@@ -231,10 +237,11 @@ async fn interrupted(world: &mut World, s: &Scenario, seed: u64) -> (Outcome, us
 
 /// Command components, run checkpointable on the engine whose memories the host owns:
 /// cargo's wasm32-wasip2 `wordfreq` (reads stdin line by line, a CPU loop per line, a
-/// file at the end), componentize-py's `pysum` (the same in Python), and adapter-made C programs (the preview1 adapter and the program
-/// are two instrumented modules sharing one unwind stack: a stop blocked in `fd_read`
-/// crosses from the adapter into the program; a CPU loop stops at its loop headers), each
-/// stopped blocked on each line and at random moments.
+/// file at the end), componentize-py's `pysum` (the same in Python), and adapter-made C
+/// programs (the preview1 adapter and the program are two instrumented modules sharing
+/// one unwind stack: a stop blocked in `fd_read` crosses from the adapter into the
+/// program; a CPU loop stops at its loop headers), each stopped blocked on each line and
+/// at random moments.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn components_print_and_write_the_same_when_stopped_and_continued_on_fresh_instances() {
     let mut world = World::new();
@@ -308,11 +315,9 @@ print('sum', total, 'mix', x)
     let mut world = World::new();
     let (sandbox, root) = world.sandbox();
     std::fs::write(root.join("late.py"), LATE_READER).unwrap();
-    let command =
-        Command::new(ProgramRef::Bytes { bytes: guest_bytes("micropython.wasm"), name: "micropython".into() })
-            .arg("/late.py")
-            .stdin(StdinMode::Pipe);
-    let process = sandbox.spawn(command).await.unwrap();
+    let late_reader =
+        Scenario { guest: "micropython.wasm", args: &["/late.py"], stdin: &[], random_stops: 0, env: &[] };
+    let process = sandbox.spawn(command(&late_reader)).await.unwrap();
     let stdin = process.stdin().unwrap();
     stdin.write(b"5\n7\n").unwrap();
     stdin.close();
@@ -334,11 +339,12 @@ print('sum', total, 'mix', x)
 /// uninterrupted run on the same input does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forks_of_a_running_component_diverge_whether_mapped_or_copied() {
-    let command = || {
-        Command::new(ProgramRef::Bytes { bytes: guest_bytes("wordfreq.component.wasm"), name: "wordfreq".into() })
-            .arg("/")
-            .env("ROUNDS", "1000")
-            .stdin(StdinMode::Pipe)
+    let wordfreq = Scenario {
+        guest: "wordfreq.component.wasm",
+        args: &["/"],
+        stdin: &[],
+        random_stops: 0,
+        env: &[("ROUNDS", "1000")],
     };
     let endings = ["a b c\n", "dog\n", "the cat again\n"];
     for cow in [true, false] {
@@ -347,14 +353,14 @@ async fn forks_of_a_running_component_diverge_whether_mapped_or_copied() {
         let mut expected = Vec::new();
         for ending in endings {
             let (sandbox, root) = world.sandbox();
-            let process = sandbox.spawn(command()).await.unwrap();
+            let process = sandbox.spawn(command(&wordfreq)).await.unwrap();
             process.stdin().unwrap().write(format!("the cat\n{ending}").as_bytes()).unwrap();
             process.stdin().unwrap().close();
             expected.push(finish(&process, &root).await);
         }
 
         let (sandbox, _root) = world.sandbox();
-        let process = sandbox.spawn(command()).await.unwrap();
+        let process = sandbox.spawn(command(&wordfreq)).await.unwrap();
         process.stdin().unwrap().write(b"the cat\n").unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while !process.stdout().contents().contains(&b'\n') {
@@ -367,10 +373,7 @@ async fn forks_of_a_running_component_diverge_whether_mapped_or_copied() {
         assert_eq!(snapshot.copy_on_write(), cow);
         let mut forks = Vec::new();
         for ending in endings {
-            let root = world.fresh_root();
-            let config = SandboxConfig { root: Some(root.clone()), ..SandboxConfig::default() };
-            let fork = snapshot.restore(&world.host, config, Some(&world.fs)).await.unwrap();
-            let continued = fork.processes().into_iter().max_by_key(|p| p.pid()).unwrap();
+            let (fork, root, continued) = world.restore(&snapshot).await;
             continued.stdin().unwrap().write(ending.as_bytes()).unwrap();
             continued.stdin().unwrap().close();
             forks.push((fork, root, continued));
