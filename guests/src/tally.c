@@ -65,3 +65,18 @@ __attribute__((export_name("add"))) int add(int n) {
 __attribute__((export_name("get"))) int get(void) { return total; }
 
 __attribute__((export_name("touch"))) int touch(int kib) { return grow_heap(kib, 0x5A); }
+
+/* CPU-bound: n rounds of xorshift over a 1 KiB table (what a call costs by engine). */
+__attribute__((export_name("crunch"))) int crunch(int n) {
+    static unsigned table[256];
+    unsigned x = 2463534242u;
+    for (int i = 0; i < n; i++) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        table[x & 255] += x;
+    }
+    unsigned sum = 0;
+    for (int i = 0; i < 256; i++) sum += table[i];
+    return (int)sum;
+}

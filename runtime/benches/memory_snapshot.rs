@@ -37,6 +37,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Rounds of tally's CPU-bound `crunch` a call is timed over.
+const CRUNCH_ROUNDS: i32 = 50_000_000;
+
 fn reactor_bytes() -> Arc<[u8]> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/build/reactor.wasm");
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run guests/build.sh)", path.display())).into()
@@ -182,18 +185,19 @@ fn main() {
     });
 }
 
-/// The reactor component (guests/build/tally.component.wasm): it runs on the guest_debug
-/// engine, the price of reaching a component's inner instances. It holds host resources
-/// (stdout, the preopens) when captured, and is measured small and holding 64 MiB, with
-/// the copy-on-write restore (a copy of the component holding the image as its data) and
-/// the copying one side by side.
+/// The reactor component (guests/build/tally.component.wasm), checkpointable (its memories
+/// the host's, `component_checkpoint`) with the copy-on-write restore and the copying one,
+/// and on the guest_debug engine it used to need (`HostConfig::debug_engine_reactors`)
+/// side by side. It holds host resources (stdout, the preopens) when captured, and is
+/// measured small and holding 64 MiB.
 async fn component(images: &MemorySnapshotStore, forks: usize) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guests/build/tally.component.wasm");
     let bytes: Arc<[u8]> = std::fs::read(&path).unwrap().into();
-    for cow in [true, false] {
+    for (debug, cow) in [(false, true), (false, false), (true, true)] {
         let host = Host::new(HostConfig {
             max_processes: Some(forks as u32 + 100),
             copy_on_write_restore: cow,
+            debug_engine_reactors: debug,
             ..HostConfig::default()
         })
         .unwrap();
@@ -206,9 +210,20 @@ async fn component(images: &MemorySnapshotStore, forks: usize) {
             tally.call_i32("add", &[1]).await.unwrap();
             calls.push(started.elapsed());
         }
+        let mut crunches = Vec::new();
+        for _ in 0..5 {
+            let started = Instant::now();
+            tally.call_i32("crunch", &[CRUNCH_ROUNDS]).await.unwrap();
+            crunches.push(started.elapsed());
+        }
         tally.call_i32("say", &[1]).await.unwrap();
+        let engine = if debug { "the guest_debug engine" } else { "checkpointable" };
         let label = if cow { "copy-on-write restore" } else { "copying restore" };
-        println!("== reactor component (tally), {label}: call p50 {}", us(percentile(&mut calls, 0.5)));
+        println!(
+            "== reactor component (tally), {engine}, {label}: call p50 {}; crunch({CRUNCH_ROUNDS}) p50 {:.1} ms",
+            us(percentile(&mut calls, 0.5)),
+            percentile(&mut crunches, 0.5).as_secs_f64() * 1e3
+        );
         for mib in [0, 64] {
             if mib > 0 {
                 assert_eq!(tally.call_i32("touch", &[mib * 1024]).await.unwrap(), 0);
@@ -227,12 +242,14 @@ async fn component(images: &MemorySnapshotStore, forks: usize) {
             assert_eq!(snapshot.copy_on_write(), cow);
             let (p50, p99) = restores(&host, &snapshot, if mib == 0 { 200 } else { 20 }).await;
             println!(
-                "  holding {mib} MiB more ({} core instances, {} handles): snapshot p50 {:.2} ms, image {} KiB; open (with compiling the image's component) {:.1} ms; restore p50 {} p99 {}",
+                "  holding {mib} MiB more ({} memories, {} handles): snapshot p50 {:.2} ms, image {} KiB; open (with compiling the image's component) {:.1} ms; restore p50 {} p99 {}",
                 match &snapshot.header().processes[0].state {
-                    ProcessStateImage::IdleComponent(c) => c.instances.len(),
+                    ProcessStateImage::IdleComponentMemories(c) => c.memories.len(),
+                    ProcessStateImage::IdleComponent(c) => c.instances.iter().map(|i| i.memories.len()).sum(),
                     _ => 0,
                 },
                 match &snapshot.header().processes[0].state {
+                    ProcessStateImage::IdleComponentMemories(c) => c.handles.len(),
                     ProcessStateImage::IdleComponent(c) => c.handles.len(),
                     _ => 0,
                 },

@@ -1,4 +1,5 @@
-//! Running command components, stopped and continued (here or on a fresh instance).
+//! Running command components, stopped and continued (here or on a fresh instance), and
+//! reactor components captured between calls.
 //!
 //! The core-module route (`checkpoint`) reads and writes the instance's state through
 //! exports the snapshot rewrite adds. A component's core instances export nothing the
@@ -19,6 +20,12 @@
 //! sets `REWINDING` and calls `run` again. A restore creates the memories at their
 //! captured sizes, writes them, rebuilds the handles and calls `run` rewinding.
 //!
+//! A reactor component between calls has nothing on its stack: its capture pushes every
+//! module's globals onto the unwind stack, copies the memories and pops them back
+//! ([`capture_idle`]); its restore writes (or maps) the memories, rebuilds the handles and
+//! pops the globals ([`restore_idle`]). It runs as fast as a command does (no
+//! `guest_debug`), and its forks share its code.
+//!
 //! A stop can cross modules (an adapter-made component's program calls the adapter's
 //! `fd_read`, which blocks): the instrumented modules share one unwind stack and one
 //! `state` (`unwind::instrument_component`), whose memory is the one the host watches.
@@ -30,20 +37,21 @@
 //! pollable or a socket held at a stop refuses the capture.
 
 use crate::checkpoint::{self, Captured, StateCell};
+use crate::component_cow::MemoryFiles;
 use crate::component_handles::{self, HandleSupport};
 use crate::error::{Error, Result};
 use crate::host_memory::{HostMemory, MemoryRegistry};
 use crate::instance_state;
-use crate::memory_image::{InstanceImage, MemoryImage, SuspendedImage};
+use crate::memory_image::{ComponentMemoriesImage, InstanceImage, MemoryImage, SuspendedImage};
 use crate::process::{ProcessState, ResumeFrom};
 use crate::unwind::{self, REWINDING, UNWINDING, UnwindLayout};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use wasmparser::{Parser, Payload};
 use wasmtime::Store;
-use wasmtime::component::Linker;
+use wasmtime::component::{InstancePre, Linker};
 use wasmtime_wasi::WasiView;
-use wasmtime_wasi::p2::bindings::{Command, CommandPre};
+use wasmtime_wasi::p2::bindings::Command;
 
 /// Where a checkpointable component keeps what a capture reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -389,11 +397,44 @@ async fn until_stop<T>(
     done
 }
 
-/// A checkpointable component, loaded on the engine whose memories the host makes.
+/// A checkpointable component, loaded on the engine whose memories the host makes: a
+/// command (run by [`run`]) or a reactor (`reactor`, captured between calls by
+/// [`capture_idle`]).
 pub(crate) struct Loaded {
-    pub pre: CommandPre<ProcessState>,
+    pub pre: InstancePre<ProcessState>,
     pub shape: ComponentShape,
     pub handles: HandleSupport,
+}
+
+/// An instance of a checkpointable component and the memories it made.
+pub(crate) struct Instantiated {
+    pub instance: wasmtime::component::Instance,
+    /// Every linear memory, in creation order (`ComponentShape::memories` of them).
+    pub memories: Vec<HostMemory>,
+    /// What start code grew each memory by (measured on every instantiation, so that the
+    /// images of a restored process record it too).
+    pub growth: Vec<u64>,
+}
+
+/// Instantiates `loaded`, its memories made at `sizes` (a restore's: see
+/// [`planned_sizes`]) or at their declared minimums (empty `sizes`).
+pub(crate) async fn instantiate(
+    store: &mut Store<ProcessState>,
+    loaded: &Loaded,
+    sizes: Vec<usize>,
+) -> std::result::Result<Instantiated, Failure> {
+    let instantiation = loaded.pre.instantiate_async(&mut *store);
+    let (instance, memories) = MemoryRegistry.collect_sized(instantiation, sizes).await;
+    let instance = instance.map_err(Failure::Wasm)?;
+    if memories.len() != loaded.shape.memories {
+        return Err(Failure::Restore(format!(
+            "the component made {} linear memories where its checkpoint form makes {}",
+            memories.len(),
+            loaded.shape.memories
+        )));
+    }
+    let growth = memories.iter().map(|m| m.size().saturating_sub(m.initial_size()) as u64).collect();
+    Ok(Instantiated { instance, memories, growth })
 }
 
 /// Why a checkpointable component did not run to its end.
@@ -414,23 +455,21 @@ pub(crate) async fn run(
 ) -> std::result::Result<Option<i32>, Failure> {
     let shape = &loaded.shape;
     let sizes = match resume {
-        Some(resume) => planned_sizes(shape, &resume.image).map_err(Failure::Restore)?,
+        Some(resume) => {
+            let i = &resume.image.instance;
+            if !i.globals.is_empty() || !i.tables.is_empty() {
+                return Err(Failure::Restore(format!(
+                    "the image holds {} globals and {} tables; this component keeps its state in its memories",
+                    i.globals.len(),
+                    i.tables.len()
+                )));
+            }
+            planned_sizes(shape, &i.memories, &resume.image.instantiation_growth).map_err(Failure::Restore)?
+        }
         None => Vec::new(),
     };
-    let instantiation = loaded.pre.instance_pre().instantiate_async(&mut *store);
-    let (instance, memories) = MemoryRegistry.collect_sized(instantiation, sizes).await;
-    let instance = instance.map_err(Failure::Wasm)?;
+    let Instantiated { instance, memories, growth } = instantiate(store, loaded, sizes).await?;
     let command = Command::new(&mut *store, &instance).map_err(Failure::Wasm)?;
-    if memories.len() != shape.memories {
-        return Err(Failure::Restore(format!(
-            "the component made {} linear memories where its checkpoint form makes {}",
-            memories.len(),
-            shape.memories
-        )));
-    }
-    // What start code grew (measured on every instantiation, so that the images of a
-    // restored process record it too).
-    let growth: Vec<u64> = memories.iter().map(|m| m.size().saturating_sub(m.initial_size()) as u64).collect();
     let state = StateCell::Memory(memories[shape.stack].clone());
     let control = {
         let cp = store.data_mut().checkpoint.as_mut().expect("checkpointable components have checkpointing");
@@ -486,6 +525,24 @@ fn word(memory: &HostMemory, at: usize) -> i32 {
     memory.read(at, 4).map_or(0, |w| i32::from_le_bytes(w.try_into().expect("4 bytes")))
 }
 
+/// Why the unwind stack cannot go into an image, if it cannot.
+fn stack_refusal(memories: &[HostMemory], shape: &ComponentShape) -> Option<String> {
+    (word(&memories[shape.stack], unwind::CONTROL_REF_SP as usize) != 0)
+        .then(|| "a function reference is live on its stack, which an image cannot hold".into())
+}
+
+/// Every memory's image (parts numbered from `first_part`) and its non-zero pages.
+fn capture_memories(memories: &[HostMemory], first_part: u32) -> (Vec<MemoryImage>, Vec<Vec<u8>>) {
+    memories
+        .iter()
+        .enumerate()
+        .map(|(i, memory)| {
+            let data = memory.read(0, memory.size()).expect("a memory's own bytes");
+            instance_state::memory_image(&data, first_part + i as u32)
+        })
+        .unzip()
+}
+
 /// Captures an unwound component: every memory (the unwind stack, with the frames and
 /// the saved globals, among them) and the resources it holds.
 fn capture(
@@ -495,18 +552,11 @@ fn capture(
     growth: &[u64],
 ) -> Result<Captured> {
     let refused = |why: String| Error::NotQuiescent(format!("the component cannot be captured: {why}"));
-    if word(&memories[loaded.shape.stack], unwind::CONTROL_REF_SP as usize) != 0 {
-        return Err(refused("a function reference is live on its stack, which an image cannot hold".into()));
+    if let Some(why) = stack_refusal(memories, &loaded.shape) {
+        return Err(refused(why));
     }
     let handles = component_handles::capture(store.data_mut(), &loaded.handles).map_err(refused)?;
-    let mut images = Vec::with_capacity(memories.len());
-    let mut parts = Vec::with_capacity(memories.len());
-    for (i, memory) in memories.iter().enumerate() {
-        let data = memory.read(0, memory.size()).expect("a memory's own bytes");
-        let (image, stored) = instance_state::memory_image(&data, i as u32);
-        images.push(image);
-        parts.push(stored);
-    }
+    let (images, parts) = capture_memories(memories, 0);
     let instance = InstanceImage {
         memories: images,
         globals: Vec::new(),
@@ -522,29 +572,113 @@ fn capture(
     Ok(Captured { state, parts })
 }
 
-/// The size each memory is made at for `image`, checked against the shape.
-fn planned_sizes(shape: &ComponentShape, image: &SuspendedImage) -> std::result::Result<Vec<usize>, String> {
-    let i = &image.instance;
-    if i.memories.len() != shape.memories || !i.globals.is_empty() || !i.tables.is_empty() {
+/// Captures a reactor component between calls (nothing of it on its stack): the
+/// resources it holds, and its memories taken while every module's globals are pushed
+/// onto the unwind stack (popped back after, as a restore pops them). Parts are numbered
+/// from `first_part`.
+pub(crate) async fn capture_idle(
+    store: &mut Store<ProcessState>,
+    live: &Instantiated,
+    loaded: &Loaded,
+    first_part: u32,
+) -> std::result::Result<(ComponentMemoriesImage, Vec<Vec<u8>>), String> {
+    let stack = StateCell::Memory(live.memories[loaded.shape.stack].clone());
+    if stack.get(&mut *store) != unwind::NORMAL {
+        return Err(format!("its unwind state is {}, not idle", stack.get(&mut *store)));
+    }
+    if let Some(why) = stack_refusal(&live.memories, &loaded.shape) {
+        return Err(why);
+    }
+    let handles = component_handles::capture(store.data_mut(), &loaded.handles)?;
+    let (instance, shape) = (&live.instance, &loaded.shape);
+    globals(store, instance, shape, Globals::Save).await.map_err(|e| format!("saving its globals: {e:#}"))?;
+    let (memories, parts) = capture_memories(&live.memories, first_part);
+    globals(store, instance, shape, Globals::Restore).await.map_err(|e| format!("restoring its globals: {e:#}"))?;
+    let image = ComponentMemoriesImage {
+        memories,
+        instantiation_growth: live.growth.clone(),
+        handles,
+        monotonic_ns: store.data().clock.now_ns(),
+    };
+    Ok((image, parts))
+}
+
+/// The size each memory is made at to restore `memories`, which grew by `growth` while
+/// instantiated, checked against the shape.
+pub(crate) fn planned_sizes(
+    shape: &ComponentShape,
+    memories: &[MemoryImage],
+    growth: &[u64],
+) -> std::result::Result<Vec<usize>, String> {
+    if memories.len() != shape.memories {
         return Err(format!(
-            "the image holds {} memories, {} globals and {} tables; this component keeps its state in {} memories",
-            i.memories.len(),
-            i.globals.len(),
-            i.tables.len(),
+            "the image holds {} memories; this component keeps its state in {}",
+            memories.len(),
             shape.memories
         ));
     }
-    if image.instantiation_growth.len() != i.memories.len() {
+    if growth.len() != memories.len() {
         return Err("the image does not say how its memories grew while instantiated".into());
     }
-    i.memories
+    memories
         .iter()
-        .zip(&image.instantiation_growth)
+        .zip(growth)
         .map(|(m, &grew)| {
             let size = m.size_bytes.checked_sub(grew).ok_or("a memory grew by more than its size")?;
             usize::try_from(size).map_err(|_| "a memory too large".to_string())
         })
         .collect()
+}
+
+/// Writes the image's memories into a fresh instance made at its sizes: each mapped
+/// copy-on-write from `files` when it can be, copied from `parts` otherwise.
+fn restore_memories(
+    store: &mut Store<ProcessState>,
+    memories: &[HostMemory],
+    images: &[MemoryImage],
+    parts: &[Vec<u8>],
+    files: Option<&MemoryFiles>,
+) -> std::result::Result<(), Failure> {
+    let mut extra = 0u64;
+    for (k, (memory, saved)) in memories.iter().zip(images).enumerate() {
+        if memory.size() as u64 != saved.size_bytes {
+            return Err(Failure::Restore(format!(
+                "memory {k} is {} bytes once instantiated, its image {} (its start code grew it otherwise?)",
+                memory.size(),
+                saved.size_bytes
+            )));
+        }
+        // The limiter saw each memory made at its minimum, then what start code grew.
+        let minimum = memory.ty().minimum().saturating_mul(memory.ty().page_size());
+        extra += (memory.initial_size() as u64).saturating_sub(minimum);
+    }
+    store.data_mut().limiter.restored(extra).map_err(|e| Failure::Wasm(e.into()))?;
+    for (k, (memory, saved)) in memories.iter().zip(images).enumerate() {
+        if let Some(file) = files.and_then(|m| m.file(k)) {
+            match memory.map(file) {
+                Ok(()) => continue,
+                Err(e) => tracing::warn!("memory {k} is copied, not mapped: {e}"),
+            }
+        }
+        let bytes = instance_state::part(parts, saved.part).map_err(|e| Failure::Restore(e.to_string()))?;
+        write_memory(memory, saved, bytes).map_err(|e| Failure::Restore(format!("memory {k}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Puts the resources back under their handles and pops the globals the capture pushed.
+async fn restore_handles_and_globals(
+    store: &mut Store<ProcessState>,
+    instance: &wasmtime::component::Instance,
+    loaded: &Loaded,
+    handles: &[crate::memory_image::HandleImage],
+) -> std::result::Result<(), Failure> {
+    component_handles::restore(store, instance, handles, &loaded.handles)
+        .await
+        .map_err(|e| Failure::Restore(format!("rebuilding its resources: {e}")))?;
+    globals(store, instance, &loaded.shape, Globals::Restore)
+        .await
+        .map_err(|e| Failure::Restore(format!("restoring its globals: {e:#}")))
 }
 
 /// Writes `image` into a fresh instance made at its sizes, puts its resources back and
@@ -556,44 +690,33 @@ async fn restore(
     memories: &[HostMemory],
     resume: &ResumeFrom,
 ) -> std::result::Result<(), Failure> {
-    let (image, parts) = (&resume.image, &resume.parts);
-    let restore_error = |e: String| Failure::Restore(e);
-    let mut extra = 0u64;
-    for (k, (memory, saved)) in memories.iter().zip(&image.instance.memories).enumerate() {
-        if memory.size() as u64 != saved.size_bytes {
-            return Err(restore_error(format!(
-                "memory {k} is {} bytes once instantiated, its image {} (its start code grew it otherwise?)",
-                memory.size(),
-                saved.size_bytes
-            )));
-        }
-        // The limiter saw each memory made at its minimum, then what start code grew.
-        let minimum = memory.ty().minimum().saturating_mul(memory.ty().page_size());
-        extra += (memory.initial_size() as u64).saturating_sub(minimum);
-    }
-    store.data_mut().limiter.restored(extra).map_err(|e| Failure::Wasm(e.into()))?;
-    for (k, (memory, saved)) in memories.iter().zip(&image.instance.memories).enumerate() {
-        if let Some(file) = resume.memories.as_ref().and_then(|m| m.file(k)) {
-            match memory.map(file) {
-                Ok(()) => continue,
-                Err(e) => tracing::warn!("memory {k} is copied, not mapped: {e}"),
-            }
-        }
-        let bytes = instance_state::part(parts, saved.part).map_err(|e| restore_error(e.to_string()))?;
-        write_memory(memory, saved, bytes).map_err(|e| restore_error(format!("memory {k}: {e}")))?;
-    }
+    let image = &resume.image;
+    restore_memories(store, memories, &image.instance.memories, &resume.parts, resume.memories.as_deref())?;
     let state = StateCell::Memory(memories[loaded.shape.stack].clone());
     if state.get(&mut *store) != UNWINDING {
-        return Err(restore_error("the image's process was not stopped at a suspension point".into()));
+        return Err(Failure::Restore("the image's process was not stopped at a suspension point".into()));
     }
-    component_handles::restore(store, instance, &image.handles, &loaded.handles)
-        .await
-        .map_err(|e| restore_error(format!("rebuilding its resources: {e}")))?;
-    globals(store, instance, &loaded.shape, Globals::Restore)
-        .await
-        .map_err(|e| restore_error(format!("restoring its globals: {e:#}")))?;
+    restore_handles_and_globals(store, instance, loaded, &image.handles).await?;
     state.set(&mut *store, REWINDING);
     Ok(())
+}
+
+/// Puts an idle reactor component's image (see [`capture_idle`]) into a fresh instance
+/// made at its [`planned_sizes`].
+pub(crate) async fn restore_idle(
+    store: &mut Store<ProcessState>,
+    live: &Instantiated,
+    loaded: &Loaded,
+    image: &ComponentMemoriesImage,
+    parts: &[Vec<u8>],
+    files: Option<&MemoryFiles>,
+) -> std::result::Result<(), Failure> {
+    restore_memories(store, &live.memories, &image.memories, parts, files)?;
+    let state = StateCell::Memory(live.memories[loaded.shape.stack].clone());
+    if state.get(&mut *store) != unwind::NORMAL {
+        return Err(Failure::Restore("the image's component was not idle when captured".into()));
+    }
+    restore_handles_and_globals(store, &live.instance, loaded, &image.handles).await
 }
 
 /// Zeroes `memory` and copies the image's stored pages in.

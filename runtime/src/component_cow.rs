@@ -1,17 +1,20 @@
-//! Copy-on-write restore for reactor components: the image's memories are mapped into a
-//! fresh instance, not copied.
+//! Copy-on-write restore for components: an image's memories are mapped into a fresh
+//! instance, not copied.
 //!
 //! Core programs get their image as a state module whose data wasmtime maps
-//! (`cow_restore`). That cannot work for components: they run on the guest_debug engine,
-//! which deep-copies a compiled artifact, data included, into every store (wasmtime 48,
-//! `StoreCode::new`), so data that held the snapshot would be copied at every restore
-//! (measured: 64 MiB took 85 ms to instantiate, as long as copying it in). Instead each
-//! captured memory is laid out once per opened snapshot in a memfd (its non-zero pages at
-//! their offsets, holes elsewhere), and every restore maps that file `MAP_PRIVATE` over the
-//! fresh instance's linear memory: the kernel shares the pages between all restores and
-//! forks of the snapshot, and copies a page only when one of them writes it.
+//! (`cow_restore`). That cannot work for components: checkpointable ones run on the engine
+//! whose memories the host makes (`host_memory`), the others (reactors that cannot be
+//! checkpointable) on the guest_debug engine, which deep-copies a compiled artifact, data
+//! included, into every store (wasmtime 48, `StoreCode::new`), so data that held the
+//! snapshot would be copied at every restore (measured: 64 MiB took 85 ms to instantiate,
+//! as long as copying it in). Instead each captured memory is laid out once per opened
+//! snapshot in a memfd (its non-zero pages at their offsets, holes elsewhere), and every
+//! restore maps that file `MAP_PRIVATE` over the fresh instance's linear memory: the
+//! kernel shares the pages between all restores and forks of the snapshot, and copies a
+//! page only when one of them writes it ([`MemoryFiles`] for checkpointable components,
+//! mapped by `HostMemory::map`; [`ComponentMemories`] on the debug engine).
 //!
-//! Why mapping over memory wasmtime owns is sound here: the debug engine allocates on
+//! Why mapping over memory wasmtime owns is sound on the debug engine: it allocates on
 //! demand (no pooling, see `host::DEBUG_SETTINGS`), so every linear memory is its own mmap
 //! reservation, unmapped whole when its instance is dropped, never handed to another
 //! instance; the mapping covers exactly the memory's accessible bytes (whole wasm pages,
@@ -25,7 +28,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use wasmtime::AsContextMut;
 
-/// The memories of one component image, each in a file ready to be mapped.
+/// The memories of one debug-engine component image, each in a file ready to be mapped.
 pub(crate) struct ComponentMemories {
     /// By core instance, then memory index (an imported memory shares its exporter's file).
     files: Vec<Vec<Arc<std::fs::File>>>,
@@ -74,18 +77,18 @@ impl ComponentMemories {
     }
 }
 
-/// The memories of a stopped command component (`component_checkpoint`), in creation
-/// order, each in a file its restores map over the memory the host made for it
-/// (`HostMemory::map`).
-pub(crate) struct SuspendedMemories {
+/// The memories of a checkpointable component's image (`component_checkpoint`: a stopped
+/// command or an idle reactor), in creation order, each in a file its restores map over
+/// the memory the host made for it (`HostMemory::map`).
+pub(crate) struct MemoryFiles {
     files: Vec<Arc<std::fs::File>>,
 }
 
-impl SuspendedMemories {
-    pub(crate) fn prepare(memories: &[MemoryImage], parts: &[Vec<u8>]) -> std::io::Result<SuspendedMemories> {
+impl MemoryFiles {
+    pub(crate) fn prepare(memories: &[MemoryImage], parts: &[Vec<u8>]) -> std::io::Result<MemoryFiles> {
         let mut layouts = Layouts { parts, laid_out: HashMap::new() };
         let files = memories.iter().map(|image| layouts.file(image)).collect::<std::io::Result<_>>()?;
-        Ok(SuspendedMemories { files })
+        Ok(MemoryFiles { files })
     }
 
     /// The file of the k-th memory.

@@ -54,6 +54,11 @@ pub struct HostConfig {
     /// dropped first. A dropped program still runs where it runs; its next start maps it
     /// from the code cache again (or recompiles it without one).
     pub max_loaded_programs: usize,
+    /// Run every reactor component on the debug engine ([`DEBUG_SETTINGS`]), as images
+    /// before format 1.4 were taken, instead of checkpointable where it can be: for
+    /// comparison (the memory-snapshot benchmark), and a way back should a component
+    /// misbehave checkpointable. A CPU-bound call is several times slower there.
+    pub debug_engine_reactors: bool,
 }
 
 /// Default bound of [`HostConfig::max_loaded_programs`]: a few dozen programs in use are
@@ -78,6 +83,7 @@ impl Default for HostConfig {
             compile_worker: None,
             compile_budget: CompileBudget::default(),
             max_loaded_programs: DEFAULT_MAX_LOADED_PROGRAMS,
+            debug_engine_reactors: false,
         }
     }
 }
@@ -202,6 +208,7 @@ pub(crate) struct HostInner {
     owned_isolation: Option<Isolated>,
     owned: OnceLock<std::result::Result<SideEngine, String>>,
     component_reactors: Mutex<Lru<blake3::Hash, Arc<Program>>>,
+    debug_engine_reactors: bool,
     /// Loaded programs by hash, bounded (`HostConfig::max_loaded_programs`).
     programs: Mutex<Lru<blake3::Hash, Arc<Program>>>,
     ticker_stop: Arc<AtomicBool>,
@@ -243,8 +250,12 @@ pub(crate) enum ProgramEntry {
     Component(CommandPre<ProcessState>),
     /// A command component loaded with checkpoint support (see `component_checkpoint`).
     CheckpointableComponent(crate::component_checkpoint::Loaded),
-    /// A component without `wasi:cli/run`: it can only run as a reactor. Loaded by
-    /// [`Host::load`] on the normal engine (for checking); [`Host::component_reactor`]
+    /// A component without `wasi:cli/run` (it can only run as a reactor), loaded with
+    /// checkpoint support: its memories are the host's, its globals pushed onto its
+    /// unwind stack for a capture.
+    CheckpointableReactor(crate::component_checkpoint::Loaded),
+    /// A component without `wasi:cli/run` that could not be loaded checkpointable. Loaded
+    /// by [`Host::load`] on the normal engine (for checking); [`Host::component_reactor`]
     /// loads it again on the debug engine (see [`DEBUG_SETTINGS`]) to run it.
     /// With which host resources its snapshots can carry.
     ComponentReactor(wasmtime::component::InstancePre<ProcessState>, HandleSupport),
@@ -258,16 +269,18 @@ pub(crate) struct SideEngine {
     code_cache: CodeCache,
 }
 
-/// The engine reactor components run on: `guest_debug` on, because a component's core
-/// instances (its module, the preview1 adapter, the shims between them) are not reachable
-/// through exports, and `Store::debug_all_instances` with the `debug_*` accessors is how
-/// wasmtime 48 reaches them. Its price (DESIGN.md section 3: a CPU-bound loop 2.8x slower,
-/// instantiation ~8x slower) is why only components asked to run as reactors use it:
-/// core modules get their state exported by a load-time rewrite instead (`state_export`),
-/// and component commands keep the normal engine (or the owned one, [`OWNED_SETTINGS`]).
+/// The engine of the reactor components that cannot be loaded checkpointable (see
+/// `component_checkpoint::prepare`: a module that changes its tables at run time, one
+/// with mutable globals the transform cannot save), and of images taken on it (format
+/// 1.3 and before): `guest_debug` on, because a component's core instances (its module,
+/// the preview1 adapter, the shims between them) are not reachable through exports, and
+/// `Store::debug_all_instances` with the `debug_*` accessors is how wasmtime 48 reaches
+/// them. Its price (DESIGN.md section 3: a CPU-bound loop 2.8x slower, instantiation ~8x
+/// slower, every store a copy of the code) is why it is only the fallback.
 pub(crate) const DEBUG_SETTINGS: EngineSettings = EngineSettings { pool: None, guest_debug: true, host_memory: false };
 
-/// The engine checkpointable command components run on (see `component_checkpoint`):
+/// The engine checkpointable components (commands and reactors) run on (see
+/// `component_checkpoint`):
 /// their linear memories are made by the host (`host_memory`), which is how it reads and
 /// writes a component's state without `guest_debug`. No instance pool (the host makes
 /// the memories) and no copy-on-write memory images (wasmtime maps those itself), so an
@@ -352,6 +365,7 @@ impl Program {
             ProgramEntry::Command(_) => ProgramFormat::Module,
             ProgramEntry::Component(_)
             | ProgramEntry::CheckpointableComponent(_)
+            | ProgramEntry::CheckpointableReactor(_)
             | ProgramEntry::ComponentReactor(..) => ProgramFormat::Component,
         }
     }
@@ -465,6 +479,7 @@ impl Host {
                 owned_isolation,
                 owned: OnceLock::new(),
                 component_reactors: Mutex::new(Lru::new(config.max_loaded_programs)),
+                debug_engine_reactors: config.debug_engine_reactors,
                 programs: Mutex::new(Lru::new(config.max_loaded_programs)),
                 ticker_stop,
             }),
@@ -499,9 +514,7 @@ impl Host {
         if format == ProgramFormat::Component && self.inner.checkpoint_linker.is_some() {
             match self.checkpointable_component(bytes, &hash) {
                 Ok(loaded) => {
-                    let layout = loaded.shape.layout.clone();
-                    let program =
-                        self.program(hash, bytes, None, Ok(layout), ProgramEntry::CheckpointableComponent(loaded));
+                    let program = self.checkpointable_program(hash, bytes, loaded);
                     self.inner.programs.lock().unwrap().insert(hash, program.clone());
                     return Ok(program);
                 }
@@ -579,6 +592,21 @@ impl Host {
         })
     }
 
+    /// A checkpointable component as a program: a command, or else a reactor.
+    fn checkpointable_program(
+        &self,
+        hash: blake3::Hash,
+        bytes: &[u8],
+        loaded: crate::component_checkpoint::Loaded,
+    ) -> Arc<Program> {
+        let layout = loaded.shape.layout.clone();
+        let entry = match CommandPre::new(loaded.pre.clone()) {
+            Ok(_) => ProgramEntry::CheckpointableComponent(loaded),
+            Err(_) => ProgramEntry::CheckpointableReactor(loaded),
+        };
+        self.program(hash, bytes, None, Ok(layout), entry)
+    }
+
     /// An engine configured by `settings` with the component linker `linker` makes for it.
     fn side_engine(
         &self,
@@ -650,7 +678,6 @@ impl Host {
         };
         let Compiled::Component(component) = compiled else { return Err("not a component".into()) };
         let pre = owned.linker.instantiate_pre(&component).map_err(|e| format!("linking: {e:#}"))?;
-        let pre = CommandPre::new(pre).map_err(|_| "it exports no `wasi:cli/run` (not a command)".to_string())?;
         Ok(Loaded { pre, shape, handles })
     }
 
@@ -671,9 +698,48 @@ impl Host {
             .map_err(|e| Error::Start(format!("cannot build the debug engine for reactor components: {e}")))
     }
 
-    /// `program` (a component) prepared to run as a reactor on the debug engine.
-    pub(crate) fn component_reactor(&self, program: &Program) -> Result<Arc<Program>> {
+    /// `program` (a component) prepared to run as a reactor: checkpointable when it can
+    /// be (see `component_checkpoint`), else on the debug engine (the reason logged).
+    pub(crate) fn component_reactor(&self, program: &Arc<Program>) -> Result<Arc<Program>> {
+        if self.inner.debug_engine_reactors {
+            return self.debug_component_reactor(program);
+        }
+        match &program.entry {
+            ProgramEntry::CheckpointableReactor(_) => return Ok(program.clone()),
+            ProgramEntry::CheckpointableComponent(_) => {
+                return Err(Error::InvalidArgument(
+                    "a command component cannot run as a reactor: it has no exports to call".into(),
+                ));
+            }
+            _ => {}
+        }
         if let Some(loaded) = self.inner.component_reactors.lock().unwrap().get(&program.hash) {
+            return Ok(loaded);
+        }
+        // A host without checkpoints loaded it plain: its reactors can still be captured.
+        let loaded = match self.checkpointable_component(&program.bytes, &program.hash) {
+            Ok(loaded) => match self.checkpointable_program(program.hash, &program.bytes, loaded) {
+                reactor if matches!(reactor.entry, ProgramEntry::CheckpointableReactor(_)) => reactor,
+                _ => {
+                    return Err(Error::InvalidArgument(
+                        "a command component cannot run as a reactor: it has no exports to call".into(),
+                    ));
+                }
+            },
+            Err(why) => {
+                tracing::info!(program = %program.hash, "the reactor component runs on the debug engine: {why}");
+                return self.debug_component_reactor(program);
+            }
+        };
+        self.inner.component_reactors.lock().unwrap().insert(program.hash, loaded.clone());
+        Ok(loaded)
+    }
+
+    /// `program` (a component) prepared to run as a reactor on the debug engine: the
+    /// fallback, and the engine of images taken on it.
+    pub(crate) fn debug_component_reactor(&self, program: &Program) -> Result<Arc<Program>> {
+        let key = blake3::Hasher::new().update(b"debug-reactor:").update(program.hash.as_bytes()).finalize();
+        if let Some(loaded) = self.inner.component_reactors.lock().unwrap().get(&key) {
             return Ok(loaded);
         }
         let debug = self.debug_engine()?;
@@ -702,7 +768,7 @@ impl Host {
             resume: OnceLock::new(),
             rewind_copies: Mutex::new(Lru::new(REWIND_COPY_SETS)),
         });
-        self.inner.component_reactors.lock().unwrap().insert(program.hash, loaded.clone());
+        self.inner.component_reactors.lock().unwrap().insert(key, loaded.clone());
         Ok(loaded)
     }
 

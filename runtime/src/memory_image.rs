@@ -46,7 +46,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 pub const MAGIC: [u8; 8] = *b"STASISMI";
-pub const VERSION: (u16, u16) = (1, 3);
+pub const VERSION: (u16, u16) = (1, 4);
 pub const PREFIX_LEN: usize = 52;
 /// Largest header accepted: descriptors, globals and run lists of many processes fit in a
 /// fraction of this.
@@ -101,6 +101,23 @@ pub enum ProcessStateImage {
     /// A command stopped mid-run by the unwind transform (format 1.1): its frames are in
     /// the transform's stack memory, part of the instance.
     Suspended(SuspendedImage),
+    /// A reactor component between calls, run checkpointable (format 1.4): its memories
+    /// hold everything, its modules' globals pushed onto the unwind stack
+    /// (`component_checkpoint`).
+    IdleComponentMemories(ComponentMemoriesImage),
+}
+
+/// An idle checkpointable component (see [`ProcessStateImage::IdleComponentMemories`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComponentMemoriesImage {
+    /// Every linear memory, in the order its instantiation creates them.
+    pub memories: Vec<MemoryImage>,
+    /// Bytes each memory grew by while it was instantiated (see
+    /// [`SuspendedImage::instantiation_growth`]).
+    pub instantiation_growth: Vec<u64>,
+    /// The host resources it holds, by resource-table slot.
+    pub handles: Vec<HandleImage>,
+    pub monotonic_ns: u64,
 }
 
 /// A running command, unwound (see `checkpoint`).
@@ -138,7 +155,8 @@ pub struct ComponentImage {
 
 /// How process states are encoded: 1.1 images have components without handles, under
 /// the variant index `IdleComponent` had then; 1.2 adds a variant at the end; 1.3 adds
-/// suspended components (with handles) at the end, core modules keep the 1.1 record.
+/// suspended components (with handles) at the end, core modules keep the 1.1 record; 1.4
+/// adds idle checkpointable components at the end.
 mod wire {
     use super::*;
 
@@ -193,6 +211,7 @@ mod wire {
         Suspended(SuspendedWithoutHandles),
         IdleComponent(ComponentImage),
         SuspendedWithHandles(SuspendedImage),
+        IdleComponentMemories(ComponentMemoriesImage),
     }
 
     impl From<ProcessState> for ProcessStateImage {
@@ -206,6 +225,7 @@ mod wire {
                 ProcessState::Suspended(s) => ProcessStateImage::Suspended(s.into()),
                 ProcessState::IdleComponent(c) => ProcessStateImage::IdleComponent(c),
                 ProcessState::SuspendedWithHandles(s) => ProcessStateImage::Suspended(s),
+                ProcessState::IdleComponentMemories(c) => ProcessStateImage::IdleComponentMemories(c),
             }
         }
     }
@@ -220,6 +240,7 @@ mod wire {
                 }
                 ProcessStateImage::Suspended(s) => ProcessState::SuspendedWithHandles(s),
                 ProcessStateImage::IdleComponent(c) => ProcessState::IdleComponent(c),
+                ProcessStateImage::IdleComponentMemories(c) => ProcessState::IdleComponentMemories(c),
             }
         }
     }
@@ -465,6 +486,17 @@ impl ImageHeader {
                         }
                     }
                     vec![(Cow::Borrowed(&suspended.instance.memories[..]), &suspended.instance.tables[..])]
+                }
+                ProcessStateImage::IdleComponentMemories(component) => {
+                    if component.instantiation_growth.len() != component.memories.len() {
+                        return corrupt(format!(
+                            "process {}: {} memories, growth recorded for {}",
+                            process.pid,
+                            component.memories.len(),
+                            component.instantiation_growth.len()
+                        ));
+                    }
+                    vec![(Cow::Borrowed(&component.memories[..]), &[][..])]
                 }
                 ProcessStateImage::IdleComponent(component) => {
                     // A memory seen through several instances (exported by one, imported by

@@ -34,7 +34,7 @@
 
 use crate::checkpoint::ProcessCheckpoint;
 use crate::code_cache::write_atomically;
-use crate::component_cow::{ComponentMemories, SuspendedMemories};
+use crate::component_cow::{ComponentMemories, MemoryFiles};
 use crate::cow_restore;
 use crate::error::{Error, Result};
 use crate::fs_snapshot::{FsSnapshotStore, SnapshotId};
@@ -471,7 +471,10 @@ impl MemorySnapshot {
         for process in &image.header.processes {
             programs.push(match &process.state {
                 ProcessStateImage::Exited(_) => None,
-                ProcessStateImage::Idle(_) | ProcessStateImage::IdleComponent(_) | ProcessStateImage::Suspended(_) => {
+                ProcessStateImage::Idle(_)
+                | ProcessStateImage::IdleComponent(_)
+                | ProcessStateImage::IdleComponentMemories(_)
+                | ProcessStateImage::Suspended(_) => {
                     let bytes = match &process.state {
                         ProcessStateImage::Suspended(SuspendedImage { program_part: Some(part), .. }) => {
                             let bytes = parts[*part as usize].clone();
@@ -490,6 +493,9 @@ impl MemorySnapshot {
                     let program = host.load(&bytes, &what)?;
                     Some(match (&process.state, program.format()) {
                         (ProcessStateImage::IdleComponent(_), crate::ProgramFormat::Component) => {
+                            host.debug_component_reactor(&program)?
+                        }
+                        (ProcessStateImage::IdleComponentMemories(_), crate::ProgramFormat::Component) => {
                             host.component_reactor(&program)?
                         }
                         _ => program,
@@ -511,9 +517,10 @@ impl MemorySnapshot {
                 (ProcessStateImage::Suspended(suspended), Some(program))
                     if !host.copy_restore() && program.format() == crate::ProgramFormat::Component =>
                 {
-                    let memories = SuspendedMemories::prepare(&suspended.instance.memories, &parts);
-                    let memories = memories.inspect_err(|e| tracing::warn!("component restores will copy: {e}"));
-                    memories.ok().map(|m| Mapped::Suspended(Arc::new(m)))
+                    memory_files(&suspended.instance.memories, &parts)
+                }
+                (ProcessStateImage::IdleComponentMemories(component), Some(_)) if !host.copy_restore() => {
+                    memory_files(&component.memories, &parts)
                 }
                 _ => None,
             });
@@ -581,7 +588,12 @@ impl MemorySnapshot {
                         &process.stderr,
                     ));
                 }
-                (ProcessStateImage::Idle(_) | ProcessStateImage::IdleComponent(_), Some(program)) => {
+                (
+                    ProcessStateImage::Idle(_)
+                    | ProcessStateImage::IdleComponent(_)
+                    | ProcessStateImage::IdleComponentMemories(_),
+                    Some(program),
+                ) => {
                     let origin = Origin::Image { image: process, parts: &self.parts, cow: self.cow[index].as_ref() };
                     let reactor = sandbox
                         .start_reactor(program.clone(), &process.argv, &process.env, process.cwd.as_deref(), origin)
@@ -596,7 +608,7 @@ impl MemorySnapshot {
                         stdout: process.stdout.clone(),
                         stderr: process.stderr.clone(),
                         memories: match &self.cow[index] {
-                            Some(Mapped::Suspended(memories)) => Some(memories.clone()),
+                            Some(Mapped::Memories(memories)) => Some(memories.clone()),
                             _ => None,
                         },
                     };
@@ -613,7 +625,10 @@ impl MemorySnapshot {
                     sandbox.adopt_process(process);
                 }
                 (
-                    ProcessStateImage::Idle(_) | ProcessStateImage::IdleComponent(_) | ProcessStateImage::Suspended(_),
+                    ProcessStateImage::Idle(_)
+                    | ProcessStateImage::IdleComponent(_)
+                    | ProcessStateImage::IdleComponentMemories(_)
+                    | ProcessStateImage::Suspended(_),
                     None,
                 ) => {
                     unreachable!("programs are loaded for live processes")
@@ -637,4 +652,12 @@ impl MemorySnapshot {
         }
         Ok(sandboxes)
     }
+}
+
+/// A checkpointable component's memories laid out to be mapped by its restores (`None`,
+/// logged, when they cannot be: restores then copy).
+fn memory_files(memories: &[crate::memory_image::MemoryImage], parts: &[Vec<u8>]) -> Option<Mapped> {
+    let files = MemoryFiles::prepare(memories, parts);
+    let files = files.inspect_err(|e| tracing::warn!("component restores will copy: {e}"));
+    files.ok().map(|m| Mapped::Memories(Arc::new(m)))
 }

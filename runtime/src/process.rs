@@ -246,7 +246,7 @@ pub(crate) struct ResumeFrom {
     pub(crate) stdout: Vec<u8>,
     pub(crate) stderr: Vec<u8>,
     /// A component's memories laid out to be mapped copy-on-write (else they are copied).
-    pub(crate) memories: Option<Arc<crate::component_cow::SuspendedMemories>>,
+    pub(crate) memories: Option<Arc<crate::component_cow::MemoryFiles>>,
 }
 
 /// A handle to a running or finished process. Cloning it is cheap; all clones see the
@@ -608,7 +608,7 @@ async fn run_guest(
                 Err(Failure::Restore(why)) => return ExitStatus::StartFailed(format!("restoring the process: {why}")),
             }
         }
-        ProgramEntry::ComponentReactor(..) => {
+        ProgramEntry::ComponentReactor(..) | ProgramEntry::CheckpointableReactor(_) => {
             return ExitStatus::StartFailed(
                 "the component exports no `wasi:cli/run`: it is not a command (instantiate it as a reactor)".into(),
             );
@@ -766,7 +766,9 @@ pub(crate) fn program_engine(program: &Program) -> &wasmtime::Engine {
     match &program.entry {
         ProgramEntry::Command(pre) => pre.module().engine(),
         ProgramEntry::Component(pre) => pre.engine(),
-        ProgramEntry::CheckpointableComponent(loaded) => loaded.pre.engine(),
+        ProgramEntry::CheckpointableComponent(loaded) | ProgramEntry::CheckpointableReactor(loaded) => {
+            loaded.pre.engine()
+        }
         ProgramEntry::ComponentReactor(pre, _) => pre.engine(),
     }
 }

@@ -6,6 +6,7 @@
 //! is issue 6). Calls are serialized by a lock on the store, and a capture takes the same
 //! lock, so it always sees the reactor between calls.
 
+use crate::component_checkpoint::{self, Failure, Instantiated, Loaded};
 use crate::cow_restore;
 use crate::error::{Error, Result};
 use crate::host::{Program, ProgramEntry, ResumeProgram};
@@ -42,8 +43,15 @@ struct ReactorInner {
 /// The instance a reactor calls into.
 enum LiveInstance {
     Core(Instance),
+    /// A component on the debug engine (`host::DEBUG_SETTINGS`).
     Component(wasmtime::component::Instance),
+    /// A checkpointable component: the host holds its memories.
+    Checkpointable(Instantiated),
 }
+
+/// Exports the host adds to components for itself (handle tables, globals): not the
+/// guest's to call.
+const HOST_COMPONENT_EXPORTS: &str = "stasis-";
 
 struct Live {
     store: Store<ProcessState>,
@@ -68,10 +76,12 @@ pub(crate) struct ReactorLaunch {
 pub(crate) enum Mapped {
     /// A core program: the image's state module and the program's resume variant.
     Module(wasmtime::Module, std::sync::Arc<ResumeProgram>),
-    /// A component: the image's memories, laid out to be mapped (`component_cow`).
+    /// A component on the debug engine: the image's memories, laid out to be mapped
+    /// (`component_cow`).
     Component(std::sync::Arc<crate::component_cow::ComponentMemories>),
-    /// A stopped command component: its memories, laid out to be mapped.
-    Suspended(std::sync::Arc<crate::component_cow::SuspendedMemories>),
+    /// A checkpointable component (a stopped command, an idle reactor): its memories, laid
+    /// out to be mapped.
+    Memories(std::sync::Arc<crate::component_cow::MemoryFiles>),
 }
 
 /// Where a reactor's state comes from.
@@ -102,6 +112,7 @@ impl Reactor {
                 SnapshotClock::starting_at(match &image.state {
                     ProcessStateImage::Idle(instance) => instance.monotonic_ns,
                     ProcessStateImage::IdleComponent(component) => component.monotonic_ns,
+                    ProcessStateImage::IdleComponentMemories(component) => component.monotonic_ns,
                     ProcessStateImage::Exited(_) | ProcessStateImage::Suspended(_) => 0,
                 })
             }
@@ -113,6 +124,11 @@ impl Reactor {
         let started = |e: wasmtime::Error| Error::Start(format!("{e:#}"));
         let (layout, pre) = match (&program.layout, &program.entry) {
             (Some(layout), ProgramEntry::Command(pre)) => (layout.clone(), pre),
+            (_, ProgramEntry::CheckpointableReactor(loaded)) => {
+                let live = start_checkpointable(&mut store, loaded, &origin).await?;
+                let live = Live { store, instance: LiveInstance::Checkpointable(live), poisoned: None };
+                return Ok(Reactor::new(live, phase, argv, env, cwd, program, stdout, stderr));
+            }
             (_, ProgramEntry::ComponentReactor(pre, support)) => {
                 let mapped = match &origin {
                     Origin::Image { cow: Some(Mapped::Component(mapped)), .. } => Some(mapped),
@@ -122,7 +138,7 @@ impl Reactor {
                 if let Origin::Image { image, parts, .. } = origin {
                     let ProcessStateImage::IdleComponent(image_state) = &image.state else {
                         return Err(Error::Restore(StateError::Mismatch(
-                            "the image holds a core module's state, the program is a component".into(),
+                            "the image does not hold a component's state as the debug engine takes it".into(),
                         )));
                     };
                     crate::component_handles::restore(&mut store, &instance, &image_state.handles, support)
@@ -288,23 +304,24 @@ impl Reactor {
                     }
                 }
             }
-            LiveInstance::Component(instance) => match instance.get_func(&mut *store, export) {
-                None => Err(call_error("no such exported function".into())),
-                Some(func) => match component_args(&func.ty(&*store), args) {
-                    Err(why) => Err(call_error(why)),
-                    Ok(params) => {
-                        let mut results = vec![wasmtime::component::Val::Bool(false); func.ty(&*store).results().len()];
-                        let called = func.call_async(&mut *store, &params, &mut results).await;
-                        Ok(called.and_then(|()| {
-                            results
-                                .iter()
-                                .map(core_value)
-                                .collect::<Option<Vec<Val>>>()
-                                .ok_or_else(|| wasmtime::Error::msg("the function returns values other than numbers"))
-                        }))
-                    }
-                },
-            },
+            LiveInstance::Component(instance) | LiveInstance::Checkpointable(Instantiated { instance, .. }) => {
+                match instance.get_func(&mut *store, export).filter(|_| !export.starts_with(HOST_COMPONENT_EXPORTS)) {
+                    None => Err(call_error("no such exported function".into())),
+                    Some(func) => match component_args(&func.ty(&*store), args) {
+                        Err(why) => Err(call_error(why)),
+                        Ok(params) => {
+                            let mut results =
+                                vec![wasmtime::component::Val::Bool(false); func.ty(&*store).results().len()];
+                            let called = func.call_async(&mut *store, &params, &mut results).await;
+                            Ok(called.and_then(|()| {
+                                results.iter().map(core_value).collect::<Option<Vec<Val>>>().ok_or_else(|| {
+                                    wasmtime::Error::msg("the function returns values other than numbers")
+                                })
+                            }))
+                        }
+                    },
+                }
+            }
         };
         phase.set(RunPhase::Parked);
         match outcome? {
@@ -362,6 +379,16 @@ impl Frozen<'_> {
                     crate::component_state::capture(&mut *store, first_part).map_err(Error::Restore)?;
                 (ProcessStateImage::IdleComponent(ComponentImage { instances, monotonic_ns, handles }), pages)
             }
+            LiveInstance::Checkpointable(live) => {
+                let ProgramEntry::CheckpointableReactor(loaded) = &inner.program.entry else {
+                    unreachable!("checkpointable reactors run from a checkpointable reactor entry")
+                };
+                let (image, pages) =
+                    component_checkpoint::capture_idle(store, live, loaded, first_part).await.map_err(|why| {
+                        Error::NotQuiescent(format!("reactor component {} cannot be captured: {why}", inner.pid))
+                    })?;
+                (ProcessStateImage::IdleComponentMemories(image), pages)
+            }
             LiveInstance::Core(instance) => {
                 let layout = inner.program.layout.clone().expect("core reactors have a state layout");
                 let captured = instance_state::capture(&mut *store, instance, &layout).map_err(Error::Restore)?;
@@ -398,6 +425,35 @@ impl Frozen<'_> {
         };
         Ok((image, pages))
     }
+}
+
+/// A checkpointable reactor component instantiated afresh or from an idle image.
+async fn start_checkpointable(
+    store: &mut Store<ProcessState>,
+    loaded: &Loaded,
+    origin: &Origin<'_>,
+) -> Result<Instantiated> {
+    let failed = |failure: Failure| match failure {
+        Failure::Wasm(e) => Error::Start(format!("{e:#}")),
+        Failure::Restore(why) => Error::Restore(StateError::Mismatch(why)),
+    };
+    let Origin::Image { image, parts, cow } = origin else {
+        return component_checkpoint::instantiate(store, loaded, Vec::new()).await.map_err(failed);
+    };
+    let ProcessStateImage::IdleComponentMemories(state) = &image.state else {
+        return Err(Error::Restore(StateError::Mismatch(
+            "the image does not hold an idle checkpointable component (taken on another engine?)".into(),
+        )));
+    };
+    let sizes = component_checkpoint::planned_sizes(&loaded.shape, &state.memories, &state.instantiation_growth)
+        .map_err(|why| failed(Failure::Restore(why)))?;
+    let live = component_checkpoint::instantiate(store, loaded, sizes).await.map_err(failed)?;
+    let files = match cow {
+        Some(Mapped::Memories(files)) => Some(&**files),
+        _ => None,
+    };
+    component_checkpoint::restore_idle(store, &live, loaded, state, parts, files).await.map_err(failed)?;
+    Ok(live)
 }
 
 /// Core values as the parameters of a component function (numbers only).

@@ -293,7 +293,7 @@ async fn images_that_do_not_fit_are_refused_with_a_clear_error() {
 }
 
 #[tokio::test]
-async fn a_reactor_component_continues_on_a_fresh_instance_with_all_its_core_instances() {
+async fn a_reactor_component_continues_on_a_fresh_instance_with_all_its_memories() {
     let host = host();
     let d = dirs();
     let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
@@ -313,13 +313,14 @@ async fn a_reactor_component_continues_on_a_fresh_instance_with_all_its_core_ins
     let before = tally.call("ticks", &[]).await.unwrap()[0].unwrap_i64();
     let report = sandbox.snapshot_memory(None, &d.images).await.unwrap();
     let image = memory_image::decode(&d.images.read_image(&report.id).unwrap()).unwrap().header;
-    let ProcessStateImage::IdleComponent(component) = &image.processes[0].state else {
-        panic!("a component image: {:?}", image.processes[0].state)
+    // Checkpointable: the program's memory (which the adapter imports) and the unwind
+    // stack, where its modules' globals were pushed for the capture.
+    let ProcessStateImage::IdleComponentMemories(component) = &image.processes[0].state else {
+        panic!("a checkpointable component image: {:?}", image.processes[0].state)
     };
-    assert!(component.instances.len() >= 2, "the module and the adapter at least: {}", component.instances.len());
-    // The adapter imports the module's memory: seen through both, it is stored once.
-    let memories: usize = component.instances.iter().map(|i| i.memories.len()).sum();
-    assert!(image.parts.len() < memories, "{} parts for {memories} memory views", image.parts.len());
+    assert_eq!(component.memories.len(), 2, "{:?}", component.memories);
+    assert_eq!(image.parts.len(), 2);
+    assert!(component.memories.iter().all(|m| m.stored_pages() > 0), "{:?}", component.memories);
     assert_eq!(tally.call_i32("add", &[100]).await.unwrap(), expected + 100);
 
     let snapshot = MemorySnapshot::open(&host, &d.images, &report.id).unwrap();
@@ -332,6 +333,52 @@ async fn a_reactor_component_continues_on_a_fresh_instance_with_all_its_core_ins
     }
     let err = tally.call_i32("add", &[]).await.unwrap_err().to_string();
     assert!(err.contains("takes 1 arguments"), "{err}");
+    // The exports the host added for itself are not the guest's.
+    let err = tally.call("stasis-save-globals-0", &[]).await.unwrap_err().to_string();
+    assert!(err.contains("no such exported function"), "{err}");
+    assert_eq!(tally.call_i32("get", &[]).await.unwrap(), expected + 100);
+}
+
+/// A reactor component the checkpoint transform refuses (its module changes its table at
+/// run time) runs on the debug engine, and its snapshots restore there, table included.
+#[tokio::test]
+async fn a_reactor_component_that_cannot_be_checkpointable_snapshots_on_the_debug_engine() {
+    let host = host();
+    let d = dirs();
+    let component = wat::parse_str(
+        r#"(component
+            (core module $m
+                (table $t 1 funcref)
+                (global $n (mut i32) (i32.const 0))
+                (func $total (result i32) global.get $n)
+                (elem declare func $total)
+                (func (export "add") (param i32) (result i32)
+                    (table.set $t (i32.const 0) (ref.func $total))
+                    (global.set $n (i32.add (global.get $n) (local.get 0)))
+                    (call_indirect $t (result i32) (i32.const 0)))
+                (func (export "get") (result i32)
+                    (call_indirect $t (result i32) (i32.const 0))))
+            (core instance $i (instantiate $m))
+            (func (export "add") (param "k" s32) (result s32) (canon lift (core func $i "add")))
+            (func (export "get") (result s32) (canon lift (core func $i "get"))))"#,
+    )
+    .unwrap();
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    let command = Command::new(ProgramRef::Bytes { bytes: component.into(), name: "table-setter".into() });
+    let reactor = sandbox.instantiate(command).await.unwrap();
+    assert_eq!(reactor.call_i32("add", &[5]).await.unwrap(), 5);
+    assert_eq!(reactor.call_i32("add", &[7]).await.unwrap(), 12);
+    let id = sandbox.snapshot_memory(None, &d.images).await.unwrap().id;
+    let image = memory_image::decode(&d.images.read_image(&id).unwrap()).unwrap().header;
+    let ProcessStateImage::IdleComponent(component) = &image.processes[0].state else {
+        panic!("a debug-engine component image: {:?}", image.processes[0].state)
+    };
+    assert_eq!(component.instances[0].tables[0].elements.len(), 1, "{:?}", component.instances[0]);
+    let snapshot = MemorySnapshot::open(&host, &d.images, &id).unwrap();
+    let restored = snapshot.restore(&host, SandboxConfig::default(), None).await.unwrap();
+    // `get` calls through the table the image filled: a fresh instance's slot is null.
+    assert_eq!(restored.reactors()[0].call_i32("get", &[]).await.unwrap(), 12);
+    assert_eq!(restored.reactors()[0].call_i32("add", &[1]).await.unwrap(), 13);
 }
 
 fn tally_command() -> Command {
@@ -362,7 +409,9 @@ async fn a_reactor_component_keeps_its_stdout_and_open_files_at_their_positions(
     let d = dirs();
     let (_sandbox, tally, id) = tally_holding_files(&host, &d).await;
     let image = memory_image::decode(&d.images.read_image(&id).unwrap()).unwrap().header;
-    let ProcessStateImage::IdleComponent(component) = &image.processes[0].state else { panic!("a component image") };
+    let ProcessStateImage::IdleComponentMemories(component) = &image.processes[0].state else {
+        panic!("a component image")
+    };
     let recipes: Vec<_> = component.handles.iter().map(|h| &h.recipe).collect();
     assert!(recipes.contains(&&memory_image::Recipe::Stdout), "{recipes:?}");
     let read = recipes.iter().find_map(|r| match r {
@@ -399,14 +448,11 @@ async fn a_reactor_component_keeps_its_stdout_and_open_files_at_their_positions(
 fn component_state(d: &Dirs, id: &SnapshotId) -> Vec<String> {
     let bytes = d.images.read_image(id).unwrap();
     let image = memory_image::decode(&bytes).unwrap();
-    let ProcessStateImage::IdleComponent(component) = &image.header.processes[0].state else { panic!() };
-    let mut state = vec![format!("{:?}", component.handles)];
-    for instance in &component.instances {
-        state.push(format!("{:?} {:?}", instance.globals, instance.tables));
-        for memory in &instance.memories {
-            let pages = image.part(memory.part).unwrap();
-            state.push(format!("{} {:?} {}", memory.size_bytes, memory.runs, blake3::hash(&pages)));
-        }
+    let ProcessStateImage::IdleComponentMemories(component) = &image.header.processes[0].state else { panic!() };
+    let mut state = vec![format!("{:?} {:?}", component.handles, component.instantiation_growth)];
+    for memory in &component.memories {
+        let pages = image.part(memory.part).unwrap();
+        state.push(format!("{} {:?} {}", memory.size_bytes, memory.runs, blake3::hash(&pages)));
     }
     state
 }
@@ -458,7 +504,7 @@ async fn crafted_component_handles_are_refused_without_opening_anything() {
     let edit = |f: &dyn Fn(&mut Vec<memory_image::HandleImage>)| {
         tampered(&d, &id, |h| {
             for p in &mut h.processes {
-                if let ProcessStateImage::IdleComponent(component) = &mut p.state {
+                if let ProcessStateImage::IdleComponentMemories(component) = &mut p.state {
                     f(&mut component.handles);
                 }
             }
