@@ -3,7 +3,8 @@
 //! idle forks take, each for the copy-on-write restore and the copying one side by side.
 //!
 //! Run: `cargo bench -p stasis-runtime --bench memory_snapshot` after `guests/build.sh`.
-//! `MEMORY_BENCH_FORKS=200` makes the fork runs smaller.
+//! `MEMORY_BENCH_FORKS=200` makes the fork runs smaller; `MEMORY_BENCH=components` runs
+//! only the reactor component's rows.
 //!
 //! Figures on the development VM (2 vCPUs, load ~1), 2026-11-29, pages filled with
 //! half-text half-noise bytes (they compress to 85%):
@@ -15,16 +16,16 @@
 //!   CoW restore p50 17 µs against 94 ms copying. Opening the snapshot (verifying,
 //!   decompressing, compiling the state module) costs 60 ms (1 MiB) to 450 ms (64 MiB)
 //!   once; every restore and fork after it is a mapping.
-//! - The reactor component (tally: 6 core instances, on the guest_debug engine, holding
-//!   3 host resources): call p50 2.3 µs; snapshot p50 0.9 ms, 102–118 ms holding 64 MiB
-//!   more (its one memory captured once, though two instances see it); restore p50
-//!   0.83–1.1 ms whether it holds 64 MiB more or not (copy-on-write: its memory is
-//!   mapped), against 1.45–1.55 ms and 55–58 ms copying; opening the 64 MiB image (laying
-//!   its memory out in a memfd) 93–101 ms once.
-//!   Instantiating on the debug engine is most of that: wasmtime 48 deep-copies a
-//!   component's compiled code into every store there, which is also why 200 idle forks
-//!   take +224 MiB RSS (about 1.1 MiB each) even with their memory shared, against +271
-//!   MiB copying.
+//! - The reactor component (tally, holding 3 host resources), checkpointable (2026-12-06,
+//!   its memories the host's): call p50 2.5 µs; a CPU-bound call (`crunch`, 50M rounds)
+//!   108 ms; snapshot p50 0.59 ms, 0.95 ms holding 1 MiB more, 37 ms holding 64 MiB more
+//!   (its pages are uniform bytes: images of 2-5 KiB); restore p50 0.13 ms whatever it
+//!   holds (copy-on-write), against 0.38 ms (1 MiB) and 23.5 ms (64 MiB) copying; 1,000
+//!   idle forks +34 MiB RSS (+55 MiB copying).
+//!   The same on the guest_debug engine (`HostConfig::debug_engine_reactors`, as before
+//!   format 1.4): `crunch` 433 ms (4.0x), restore p50 0.44-0.46 ms, 1,000 idle forks
+//!   +1,113 MiB RSS (wasmtime 48 deep-copies a component's compiled code into every store
+//!   there).
 
 mod common;
 
@@ -137,6 +138,9 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let images = MemorySnapshotStore::open(dir.path()).unwrap();
         component(&images, forks).await;
+        if std::env::var("MEMORY_BENCH").is_ok_and(|only| only == "components") {
+            return;
+        }
         for cow in [true, false] {
             let label = if cow { "copy-on-write restore" } else { "copying restore" };
             // Room for every fork alive at once: a state instance (with the memory) and the
@@ -224,13 +228,15 @@ async fn component(images: &MemorySnapshotStore, forks: usize) {
             us(percentile(&mut calls, 0.5)),
             percentile(&mut crunches, 0.5).as_secs_f64() * 1e3
         );
-        for mib in [0, 64] {
-            if mib > 0 {
-                assert_eq!(tally.call_i32("touch", &[mib * 1024]).await.unwrap(), 0);
+        let mut held = 0;
+        for mib in [0, 1, 64] {
+            if mib > held {
+                assert_eq!(tally.call_i32("touch", &[(mib - held) * 1024]).await.unwrap(), 0);
+                held = mib;
             }
             let mut times = Vec::new();
             let mut taken = None;
-            for _ in 0..if mib == 0 { 50 } else { 3 } {
+            for _ in 0..if mib <= 1 { 50 } else { 3 } {
                 let started = Instant::now();
                 taken = Some(sandbox.snapshot_memory(None, images).await.unwrap());
                 times.push(started.elapsed());
@@ -240,7 +246,7 @@ async fn component(images: &MemorySnapshotStore, forks: usize) {
             let snapshot = MemorySnapshot::open(&host, images, &taken.id).unwrap();
             let open = started.elapsed();
             assert_eq!(snapshot.copy_on_write(), cow);
-            let (p50, p99) = restores(&host, &snapshot, if mib == 0 { 200 } else { 20 }).await;
+            let (p50, p99) = restores(&host, &snapshot, if mib <= 1 { 200 } else { 20 }).await;
             println!(
                 "  holding {mib} MiB more ({} memories, {} handles): snapshot p50 {:.2} ms, image {} KiB; open (with compiling the image's component) {:.1} ms; restore p50 {} p99 {}",
                 match &snapshot.header().processes[0].state {

@@ -536,10 +536,7 @@ fn capture_memories(memories: &[HostMemory], first_part: u32) -> (Vec<MemoryImag
     memories
         .iter()
         .enumerate()
-        .map(|(i, memory)| {
-            let data = memory.read(0, memory.size()).expect("a memory's own bytes");
-            instance_state::memory_image(&data, first_part + i as u32)
-        })
+        .map(|(i, memory)| memory.with_contents(|data| instance_state::memory_image(data, first_part + i as u32)))
         .unzip()
 }
 

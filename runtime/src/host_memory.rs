@@ -133,6 +133,13 @@ impl HostMemory {
         Some(unsafe { std::slice::from_raw_parts(self.region.base.add(offset), end - offset) }.to_vec())
     }
 
+    /// Runs `f` over the whole memory, in place (no copy). Same duty as `read`, for as
+    /// long as `f` runs.
+    pub fn with_contents<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        // SAFETY: the accessible part of a live mapping; see `read` for who may touch it.
+        f(unsafe { std::slice::from_raw_parts(self.region.base, self.size()) })
+    }
+
     /// Writes `bytes` at `offset`; `false` past the memory's end. Same duty as `read`.
     pub fn write(&self, offset: usize, bytes: &[u8]) -> bool {
         let Some(end) = offset.checked_add(bytes.len()).filter(|&end| end <= self.size()) else { return false };

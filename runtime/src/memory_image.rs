@@ -828,6 +828,29 @@ mod tests {
     }
 
     #[test]
+    fn idle_checkpointable_components_round_trip_and_their_growth_must_match_their_memories() {
+        let mut memory = vec![0u8; 128 * 1024];
+        memory[9000] = 1;
+        let (runs, raw) = nonzero_pages(&memory);
+        let (info, part) = make_part(&raw, 0);
+        let image = ComponentMemoriesImage {
+            memories: vec![MemoryImage { size_bytes: memory.len() as u64, runs, part: 0 }],
+            instantiation_growth: vec![65536],
+            handles: vec![HandleImage { slot: 1, recipe: Recipe::Stdout }],
+            monotonic_ns: 3,
+        };
+        let header = one_process(ProcessStateImage::IdleComponentMemories(image.clone()), info);
+        let bytes = encode(&header, std::slice::from_ref(&part));
+        assert_eq!(decode(&bytes).unwrap().header, header);
+        let crafted = one_process(
+            ProcessStateImage::IdleComponentMemories(ComponentMemoriesImage { instantiation_growth: vec![], ..image }),
+            info,
+        );
+        let err = decode(&encode(&crafted, &[part])).err().unwrap().to_string();
+        assert!(err.contains("growth recorded for 0"), "{err}");
+    }
+
+    #[test]
     fn every_truncation_and_bit_flip_is_an_error() {
         let bytes = sample();
         for len in 0..bytes.len() {

@@ -339,6 +339,23 @@ async fn a_reactor_component_continues_on_a_fresh_instance_with_all_its_memories
     assert_eq!(tally.call_i32("get", &[]).await.unwrap(), expected + 100);
 }
 
+/// `debug_engine_reactors` puts tally back on the debug engine: its image is the older
+/// per-instance kind, and restores there.
+#[tokio::test]
+async fn reactor_components_still_run_on_the_debug_engine_when_asked() {
+    let d = dirs();
+    let host = stasis_runtime::Host::new(HostConfig { debug_engine_reactors: true, ..HostConfig::default() }).unwrap();
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    let tally = sandbox.instantiate(tally_command()).await.unwrap();
+    assert_eq!(tally.call_i32("add", &[9]).await.unwrap(), 9);
+    let id = sandbox.snapshot_memory(None, &d.images).await.unwrap().id;
+    let image = memory_image::decode(&d.images.read_image(&id).unwrap()).unwrap().header;
+    assert!(matches!(image.processes[0].state, ProcessStateImage::IdleComponent(_)), "{:?}", image.processes[0].state);
+    let snapshot = MemorySnapshot::open(&host, &d.images, &id).unwrap();
+    let restored = snapshot.restore(&host, SandboxConfig::default(), None).await.unwrap();
+    assert_eq!(restored.reactors()[0].call_i32("add", &[1]).await.unwrap(), 10);
+}
+
 /// A reactor component the checkpoint transform refuses (its module changes its table at
 /// run time) runs on the debug engine, and its snapshots restore there, table included.
 #[tokio::test]
