@@ -423,6 +423,8 @@ pub(crate) async fn instantiate(
     loaded: &Loaded,
     sizes: Vec<usize>,
 ) -> std::result::Result<Instantiated, Failure> {
+    let planned = sizes.iter().fold(0u64, |total, &size| total.saturating_add(size as u64));
+    store.data().limiter.admits(planned).map_err(|e| Failure::Wasm(e.into()))?;
     let instantiation = loaded.pre.instantiate_async(&mut *store);
     let (instance, memories) = MemoryRegistry.collect_sized(instantiation, sizes).await;
     let instance = instance.map_err(Failure::Wasm)?;

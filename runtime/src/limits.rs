@@ -161,6 +161,16 @@ impl StoreLimiter {
 }
 
 impl StoreLimiter {
+    /// Whether memories of `bytes` in all could be made within the limit (checked before
+    /// a restore makes memories at an image's sizes, so a crafted image claiming more
+    /// never gets them made).
+    pub(crate) fn admits(&self, bytes: u64) -> Result<(), MemoryLimitExceeded> {
+        match self.max_memory {
+            Some(limit) if bytes > limit => Err(MemoryLimitExceeded { requested: bytes, limit }),
+            _ => Ok(()),
+        }
+    }
+
     /// Counts memory a restore created beyond what its modules asked for (a memory the
     /// host made at its captured size, which the limiter only saw at its minimum).
     pub(crate) fn restored(&mut self, extra: u64) -> Result<(), MemoryLimitExceeded> {

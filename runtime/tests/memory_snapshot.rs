@@ -514,6 +514,44 @@ async fn component_restores_map_the_image_and_agree_with_copying() {
 }
 
 #[tokio::test]
+async fn crafted_checkpointable_component_memories_are_refused_with_a_clear_error() {
+    let host = host();
+    let d = dirs();
+    let sandbox = Sandbox::create(&host, SandboxConfig::default()).unwrap();
+    let tally = sandbox.instantiate(tally_command()).await.unwrap();
+    assert_eq!(tally.call_i32("add", &[3]).await.unwrap(), 3);
+    let id = sandbox.snapshot_memory(None, &d.images).await.unwrap().id;
+    let edit = |f: &dyn Fn(&mut memory_image::ComponentMemoriesImage)| {
+        tampered(&d, &id, |h| {
+            for p in &mut h.processes {
+                if let ProcessStateImage::IdleComponentMemories(component) = &mut p.state {
+                    f(component);
+                }
+            }
+        })
+    };
+    let cases: Vec<(SnapshotId, &str)> = vec![
+        (edit(&|c| c.instantiation_growth[0] = c.memories[0].size_bytes + 65536), "grew by more than its size"),
+        // Past the sandbox's memory limit: refused before any memory is made.
+        (edit(&|c| c.memories[0].size_bytes = 6 << 30), "memory limit"),
+        (edit(&|c| c.memories[1].size_bytes = 2 << 30), "is past its declared maximum"),
+    ];
+    let limited = || SandboxConfig {
+        limits: stasis_runtime::Limits { max_memory: Some(4 << 30), ..Default::default() },
+        ..SandboxConfig::default()
+    };
+    for (n, (crafted, expected)) in cases.into_iter().enumerate() {
+        let snapshot = MemorySnapshot::open(&host, &d.images, &crafted).unwrap();
+        let err = snapshot.restore(&host, limited(), None).await.err().unwrap().to_string();
+        assert!(err.contains(expected), "case {n}: {err}");
+    }
+    // The untouched image still restores.
+    let snapshot = MemorySnapshot::open(&host, &d.images, &id).unwrap();
+    let restored = snapshot.restore(&host, limited(), None).await.unwrap();
+    assert_eq!(restored.reactors()[0].call_i32("get", &[]).await.unwrap(), 3);
+}
+
+#[tokio::test]
 async fn crafted_component_handles_are_refused_without_opening_anything() {
     let host = host();
     let d = dirs();
