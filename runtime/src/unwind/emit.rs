@@ -23,7 +23,7 @@
 
 use super::plan::{FuncPlan, Site, StructKind};
 use super::support::{Helpers, SaveClass, TypeInterner, Var, save_class};
-use super::{REWINDING, UNWINDING, UnwindError};
+use super::{ARMED, REWINDING, UNWINDING, UnwindError};
 use std::collections::HashMap;
 use wasm_encoder::reencode::{Reencode, RoundtripReencoder};
 use wasm_encoder::{BlockType, Catch, Function, Instruction};
@@ -1044,6 +1044,26 @@ impl<'a, 'p> Emitter<'a, 'p> {
         let frame_locals = self.stash(Pool::Frame, &frame)?;
         let (kept_locals, operands) = frame_locals.split_at(kept);
         let (kept_locals, operands) = (kept_locals.to_vec(), operands.to_vec());
+        if loop_check && lean {
+            // A lean body never rewinds here, so an armed stop unwinds at once: the yield
+            // helper's test inlined, no call on the way out. A call there, however cold,
+            // made Cranelift keep what the loop holds across it in stack slots on the hot
+            // path too (CPython's dispatch loop: its opcode went through memory).
+            self.state_is(ARMED);
+            self.open_if(false);
+            for i in self.helpers.set_const(Var::State, UNWINDING) {
+                self.push(i);
+            }
+            for k in (0..kept).rev() {
+                self.push(Instruction::LocalGet(kept_locals[k]));
+                self.save_value(frame[k])?;
+            }
+            let kept_bytes = frame[..kept].iter().map(|&ty| stack_bytes(ty)).sum();
+            self.unwind_at(id, kept_bytes)?;
+            self.close_synthetic();
+            self.push_locals(&kept_locals);
+            return Ok(());
+        }
         if loop_check {
             // The cheap test every iteration pays: state is 0 unless the host armed a stop.
             self.get(Var::State);

@@ -157,6 +157,18 @@ impl Helpers {
         get
     }
 
+    /// Instructions that set `var` to `value` (no helper call: in a memory, a store).
+    pub fn set_const(&self, var: Var, value: i32) -> Vec<Instruction<'static>> {
+        match self.control {
+            None => vec![Instruction::I32Const(value), Instruction::GlobalSet(self.global(var))],
+            Some(memory) => vec![
+                Instruction::I32Const(var.address()),
+                Instruction::I32Const(value),
+                Instruction::I32Store(MemArg { offset: 0, align: 2, memory_index: memory }),
+            ],
+        }
+    }
+
     /// Instructions that pop a value into `var`.
     pub fn set(&self, var: Var) -> Vec<Instruction<'static>> {
         match self.control {
