@@ -19,7 +19,8 @@
 //!   UNWINDING`: the whole stack is now in linear memory, which a memory snapshot captures.
 //! - Each instrumented function has two bodies. The module runs the **lean** one: it can
 //!   unwind, but holds no rewind code, so the normal path pays only the test after each
-//!   site, the loop checks and one test of `state` on entry. The **full** body (the
+//!   site and the loop checks (`state == ARMED`: unwind at once, no call on the way, so
+//!   the loop's values stay in registers). The **full** body (the
 //!   function's *rewind copy*) can also rewind: it pops its locals and site number, skips
 //!   the code before that site (guards), enters only the structures that contain it,
 //!   reloads the operands and calls again.
