@@ -10,8 +10,8 @@
 
 use stasis_runtime::fs_snapshot::{Chunk, ChunkHash, Entry, EntryKind, Manifest, ManifestParts};
 use stasis_runtime::memory_image::{
-    self, ComponentImage, CoreStateImage, DescriptorRecipe, ExitRecord, GlobalValue, HandleImage, ImageHeader,
-    InstanceImage, MemoryImage, OpenAt, ProcessImage, ProcessStateImage, Recipe, TableImage,
+    self, ComponentImage, ComponentMemoriesImage, CoreStateImage, DescriptorRecipe, ExitRecord, GlobalValue,
+    HandleImage, ImageHeader, InstanceImage, MemoryImage, OpenAt, ProcessImage, ProcessStateImage, Recipe, TableImage,
 };
 use stasis_runtime::wasi_state::{FdImage, FdTableImage, OpenRecord};
 use std::path::Path;
@@ -153,6 +153,21 @@ pub fn memory_images() -> Vec<(&'static str, Vec<u8>)> {
     };
     let h = header(vec![process(1, ProcessStateImage::IdleComponent(component))], vec![i0, i1]);
     seeds.push(("component", memory_image::encode(&h, &[p0, p1])));
+    // A checkpointable reactor component (format 1.4): its memories in creation order (the
+    // program's, the unwind stack), how start code grew them, its handles.
+    let (m0, i0, p0) = memory(64, &[0, 5, 63], 0, 0);
+    let (m1, i1, p1) = memory(16, &[0], 1, i0.len);
+    let component = ComponentMemoriesImage {
+        memories: vec![m0, m1],
+        instantiation_growth: vec![65536, 0],
+        handles: vec![
+            HandleImage { slot: 1, recipe: Recipe::Stdout },
+            HandleImage { slot: 3, recipe: Recipe::Descriptor(DescriptorRecipe { preopen: 0, open: None }) },
+        ],
+        monotonic_ns: 9,
+    };
+    let h = header(vec![process(1, ProcessStateImage::IdleComponentMemories(component))], vec![i0, i1]);
+    seeds.push(("checkpointable_component", memory_image::encode(&h, &[p0, p1])));
     // Only exited processes, no parts.
     let h = header(vec![process(9, ProcessStateImage::Exited(ExitRecord::Exited(0)))], vec![]);
     seeds.push(("exited", memory_image::encode(&h, &[])));
