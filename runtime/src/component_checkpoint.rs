@@ -580,19 +580,20 @@ pub(crate) async fn capture_idle(
     live: &Instantiated,
     loaded: &Loaded,
     first_part: u32,
-) -> std::result::Result<(ComponentMemoriesImage, Vec<Vec<u8>>), String> {
+) -> std::result::Result<(ComponentMemoriesImage, Vec<Vec<u8>>), IdleCaptureError> {
     let stack = StateCell::Memory(live.memories[loaded.shape.stack].clone());
     if stack.get(&mut *store) != unwind::NORMAL {
-        return Err(format!("its unwind state is {}, not idle", stack.get(&mut *store)));
+        return Err(IdleCaptureError::Refused(format!("its unwind state is {}, not idle", stack.get(&mut *store))));
     }
     if let Some(why) = stack_refusal(&live.memories, &loaded.shape) {
-        return Err(why);
+        return Err(IdleCaptureError::Refused(why));
     }
-    let handles = component_handles::capture(store.data_mut(), &loaded.handles)?;
+    let handles = component_handles::capture(store.data_mut(), &loaded.handles).map_err(IdleCaptureError::Refused)?;
     let (instance, shape) = (&live.instance, &loaded.shape);
-    globals(store, instance, shape, Globals::Save).await.map_err(|e| format!("saving its globals: {e:#}"))?;
+    let broken = |what: &str, e: wasmtime::Error| IdleCaptureError::Broken(format!("{what} its globals: {e:#}"));
+    globals(store, instance, shape, Globals::Save).await.map_err(|e| broken("saving", e))?;
     let (memories, parts) = capture_memories(&live.memories, first_part);
-    globals(store, instance, shape, Globals::Restore).await.map_err(|e| format!("restoring its globals: {e:#}"))?;
+    globals(store, instance, shape, Globals::Restore).await.map_err(|e| broken("restoring", e))?;
     let image = ComponentMemoriesImage {
         memories,
         instantiation_growth: live.growth.clone(),
@@ -600,6 +601,14 @@ pub(crate) async fn capture_idle(
         monotonic_ns: store.data().clock.now_ns(),
     };
     Ok((image, parts))
+}
+
+/// Why an idle component was not captured.
+pub(crate) enum IdleCaptureError {
+    /// It holds what an image cannot (it is unchanged and goes on).
+    Refused(String),
+    /// Pushing or popping its globals failed: it may be left half-changed.
+    Broken(String),
 }
 
 /// The size each memory is made at to restore `memories`, which grew by `growth` while

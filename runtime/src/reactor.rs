@@ -6,7 +6,7 @@
 //! is issue 6). Calls are serialized by a lock on the store, and a capture takes the same
 //! lock, so it always sees the reactor between calls.
 
-use crate::component_checkpoint::{self, Failure, Instantiated, Loaded};
+use crate::component_checkpoint::{self, Failure, IdleCaptureError, Instantiated, Loaded};
 use crate::cow_restore;
 use crate::error::{Error, Result};
 use crate::host::{Program, ProgramEntry, ResumeProgram};
@@ -383,11 +383,18 @@ impl Frozen<'_> {
                 let ProgramEntry::CheckpointableReactor(loaded) = &inner.program.entry else {
                     unreachable!("checkpointable reactors run from a checkpointable reactor entry")
                 };
-                let (image, pages) =
-                    component_checkpoint::capture_idle(store, live, loaded, first_part).await.map_err(|why| {
-                        Error::NotQuiescent(format!("reactor component {} cannot be captured: {why}", inner.pid))
-                    })?;
-                (ProcessStateImage::IdleComponentMemories(image), pages)
+                let refused = |why: &str| {
+                    Error::NotQuiescent(format!("reactor component {} cannot be captured: {why}", inner.pid))
+                };
+                match component_checkpoint::capture_idle(store, live, loaded, first_part).await {
+                    Ok((image, pages)) => (ProcessStateImage::IdleComponentMemories(image), pages),
+                    Err(IdleCaptureError::Refused(why)) => return Err(refused(&why)),
+                    Err(IdleCaptureError::Broken(why)) => {
+                        let error = refused(&why);
+                        self.live.poisoned = Some(why);
+                        return Err(error);
+                    }
+                }
             }
             LiveInstance::Core(instance) => {
                 let layout = inner.program.layout.clone().expect("core reactors have a state layout");
