@@ -706,11 +706,7 @@ impl Host {
         }
         match &program.entry {
             ProgramEntry::CheckpointableReactor(_) => return Ok(program.clone()),
-            ProgramEntry::CheckpointableComponent(_) => {
-                return Err(Error::InvalidArgument(
-                    "a command component cannot run as a reactor: it has no exports to call".into(),
-                ));
-            }
+            ProgramEntry::CheckpointableComponent(_) => return Err(not_a_reactor()),
             _ => {}
         }
         if let Some(loaded) = self.inner.component_reactors.lock().unwrap().get(&program.hash) {
@@ -720,11 +716,7 @@ impl Host {
         let loaded = match self.checkpointable_component(&program.bytes, &program.hash) {
             Ok(loaded) => match self.checkpointable_program(program.hash, &program.bytes, loaded) {
                 reactor if matches!(reactor.entry, ProgramEntry::CheckpointableReactor(_)) => reactor,
-                _ => {
-                    return Err(Error::InvalidArgument(
-                        "a command component cannot run as a reactor: it has no exports to call".into(),
-                    ));
-                }
+                _ => return Err(not_a_reactor()),
             },
             Err(why) => {
                 tracing::info!(program = %program.hash, "the reactor component runs on the debug engine: {why}");
@@ -788,6 +780,11 @@ impl Host {
             .await
             .map_err(|e| Error::Start(format!("program loading task failed: {e}")))?
     }
+}
+
+/// Why a command component was refused where a reactor was asked for.
+pub(crate) fn not_a_reactor() -> Error {
+    Error::InvalidArgument("a command component cannot run as a reactor: it has no exports to call".into())
 }
 
 /// Tells a core module from a component by the header, with a precise error for non-wasm.

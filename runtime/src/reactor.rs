@@ -153,11 +153,7 @@ impl Reactor {
                 let live = Live { store, instance: LiveInstance::Component(instance), poisoned: None };
                 return Ok(Reactor::new(live, phase, argv, env, cwd, program, stdout, stderr));
             }
-            _ => {
-                return Err(Error::InvalidArgument(
-                    "a command component cannot run as a reactor: it has no exports to call".into(),
-                ));
-            }
+            _ => return Err(crate::host::not_a_reactor()),
         };
         let cow = match &origin {
             Origin::Image { cow: Some(Mapped::Module(state, resume)), .. } => Some((state, resume)),

@@ -718,6 +718,17 @@ impl<'a, 'p> Emitter<'a, 'p> {
     /// The end of an unwind at site `id` (its operands already saved): the frame, then
     /// leave the function; or, when other sites save the same locals, a branch to the
     /// save path they share.
+    /// Unwinding at site `id`: saves the values kept beneath it (in `kept_locals`, of the
+    /// first types of `frame`), then its frame, and returns.
+    fn save_kept_and_unwind(&mut self, id: usize, frame: &[ValType], kept_locals: &[u32]) -> Result<(), UnwindError> {
+        for (&local, &ty) in kept_locals.iter().zip(frame).rev() {
+            self.push(Instruction::LocalGet(local));
+            self.save_value(ty)?;
+        }
+        let kept_bytes = frame[..kept_locals.len()].iter().map(|&ty| stack_bytes(ty)).sum();
+        self.unwind_at(id, kept_bytes)
+    }
+
     fn unwind_at(&mut self, id: usize, kept_bytes: u32) -> Result<(), UnwindError> {
         let entry = (self.frame_bytes + kept_bytes) as i32;
         match self.site_group[id] {
@@ -1054,12 +1065,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             for i in self.helpers.set_const(Var::State, UNWINDING) {
                 self.push(i);
             }
-            for k in (0..kept).rev() {
-                self.push(Instruction::LocalGet(kept_locals[k]));
-                self.save_value(frame[k])?;
-            }
-            let kept_bytes = frame[..kept].iter().map(|&ty| stack_bytes(ty)).sum();
-            self.unwind_at(id, kept_bytes)?;
+            self.save_kept_and_unwind(id, &frame, &kept_locals)?;
             self.close_synthetic();
             self.push_locals(&kept_locals);
             return Ok(());
@@ -1139,12 +1145,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
         self.state_is(UNWINDING);
         self.open_if(false);
         // The call's results stay beneath this block, unused: the function returns.
-        for k in (0..kept).rev() {
-            self.push(Instruction::LocalGet(kept_locals[k]));
-            self.save_value(frame[k])?;
-        }
-        let kept_bytes = frame[..kept].iter().map(|&ty| stack_bytes(ty)).sum();
-        self.unwind_at(id, kept_bytes)?;
+        self.save_kept_and_unwind(id, &frame, &kept_locals)?;
         self.close_synthetic();
         if tail {
             // `return_call`: nothing follows in this sequence (the planner saw it unreachable).
