@@ -207,13 +207,13 @@ impl<'a, 'p> Emitter<'a, 'p> {
             shared_site: 0,
             shared_entry: 0,
         };
-        if plan.sites.iter().any(|s| s.indirect) {
+        if plan.sites.iter().any(|s| s.import_callee) {
             emitter.index_local = Some(emitter.new_local(ValType::I32));
         }
         // In order of first use, so the output (local numbers, hence the saved frame
         // layout) is the same on every host: images move between them.
         let mut needed: Vec<(ValType, usize)> = Vec::new();
-        for site in plan.sites.iter().filter(|s| s.import) {
+        for site in plan.sites.iter().filter(|s| s.repeatable()) {
             let mut counts: Vec<(ValType, usize)> = Vec::new();
             for &ty in &site.params {
                 match counts.iter_mut().find(|(t, _)| *t == ty) {
@@ -257,10 +257,10 @@ impl<'a, 'p> Emitter<'a, 'p> {
         let plan = self.plan;
         for (id, site) in plan.sites.iter().enumerate() {
             let saves = &mut self.site_saves[id];
-            if site.indirect {
+            if site.import_callee {
                 saves.push(self.index_local.expect("index local"));
             }
-            if site.import {
+            if site.repeatable() {
                 let mut used: HashMap<ValType, usize> = HashMap::new();
                 for &ty in &site.params {
                     let n = used.entry(ty).or_default();
@@ -753,14 +753,16 @@ impl<'a, 'p> Emitter<'a, 'p> {
     /// rewinding, that callee's frame is the next on the unwind stack, and a lean body
     /// without a prologue cannot rewind, so the call enters its copy (the copies table at
     /// the callee's index: known here for a direct call, read from the frame's header for
-    /// a call through a table). An empty unwind stack means the callee is the blocking
-    /// import itself, called through a table: called as it is. Answers whether it emitted
-    /// the call (with its operands).
+    /// a call through a table). Where the table can hold a blocking import
+    /// (`import_callee`), an empty unwind stack means the callee is that import: called
+    /// as it is, with the index the unwind saved. Answers whether it emitted the call
+    /// (with its operands).
     fn rewind_call(
         &mut self,
         call: &Instruction<'a>,
         operands: &[u32],
         results: &[ValType],
+        import_callee: bool,
     ) -> Result<bool, UnwindError> {
         let copies = self.helpers.copies;
         // The callee, when the call names it.
@@ -780,20 +782,21 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.push_locals(operands);
             self.push(Instruction::I32Const(f as i32));
             self.push(Instruction::CallIndirect { type_index, table_index: copies });
+        } else if !import_callee {
+            self.push_locals(&operands[..operands.len() - 1]);
+            self.callee_on_stack();
+            self.push(Instruction::CallIndirect { type_index, table_index: copies });
         } else {
             self.get(Var::Sp);
-            self.push(Instruction::I32Eqz);
+            self.push(Instruction::I32Const(self.helpers.empty_sp()));
+            self.push(Instruction::I32Eq);
             self.push(Instruction::If(bt));
             self.frames.push(Frame::Synthetic);
             self.push_locals(operands);
             self.push(call.clone());
             self.push(Instruction::Else);
-            // The function of the frame on top (its header ends the stack).
             self.push_locals(&operands[..operands.len() - 1]);
-            self.get(Var::Sp);
-            self.push(Instruction::I32Const((HEADER_BYTES - HEADER_FUNC) as i32));
-            self.push(Instruction::I32Sub);
-            self.push(Instruction::I32Load(self.helpers.memarg(0, 2)));
+            self.callee_on_stack();
             self.push(Instruction::CallIndirect { type_index, table_index: copies });
             self.close_synthetic();
         }
@@ -802,6 +805,15 @@ impl<'a, 'p> Emitter<'a, 'p> {
         self.push(call.clone());
         self.close_synthetic();
         Ok(true)
+    }
+
+    /// Pushes the function of the frame on top of the unwind stack (its header ends the
+    /// stack).
+    fn callee_on_stack(&mut self) {
+        self.get(Var::Sp);
+        self.push(Instruction::I32Const((HEADER_BYTES - HEADER_FUNC) as i32));
+        self.push(Instruction::I32Sub);
+        self.push(Instruction::I32Load(self.helpers.memarg(0, 2)));
     }
 
     /// Writes the frame of the locals `saves`, then leaves the function.
@@ -1048,8 +1060,9 @@ impl<'a, 'p> Emitter<'a, 'p> {
         let frame = site.frame.clone();
         let kept = site.saved().len();
         let (params, results) = (site.params.clone(), site.results.clone());
-        let (loop_check, skippable, indirect, import, tail) =
-            (site.loop_check, site.skippable && !self.lean, site.indirect, site.import, site.tail);
+        let (loop_check, skippable, repeatable, tail) =
+            (site.loop_check, site.skippable && !self.lean, site.repeatable(), site.tail);
+        let keep_index = site.import_callee;
         let lean = self.lean;
         // The whole frame goes to locals: beneath the call (kept) and its operands.
         let frame_locals = self.stash(Pool::Frame, &frame)?;
@@ -1081,7 +1094,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
         }
         let site_depth = self.frames.len();
         let mut arg_locals = Vec::with_capacity(params.len());
-        if import {
+        if repeatable {
             let mut used: HashMap<ValType, usize> = HashMap::new();
             for &ty in &params {
                 let n = used.entry(ty).or_default();
@@ -1089,7 +1102,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
                 *n += 1;
             }
         }
-        if !lean && (skippable || kept > 0 || import || indirect) {
+        if !lean && (skippable || kept > 0 || repeatable) {
             // Rewinding: skip this site for a later one, or reload what the unwind saved
             // here (the operands beneath the call, an import's arguments, a table call's
             // index).
@@ -1113,7 +1126,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
                 self.push(Instruction::LocalGet(arg));
                 self.push(Instruction::LocalSet(slot));
             }
-            if indirect {
+            if keep_index {
                 self.push(Instruction::LocalGet(self.index_local.expect("index local")));
                 self.push(Instruction::LocalSet(*operands.last().expect("index operand")));
             }
@@ -1123,7 +1136,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.push(Instruction::LocalGet(slot));
             self.push(Instruction::LocalSet(arg));
         }
-        if indirect {
+        if keep_index {
             self.push(Instruction::LocalGet(*operands.last().expect("index operand")));
             self.push(Instruction::LocalSet(self.index_local.expect("index local")));
         }
@@ -1138,7 +1151,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             ) => Instruction::CallIndirect { type_index: *type_index, table_index: *table_index },
             Some(other) => return Err(UnwindError::Encode(format!("unexpected site operator {other:?}"))),
         };
-        if self.lean || !self.rewind_call(&call, &operands, &results)? {
+        if self.lean || !self.rewind_call(&call, &operands, &results, keep_index)? {
             self.push_locals(&operands);
             self.push(call);
         }

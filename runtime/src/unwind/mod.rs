@@ -93,7 +93,7 @@ pub const HELD: i32 = 5;
 /// Part of the compiled-code key and of the engine fingerprint images record: change it
 /// whenever the transform's output changes (site numbers are what a rewind follows, so an
 /// image must never resume on code from another version). A unit test pins the output.
-pub const TRANSFORM_VERSION: &str = "unwind-6";
+pub const TRANSFORM_VERSION: &str = "unwind-7";
 
 #[derive(Debug, Clone, Default)]
 pub struct UnwindOptions {

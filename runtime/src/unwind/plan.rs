@@ -124,6 +124,9 @@ pub(crate) struct Suspension {
     pub functions: Vec<bool>,
     /// Signatures of table-reachable functions that can suspend.
     signatures: std::collections::HashSet<FuncType>,
+    /// Of those, the signatures of blocking imports: a call through a table with one of
+    /// them may stop in the import itself, with no frame of the callee on the unwind stack.
+    import_signatures: std::collections::HashSet<FuncType>,
     any_reference: bool,
     /// See `UnwindOptions::foreign_signatures`.
     foreign: std::collections::HashSet<FuncType>,
@@ -173,8 +176,18 @@ impl Suspension {
     ) -> Suspension {
         let imports = info.func_imports.len();
         let signature = |f: u32| info.type_of_func(f).ok().cloned();
-        let mut result =
-            Suspension { functions, signatures: Default::default(), any_reference: false, foreign: foreign.clone() };
+        let import_signatures = candidates
+            .iter()
+            .filter(|&&f| (f as usize) < imports && functions[f as usize])
+            .filter_map(|&f| signature(f))
+            .collect();
+        let mut result = Suspension {
+            functions,
+            signatures: Default::default(),
+            import_signatures,
+            any_reference: false,
+            foreign: foreign.clone(),
+        };
         loop {
             result.signatures =
                 candidates.iter().filter(|&&f| result.functions[f as usize]).filter_map(|&f| signature(f)).collect();
@@ -203,6 +216,12 @@ impl Suspension {
     /// Whether a call through a table with this type can reach a function that suspends.
     pub fn indirect(&self, info: &ModuleInfo, type_index: u32) -> bool {
         info.func_type(type_index).map_or(true, |t| self.signatures.contains(t) || self.foreign.contains(t))
+    }
+
+    /// Whether a call through a table with this type can reach a blocking import (another
+    /// module's function, in a shared table, may be one).
+    pub fn indirect_import(&self, info: &ModuleInfo, type_index: u32) -> bool {
+        info.func_type(type_index).map_or(true, |t| self.import_signatures.contains(t) || self.foreign.contains(t))
     }
 }
 
@@ -241,6 +260,12 @@ pub(crate) struct Site {
     pub results: Vec<ValType>,
     /// A call through a table: its index operand sits above the arguments.
     pub indirect: bool,
+    /// A call through a table that may reach a blocking import: the unwind saves the
+    /// table index, so a rewind that finds no frame of the callee on the stack (the
+    /// import stopped) can repeat the call. Every other callee leaves a frame naming its
+    /// function, which a rewind calls instead; keeping the index alive across every call
+    /// through a table only for this cost CPython 7 points of its tax.
+    pub import_callee: bool,
     /// A host import: its arguments are kept in locals so a rewind can repeat the call.
     pub import: bool,
     /// `return_call*`: emitted as a call followed by `return`.
@@ -248,6 +273,12 @@ pub(crate) struct Site {
 }
 
 impl Site {
+    /// Whether a rewind may repeat the call into a blocking import itself: then its
+    /// arguments (and, through a table, its index) are saved with the frame.
+    pub fn repeatable(&self) -> bool {
+        self.import || self.import_callee
+    }
+
     /// The values below the call's operands: what must be saved and restored around it.
     pub fn saved(&self) -> &[ValType] {
         let operands = self.params.len() + self.indirect as usize;
@@ -336,7 +367,12 @@ pub(crate) fn plan_function(
     while !ops.eof() {
         let op = ops.read()?;
         let reachable = frames.last().is_some_and(|f| f.reachable);
-        let call_site = |plan: &mut FuncPlan, callee_type: &FuncType, indirect: bool, import: bool, tail: bool| {
+        let call_site = |plan: &mut FuncPlan,
+                         callee_type: &FuncType,
+                         indirect: bool,
+                         import_callee: bool,
+                         import: bool,
+                         tail: bool| {
             let id = plan.sites.len();
             plan.site_at.insert(index, id);
             plan.sites.push(Site {
@@ -348,6 +384,7 @@ pub(crate) fn plan_function(
                 params: callee_type.params().to_vec(),
                 results: callee_type.results().to_vec(),
                 indirect,
+                import_callee,
                 import,
                 tail,
             });
@@ -377,6 +414,7 @@ pub(crate) fn plan_function(
                         params: vec![],
                         results: vec![],
                         indirect: false,
+                        import_callee: false,
                         import: false,
                         tail: false,
                     });
@@ -418,7 +456,7 @@ pub(crate) fn plan_function(
                 if suspends[function_index as usize] {
                     let ty = info.type_of_func(function_index)?.clone();
                     let import = (function_index as usize) < blocking_imports;
-                    call_site(&mut plan, &ty, false, import, matches!(op, Operator::ReturnCall { .. }));
+                    call_site(&mut plan, &ty, false, false, import, matches!(op, Operator::ReturnCall { .. }));
                 }
                 if matches!(op, Operator::ReturnCall { .. }) {
                     frames.last_mut().expect("frame").reachable = false;
@@ -429,7 +467,9 @@ pub(crate) fn plan_function(
             {
                 if suspension.indirect(info, type_index) {
                     let ty = info.func_type(type_index)?.clone();
-                    call_site(&mut plan, &ty, true, false, matches!(op, Operator::ReturnCallIndirect { .. }));
+                    let import_callee = suspension.indirect_import(info, type_index);
+                    let tail = matches!(op, Operator::ReturnCallIndirect { .. });
+                    call_site(&mut plan, &ty, true, import_callee, false, tail);
                 }
                 if matches!(op, Operator::ReturnCallIndirect { .. }) {
                     frames.last_mut().expect("frame").reachable = false;

@@ -157,6 +157,12 @@ impl Helpers {
         get
     }
 
+    /// What `sp` reads when the unwind stack is empty: in a memory, the stack starts after
+    /// the control block.
+    pub fn empty_sp(&self) -> i32 {
+        if self.control.is_some() { CONTROL_BYTES as i32 } else { 0 }
+    }
+
     /// Instructions that set `var` to `value` (no helper call: in a memory, a store).
     pub fn set_const(&self, var: Var, value: i32) -> Vec<Instruction<'static>> {
         match self.control {
