@@ -783,9 +783,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.push(Instruction::I32Const(f as i32));
             self.push(Instruction::CallIndirect { type_index, table_index: copies });
         } else if !import_callee {
-            self.push_locals(&operands[..operands.len() - 1]);
-            self.callee_on_stack();
-            self.push(Instruction::CallIndirect { type_index, table_index: copies });
+            self.call_copy_of_top_frame(&operands[..operands.len() - 1], type_index);
         } else {
             self.get(Var::Sp);
             self.push(Instruction::I32Const(self.helpers.empty_sp()));
@@ -795,9 +793,7 @@ impl<'a, 'p> Emitter<'a, 'p> {
             self.push_locals(operands);
             self.push(call.clone());
             self.push(Instruction::Else);
-            self.push_locals(&operands[..operands.len() - 1]);
-            self.callee_on_stack();
-            self.push(Instruction::CallIndirect { type_index, table_index: copies });
+            self.call_copy_of_top_frame(&operands[..operands.len() - 1], type_index);
             self.close_synthetic();
         }
         self.push(Instruction::Else);
@@ -807,13 +803,15 @@ impl<'a, 'p> Emitter<'a, 'p> {
         Ok(true)
     }
 
-    /// Pushes the function of the frame on top of the unwind stack (its header ends the
-    /// stack).
-    fn callee_on_stack(&mut self) {
+    /// Calls, with the arguments in `args`, the rewind copy of the function whose frame
+    /// is on top of the unwind stack (its header ends the stack).
+    fn call_copy_of_top_frame(&mut self, args: &[u32], type_index: u32) {
+        self.push_locals(args);
         self.get(Var::Sp);
         self.push(Instruction::I32Const((HEADER_BYTES - HEADER_FUNC) as i32));
         self.push(Instruction::I32Sub);
         self.push(Instruction::I32Load(self.helpers.memarg(0, 2)));
+        self.push(Instruction::CallIndirect { type_index, table_index: self.helpers.copies });
     }
 
     /// Writes the frame of the locals `saves`, then leaves the function.
